@@ -1,0 +1,31 @@
+"""ferroxy: a programmable HTTP proxy. A Rust engine does the I/O; Python hooks decide.
+
+Subclass :class:`Proxy`, override the hooks you need, and serve it with :func:`run` or
+``python -m ferroxy path/to/app.py:App``.
+"""
+
+from ._core import (
+    Headers,
+    Peer,
+    ProxyError,
+    RequestHeader,
+    Response,
+    ResponseHeader,
+    Session,
+    __version__,
+)
+from .proxy import Proxy
+from .server import run
+
+__all__ = [
+    "Headers",
+    "Peer",
+    "Proxy",
+    "ProxyError",
+    "RequestHeader",
+    "Response",
+    "ResponseHeader",
+    "Session",
+    "__version__",
+    "run",
+]

@@ -1,0 +1,215 @@
+"""Command line: ``python -m ferroxy TARGET`` (also installed as the ``ferroxy`` command).
+
+TARGET names the app as ``path/to/file.py:Attr`` or ``package.module:Attr`` (``Attr`` may be
+dotted) and must be a Proxy subclass or instance.
+
+Exit status: 0 after a graceful stop, 1 when the server cannot start, 2 for a bad TARGET or
+bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
+
+from . import _core
+from .proxy import Proxy
+from .server import DEFAULT_GRACE_PERIOD, run
+
+__all__ = ["main"]
+
+_log = logging.getLogger("ferroxy")
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Name a file TARGET is imported under when its own name is taken (say ./logging.py).
+_FALLBACK_MODULE_NAME = "__ferroxy_app__"
+
+_EXIT_OK, _EXIT_START_FAILED, _EXIT_USAGE = 0, 1, 2
+
+_Number = TypeVar("_Number", int, float)
+
+
+class TargetError(Exception):
+    """TARGET does not name a Proxy subclass or instance."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
+
+    try:
+        target = load_target(args.target)
+    except TargetError as error:
+        print(f"ferroxy: error: {error}", file=sys.stderr)
+        return _EXIT_USAGE
+    try:
+        app = target() if isinstance(target, type) else target
+    except Exception:
+        # The app's own constructor failed: its traceback is the useful part.
+        traceback.print_exc()
+        print(f"ferroxy: error: could not create {args.target}", file=sys.stderr)
+        return _EXIT_START_FAILED
+
+    demo_upstream = None
+    try:
+        if args.demo_upstream is not None:
+            demo_upstream = _core.EchoUpstream(args.demo_upstream)
+            _log.info("demo upstream (echo) listening on %s", demo_upstream.url)
+        run(
+            app,
+            listen=args.listen,
+            threads=args.threads,
+            grace_period=args.grace_period,
+            access_log=not args.no_access_log,
+        )
+    except (OSError, TypeError, ValueError) as error:
+        # Everything run() raises is about start-up: binding or the configuration.
+        print(f"ferroxy: error: {error}", file=sys.stderr)
+        return _EXIT_START_FAILED
+    finally:
+        if demo_upstream is not None:
+            demo_upstream.stop()
+    return _EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferroxy",
+        description="Serve a ferroxy Proxy app.",
+        epilog="example: python -m ferroxy examples/hello.py:App --demo-upstream 127.0.0.1:8081",
+    )
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="the app: path/to/file.py:Attr or package.module:Attr",
+    )
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="address to serve on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="engine threads; 0 means one per CPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=_non_negative(float),
+        default=DEFAULT_GRACE_PERIOD,
+        metavar="S",
+        help="seconds in-flight requests may run on after SIGINT/SIGTERM (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--demo-upstream",
+        metavar="HOST:PORT",
+        help="also start the built-in echo server on this address, to proxy to",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=_LOG_LEVELS,
+        default="info",
+        help="(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="do not log a line per request",
+    )
+    return parser
+
+
+def _non_negative(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """An argparse ``type`` that parses with ``kind`` and rejects negative numbers."""
+
+    def parse(text: str) -> _Number:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+
+    # argparse names the type in "invalid int value: 'x'" from __name__.
+    parse.__name__ = getattr(kind, "__name__", "number")
+    return parse
+
+
+def load_target(target: str) -> type[Proxy] | Proxy:
+    """Import the app TARGET names; raises TargetError saying what is wrong."""
+    location, colon, attr_path = target.rpartition(":")
+    if not colon or not location or not attr_path:
+        raise TargetError(
+            f"TARGET must look like path/to/app.py:App or package.module:App, not {target!r}"
+        )
+    if location.endswith(".py") or "/" in location or os.sep in location:
+        module = _import_file(Path(location))
+    else:
+        module = _import_module(location)
+
+    app: object = module
+    for name in attr_path.split("."):
+        try:
+            app = getattr(app, name)
+        except AttributeError:
+            raise TargetError(f"{location} has no attribute {attr_path!r}") from None
+
+    if isinstance(app, Proxy) or (isinstance(app, type) and issubclass(app, Proxy)):
+        return app
+    raise TargetError(f"{target} is {_describe(app)}, not a ferroxy.Proxy subclass or instance")
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise TargetError(f"no such file: {path}")
+    path = path.resolve()
+    # Like `python path/to/app.py`: the app's directory is importable, for its helpers.
+    sys.path.insert(0, str(path.parent))
+    name = path.stem if path.stem not in sys.modules else _FALLBACK_MODULE_NAME
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot import {path} as Python")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it, as an import would: dataclasses and pickle look it up.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    # Like `python -m`: modules in the working directory are importable (the console
+    # script does not get that for free).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        # Only a missing TARGET module is a usage error; a missing import inside it is the
+        # app's bug and keeps its traceback.
+        if error.name is not None and (name == error.name or name.startswith(error.name + ".")):
+            raise TargetError(f"no module named {name!r}") from None
+        raise
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__qualname__}"
+    return f"a {type(value).__name__}"

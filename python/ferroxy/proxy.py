@@ -1,0 +1,118 @@
+"""The ``Proxy`` base class: subclass it and override the hooks you need.
+
+Hooks run in this order for every request, each receiving the per-request ``ctx``:
+
+1. ``new_ctx()`` builds ``ctx`` (stored on ``session.ctx``).
+2. ``request_filter(session, ctx)`` may answer the client itself with a ``Response``.
+3. ``upstream_peer(session, ctx)`` picks the upstream (or set the class attribute
+   ``upstream`` and no Python runs for this step at all).
+4. ``upstream_request_filter(session, upstream_request, ctx)`` edits the request sent upstream.
+5. ``response_filter(session, upstream_response, ctx)`` edits the response head.
+6. ``fail_to_proxy(session, error, ctx)`` runs instead of 4-5 when anything failed.
+7. ``logging(session, error, ctx)`` always runs last.
+
+Any hook may be written as ``def`` or ``async def``. Only the hooks a subclass overrides are
+ever called: the engine skips a phase entirely when its hook is the base class's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+from ._core import Peer, ProxyError, RequestHeader, Response, ResponseHeader, Session
+
+__all__ = [
+    "HOOK_NAMES",
+    "MaybeAwaitable",
+    "Proxy",
+    "as_peer",
+    "overridden_hooks",
+    "resolve_upstream",
+]
+
+_T = TypeVar("_T")
+
+#: What a hook returns: the value itself (``def``) or an awaitable of it (``async def``).
+MaybeAwaitable: TypeAlias = _T | Awaitable[_T]
+
+#: Every hook, in the order the engine runs them.
+HOOK_NAMES: tuple[str, ...] = (
+    "new_ctx",
+    "request_filter",
+    "upstream_peer",
+    "upstream_request_filter",
+    "response_filter",
+    "fail_to_proxy",
+    "logging",
+)
+
+
+class Proxy:
+    """Base class for a ferroxy application.
+
+    Set ``upstream`` for a fixed upstream, or override :meth:`upstream_peer` to choose one
+    per request; override any other hook to inspect or change the traffic.
+    """
+
+    #: A fixed upstream (``Peer`` or ``"host:port"``), used when ``upstream_peer`` is not
+    #: overridden. Requests then need no Python call to be routed.
+    upstream: ClassVar[Peer | str | None] = None
+
+    def new_ctx(self) -> MaybeAwaitable[Any]:
+        """Create the per-request context passed as ``ctx`` to every hook. Default: None."""
+        return None
+
+    def request_filter(self, session: Session, ctx: Any) -> MaybeAwaitable[Response | None]:
+        """Return a ``Response`` to answer the client without proxying; None to go on."""
+        return None
+
+    def upstream_peer(self, session: Session, ctx: Any) -> MaybeAwaitable[Peer | str]:
+        """Return the upstream for this request, as a ``Peer`` or ``"host:port"``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must set `upstream` or override upstream_peer()"
+        )
+
+    def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> MaybeAwaitable[None]:
+        """Edit ``upstream_request`` (already free of hop-by-hop headers) in place."""
+        return None
+
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+    ) -> MaybeAwaitable[None]:
+        """Edit the upstream's response head in place before it reaches the client."""
+        return None
+
+    def fail_to_proxy(
+        self, session: Session, error: ProxyError, ctx: Any
+    ) -> MaybeAwaitable[Response | None]:
+        """Return the ``Response`` to send when proxying failed; None for the default page."""
+        return None
+
+    def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> MaybeAwaitable[None]:
+        """Runs last for every request, after the response was sent; ``error`` is None on
+        success. Exceptions raised here are logged and otherwise ignored."""
+        return None
+
+
+def overridden_hooks(cls: type[Proxy]) -> frozenset[str]:
+    """Names of the hooks whose implementation on ``cls`` is not the base class's."""
+    return frozenset(name for name in HOOK_NAMES if getattr(cls, name) is not getattr(Proxy, name))
+
+
+def resolve_upstream(cls: type[Proxy]) -> Peer | None:
+    """The class attribute ``upstream`` as a ``Peer`` (a ``"host:port"`` str is converted),
+    or None when it is not set."""
+    return as_peer(cls.upstream, f"{cls.__name__}.upstream")
+
+
+def as_peer(value: object, name: str) -> Peer | None:
+    """``value`` (a Peer, ``"host:port"`` or None) as a Peer or None; TypeError naming
+    ``name`` for anything else."""
+    if value is None or isinstance(value, Peer):
+        return value
+    if isinstance(value, str):
+        return Peer(value)
+    raise TypeError(f"{name} must be a Peer or a 'host:port' str, not {type(value).__name__}")

@@ -1,0 +1,290 @@
+"""Serving an app: :func:`run` blocks the calling (main) thread, for the CLI;
+:class:`ProxyServer` serves from a background thread, for tests and embedding.
+
+Both wire one asyncio event loop to one ``_core.Server`` through ``_LoopServer``: the engine
+serves on its own Rust runtime and queues the work that needs Python; the loop runs that work
+whenever the server's descriptor becomes readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _core
+from ._dispatch import Dispatcher
+from .proxy import Proxy, as_peer, overridden_hooks, resolve_upstream
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["DEFAULT_GRACE_PERIOD", "ProxyServer", "run"]
+
+_log: Final = logging.getLogger("ferroxy")
+
+DEFAULT_GRACE_PERIOD: Final = 5.0
+
+# How often the engine learns the "ferroxy" logger's level, so that raising or lowering it at
+# run time takes effect without the engine asking Python for every record.
+_LOG_LEVEL_REFRESH_SECONDS: Final = 1.0
+
+# ProxyServer.stop() waits this much longer than the grace period for the thread to end.
+_STOP_MARGIN_SECONDS: Final = 5.0
+
+
+def _instantiate(app: type[Proxy] | Proxy) -> Proxy:
+    if isinstance(app, Proxy):
+        return app
+    if isinstance(app, type) and issubclass(app, Proxy):
+        return app()
+    raise TypeError(f"expected a Proxy subclass or instance, not {app!r}")
+
+
+class _LoopServer:
+    """A ``_core.Server`` for ``app`` whose Python work runs on ``loop``.
+
+    Everything but the constructor and :meth:`start` must run on the loop's thread (or before
+    the loop runs).
+    """
+
+    def __init__(
+        self, app: type[Proxy] | Proxy, loop: asyncio.AbstractEventLoop, options: dict[str, Any]
+    ) -> None:
+        proxy = _instantiate(app)
+        cls = type(proxy)
+        hooks = overridden_hooks(cls)
+        options = dict(options)
+        if "upstream" in options:
+            upstream = as_peer(options.pop("upstream"), "upstream")
+        else:
+            upstream = resolve_upstream(cls)
+        if upstream is None and "upstream_peer" not in hooks:
+            raise TypeError(f"{cls.__name__} must set `upstream` or override upstream_peer()")
+        self.loop = loop
+        self._stopped: asyncio.Future[None] = loop.create_future()
+        self._log_level_timer: asyncio.TimerHandle | None = None
+        self._started = False
+        self.dispatcher = Dispatcher(proxy, hooks, loop=loop, on_stopped=self._on_stopped)
+        self.server = _core.Server(self.dispatcher, hooks=hooks, upstream=upstream, **options)
+
+    def start(self) -> None:
+        """Bind (OSError names the address) and let the loop run the engine's queued work."""
+        self.server.start()
+        self._started = True
+        self.loop.add_reader(self.server.fileno(), self.server.run_pending)
+        self._refresh_log_level()
+
+    def shutdown(self, grace_period: float | None = None) -> None:
+        """Stop accepting; in-flight requests get ``grace_period`` (default: configured)."""
+        self.server.shutdown(grace_period)
+
+    async def serve(self) -> None:
+        """Wait until the engine has stopped, then end the phases still waiting."""
+        await self._stopped
+        await self.dispatcher.cancel_pending()
+
+    def close(self) -> None:
+        """Detach from the loop; stops the engine at once if it is still running."""
+        if not self._started:
+            return
+        if not self.server.stopped:
+            self.server.shutdown(0.0)
+        self.loop.remove_reader(self.server.fileno())
+        if self._log_level_timer is not None:
+            self._log_level_timer.cancel()
+            self._log_level_timer = None
+
+    def _on_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _refresh_log_level(self) -> None:
+        _core.set_log_level(_log.getEffectiveLevel())
+        self._log_level_timer = self.loop.call_later(
+            _LOG_LEVEL_REFRESH_SECONDS, self._refresh_log_level
+        )
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+def run(
+    app: type[Proxy] | Proxy,
+    *,
+    listen: str = "127.0.0.1:8080",
+    threads: int = 0,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Any,
+) -> None:
+    """Serve ``app`` (a Proxy subclass, instantiated with no arguments, or an instance) until
+    SIGINT or SIGTERM, then stop gracefully and return.
+
+    ``threads=0`` runs one engine thread per CPU. ``upstream=`` (a Peer or ``"host:port"``)
+    overrides the app's ``upstream`` attribute. The other ``options`` are the keyword
+    arguments of ``ferroxy._core.Server`` (timeouts, pool limits, ``access_log``); an unknown
+    one raises TypeError, a bad value ValueError, a failure to bind OSError.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        served = _LoopServer(
+            app,
+            loop,
+            {"listen": listen, "threads": threads, "grace_period": grace_period, **options},
+        )
+        try:
+            served.start()
+            print(f"ferroxy listening on http://{served.server.addr}", file=sys.stderr)
+            _log.info("ferroxy listening on http://%s", served.server.addr)
+            installed = _install_signal_handlers(served, grace_period)
+            try:
+                loop.run_until_complete(served.serve())
+            finally:
+                for signum in installed:
+                    loop.remove_signal_handler(signum)
+        finally:
+            served.close()
+    finally:
+        _close_loop(loop)
+
+
+def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
+    """SIGINT/SIGTERM start a graceful shutdown; returns the signals handled."""
+
+    def on_signal(signum: int) -> None:
+        if served.server.stopped:
+            return
+        _log.info("shutting down (grace %ss)", grace_period)
+        served.shutdown()
+
+    installed: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            served.loop.add_signal_handler(signum, on_signal, signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            # No loop signal support here (Windows, or not the main thread): the default
+            # handlers stay in place.
+            _log.debug("cannot handle signal %s on this loop", signum)
+        else:
+            installed.append(signum)
+    return installed
+
+
+class ProxyServer:
+    """``app`` served from a background thread, for tests and embedding.
+
+    ``start()`` returns once the listener is bound (raising here if binding or the
+    configuration fails); ``stop()`` shuts down gracefully and joins the thread. Also a
+    context manager. No signal handlers are installed. ``options`` are :func:`run`'s.
+    """
+
+    def __init__(
+        self, app: type[Proxy] | Proxy, listen: str = "127.0.0.1:0", **options: Any
+    ) -> None:
+        self._app = app
+        self._options: dict[str, Any] = {"listen": listen, **options}
+        self._served: _LoopServer | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+
+    def start(self) -> ProxyServer:
+        if self._served is not None:
+            raise RuntimeError("this ProxyServer was already started")
+        # The loop and server are built and bound here, so start-up errors reach the caller;
+        # the thread only runs the loop.
+        loop = asyncio.new_event_loop()
+        try:
+            served = _LoopServer(self._app, loop, self._options)
+            served.start()
+        except BaseException:
+            loop.close()
+            raise
+        self._served = served
+        self._thread = threading.Thread(
+            target=self._serve, name=f"ferroxy-proxy-{served.server.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, grace_period: float | None = None) -> None:
+        """Shut down (in-flight requests get ``grace_period``, default: configured) and wait
+        for the thread. Raises TimeoutError if it does not end in time, and re-raises an
+        exception that ended the thread. Does nothing if not running."""
+        thread, served = self._thread, self._served
+        if thread is None or served is None:
+            return
+        if thread.is_alive():
+            # RuntimeError: the loop has just closed, the thread is ending on its own.
+            with contextlib.suppress(RuntimeError):
+                served.loop.call_soon_threadsafe(served.shutdown, grace_period)
+        if grace_period is None:
+            grace_period = float(self._options.get("grace_period", DEFAULT_GRACE_PERIOD))
+        timeout = grace_period + _STOP_MARGIN_SECONDS
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"the proxy on {self.url} did not stop within {timeout:.1f}s")
+        self._thread = None
+        if self._thread_error is not None:
+            error, self._thread_error = self._thread_error, None
+            raise error
+
+    @property
+    def addr(self) -> str:
+        """``host:port`` the proxy listens on."""
+        return self._server.addr
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._server.addr}"
+
+    @property
+    def python_calls(self) -> int:
+        """Phase calls the engine has handed to Python so far."""
+        return self._server.python_calls
+
+    @property
+    def _server(self) -> _core.Server:
+        if self._served is None:
+            raise RuntimeError("the ProxyServer has not been started")
+        return self._served.server
+
+    def _serve(self) -> None:
+        assert self._served is not None
+        served = self._served
+        try:
+            served.loop.run_until_complete(served.serve())
+        except BaseException as error:
+            self._thread_error = error
+        finally:
+            served.close()
+            _close_loop(served.loop)
+
+    def __enter__(self) -> Self:
+        if self._served is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.url if self._served is not None else "not started"
+        return f"<ProxyServer {where}>"

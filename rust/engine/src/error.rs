@@ -1,0 +1,141 @@
+//! Why a request could not be proxied, and which status the client gets for it.
+
+use std::fmt;
+
+use crate::peer::Peer;
+
+/// The class of a proxy failure. `as_str` is the stable short code shown to hooks and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The upstream refused the TCP connection.
+    ConnectRefused,
+    /// The TCP connect did not finish within the peer's connect timeout.
+    ConnectTimeout,
+    /// Any other failure to connect (DNS, unreachable, handshake).
+    ConnectError,
+    /// The upstream sent nothing for longer than the peer's read timeout.
+    ReadTimeout,
+    /// Writing to the upstream stalled for longer than the peer's write timeout.
+    WriteTimeout,
+    /// The upstream closed or reset the connection before a complete response.
+    UpstreamClosed,
+    /// The upstream answered with something that is not valid HTTP.
+    UpstreamProtocol,
+    /// A phase hook failed (raised, or returned the wrong type).
+    HookError,
+    /// The downstream request cannot be forwarded as it is.
+    InvalidRequest,
+    /// The client went away before its response was complete.
+    DownstreamClosed,
+    /// A bug or an unexpected state inside the proxy.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::ConnectRefused => "connect_refused",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::ConnectError => "connect_error",
+            ErrorKind::ReadTimeout => "read_timeout",
+            ErrorKind::WriteTimeout => "write_timeout",
+            ErrorKind::UpstreamClosed => "upstream_closed",
+            ErrorKind::UpstreamProtocol => "upstream_protocol",
+            ErrorKind::HookError => "hook_error",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::DownstreamClosed => "downstream_closed",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The status a client gets by default: 504 for timeouts, 502 for other upstream
+    /// failures (as nginx does), 400 for requests we cannot forward, 500 for the rest.
+    pub fn default_status(self) -> u16 {
+        match self {
+            ErrorKind::ConnectTimeout | ErrorKind::ReadTimeout | ErrorKind::WriteTimeout => 504,
+            ErrorKind::ConnectRefused
+            | ErrorKind::ConnectError
+            | ErrorKind::UpstreamClosed
+            | ErrorKind::UpstreamProtocol => 502,
+            ErrorKind::InvalidRequest => 400,
+            // nginx's code for "client closed request": only ever seen in logs.
+            ErrorKind::DownstreamClosed => 499,
+            ErrorKind::HookError | ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// A proxy failure: its kind, a human message, the peer involved and the status to send.
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub peer: Option<Peer>,
+    pub status: u16,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), peer: None, status: kind.default_status() }
+    }
+
+    /// A hook failure; `status` lets a hook's failure map to 502 (upstream_peer) or 500.
+    pub fn hook(message: impl Into<String>, status: u16) -> Self {
+        Error { status, ..Error::new(ErrorKind::HookError, message) }
+    }
+
+    pub fn with_peer(mut self, peer: &Peer) -> Self {
+        self.peer = Some(peer.clone());
+        self
+    }
+
+    /// Classify a failure reported by hyper while talking to an upstream.
+    pub fn from_upstream(err: &hyper::Error) -> Self {
+        if let Some(io) = find_io_error(err) {
+            return Error::from_io(io);
+        }
+        let kind = if err.is_parse() || err.is_parse_status() {
+            ErrorKind::UpstreamProtocol
+        } else {
+            ErrorKind::UpstreamClosed
+        };
+        Error::new(kind, err.to_string())
+    }
+
+    /// Classify an I/O failure on an upstream connection.
+    pub fn from_io(err: &std::io::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        let kind = match err.kind() {
+            Io::TimedOut => ErrorKind::ReadTimeout,
+            Io::ConnectionRefused => ErrorKind::ConnectRefused,
+            _ => ErrorKind::UpstreamClosed,
+        };
+        Error::new(kind, err.to_string())
+    }
+}
+
+/// Walk an error's source chain for the I/O error underneath, if any.
+fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)?;
+        if let Some(peer) = &self.peer {
+            write!(f, " (upstream {})", peer.addr())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}

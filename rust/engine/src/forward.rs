@@ -1,0 +1,141 @@
+//! Proxy header semantics (RFC 9110 section 7.6.1, RFC 9112): what a proxy must drop because
+//! it describes one hop, and what it adds so the upstream knows who asked.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, Version};
+
+/// Headers that describe one connection, never forwarded, whatever Connection says.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Remove hop-by-hop headers: the fixed list plus every header named in Connection.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Build the request head sent upstream from the downstream one: HTTP/1.1, origin-form
+/// target, Host kept (or taken from an h2 :authority), hop-by-hop headers and Expect removed
+/// (100-continue is answered on the downstream hop), X-Forwarded-* added.
+pub fn upstream_request(
+    req: &http::request::Parts,
+    client_ip: std::net::IpAddr,
+    scheme: &'static str,
+) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = req.method.clone();
+    parts.version = Version::HTTP_11;
+    parts.headers = req.headers.clone();
+    parts.uri = origin_form(&req.uri);
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    headers.remove(header::EXPECT);
+    if !headers.contains_key(header::HOST) {
+        if let Some(value) = req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, value);
+        }
+    }
+    append_forwarded_for(headers, client_ip);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    parts
+}
+
+/// X-Forwarded-For keeps what earlier proxies wrote and adds this hop's client.
+fn append_forwarded_for(headers: &mut HeaderMap, client_ip: std::net::IpAddr) {
+    let ip = client_ip.to_string();
+    let previous: Vec<&str> =
+        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    let value = if previous.is_empty() { ip } else { format!("{}, {ip}", previous.join(", ")) };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+/// `/path?query` from whatever form the client used (absolute-form, or h2's full URI).
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let req = request(
+            "/x",
+            &[
+                ("host", "example.com"),
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic x"),
+                ("x-kept", "yes"),
+            ],
+        );
+        let up = upstream_request(&req, "10.0.0.1".parse().unwrap(), "http");
+        for gone in ["connection", "x-secret", "te", "proxy-authorization"] {
+            assert!(!up.headers.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(up.headers["x-kept"], "yes");
+        assert_eq!(up.headers["host"], "example.com");
+        assert_eq!(up.headers["x-forwarded-host"], "example.com");
+        assert_eq!(up.headers["x-forwarded-proto"], "http");
+        assert_eq!(up.headers["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn appends_to_existing_forwarded_for() {
+        let req = request("/", &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        let up = upstream_request(&req, "3.3.3.3".parse().unwrap(), "http");
+        assert_eq!(up.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_host() {
+        let req = request("http://example.com:8080/a?b=c", &[]);
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(up.uri, "/a?b=c");
+        assert_eq!(up.headers["host"], "example.com:8080");
+    }
+}

@@ -1,0 +1,39 @@
+//! One downstream request as it moves through the proxy phases.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+
+use crate::peer::Peer;
+
+pub struct Session {
+    /// The request line and headers as the client sent them (filters may change them).
+    pub req: http::request::Parts,
+    pub client_addr: SocketAddr,
+    /// "http" or "https": what X-Forwarded-Proto reports.
+    pub scheme: &'static str,
+    /// The peer chosen by `upstream_peer`, once chosen.
+    pub upstream: Option<Peer>,
+    pub started: Instant,
+    body: Option<Incoming>,
+}
+
+impl Session {
+    pub fn new(req: http::Request<Incoming>, client_addr: SocketAddr) -> Self {
+        let (req, body) = req.into_parts();
+        Session {
+            req,
+            client_addr,
+            scheme: "http",
+            upstream: None,
+            started: Instant::now(),
+            body: Some(body),
+        }
+    }
+
+    /// The downstream request body, for the proxy to forward; `None` once taken.
+    pub fn take_body(&mut self) -> Option<Incoming> {
+        self.body.take()
+    }
+}

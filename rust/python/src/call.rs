@@ -1,0 +1,125 @@
+//! One phase handed to Python, and how Python answers it.
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use tokio::sync::oneshot;
+
+use ferroxy_engine::{Error, Peer, Response};
+
+use crate::headers::ResponseSlot;
+use crate::http::{PyRequestHeader, PyResponseHeader, PySession, SessionRef};
+use crate::types::{error_object, PyPeer, PyProxyError, PyResponse};
+
+#[derive(Clone, Copy, Debug)]
+pub enum PhaseKind {
+    /// request_filter, upstream_peer and upstream_request_filter, in one trip.
+    Request,
+    Response,
+    Fail,
+}
+
+pub enum Outcome {
+    Proceed { peer: Option<Peer>, upstream_request: Option<http::request::Parts> },
+    Respond(Response),
+    Fail(Error),
+}
+
+/// The answer to a phase, with the session object so later phases reuse it (and its ctx).
+pub struct Reply {
+    pub outcome: Outcome,
+    pub session: Option<Py<PySession>>,
+}
+
+pub struct PhaseJob {
+    pub kind: PhaseKind,
+    pub session: SessionRef,
+    pub upstream_response: Option<ResponseSlot>,
+    pub error: Option<Error>,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+#[pyclass(module = "ferroxy", frozen)]
+pub struct Call {
+    session: Py<PySession>,
+    upstream_response: Option<Py<PyResponseHeader>>,
+    error: Option<Py<PyProxyError>>,
+    reply: Mutex<Option<oneshot::Sender<Reply>>>,
+}
+
+impl Call {
+    /// Build the Python side of a job; runs on the Python thread.
+    pub fn from_job(py: Python<'_>, mut job: PhaseJob) -> PyResult<(PhaseKind, Bound<'_, Call>)> {
+        let session = job.session.object(py)?;
+        let upstream_response = job.upstream_response.map(|slot| Py::new(py, PyResponseHeader { slot })).transpose()?;
+        let error = job.error.map(|e| error_object(py, e)).transpose()?;
+        let call = Call { session, upstream_response, error, reply: Mutex::new(Some(job.reply)) };
+        Ok((job.kind, Bound::new(py, call)?))
+    }
+
+    pub fn complete(&self, py: Python<'_>, outcome: Outcome) -> PyResult<()> {
+        let reply = self.reply.lock().take().ok_or_else(|| PyRuntimeError::new_err("this call was already completed"))?;
+        // The engine task may be gone (client disconnected): nothing to tell it then.
+        let _ = reply.send(Reply { outcome, session: Some(self.session.clone_ref(py)) });
+        Ok(())
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.reply.lock().is_some()
+    }
+}
+
+#[pymethods]
+impl Call {
+    #[getter]
+    fn session(&self, py: Python<'_>) -> Py<PySession> {
+        self.session.clone_ref(py)
+    }
+    #[getter]
+    fn upstream_response(&self, py: Python<'_>) -> Option<Py<PyResponseHeader>> {
+        self.upstream_response.as_ref().map(|r| r.clone_ref(py))
+    }
+    #[getter]
+    fn error(&self, py: Python<'_>) -> Option<Py<PyProxyError>> {
+        self.error.as_ref().map(|e| e.clone_ref(py))
+    }
+
+    #[pyo3(signature = (peer=None, upstream_request=None))]
+    fn proceed(
+        &self,
+        py: Python<'_>,
+        peer: Option<&Bound<'_, PyAny>>,
+        upstream_request: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let peer = match peer {
+            Some(p) if !p.is_none() => Some(
+                p.cast::<PyPeer>().map_err(|_| PyTypeError::new_err("peer must be a Peer"))?.get().inner.clone(),
+            ),
+            _ => None,
+        };
+        let upstream_request = match upstream_request {
+            Some(r) if !r.is_none() => Some(
+                r.cast::<PyRequestHeader>()
+                    .map_err(|_| PyTypeError::new_err("upstream_request must be a RequestHeader"))?
+                    .get()
+                    .slot
+                    .lock()
+                    .take()
+                    .ok_or_else(|| PyRuntimeError::new_err("upstream_request was already used"))?,
+            ),
+            _ => None,
+        };
+        self.complete(py, Outcome::Proceed { peer, upstream_request })
+    }
+
+    fn respond(&self, py: Python<'_>, response: &Bound<'_, PyAny>) -> PyResult<()> {
+        let response = response.cast::<PyResponse>().map_err(|_| PyTypeError::new_err("respond() takes a Response"))?;
+        self.complete(py, Outcome::Respond(response.get().to_engine()))
+    }
+
+    #[pyo3(signature = (hook, message, status=500))]
+    fn fail(&self, py: Python<'_>, hook: &str, message: &str, status: u16) -> PyResult<()> {
+        let status = if (500..600).contains(&status) { status } else { 500 };
+        self.complete(py, Outcome::Fail(Error::hook(format!("{hook}: {message}"), status)))
+    }
+}

@@ -1,0 +1,206 @@
+//! The request/response heads and the session, as Python sees them. Their data lives in
+//! slots shared with the engine: filled before a hook runs, taken back after, so hooks edit
+//! the engine's own headers in place.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
+
+#[pyclass(name = "RequestHeader", module = "ferroxy", frozen)]
+pub struct PyRequestHeader {
+    pub slot: RequestSlot,
+    client_addr: SocketAddr,
+}
+
+impl PyRequestHeader {
+    pub fn new(slot: RequestSlot, client_addr: SocketAddr) -> Self {
+        PyRequestHeader { slot, client_addr }
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&http::request::Parts) -> R) -> PyResult<R> {
+        self.slot.lock().as_ref().map(f).ok_or_else(detached)
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut http::request::Parts) -> PyResult<R>) -> PyResult<R> {
+        self.slot.lock().as_mut().map(f).ok_or_else(detached)?
+    }
+
+    /// Replace the path and query, keeping scheme and authority (h2 requests carry them).
+    fn set_target(&self, path: Option<&str>, query: Option<&str>) -> PyResult<()> {
+        self.write(|parts| {
+            let old_path = parts.uri.path().to_owned();
+            let old_query = parts.uri.query().map(str::to_owned);
+            let path = path.unwrap_or(&old_path);
+            if !path.starts_with('/') {
+                return Err(PyValueError::new_err(format!("path must start with '/', got {path:?}")));
+            }
+            let query = match query {
+                Some(q) => (!q.is_empty()).then(|| q.to_owned()),
+                None => old_query,
+            };
+            let target = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = Some(
+                target.parse().map_err(|_| PyValueError::new_err(format!("invalid request target {target:?}")))?,
+            );
+            parts.uri = http::Uri::from_parts(uri).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            Ok(())
+        })
+    }
+}
+
+pub fn version_str(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+#[pymethods]
+impl PyRequestHeader {
+    #[getter]
+    fn method(&self) -> PyResult<String> {
+        self.read(|p| p.method.as_str().to_owned())
+    }
+    #[setter]
+    fn set_method(&self, method: &str) -> PyResult<()> {
+        let method = http::Method::from_bytes(method.as_bytes())
+            .map_err(|_| PyValueError::new_err(format!("invalid method {method:?}")))?;
+        self.write(|p| {
+            p.method = method;
+            Ok(())
+        })
+    }
+    #[getter]
+    fn path(&self) -> PyResult<String> {
+        self.read(|p| p.uri.path().to_owned())
+    }
+    #[setter]
+    fn set_path(&self, path: &str) -> PyResult<()> {
+        self.set_target(Some(path), None)
+    }
+    #[getter]
+    fn query(&self) -> PyResult<String> {
+        self.read(|p| p.uri.query().unwrap_or("").to_owned())
+    }
+    #[setter]
+    fn set_query(&self, query: &str) -> PyResult<()> {
+        self.set_target(None, Some(query))
+    }
+    #[getter]
+    fn uri(&self) -> PyResult<String> {
+        self.read(|p| p.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned())
+    }
+    #[getter]
+    fn version(&self) -> PyResult<&'static str> {
+        self.read(|p| version_str(p.version))
+    }
+    #[getter]
+    fn headers(&self) -> Headers {
+        Headers::new(HeaderSource::Request(self.slot.clone()))
+    }
+    #[getter]
+    fn client_addr(&self) -> String {
+        self.client_addr.to_string()
+    }
+    fn __repr__(&self) -> PyResult<String> {
+        self.read(|p| format!("RequestHeader({} {})", p.method, p.uri))
+    }
+}
+
+#[pyclass(name = "ResponseHeader", module = "ferroxy", frozen)]
+pub struct PyResponseHeader {
+    pub slot: ResponseSlot,
+}
+
+#[pymethods]
+impl PyResponseHeader {
+    #[getter]
+    fn status(&self) -> PyResult<u16> {
+        self.slot.lock().as_ref().map(|p| p.status.as_u16()).ok_or_else(detached)
+    }
+    #[setter]
+    fn set_status(&self, status: u16) -> PyResult<()> {
+        let status = http::StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| PyValueError::new_err(format!("status must be 200..=999, got {status}")))?;
+        self.slot.lock().as_mut().map(|p| p.status = status).ok_or_else(detached)
+    }
+    #[getter]
+    fn version(&self) -> PyResult<&'static str> {
+        self.slot.lock().as_ref().map(|p| version_str(p.version)).ok_or_else(detached)
+    }
+    #[getter]
+    fn headers(&self) -> Headers {
+        Headers::new(HeaderSource::Response(self.slot.clone()))
+    }
+    fn __repr__(&self) -> PyResult<String> {
+        Ok(format!("ResponseHeader({})", self.status()?))
+    }
+}
+
+#[pyclass(name = "Session", module = "ferroxy")]
+pub struct PySession {
+    req: Py<PyRequestHeader>,
+    client_addr: SocketAddr,
+    scheme: &'static str,
+    #[pyo3(get, set)]
+    ctx: Py<PyAny>,
+}
+
+#[pymethods]
+impl PySession {
+    #[getter]
+    fn req(&self, py: Python<'_>) -> Py<PyRequestHeader> {
+        self.req.clone_ref(py)
+    }
+    #[getter]
+    fn client_addr(&self) -> String {
+        self.client_addr.to_string()
+    }
+    /// A new request head built from `req` as the engine forwards it.
+    fn upstream_request(&self, py: Python<'_>) -> PyResult<Py<PyRequestHeader>> {
+        let parts = self.req.get().read(|req| ferroxy_engine::forward::upstream_request(req, self.client_addr.ip(), self.scheme))?;
+        Py::new(py, PyRequestHeader::new(Arc::new(Mutex::new(Some(parts))), self.client_addr))
+    }
+    fn __repr__(&self) -> String {
+        format!("Session(client={})", self.client_addr)
+    }
+}
+
+/// The engine side's handle on a request's Python session: the shared request slot, and the
+/// Python object once the Python thread has made it (it is made lazily, on that thread).
+pub struct SessionRef {
+    pub py: Option<Py<PySession>>,
+    pub req: RequestSlot,
+    pub client_addr: SocketAddr,
+    pub scheme: &'static str,
+}
+
+impl SessionRef {
+    pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
+        if let Some(session) = &self.py {
+            return Ok(session.clone_ref(py));
+        }
+        let req = Py::new(py, PyRequestHeader::new(self.req.clone(), self.client_addr))?;
+        let session = Py::new(
+            py,
+            PySession { req, client_addr: self.client_addr, scheme: self.scheme, ctx: py.None() },
+        )?;
+        self.py = Some(session.clone_ref(py));
+        Ok(session)
+    }
+}

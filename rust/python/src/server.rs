@@ -1,0 +1,245 @@
+//! `Server`: the engine's server driven from Python. The Python thread that owns it runs
+//! `run_pending` whenever `fileno()` becomes readable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use ferroxy_engine::upstream::PoolConfig;
+use ferroxy_engine::{Server, ServerConfig, ServerHandle};
+
+use crate::bridge::{error_arg, Bridge, Job};
+use crate::call::{Call, PhaseKind};
+use crate::logs;
+use crate::proxy::{Hooks, PyProxy};
+use crate::types::PyPeer;
+
+/// The dispatcher's methods, looked up once rather than on every job.
+struct Dispatcher {
+    request_phase: Py<PyAny>,
+    response_phase: Py<PyAny>,
+    fail_phase: Py<PyAny>,
+    logging_phase: Py<PyAny>,
+    emit_logs: Py<PyAny>,
+    stopped: Py<PyAny>,
+}
+
+#[pyclass(name = "Server", module = "ferroxy._core", frozen)]
+pub struct PyServer {
+    bridge: Arc<Bridge>,
+    dispatcher: Dispatcher,
+    config: ServerConfig,
+    hooks: Hooks,
+    upstream: Option<ferroxy_engine::Peer>,
+    handle: Mutex<Option<ServerHandle>>,
+}
+
+fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
+    if seconds.is_finite() && seconds >= 0.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(PyValueError::new_err(format!("{field} must be a non-negative number of seconds, got {seconds}")))
+    }
+}
+
+fn positive(field: &str, seconds: f64) -> PyResult<Duration> {
+    match duration(field, seconds)? {
+        d if d.is_zero() => Err(PyValueError::new_err(format!("{field} must be greater than 0"))),
+        d => Ok(d),
+    }
+}
+
+#[pymethods]
+impl PyServer {
+    #[new]
+    #[pyo3(signature = (
+        dispatcher, *, hooks=None, upstream=None, listen="127.0.0.1:8080".to_owned(), threads=0,
+        grace_period=5.0, client_read_timeout=60.0, client_write_timeout=60.0, keepalive_timeout=75.0,
+        pool_idle_timeout=60.0, pool_max_idle_per_peer=128, access_log=true
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        dispatcher: &Bound<'_, PyAny>,
+        hooks: Option<&Bound<'_, PyAny>>,
+        upstream: Option<&Bound<'_, PyAny>>,
+        listen: String,
+        threads: i64,
+        grace_period: f64,
+        client_read_timeout: f64,
+        client_write_timeout: f64,
+        keepalive_timeout: f64,
+        pool_idle_timeout: f64,
+        pool_max_idle_per_peer: i64,
+        access_log: bool,
+    ) -> PyResult<Self> {
+        let hook_names: Vec<String> = match hooks {
+            Some(names) => names.try_iter()?.map(|n| n?.extract::<String>()).collect::<PyResult<_>>()?,
+            None => Vec::new(),
+        };
+        let hooks = Hooks::from_names(hook_names.iter().map(String::as_str)).map_err(PyValueError::new_err)?;
+        let upstream = match upstream {
+            Some(peer) if !peer.is_none() => Some(
+                peer.cast::<PyPeer>().map_err(|_| PyTypeError::new_err("upstream must be a Peer"))?.get().inner.clone(),
+            ),
+            _ => None,
+        };
+        if !(0..=1024).contains(&threads) {
+            return Err(PyValueError::new_err(format!("threads must be between 0 and 1024, got {threads}")));
+        }
+        let pool_max_idle_per_peer = usize::try_from(pool_max_idle_per_peer)
+            .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
+        let config = ServerConfig {
+            listen,
+            threads: threads as usize,
+            grace_period: duration("grace_period", grace_period)?,
+            client_read_timeout: positive("client_read_timeout", client_read_timeout)?,
+            client_write_timeout: positive("client_write_timeout", client_write_timeout)?,
+            keepalive_timeout: positive("keepalive_timeout", keepalive_timeout)?,
+            pool: PoolConfig {
+                idle_timeout: duration("pool_idle_timeout", pool_idle_timeout)?,
+                max_idle_per_peer: pool_max_idle_per_peer,
+            },
+            access_log,
+        };
+        let method = |name: &str| -> PyResult<Py<PyAny>> {
+            dispatcher.getattr(name).map(Bound::unbind).map_err(|_| {
+                PyTypeError::new_err(format!("dispatcher has no {name}() method"))
+            })
+        };
+        let dispatcher = Dispatcher {
+            request_phase: method("request_phase")?,
+            response_phase: method("response_phase")?,
+            fail_phase: method("fail_phase")?,
+            logging_phase: method("logging_phase")?,
+            emit_logs: method("emit_logs")?,
+            stopped: method("stopped")?,
+        };
+        let bridge = Arc::new(Bridge::new()?);
+        logs::register_loop(&bridge);
+        let _ = py;
+        Ok(PyServer { bridge, dispatcher, config, hooks, upstream, handle: Mutex::new(None) })
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let mut handle = self.handle.lock();
+        if handle.is_some() {
+            return Err(PyRuntimeError::new_err("server already started"));
+        }
+        let proxy = PyProxy { bridge: self.bridge.clone(), hooks: self.hooks, upstream: self.upstream.clone() };
+        let bridge = self.bridge.clone();
+        let config = self.config.clone();
+        let started = py.detach(move || {
+            Server::new(config, proxy).on_stopped(move || bridge.submit(Job::Stopped)).start()
+        });
+        *handle = Some(started.map_err(|e| PyOSError::new_err(e.to_string()))?);
+        Ok(())
+    }
+
+    #[getter]
+    fn addr(&self) -> PyResult<String> {
+        Ok(self.local_addr()?.to_string())
+    }
+
+    #[getter]
+    fn port(&self) -> PyResult<u16> {
+        Ok(self.local_addr()?.port())
+    }
+
+    #[getter]
+    fn python_calls(&self) -> u64 {
+        self.bridge.python_calls()
+    }
+
+    fn fileno(&self) -> i32 {
+        self.bridge.fileno()
+    }
+
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.handle.lock().as_ref().is_none_or(ServerHandle::is_stopped)
+    }
+
+    #[pyo3(signature = (grace_period=None))]
+    fn shutdown(&self, grace_period: Option<f64>) -> PyResult<()> {
+        let grace = grace_period.map(|g| duration("grace_period", g)).transpose()?;
+        match self.handle.lock().as_ref() {
+            Some(handle) => handle.shutdown(grace),
+            // Never started: report "stopped" the same way so callers need no special case.
+            None => self.bridge.submit(Job::Stopped),
+        }
+        Ok(())
+    }
+
+    fn run_pending(&self, py: Python<'_>) -> PyResult<usize> {
+        let jobs = self.bridge.take();
+        let count = jobs.len();
+        for job in jobs {
+            if let Err(error) = self.run_job(py, job) {
+                log_python_error(py, &error, "ferroxy dispatcher failed");
+            }
+        }
+        let records = logs::take_records();
+        if !records.is_empty() {
+            let batch = PyList::new(py, records.into_iter().map(|r| (r.logger, r.level, r.message)))?;
+            if let Err(error) = self.dispatcher.emit_logs.call1(py, (batch,)) {
+                log_python_error(py, &error, "emitting engine logs failed");
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl PyServer {
+    fn local_addr(&self) -> PyResult<std::net::SocketAddr> {
+        self.handle
+            .lock()
+            .as_ref()
+            .map(ServerHandle::local_addr)
+            .ok_or_else(|| PyRuntimeError::new_err("server not started"))
+    }
+
+    fn run_job(&self, py: Python<'_>, job: Job) -> PyResult<()> {
+        match job {
+            Job::Phase(job) => {
+                let (kind, call) = Call::from_job(py, job)?;
+                let method = match kind {
+                    PhaseKind::Request => &self.dispatcher.request_phase,
+                    PhaseKind::Response => &self.dispatcher.response_phase,
+                    PhaseKind::Fail => &self.dispatcher.fail_phase,
+                };
+                if let Err(error) = method.call1(py, (&call,)) {
+                    // The dispatcher itself broke: the client still gets an answer.
+                    if call.get().is_pending() {
+                        let _ = call.call_method1("fail", ("dispatcher", error.to_string(), 500));
+                    }
+                    return Err(error);
+                }
+                Ok(())
+            }
+            Job::Logging { mut session, error } => {
+                let session = session.object(py)?;
+                let error = error_arg(py, error)?;
+                self.dispatcher.logging_phase.call1(py, (session, error)).map(drop)
+            }
+            Job::Stopped => self.dispatcher.stopped.call0(py).map(drop),
+        }
+    }
+}
+
+/// Report a Python exception through Python's logging, traceback included.
+fn log_python_error(py: Python<'_>, error: &PyErr, what: &str) {
+    let logged = py.import("logging").and_then(|logging| {
+        let logger = logging.call_method1("getLogger", ("ferroxy",))?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("exc_info", error.value(py))?;
+        logger.call_method("error", (what,), Some(&kwargs))
+    });
+    if logged.is_err() {
+        error.print(py);
+    }
+}

@@ -1,0 +1,182 @@
+//! Small value types users build in Python: Peer, Response; and ProxyError, which they read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use ferroxy_engine::peer::PeerTimeouts;
+use ferroxy_engine::{Error, Peer};
+
+use crate::headers::{HeaderSource, Headers};
+
+#[pyclass(name = "Peer", module = "ferroxy", frozen)]
+pub struct PyPeer {
+    pub inner: Peer,
+}
+
+fn seconds(field: &str, value: f64) -> PyResult<Duration> {
+    if value.is_finite() && value > 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(PyValueError::new_err(format!("Peer.{field} must be a positive number of seconds, got {value}")))
+    }
+}
+
+#[pymethods]
+impl PyPeer {
+    #[new]
+    #[pyo3(signature = (addr, *, connect_timeout=5.0, read_timeout=60.0, write_timeout=60.0, idle_timeout=60.0))]
+    fn new(addr: &str, connect_timeout: f64, read_timeout: f64, write_timeout: f64, idle_timeout: f64) -> PyResult<Self> {
+        let peer = Peer::new(addr).map_err(|e| PyValueError::new_err(format!("Peer.addr: {e}")))?;
+        let timeouts = PeerTimeouts {
+            connect: seconds("connect_timeout", connect_timeout)?,
+            read: seconds("read_timeout", read_timeout)?,
+            write: seconds("write_timeout", write_timeout)?,
+            idle: seconds("idle_timeout", idle_timeout)?,
+        };
+        Ok(PyPeer { inner: peer.with_timeouts(timeouts) })
+    }
+
+    #[getter]
+    fn addr(&self) -> &str {
+        self.inner.addr()
+    }
+    #[getter]
+    fn connect_timeout(&self) -> f64 {
+        self.inner.timeouts.connect.as_secs_f64()
+    }
+    #[getter]
+    fn read_timeout(&self) -> f64 {
+        self.inner.timeouts.read.as_secs_f64()
+    }
+    #[getter]
+    fn write_timeout(&self) -> f64 {
+        self.inner.timeouts.write.as_secs_f64()
+    }
+    #[getter]
+    fn idle_timeout(&self) -> f64 {
+        self.inner.timeouts.idle.as_secs_f64()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Peer({:?})", self.inner.addr())
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<PyPeer>().is_ok_and(|o| o.get().inner == self.inner)
+    }
+
+    fn __hash__(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.inner.addr().hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+pub fn peer_object(py: Python<'_>, peer: &Peer) -> PyResult<Py<PyPeer>> {
+    Py::new(py, PyPeer { inner: peer.clone() })
+}
+
+#[pyclass(name = "Response", module = "ferroxy", frozen)]
+pub struct PyResponse {
+    status: http::StatusCode,
+    headers: Arc<Mutex<http::HeaderMap>>,
+    body: Bytes,
+}
+
+#[pymethods]
+impl PyResponse {
+    #[new]
+    #[pyo3(signature = (status, headers=None, body=None))]
+    fn new(status: u16, headers: Option<&Bound<'_, PyAny>>, body: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let status = http::StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| PyValueError::new_err(format!("Response.status must be 200..=999, got {status}")))?;
+        let body = match body {
+            None => Bytes::new(),
+            Some(b) if b.is_instance_of::<PyBytes>() => Bytes::copy_from_slice(b.cast::<PyBytes>()?.as_bytes()),
+            Some(s) if s.is_instance_of::<PyString>() => Bytes::from(s.cast::<PyString>()?.to_str()?.to_owned()),
+            Some(other) => {
+                return Err(PyTypeError::new_err(format!(
+                    "Response.body must be bytes or str, not {}",
+                    other.get_type().name()?
+                )))
+            }
+        };
+        let mut map = http::HeaderMap::new();
+        if let Some(headers) = headers {
+            crate::headers::extend_from_python(&mut map, headers)
+                .map_err(|e| PyValueError::new_err(format!("Response.headers: {e}")))?;
+        }
+        Ok(PyResponse { status, headers: Arc::new(Mutex::new(map)), body })
+    }
+
+    #[getter]
+    fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+    #[getter]
+    fn headers(&self) -> Headers {
+        Headers::new(HeaderSource::Owned(self.headers.clone()))
+    }
+    #[getter]
+    fn body<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.body)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Response({}, body=<{} bytes>)", self.status.as_u16(), self.body.len())
+    }
+}
+
+impl PyResponse {
+    pub fn to_engine(&self) -> ferroxy_engine::Response {
+        ferroxy_engine::Response {
+            status: self.status,
+            headers: self.headers.lock().clone(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+#[pyclass(name = "ProxyError", module = "ferroxy", frozen)]
+pub struct PyProxyError {
+    inner: Error,
+}
+
+#[pymethods]
+impl PyProxyError {
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind.as_str()
+    }
+    #[getter]
+    fn message(&self) -> &str {
+        &self.inner.message
+    }
+    #[getter]
+    fn status(&self) -> u16 {
+        self.inner.status
+    }
+    #[getter]
+    fn peer(&self, py: Python<'_>) -> PyResult<Option<Py<PyPeer>>> {
+        self.inner.peer.as_ref().map(|p| peer_object(py, p)).transpose()
+    }
+    fn __repr__(&self) -> String {
+        format!("ProxyError(kind={:?}, message={:?})", self.inner.kind.as_str(), self.inner.message)
+    }
+    fn __str__(&self) -> String {
+        self.inner.to_string()
+    }
+}
+
+pub fn error_object(py: Python<'_>, error: Error) -> PyResult<Py<PyProxyError>> {
+    Py::new(py, PyProxyError { inner: error })
+}

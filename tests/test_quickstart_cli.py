@@ -1,0 +1,227 @@
+"""The quickstart (examples/hello.py), the CLI (python -m ferroxy / ferroxy) and the
+programmatic helpers a new user meets first."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import (
+    HOST,
+    REPO_ROOT,
+    fixed_upstream_app,
+    free_port,
+    port_accepts,
+    run_cli,
+    wait_for_port,
+    wait_until,
+    write_app,
+)
+
+
+def test_public_names_importable() -> None:
+    import ferroxy
+    from ferroxy import Headers, Peer, Proxy, ProxyError, Response, Session  # noqa: F401
+
+    assert isinstance(ferroxy._core.__version__, str) and ferroxy._core.__version__
+
+
+def test_hello_example_quickstart() -> None:
+    """The README quickstart: run examples/hello.py against the demo upstream on 8081."""
+    hello = REPO_ROOT / "examples" / "hello.py"
+    assert hello.is_file(), "examples/hello.py (the quickstart) is missing"
+    if port_accepts(8081):
+        pytest.skip("port 8081 is in use on this machine; hello.py hardcodes it")
+    with run_cli(f"{hello}:App", "--demo-upstream", f"{HOST}:8081", cwd=REPO_ROOT) as cli:
+        wait_for_port(8081, timeout=10, proc=cli.proc, describe=cli.describe)
+        with httpx.Client(base_url=cli.url, timeout=10) as client:
+            r = client.get("/hello?x=1")
+            assert r.status_code == 200, r.text
+            assert r.headers.get("x-served-by") == "ferroxy"
+            echo = r.json()
+            assert echo["path"] == "/hello"
+            assert echo["query"] == "x=1"
+
+            blocked = client.get("/blocked")
+            assert blocked.status_code == 403
+            assert blocked.content == b"blocked\n"
+
+        banner = f"ferroxy listening on http://{HOST}:{cli.port}"
+        assert wait_until(lambda: banner in cli.stderr(), timeout=5), (
+            f"start-up line {banner!r} not printed on stderr\n{cli.describe()}"
+        )
+
+
+def test_cli_file_spec_serves_requests(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = write_app(
+        tmp_path,
+        f"""
+        from ferroxy import Proxy
+
+        class App(Proxy):
+            upstream = {ferroxy_upstream.addr!r}
+
+            def response_filter(self, session, upstream_response, ctx):
+                upstream_response.headers["x-app"] = "file-spec"
+        """,
+    )
+    with run_cli(spec, "--threads", "2") as cli:
+        r = httpx.get(cli.url + "/via-file", timeout=10)
+        assert r.status_code == 200
+        assert r.headers.get("x-app") == "file-spec"
+        assert r.json()["path"] == "/via-file"
+        assert f"ferroxy listening on http://{HOST}:{cli.port}" in cli.stderr() or wait_until(
+            lambda: f"ferroxy listening on http://{HOST}:{cli.port}" in cli.stderr(), timeout=5
+        ), cli.describe()
+
+
+def test_cli_module_attr_spec(tmp_path: Path, ferroxy_upstream) -> None:
+    """``module:Attr`` resolves a module in the current directory (python -m ferroxy)."""
+    write_app(
+        tmp_path,
+        f"""
+        from ferroxy import Proxy
+
+        class MyApp(Proxy):
+            upstream = {ferroxy_upstream.addr!r}
+
+            def response_filter(self, session, upstream_response, ctx):
+                upstream_response.headers["x-app"] = "module-spec"
+        """,
+        name="my_ferroxy_app.py",
+    )
+    with run_cli("my_ferroxy_app:MyApp", cwd=tmp_path) as cli:
+        r = httpx.get(cli.url + "/via-module", timeout=10)
+        assert r.status_code == 200
+        assert r.headers.get("x-app") == "module-spec"
+
+
+def test_console_script(tmp_path: Path, ferroxy_upstream) -> None:
+    """The ``ferroxy`` console script takes the same arguments as ``python -m ferroxy``,
+    including a ``module:Attr`` spec for a module in the current directory."""
+    exe = shutil.which("ferroxy") or str(Path(sys.executable).parent / "ferroxy")
+    if not Path(exe).exists():
+        pytest.fail("the `ferroxy` console script is not installed")
+    write_app(
+        tmp_path,
+        f"""
+        from ferroxy import Proxy
+
+        class App(Proxy):
+            upstream = {ferroxy_upstream.addr!r}
+
+            def response_filter(self, session, upstream_response, ctx):
+                upstream_response.headers["x-app"] = "console-script"
+        """,
+        name="console_app.py",
+    )
+    with run_cli("console_app:App", "--no-access-log", argv0=[exe], cwd=tmp_path) as cli:
+        r = httpx.get(cli.url + "/x", timeout=10)
+        assert r.status_code == 200
+        assert r.headers.get("x-app") == "console-script"
+
+
+def test_cli_access_log_and_no_access_log(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    with run_cli(spec, "--log-level", "info") as cli:
+        assert httpx.get(cli.url + "/access-log-marker-1", timeout=10).status_code == 200
+        assert wait_until(
+            lambda: "/access-log-marker-1" in cli.stderr() + cli.stdout(), timeout=3
+        ), f"no access log line for the request on the CLI's output\n{cli.describe()}"
+
+    with run_cli(spec, "--log-level", "info", "--no-access-log") as cli:
+        assert httpx.get(cli.url + "/access-log-marker-2", timeout=10).status_code == 200
+        time.sleep(1.0)
+        out = cli.stderr() + cli.stdout()
+        assert "/access-log-marker-2" not in out, (
+            f"--no-access-log still printed an access line\n{cli.describe()}"
+        )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["does_not_exist_anywhere.py:App", "no_such_module_ferroxy_xyz:App", "{app}:Missing"],
+)
+def test_cli_bad_app_spec_fails_fast(tmp_path: Path, spec: str, ferroxy_upstream) -> None:
+    app = fixed_upstream_app(tmp_path, ferroxy_upstream.addr).rsplit(":", 1)[0]
+    spec = spec.format(app=app)
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroxy", spec, "--listen", f"{HOST}:{port}"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0, "a bad app spec must make the CLI exit non-zero"
+    err = proc.stderr.decode(errors="replace")
+    name = spec.rsplit(":", 1)[1] if spec.endswith(":Missing") else spec.split(":")[0]
+    assert name in err, f"the error should name {name!r}; stderr was:\n{err}"
+
+
+def test_cli_port_in_use_fails_with_address(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen(8)
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "ferroxy", spec, "--listen", f"{HOST}:{port}"],
+            capture_output=True,
+            timeout=30,
+        )
+    assert proc.returncode != 0, "binding a busy port must make the CLI exit non-zero"
+    err = proc.stderr.decode(errors="replace")
+    assert f"{HOST}:{port}" in err, f"the error should name the address; stderr:\n{err}"
+
+
+def test_testing_helpers_outside_pytest() -> None:
+    """``ferroxy.testing.start_upstream`` / ``start_proxy`` work without the fixtures."""
+    from ferroxy import Proxy
+    from ferroxy.testing import start_proxy, start_upstream
+
+    upstream = start_upstream()
+    try:
+
+        class App(Proxy):
+            pass
+
+        App.upstream = upstream.addr
+        proxy = start_proxy(App)
+        try:
+            assert proxy.url == f"http://{proxy.addr}"
+            assert proxy.addr.endswith(f":{proxy.port}")
+            r = httpx.get(proxy.url + "/helpers", timeout=10)
+            assert r.status_code == 200
+            assert r.json()["path"] == "/helpers"
+            assert upstream.requests == 1
+        finally:
+            proxy.stop()
+        assert wait_until(lambda: not port_accepts(proxy.port), timeout=5), (
+            "the proxy port still accepts connections after stop()"
+        )
+    finally:
+        upstream.stop()
+
+
+def test_fixture_handles(ferroxy_upstream, ferroxy_proxy) -> None:
+    from ferroxy import Proxy
+
+    assert ferroxy_upstream.url == f"http://{ferroxy_upstream.addr}"
+    assert ferroxy_upstream.addr == f"{HOST}:{ferroxy_upstream.port}"
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App)
+    assert proxy.url == f"http://{proxy.addr}"
+    assert proxy.addr == f"{HOST}:{proxy.port}"
+    r = httpx.get(proxy.url + "/fixture", timeout=10)
+    assert r.status_code == 200
+    assert ferroxy_upstream.requests == 1
+    assert ferroxy_upstream.connections == 1

@@ -1,0 +1,155 @@
+"""Per-Peer upstream timeouts and downstream (client-facing) timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from conftest import raw_connect, read_response, simple_request, wait_closed
+from ferroxy import Peer, Proxy
+
+
+def test_peer_timeout_properties() -> None:
+    p = Peer(
+        "127.0.0.1:9", connect_timeout=1.5, read_timeout=2.5, write_timeout=3.5, idle_timeout=4.5
+    )
+    assert p.addr == "127.0.0.1:9"
+    assert (p.connect_timeout, p.read_timeout, p.write_timeout, p.idle_timeout) == (
+        1.5,
+        2.5,
+        3.5,
+        4.5,
+    )
+    d = Peer("localhost:80")
+    assert (d.connect_timeout, d.read_timeout, d.write_timeout, d.idle_timeout) == (
+        5.0,
+        60.0,
+        60.0,
+        60.0,
+    )
+
+
+def test_read_timeout_is_per_peer(ferroxy_upstream, ferroxy_proxy) -> None:
+    impatient = Peer(ferroxy_upstream.addr, read_timeout=0.2)
+    patient = Peer(ferroxy_upstream.addr, read_timeout=3.0)
+
+    class App(Proxy):
+        def upstream_peer(self, session, ctx):
+            return impatient if session.req.query == "impatient" else patient
+
+    proxy = ferroxy_proxy(App)
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        start = time.monotonic()
+        r = c.get("/delay/700?impatient")
+        fast_fail = time.monotonic() - start
+        assert r.status_code == 504
+        assert fast_fail < 0.65, f"read_timeout=0.2 answered after {fast_fail:.2f}s"
+
+        r = c.get("/delay/700?patient")
+        assert r.status_code == 200, "read_timeout=3.0 must let a 0.7 s response through"
+        assert r.json()["path"] == "/delay/700"
+
+
+def test_read_timeout_applies_between_reads_not_total(ferroxy_upstream, ferroxy_proxy) -> None:
+    """A long body that keeps flowing is not cut by a short read_timeout."""
+
+    class App(Proxy):
+        upstream = Peer(ferroxy_upstream.addr, read_timeout=0.5)
+
+    proxy = ferroxy_proxy(App)
+    n = 20_000_000
+    total = 0
+    next_pause = 0
+    start = time.monotonic()
+    with httpx.Client(timeout=30) as c, c.stream("GET", proxy.url + f"/bytes/{n}") as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            total += len(chunk)
+            if total >= next_pause:  # read steadily but slowly: ~1.6 s in all
+                time.sleep(0.02)
+                next_pause += 256 * 1024
+    elapsed = time.monotonic() - start
+    assert total == n
+    assert elapsed > 1.0, "the transfer was too fast to exercise the timeout"
+
+
+def test_peer_idle_timeout_expires_pooled_connection(ferroxy_upstream, ferroxy_proxy) -> None:
+    short_idle = Peer(ferroxy_upstream.addr, idle_timeout=0.3)
+
+    class App(Proxy):
+        upstream = short_idle
+
+    proxy = ferroxy_proxy(App)
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        assert c.get("/a").status_code == 200
+        assert c.get("/b").status_code == 200
+        assert ferroxy_upstream.connections == 1
+        time.sleep(1.0)
+        assert c.get("/c").status_code == 200
+    assert ferroxy_upstream.connections == 2, (
+        "a pooled connection idle longer than Peer.idle_timeout must not be reused"
+    )
+
+
+def test_client_read_timeout_half_request_line(ferroxy_upstream, ferroxy_proxy) -> None:
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, client_read_timeout=0.5)
+    sock = raw_connect(proxy.port)
+    with sock:
+        sock.sendall(b"GET /sta")
+        start = time.monotonic()
+        closed, data = wait_closed(sock, timeout=4)
+        elapsed = time.monotonic() - start
+    assert closed, "a client stalled mid request line was not disconnected"
+    assert elapsed < 3.0, f"disconnected after {elapsed:.2f}s with client_read_timeout=0.5"
+    assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:200]
+    # other clients are unaffected
+    assert httpx.get(proxy.url + "/ok", timeout=10).status_code == 200
+
+
+def test_client_read_timeout_stalled_body(ferroxy_upstream, ferroxy_proxy) -> None:
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, client_read_timeout=0.5)
+    sock = raw_connect(proxy.port)
+    with sock:
+        sock.sendall(b"POST /stall HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 10)
+        closed, data = wait_closed(sock, timeout=5)
+    assert closed, "a client stalled mid body was not disconnected"
+    if data:
+        assert not data.startswith(b"HTTP/1.1 200"), "a truncated upload must not succeed"
+
+
+def test_client_read_timeout_does_not_cut_active_client(ferroxy_upstream, ferroxy_proxy) -> None:
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, client_read_timeout=0.5)
+
+    def slow_body():
+        for _ in range(6):
+            time.sleep(0.2)
+            yield b"x" * 100
+
+    r = httpx.post(proxy.url + "/trickle", content=slow_body(), timeout=10)
+    assert r.status_code == 200
+    assert r.json()["body_length"] == 600
+
+
+def test_keepalive_timeout_closes_idle_client_connection(ferroxy_upstream, ferroxy_proxy) -> None:
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, keepalive_timeout=0.5)
+    sock = raw_connect(proxy.port)
+    with sock, sock.makefile("rb") as rfile:
+        sock.sendall(simple_request("GET", "/ka"))
+        assert read_response(rfile).status == 200
+        start = time.monotonic()
+        closed, _ = wait_closed(sock, timeout=4)
+        elapsed = time.monotonic() - start
+    assert closed, "an idle keep-alive connection outlived keepalive_timeout"
+    assert 0.3 < elapsed < 3.0, f"closed after {elapsed:.2f}s with keepalive_timeout=0.5"
