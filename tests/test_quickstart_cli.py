@@ -76,9 +76,8 @@ def test_cli_file_spec_serves_requests(tmp_path: Path, ferroxy_upstream) -> None
         assert r.status_code == 200
         assert r.headers.get("x-app") == "file-spec"
         assert r.json()["path"] == "/via-file"
-        assert f"ferroxy listening on http://{HOST}:{cli.port}" in cli.stderr() or wait_until(
-            lambda: f"ferroxy listening on http://{HOST}:{cli.port}" in cli.stderr(), timeout=5
-        ), cli.describe()
+        banner = f"ferroxy listening on http://{HOST}:{cli.port}"
+        assert wait_until(lambda: banner in cli.stderr(), timeout=5), cli.describe()
 
 
 def test_cli_module_attr_spec(tmp_path: Path, ferroxy_upstream) -> None:

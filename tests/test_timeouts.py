@@ -50,6 +50,26 @@ def test_read_timeout_is_per_peer(ferroxy_upstream, ferroxy_proxy) -> None:
         assert r.json()["path"] == "/delay/700"
 
 
+def test_read_timeout_applies_on_reused_pooled_connection(ferroxy_upstream, ferroxy_proxy) -> None:
+    """The Peer returned for *this* request sets the timeout, even when the request rides a
+    pooled connection first opened for a Peer (same address) with other timeouts."""
+
+    class App(Proxy):
+        def upstream_peer(self, session, ctx):
+            if session.req.query == "impatient":
+                return Peer(ferroxy_upstream.addr, read_timeout=0.2)
+            return Peer(ferroxy_upstream.addr)
+
+    proxy = ferroxy_proxy(App)
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        assert c.get("/warm").status_code == 200  # pools a connection with the default 60 s
+        start = time.monotonic()
+        r = c.get("/delay/1000?impatient")
+        elapsed = time.monotonic() - start
+    assert r.status_code == 504, f"got {r.status_code} after {elapsed:.2f}s (read_timeout=0.2)"
+    assert elapsed < 0.65
+
+
 def test_read_timeout_applies_between_reads_not_total(ferroxy_upstream, ferroxy_proxy) -> None:
     """A long body that keeps flowing is not cut by a short read_timeout."""
 

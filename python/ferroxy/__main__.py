@@ -45,6 +45,7 @@ class TargetError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
 
@@ -213,3 +214,7 @@ def _describe(value: object) -> str:
     if isinstance(value, type):
         return f"the class {value.__qualname__}"
     return f"a {type(value).__name__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

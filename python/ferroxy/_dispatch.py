@@ -11,10 +11,14 @@ that do not await anything pending), so a phase coroutine is first stepped by ha
 Only a phase that actually suspends is handed to the loop as a Task, which carries on from
 where the first step stopped.
 
-Exception: ``asyncio.timeout()`` (3.11+) and ``asyncio.wait_for()`` (3.12+) need
-``asyncio.current_task()``, which a hand-stepped coroutine does not have. So a phase with an
-``async def`` hook runs as an eager Task on Python 3.12+ (same synchronous first step, but
-inside a real Task) and as an ordinary Task on 3.10/3.11.
+Exception: ``asyncio.timeout()`` and, from 3.12, ``asyncio.wait_for()`` need
+``asyncio.current_task()``, which a hand-stepped coroutine does not have. On Python 3.12+ a
+phase with an ``async def`` hook therefore runs as an eager Task: the same synchronous first
+step, but inside a real Task (about 1 us more per phase). Python 3.10/3.11 have no eager
+tasks and keep the hand-stepped start, so on 3.11 ``asyncio.timeout()`` used before a hook's
+first real suspension raises RuntimeError; ``asyncio.wait_for()`` works there. A hand-stepped
+phase also runs in the context of the loop's reader callback: a ContextVar it sets outlives
+the request, where a Task would have worked on a copy.
 
 ctx rule: ``session.ctx`` starts as None. When ``new_ctx`` is overridden, the request phase
 (the first phase whenever any request hook is overridden) always calls it; later phases call
@@ -87,9 +91,9 @@ class Dispatcher:
 
         def runner(*hooks: Callable[..., object] | None) -> Callable[[_Phase], None]:
             # Chosen once per phase: see the module docstring.
-            if not any(iscoroutinefunction(hook) for hook in (self._new_ctx, *hooks)):
-                return self._drive
-            return self._start_eager_task if _EAGER_TASKS else self._start_task
+            if _EAGER_TASKS and any(iscoroutinefunction(h) for h in (self._new_ctx, *hooks)):
+                return self._start_eager_task
+            return self._drive
 
         self._run_request = runner(
             self._request_filter, self._upstream_peer, self._upstream_request_filter
@@ -206,9 +210,9 @@ class Dispatcher:
         try:
             ctx = await self._ctx(session)
             hook = "fail_to_proxy"
-            error = call.error
-            assert error is not None, "a fail phase carries the error"
-            response = self._fail_to_proxy(session, error, ctx)
+            proxy_error = call.error
+            assert proxy_error is not None, "a fail phase carries the error"
+            response = self._fail_to_proxy(session, proxy_error, ctx)
             if type(response) not in _PLAIN_RESULT_TYPES and isawaitable(response):
                 response = await response
         except BaseException as error:
@@ -234,11 +238,10 @@ class Dispatcher:
             result = self._logging(session, error, ctx)
             if result is not None and isawaitable(result):
                 await result
-        except BaseException as exc:
-            # Nothing left to complete: the response is gone. Log, and re-raise only what
-            # must not be swallowed.
-            _log.error("hook %s raised", hook, exc_info=exc)
-            if not isinstance(exc, (Exception, asyncio.CancelledError)):
+        except BaseException as failure:
+            # The response is gone: there is nothing to complete, only to report.
+            _report(hook, failure)
+            if _must_propagate(failure):
                 raise
 
     async def _ctx(self, session: Session) -> Any:
@@ -275,9 +278,6 @@ class Dispatcher:
         task = asyncio.Task(phase, loop=self._loop, **_EAGER)
         if not task.done():
             self._track(task)
-
-    def _start_task(self, phase: _Phase) -> None:
-        self._track(self._loop.create_task(phase))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         # The loop keeps only weak references to tasks: hold them until they finish.
@@ -329,18 +329,30 @@ class _WrongResult(Exception):
 
 
 def _hook_failed(call: Call, hook: str, error: BaseException) -> None:
-    """Log why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
-    if isinstance(error, _WrongResult):
-        message = f"{hook} returned {type(error.value).__name__}, expected {error.expected}"
-        _log.error("hook %s failed: %s", hook, message)
-    else:
-        message = f"{type(error).__name__}: {error}"
-        _log.error("hook %s raised", hook, exc_info=error)
+    """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
+    message = _report(hook, error)
     # Choosing the upstream failed -> 502, like the engine's own routing errors.
     bad_gateway = hook == "upstream_peer" and isinstance(error, Exception)
     call.fail(hook, message, 502 if bad_gateway else 500)
-    # CancelledError is the one BaseException that ends here: the call is failed, and the
-    # Task that was cancelled has nothing left to do. KeyboardInterrupt, SystemExit and
-    # GeneratorExit go on up.
-    if not isinstance(error, (Exception, asyncio.CancelledError)):
+    if _must_propagate(error):
         raise error
+
+
+def _report(hook: str, error: BaseException) -> str:
+    """Log why ``hook`` failed; returns the message for ``Call.fail``."""
+    if isinstance(error, _WrongResult):
+        message = f"{hook} returned {type(error.value).__name__}, expected {error.expected}"
+        _log.error("hook %s failed: %s", hook, message)
+        return message
+    if isinstance(error, asyncio.CancelledError):
+        # Expected when the server stops with the hook still waiting: no traceback.
+        _log.warning("hook %s was cancelled", hook)
+    else:
+        _log.error("hook %s raised", hook, exc_info=error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _must_propagate(error: BaseException) -> bool:
+    """KeyboardInterrupt, SystemExit and GeneratorExit go on up once reported. A
+    CancelledError ends with the phase: the Task that was cancelled has nothing left to do."""
+    return not isinstance(error, (Exception, asyncio.CancelledError))

@@ -71,14 +71,18 @@ class _LoopServer:
         self._log_level_timer: asyncio.TimerHandle | None = None
         self._started = False
         self.dispatcher = Dispatcher(proxy, hooks, loop=loop, on_stopped=self._on_stopped)
-        self.server = _core.Server(self.dispatcher, hooks=hooks, upstream=upstream, **options)
+        # A list: the extension takes a sequence of names, not any iterable.
+        self.server = _core.Server(
+            self.dispatcher, hooks=sorted(hooks), upstream=upstream, **options
+        )
 
     def start(self) -> None:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
+        # The level first, so the engine forwards what it logs while starting.
+        self._refresh_log_level()
         self.server.start()
         self._started = True
         self.loop.add_reader(self.server.fileno(), self.server.run_pending)
-        self._refresh_log_level()
 
     def shutdown(self, grace_period: float | None = None) -> None:
         """Stop accepting; in-flight requests get ``grace_period`` (default: configured)."""
@@ -91,14 +95,14 @@ class _LoopServer:
 
     def close(self) -> None:
         """Detach from the loop; stops the engine at once if it is still running."""
+        if self._log_level_timer is not None:
+            self._log_level_timer.cancel()
+            self._log_level_timer = None
         if not self._started:
             return
         if not self.server.stopped:
             self.server.shutdown(0.0)
         self.loop.remove_reader(self.server.fileno())
-        if self._log_level_timer is not None:
-            self._log_level_timer.cancel()
-            self._log_level_timer = None
 
     def _on_stopped(self) -> None:
         if not self._stopped.done():
@@ -160,16 +164,22 @@ def run(
 def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
     """SIGINT/SIGTERM start a graceful shutdown; returns the signals handled."""
 
-    def on_signal(signum: int) -> None:
-        if served.server.stopped:
+    shutting_down = False
+
+    def on_signal() -> None:
+        nonlocal shutting_down
+        if shutting_down:
+            # The engine's shutdown cannot be hurried once begun; the grace period bounds it.
+            _log.info("already shutting down")
             return
+        shutting_down = True
         _log.info("shutting down (grace %ss)", grace_period)
         served.shutdown()
 
     installed: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            served.loop.add_signal_handler(signum, on_signal, signum)
+            served.loop.add_signal_handler(signum, on_signal)
         except (NotImplementedError, RuntimeError, ValueError):
             # No loop signal support here (Windows, or not the main thread): the default
             # handlers stay in place.

@@ -78,12 +78,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), peer: None, status: kind.default_status() }
+        Error {
+            kind,
+            message: message.into(),
+            peer: None,
+            status: kind.default_status(),
+        }
     }
 
     /// A hook failure; `status` lets a hook's failure map to 502 (upstream_peer) or 500.
     pub fn hook(message: impl Into<String>, status: u16) -> Self {
-        Error { status, ..Error::new(ErrorKind::HookError, message) }
+        Error {
+            status,
+            ..Error::new(ErrorKind::HookError, message)
+        }
     }
 
     pub fn with_peer(mut self, peer: &Peer) -> Self {

@@ -53,10 +53,20 @@ pub fn upstream_request(
     parts.headers = req.headers.clone();
     parts.uri = origin_form(&req.uri);
     let headers = &mut parts.headers;
+    // With both, the body was framed by Transfer-Encoding (RFC 9112 section 6.3) and is
+    // re-framed for the upstream; a Content-Length left behind would let the upstream read
+    // the body differently from us: request smuggling.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers);
     headers.remove(header::EXPECT);
     if !headers.contains_key(header::HOST) {
-        if let Some(value) = req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(value) = req
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
             headers.insert(header::HOST, value);
         }
     }
@@ -71,9 +81,16 @@ pub fn upstream_request(
 /// X-Forwarded-For keeps what earlier proxies wrote and adds this hop's client.
 fn append_forwarded_for(headers: &mut HeaderMap, client_ip: std::net::IpAddr) {
     let ip = client_ip.to_string();
-    let previous: Vec<&str> =
-        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-    let value = if previous.is_empty() { ip } else { format!("{}, {ip}", previous.join(", ")) };
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if previous.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", previous.join(", "))
+    };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -125,8 +142,25 @@ mod tests {
     }
 
     #[test]
+    fn content_length_beside_transfer_encoding_is_dropped() {
+        let req = request(
+            "/",
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+        );
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        assert!(!up.headers.contains_key("content-length"));
+        assert!(!up.headers.contains_key("transfer-encoding"));
+    }
+
+    #[test]
     fn appends_to_existing_forwarded_for() {
-        let req = request("/", &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        let req = request(
+            "/",
+            &[
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2"),
+            ],
+        );
         let up = upstream_request(&req, "3.3.3.3".parse().unwrap(), "http");
         assert_eq!(up.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
     }

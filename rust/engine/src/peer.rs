@@ -32,7 +32,8 @@ pub struct Peer {
     addr: Arc<str>,
     /// Parsed once when the address is an IP literal, so the hot path skips DNS.
     resolved: Option<SocketAddr>,
-    pub timeouts: PeerTimeouts,
+    timeouts: PeerTimeouts,
+    pool_key: Arc<str>,
 }
 
 impl Peer {
@@ -48,16 +49,32 @@ impl Peer {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("invalid port {port:?} in {addr:?}"))?;
+        let addr: Arc<str> = Arc::from(addr);
         Ok(Peer {
-            addr: Arc::from(addr),
             resolved: addr.parse().ok(),
             timeouts: PeerTimeouts::default(),
+            pool_key: addr.clone(),
+            addr,
         })
     }
 
     pub fn with_timeouts(mut self, timeouts: PeerTimeouts) -> Self {
         self.timeouts = timeouts;
+        self.pool_key = if (timeouts.read, timeouts.write)
+            == (PeerTimeouts::default().read, PeerTimeouts::default().write)
+        {
+            self.addr.clone()
+        } else {
+            Arc::from(format!(
+                "{} read={:?} write={:?}",
+                self.addr, timeouts.read, timeouts.write
+            ))
+        };
         self
+    }
+
+    pub fn timeouts(&self) -> &PeerTimeouts {
+        &self.timeouts
     }
 
     pub fn addr(&self) -> &str {
@@ -68,10 +85,11 @@ impl Peer {
         self.resolved
     }
 
-    /// The key the connection pool files this peer's connections under. Peers that differ
-    /// only in timeouts share connections.
-    pub fn pool_key(&self) -> Arc<str> {
-        self.addr.clone()
+    /// The key the connection pool files this peer's connections under. Read and write
+    /// timeouts are part of it because they are set on the socket when it is opened: a
+    /// connection opened for one peer must not serve another with different timeouts.
+    pub fn pool_key(&self) -> &Arc<str> {
+        &self.pool_key
     }
 }
 
@@ -84,6 +102,21 @@ mod tests {
         assert!(Peer::new("127.0.0.1:80").unwrap().socket_addr().is_some());
         assert!(Peer::new("[::1]:80").unwrap().socket_addr().is_some());
         assert!(Peer::new("localhost:8080").unwrap().socket_addr().is_none());
+    }
+
+    #[test]
+    fn socket_timeouts_separate_pool_keys() {
+        let plain = Peer::new("127.0.0.1:80").unwrap();
+        let idle = plain.clone().with_timeouts(PeerTimeouts {
+            idle: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let quick = plain.clone().with_timeouts(PeerTimeouts {
+            read: Duration::from_millis(200),
+            ..Default::default()
+        });
+        assert_eq!(plain.pool_key(), idle.pool_key());
+        assert_ne!(plain.pool_key(), quick.pool_key());
     }
 
     #[test]

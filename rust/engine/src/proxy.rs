@@ -28,7 +28,11 @@ type Finish = Box<dyn FnOnce(u64, Option<Error>) + Send>;
 
 impl<P: ProxyHttp> ProxyService<P> {
     pub fn new(proxy: Arc<P>, upstream: UpstreamClient, access_log: bool) -> Self {
-        ProxyService { proxy, upstream, access_log }
+        ProxyService {
+            proxy,
+            upstream,
+            access_log,
+        }
     }
 
     pub fn upstream(&self) -> &UpstreamClient {
@@ -42,16 +46,23 @@ impl<P: ProxyHttp> ProxyService<P> {
     ) -> http::Response<ResponseBody> {
         let mut session = Session::new(req, client_addr);
         let mut ctx = self.proxy.new_ctx();
-        let (response, upstream_body, error) = match self.proxy_phases(&mut session, &mut ctx).await {
-            Ok(Proxied::Upstream(head, body, conn)) => {
-                (http::Response::from_parts(head, ProxyBody::Streamed(body)), Some(conn), None)
-            }
+        let (response, upstream_body, error) = match self.proxy_phases(&mut session, &mut ctx).await
+        {
+            Ok(Proxied::Upstream(head, body, conn)) => (
+                http::Response::from_parts(head, ProxyBody::Streamed(body)),
+                Some(conn),
+                None,
+            ),
             Ok(Proxied::Local(response)) => (response.into_http(), None, None),
             Err(error) => {
                 if error.kind != ErrorKind::HookError {
                     tracing::warn!(client = %client_addr, "{error}");
                 }
-                let page = match self.proxy.fail_to_proxy(&mut session, &error, &mut ctx).await {
+                let page = match self
+                    .proxy
+                    .fail_to_proxy(&mut session, &error, &mut ctx)
+                    .await
+                {
                     Some(page) => page,
                     None => Response::error_page(&error),
                 };
@@ -60,7 +71,13 @@ impl<P: ProxyHttp> ProxyService<P> {
         };
         let status = response.status().as_u16();
         let finish = self.finish(session, ctx, status, error);
-        response.map(|body| ResponseBody::new(body, upstream_body.map(|c| (c, self.upstream.pool().clone())), finish))
+        response.map(|body| {
+            ResponseBody::new(
+                body,
+                upstream_body.map(|c| (c, self.upstream.pool().clone())),
+                finish,
+            )
+        })
     }
 
     async fn proxy_phases(&self, session: &mut Session, ctx: &mut P::Ctx) -> Result<Proxied> {
@@ -69,21 +86,37 @@ impl<P: ProxyHttp> ProxyService<P> {
         }
         let peer = self.proxy.upstream_peer(session, ctx).await?;
         session.upstream = Some(peer.clone());
-        let mut head = forward::upstream_request(&session.req, session.client_addr.ip(), session.scheme);
-        self.proxy.upstream_request_filter(session, &mut head, ctx).await?;
-        let body = session.take_body().map_or_else(ProxyBody::empty, ProxyBody::Streamed);
+        let mut head =
+            forward::upstream_request(&session.req, session.client_addr.ip(), session.scheme);
+        self.proxy
+            .upstream_request_filter(session, &mut head, ctx)
+            .await?;
+        let body = session
+            .take_body()
+            .map_or_else(ProxyBody::empty, ProxyBody::Streamed);
         let request = http::Request::from_parts(head, body);
         let (mut response, body, conn) = self.upstream.send(&peer, request).await?;
         forward::strip_hop_by_hop(&mut response.headers);
-        self.proxy.response_filter(session, &mut response, ctx).await?;
+        self.proxy
+            .response_filter(session, &mut response, ctx)
+            .await?;
         Ok(Proxied::Upstream(response, body, conn))
     }
 
-    fn finish(&self, mut session: Session, mut ctx: P::Ctx, status: u16, error: Option<Error>) -> Finish {
+    fn finish(
+        &self,
+        mut session: Session,
+        mut ctx: P::Ctx,
+        status: u16,
+        error: Option<Error>,
+    ) -> Finish {
         let proxy = self.proxy.clone();
         let access_log = self.access_log;
         Box::new(move |bytes, body_error| {
-            let error = error.or(body_error);
+            let mut error = error.or(body_error);
+            if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
+                error.peer = session.upstream.clone();
+            }
             if access_log {
                 log_access(&session, status, bytes, error.as_ref());
             }
@@ -136,7 +169,14 @@ impl ResponseBody {
         upstream: Option<(PooledConnection, Arc<crate::upstream::ConnectionPool>)>,
         finish: Finish,
     ) -> Self {
-        ResponseBody { inner, upstream, finish: Some(finish), bytes: 0, error: None, ended: false }
+        ResponseBody {
+            inner,
+            upstream,
+            finish: Some(finish),
+            bytes: 0,
+            error: None,
+            ended: false,
+        }
     }
 }
 
@@ -158,9 +198,7 @@ impl Body for ResponseBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 let mut error = Error::from_upstream(e);
-                if let Some((conn, _)) = &this.upstream {
-                    error.message = format!("{} (while streaming the response body from {})", error.message, conn.peer_addr());
-                }
+                error.message = format!("{} (while streaming the response body)", error.message);
                 this.error = Some(error);
             }
             Poll::Ready(None) => this.ended = true,
@@ -187,7 +225,10 @@ impl Drop for ResponseBody {
             }
         }
         if self.error.is_none() && !complete {
-            self.error = Some(Error::new(ErrorKind::DownstreamClosed, "client went away before the response was complete"));
+            self.error = Some(Error::new(
+                ErrorKind::DownstreamClosed,
+                "client went away before the response was complete",
+            ));
         }
         if let Some(finish) = self.finish.take() {
             finish(self.bytes, self.error.take());

@@ -16,7 +16,11 @@ pub struct Response {
 
 impl Response {
     pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
-        Response { status, headers: HeaderMap::new(), body: body.into() }
+        Response {
+            status,
+            headers: HeaderMap::new(),
+            body: body.into(),
+        }
     }
 
     /// The page a client gets when proxying fails and no hook supplied another.
@@ -24,9 +28,10 @@ impl Response {
         let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY);
         let reason = status.canonical_reason().unwrap_or("Error");
         let mut response = Response::new(status, format!("{} {reason}\n", status.as_u16()));
-        response
-            .headers
-            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         response
     }
 

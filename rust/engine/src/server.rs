@@ -68,7 +68,11 @@ pub struct ServerHandle {
 
 impl<P: ProxyHttp> Server<P> {
     pub fn new(config: ServerConfig, proxy: P) -> Self {
-        Server { config, proxy: Arc::new(proxy), on_stopped: None }
+        Server {
+            config,
+            proxy: Arc::new(proxy),
+            on_stopped: None,
+        }
     }
 
     /// Called on a runtime thread once the server has fully stopped.
@@ -97,8 +101,11 @@ impl<P: ProxyHttp> Server<P> {
         let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let pool = Arc::new(ConnectionPool::new(config.pool));
-        let service =
-            Arc::new(ProxyService::new(self.proxy, UpstreamClient::new(pool.clone()), config.access_log));
+        let service = Arc::new(ProxyService::new(
+            self.proxy,
+            UpstreamClient::new(pool.clone()),
+            config.access_log,
+        ));
         let on_stopped = self.on_stopped;
         runtime.spawn(async move {
             let listener = match TcpListener::from_std(std_listener) {
@@ -116,7 +123,12 @@ impl<P: ProxyHttp> Server<P> {
             }
         });
         tracing::info!("ferroxy listening on http://{addr} ({threads} threads)");
-        Ok(ServerHandle { runtime: Some(runtime), addr, shutdown: shutdown_tx, stopped: stopped_rx })
+        Ok(ServerHandle {
+            runtime: Some(runtime),
+            addr,
+            shutdown: shutdown_tx,
+            stopped: stopped_rx,
+        })
     }
 }
 
@@ -187,8 +199,15 @@ async fn accept_loop<P: ProxyHttp>(
     // Closing the listener makes new connections fail at once instead of queueing.
     drop(listener);
     let grace = shutdown.borrow().unwrap_or_default();
-    let grace = if grace == Duration::MAX { config.grace_period } else { grace };
-    tracing::info!("shutting down: waiting up to {:.1}s for in-flight requests", grace.as_secs_f64());
+    let grace = if grace == Duration::MAX {
+        config.grace_period
+    } else {
+        grace
+    };
+    tracing::info!(
+        "shutting down: waiting up to {:.1}s for in-flight requests",
+        grace.as_secs_f64()
+    );
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
@@ -202,9 +221,10 @@ fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive(true)
         // hyper starts this timer whenever it waits for a request head, idle time included:
-        // it is the keep-alive timeout.
-        .header_read_timeout(config.keepalive_timeout)
-        .pipeline_flush(true);
+        // it is the keep-alive timeout. (No pipeline_flush: with unparsed bytes still buffered
+        // it holds back hyper's automatic 400 for a malformed request, which then never
+        // reaches the client.)
+        .header_read_timeout(config.keepalive_timeout);
     builder.http2().timer(TokioTimer::new());
     builder
 }

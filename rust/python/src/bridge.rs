@@ -20,7 +20,10 @@ pub enum Job {
     /// A phase whose outcome a tokio task awaits.
     Phase(PhaseJob),
     /// The `logging` hook: fire and forget.
-    Logging { session: SessionRef, error: Option<ferroxy_engine::Error> },
+    Logging {
+        session: SessionRef,
+        error: Option<ferroxy_engine::Error>,
+    },
     /// The server has stopped: the Python side may end its loop.
     Stopped,
 }
@@ -32,6 +35,8 @@ pub struct Bridge {
     wake_rx: UnixStream,
     /// Phase calls handed to Python: lets tests prove the pure-Rust path makes none.
     python_calls: AtomicU64,
+    /// Between start and stop: only then does a Python loop watch this bridge.
+    serving: AtomicBool,
 }
 
 impl Bridge {
@@ -45,6 +50,7 @@ impl Bridge {
             wake_tx,
             wake_rx,
             python_calls: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
         })
     }
 
@@ -75,6 +81,14 @@ impl Bridge {
 
     pub fn fileno(&self) -> RawFd {
         self.wake_rx.as_raw_fd()
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Release);
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
     }
 
     pub fn python_calls(&self) -> u64 {

@@ -20,7 +20,10 @@ pub enum PhaseKind {
 }
 
 pub enum Outcome {
-    Proceed { peer: Option<Peer>, upstream_request: Option<http::request::Parts> },
+    Proceed {
+        peer: Option<Peer>,
+        upstream_request: Option<http::request::Parts>,
+    },
     Respond(Response),
     Fail(Error),
 }
@@ -51,16 +54,31 @@ impl Call {
     /// Build the Python side of a job; runs on the Python thread.
     pub fn from_job(py: Python<'_>, mut job: PhaseJob) -> PyResult<(PhaseKind, Bound<'_, Call>)> {
         let session = job.session.object(py)?;
-        let upstream_response = job.upstream_response.map(|slot| Py::new(py, PyResponseHeader { slot })).transpose()?;
+        let upstream_response = job
+            .upstream_response
+            .map(|slot| Py::new(py, PyResponseHeader { slot }))
+            .transpose()?;
         let error = job.error.map(|e| error_object(py, e)).transpose()?;
-        let call = Call { session, upstream_response, error, reply: Mutex::new(Some(job.reply)) };
+        let call = Call {
+            session,
+            upstream_response,
+            error,
+            reply: Mutex::new(Some(job.reply)),
+        };
         Ok((job.kind, Bound::new(py, call)?))
     }
 
     pub fn complete(&self, py: Python<'_>, outcome: Outcome) -> PyResult<()> {
-        let reply = self.reply.lock().take().ok_or_else(|| PyRuntimeError::new_err("this call was already completed"))?;
+        let reply = self
+            .reply
+            .lock()
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this call was already completed"))?;
         // The engine task may be gone (client disconnected): nothing to tell it then.
-        let _ = reply.send(Reply { outcome, session: Some(self.session.clone_ref(py)) });
+        let _ = reply.send(Reply {
+            outcome,
+            session: Some(self.session.clone_ref(py)),
+        });
         Ok(())
     }
 
@@ -93,7 +111,11 @@ impl Call {
     ) -> PyResult<()> {
         let peer = match peer {
             Some(p) if !p.is_none() => Some(
-                p.cast::<PyPeer>().map_err(|_| PyTypeError::new_err("peer must be a Peer"))?.get().inner.clone(),
+                p.cast::<PyPeer>()
+                    .map_err(|_| PyTypeError::new_err("peer must be a Peer"))?
+                    .get()
+                    .inner
+                    .clone(),
             ),
             _ => None,
         };
@@ -109,17 +131,32 @@ impl Call {
             ),
             _ => None,
         };
-        self.complete(py, Outcome::Proceed { peer, upstream_request })
+        self.complete(
+            py,
+            Outcome::Proceed {
+                peer,
+                upstream_request,
+            },
+        )
     }
 
     fn respond(&self, py: Python<'_>, response: &Bound<'_, PyAny>) -> PyResult<()> {
-        let response = response.cast::<PyResponse>().map_err(|_| PyTypeError::new_err("respond() takes a Response"))?;
+        let response = response
+            .cast::<PyResponse>()
+            .map_err(|_| PyTypeError::new_err("respond() takes a Response"))?;
         self.complete(py, Outcome::Respond(response.get().to_engine()))
     }
 
     #[pyo3(signature = (hook, message, status=500))]
     fn fail(&self, py: Python<'_>, hook: &str, message: &str, status: u16) -> PyResult<()> {
-        let status = if (500..600).contains(&status) { status } else { 500 };
-        self.complete(py, Outcome::Fail(Error::hook(format!("{hook}: {message}"), status)))
+        let status = if (500..600).contains(&status) {
+            status
+        } else {
+            500
+        };
+        self.complete(
+            py,
+            Outcome::Fail(Error::hook(format!("{hook}: {message}"), status)),
+        )
     }
 }

@@ -17,9 +17,14 @@ impl PyEchoUpstream {
     #[new]
     #[pyo3(signature = (listen="127.0.0.1:0"))]
     fn new(py: Python<'_>, listen: &str) -> PyResult<Self> {
-        let inner = py.detach(|| EchoUpstream::start(listen)).map_err(|e| PyOSError::new_err(format!("cannot listen on {listen}: {e}")))?;
+        let inner = py
+            .detach(|| EchoUpstream::start(listen))
+            .map_err(|e| PyOSError::new_err(format!("cannot listen on {listen}: {e}")))?;
         let addr = inner.addr();
-        Ok(PyEchoUpstream { inner: Mutex::new(inner), addr })
+        Ok(PyEchoUpstream {
+            inner: Mutex::new(inner),
+            addr,
+        })
     }
 
     #[getter]

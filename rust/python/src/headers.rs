@@ -24,8 +24,16 @@ pub enum HeaderSource {
 impl HeaderSource {
     fn with<R>(&self, f: impl FnOnce(&mut HeaderMap) -> R) -> PyResult<R> {
         match self {
-            HeaderSource::Request(slot) => slot.lock().as_mut().map(|p| f(&mut p.headers)).ok_or_else(detached),
-            HeaderSource::Response(slot) => slot.lock().as_mut().map(|p| f(&mut p.headers)).ok_or_else(detached),
+            HeaderSource::Request(slot) => slot
+                .lock()
+                .as_mut()
+                .map(|p| f(&mut p.headers))
+                .ok_or_else(detached),
+            HeaderSource::Response(slot) => slot
+                .lock()
+                .as_mut()
+                .map(|p| f(&mut p.headers))
+                .ok_or_else(detached),
             HeaderSource::Owned(map) => Ok(f(&mut map.lock())),
         }
     }
@@ -47,7 +55,8 @@ impl Headers {
 }
 
 fn name_of(name: &str) -> PyResult<HeaderName> {
-    HeaderName::from_bytes(name.as_bytes()).map_err(|_| PyValueError::new_err(format!("invalid header name {name:?}")))
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| PyValueError::new_err(format!("invalid header name {name:?}")))
 }
 
 fn value_of(name: &str, value: &str) -> PyResult<HeaderValue> {
@@ -73,9 +82,9 @@ pub fn extend_from_python(map: &mut HeaderMap, source: &Bound<'_, PyAny>) -> PyR
         source.clone()
     };
     for pair in pairs.try_iter()? {
-        let (name, value): (String, String) = pair?
-            .extract()
-            .map_err(|_| PyTypeError::new_err("headers must be a mapping or (name, value) pairs of str"))?;
+        let (name, value): (String, String) = pair?.extract().map_err(|_| {
+            PyTypeError::new_err("headers must be a mapping or (name, value) pairs of str")
+        })?;
         map.append(name_of(&name)?, value_of(&name, &value)?);
     }
     Ok(())
@@ -123,11 +132,15 @@ impl Headers {
 
     #[pyo3(signature = (name, default=None))]
     fn get(&self, name: &str, default: Option<String>) -> PyResult<Option<String>> {
-        Ok(self.source.with(|m| m.get(name).map(value_str))?.or(default))
+        Ok(self
+            .source
+            .with(|m| m.get(name).map(value_str))?
+            .or(default))
     }
 
     fn get_all(&self, name: &str) -> PyResult<Vec<String>> {
-        self.source.with(|m| m.get_all(name).iter().map(value_str).collect())
+        self.source
+            .with(|m| m.get_all(name).iter().map(value_str).collect())
     }
 
     fn add(&self, name: &str, value: &str) -> PyResult<()> {
@@ -148,7 +161,8 @@ impl Headers {
     }
 
     fn keys(&self) -> PyResult<Vec<String>> {
-        self.source.with(|m| m.keys().map(|k| k.as_str().to_owned()).collect())
+        self.source
+            .with(|m| m.keys().map(|k| k.as_str().to_owned()).collect())
     }
 
     fn values(&self) -> PyResult<Vec<String>> {
@@ -156,7 +170,11 @@ impl Headers {
     }
 
     fn items(&self) -> PyResult<Vec<(String, String)>> {
-        self.source.with(|m| m.iter().map(|(k, v)| (k.as_str().to_owned(), value_str(v))).collect())
+        self.source.with(|m| {
+            m.iter()
+                .map(|(k, v)| (k.as_str().to_owned(), value_str(v)))
+                .collect()
+        })
     }
 
     fn __repr__(&self) -> PyResult<String> {

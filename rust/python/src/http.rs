@@ -37,7 +37,9 @@ impl PyRequestHeader {
             let old_query = parts.uri.query().map(str::to_owned);
             let path = path.unwrap_or(&old_path);
             if !path.starts_with('/') {
-                return Err(PyValueError::new_err(format!("path must start with '/', got {path:?}")));
+                return Err(PyValueError::new_err(format!(
+                    "path must start with '/', got {path:?}"
+                )));
             }
             let query = match query {
                 Some(q) => (!q.is_empty()).then(|| q.to_owned()),
@@ -48,10 +50,11 @@ impl PyRequestHeader {
                 None => path.to_owned(),
             };
             let mut uri = std::mem::take(&mut parts.uri).into_parts();
-            uri.path_and_query = Some(
-                target.parse().map_err(|_| PyValueError::new_err(format!("invalid request target {target:?}")))?,
-            );
-            parts.uri = http::Uri::from_parts(uri).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            uri.path_and_query = Some(target.parse().map_err(|_| {
+                PyValueError::new_err(format!("invalid request target {target:?}"))
+            })?);
+            parts.uri =
+                http::Uri::from_parts(uri).map_err(|e| PyValueError::new_err(e.to_string()))?;
             Ok(())
         })
     }
@@ -101,7 +104,12 @@ impl PyRequestHeader {
     }
     #[getter]
     fn uri(&self) -> PyResult<String> {
-        self.read(|p| p.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned())
+        self.read(|p| {
+            p.uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned()
+        })
     }
     #[getter]
     fn version(&self) -> PyResult<&'static str> {
@@ -129,19 +137,33 @@ pub struct PyResponseHeader {
 impl PyResponseHeader {
     #[getter]
     fn status(&self) -> PyResult<u16> {
-        self.slot.lock().as_ref().map(|p| p.status.as_u16()).ok_or_else(detached)
+        self.slot
+            .lock()
+            .as_ref()
+            .map(|p| p.status.as_u16())
+            .ok_or_else(detached)
     }
     #[setter]
     fn set_status(&self, status: u16) -> PyResult<()> {
         let status = http::StatusCode::from_u16(status)
             .ok()
             .filter(|s| s.as_u16() >= 200)
-            .ok_or_else(|| PyValueError::new_err(format!("status must be 200..=999, got {status}")))?;
-        self.slot.lock().as_mut().map(|p| p.status = status).ok_or_else(detached)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("status must be 200..=999, got {status}"))
+            })?;
+        self.slot
+            .lock()
+            .as_mut()
+            .map(|p| p.status = status)
+            .ok_or_else(detached)
     }
     #[getter]
     fn version(&self) -> PyResult<&'static str> {
-        self.slot.lock().as_ref().map(|p| version_str(p.version)).ok_or_else(detached)
+        self.slot
+            .lock()
+            .as_ref()
+            .map(|p| version_str(p.version))
+            .ok_or_else(detached)
     }
     #[getter]
     fn headers(&self) -> Headers {
@@ -173,8 +195,13 @@ impl PySession {
     }
     /// A new request head built from `req` as the engine forwards it.
     fn upstream_request(&self, py: Python<'_>) -> PyResult<Py<PyRequestHeader>> {
-        let parts = self.req.get().read(|req| ferroxy_engine::forward::upstream_request(req, self.client_addr.ip(), self.scheme))?;
-        Py::new(py, PyRequestHeader::new(Arc::new(Mutex::new(Some(parts))), self.client_addr))
+        let parts = self.req.get().read(|req| {
+            ferroxy_engine::forward::upstream_request(req, self.client_addr.ip(), self.scheme)
+        })?;
+        Py::new(
+            py,
+            PyRequestHeader::new(Arc::new(Mutex::new(Some(parts))), self.client_addr),
+        )
     }
     fn __repr__(&self) -> String {
         format!("Session(client={})", self.client_addr)
@@ -198,7 +225,12 @@ impl SessionRef {
         let req = Py::new(py, PyRequestHeader::new(self.req.clone(), self.client_addr))?;
         let session = Py::new(
             py,
-            PySession { req, client_addr: self.client_addr, scheme: self.scheme, ctx: py.None() },
+            PySession {
+                req,
+                client_addr: self.client_addr,
+                scheme: self.scheme,
+                ctx: py.None(),
+            },
         )?;
         self.py = Some(session.clone_ref(py));
         Ok(session)

@@ -5,7 +5,7 @@
 //! level, and events below it are dropped before any formatting.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -19,8 +19,10 @@ use crate::bridge::Bridge;
 /// Python's WARNING until Python says otherwise.
 static THRESHOLD: AtomicI32 = AtomicI32::new(30);
 static RECORDS: Mutex<Vec<Record>> = Mutex::new(Vec::new());
-/// Bridges whose Python loop can emit queued records; the first live one is woken.
+/// Bridges whose Python loop can emit queued records; the first one serving is woken.
 static LOOPS: Mutex<Vec<Weak<Bridge>>> = Mutex::new(Vec::new());
+/// Set once a loop has been woken for the queued records; cleared when they are taken.
+static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
 /// Past this many unread records, new ones are dropped rather than grow without bound.
 const MAX_QUEUED: usize = 100_000;
 
@@ -31,7 +33,9 @@ pub struct Record {
 }
 
 pub fn install() {
-    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(PythonLogLayer));
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(PythonLogLayer),
+    );
 }
 
 pub fn set_threshold(level: i32) {
@@ -45,7 +49,25 @@ pub fn register_loop(bridge: &Arc<Bridge>) {
 }
 
 pub fn take_records() -> Vec<Record> {
+    WAKE_PENDING.store(false, Ordering::Release);
     std::mem::take(&mut *RECORDS.lock())
+}
+
+/// Wake a serving loop to emit queued records, once per batch. When no loop serves yet the
+/// flag stays clear, so the next record (or a loop starting) tries again.
+pub fn wake_a_loop() {
+    if WAKE_PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    match LOOPS
+        .lock()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|b| b.is_serving())
+    {
+        Some(bridge) => bridge.wake(),
+        None => WAKE_PENDING.store(false, Ordering::Release),
+    }
 }
 
 fn python_level(level: &Level) -> i32 {
@@ -84,20 +106,19 @@ impl<S: Subscriber> Layer<S> for PythonLogLayer {
         let metadata = event.metadata();
         let mut message = MessageVisitor(String::new());
         event.record(&mut message);
-        let record = Record { logger: logger_name(metadata.target()), level: python_level(metadata.level()), message: message.0 };
-        let was_empty = {
+        let record = Record {
+            logger: logger_name(metadata.target()),
+            level: python_level(metadata.level()),
+            message: message.0,
+        };
+        {
             let mut records = RECORDS.lock();
             if records.len() >= MAX_QUEUED {
                 return;
             }
             records.push(record);
-            records.len() == 1
-        };
-        if was_empty {
-            if let Some(bridge) = LOOPS.lock().iter().find_map(Weak::upgrade) {
-                bridge.wake();
-            }
         }
+        wake_a_loop();
     }
 }
 

@@ -69,9 +69,17 @@ fn placeholder_request() -> http::request::Parts {
 
 impl PyProxy {
     fn session_ref(&self, session: &mut Session, ctx: &mut PyCtx) -> SessionRef {
-        let slot = ctx.req.get_or_insert_with(|| Arc::new(Mutex::new(None))).clone();
+        let slot = ctx
+            .req
+            .get_or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone();
         *slot.lock() = Some(std::mem::replace(&mut session.req, placeholder_request()));
-        SessionRef { py: ctx.session.take(), req: slot, client_addr: session.client_addr, scheme: session.scheme }
+        SessionRef {
+            py: ctx.session.take(),
+            req: slot,
+            client_addr: session.client_addr,
+            scheme: session.scheme,
+        }
     }
 
     /// Hand a phase to Python and wait for its outcome. The request head goes to Python
@@ -87,7 +95,13 @@ impl PyProxy {
         let session_ref = self.session_ref(session, ctx);
         let slot = session_ref.req.clone();
         let (reply, replied) = oneshot::channel();
-        self.bridge.submit(Job::Phase(PhaseJob { kind, session: session_ref, upstream_response, error, reply }));
+        self.bridge.submit(Job::Phase(PhaseJob {
+            kind,
+            session: session_ref,
+            upstream_response,
+            error,
+            reply,
+        }));
         let reply = replied.await;
         if let Some(req) = slot.lock().take() {
             session.req = req;
@@ -97,7 +111,10 @@ impl PyProxy {
                 ctx.session = reply.session;
                 reply.outcome
             }
-            Err(_) => Outcome::Fail(Error::new(ErrorKind::Internal, "the Python dispatcher dropped the call")),
+            Err(_) => Outcome::Fail(Error::new(
+                ErrorKind::Internal,
+                "the Python dispatcher dropped the call",
+            )),
         }
     }
 }
@@ -109,13 +126,23 @@ impl ProxyHttp for PyProxy {
         PyCtx::default()
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut PyCtx) -> ferroxy_engine::error::Result<Option<Response>> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut PyCtx,
+    ) -> ferroxy_engine::error::Result<Option<Response>> {
         if !self.hooks.request_trip() {
             return Ok(None);
         }
-        match self.trip(PhaseKind::Request, session, ctx, None, None).await {
+        match self
+            .trip(PhaseKind::Request, session, ctx, None, None)
+            .await
+        {
             Outcome::Respond(response) => Ok(Some(response)),
-            Outcome::Proceed { peer, upstream_request } => {
+            Outcome::Proceed {
+                peer,
+                upstream_request,
+            } => {
                 ctx.peer = peer;
                 ctx.upstream_request = upstream_request;
                 Ok(None)
@@ -124,11 +151,20 @@ impl ProxyHttp for PyProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut PyCtx) -> ferroxy_engine::error::Result<Peer> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut PyCtx,
+    ) -> ferroxy_engine::error::Result<Peer> {
         ctx.peer
             .take()
             .or_else(|| self.upstream.clone())
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "no upstream: set `upstream` or override upstream_peer()"))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Internal,
+                    "no upstream: set `upstream` or override upstream_peer()",
+                )
+            })
     }
 
     async fn upstream_request_filter(
@@ -154,8 +190,13 @@ impl ProxyHttp for PyProxy {
             return Ok(());
         }
         let placeholder = http::Response::new(()).into_parts().0;
-        let slot: ResponseSlot = Arc::new(Mutex::new(Some(std::mem::replace(upstream_response, placeholder))));
-        let outcome = self.trip(PhaseKind::Response, session, ctx, Some(slot.clone()), None).await;
+        let slot: ResponseSlot = Arc::new(Mutex::new(Some(std::mem::replace(
+            upstream_response,
+            placeholder,
+        ))));
+        let outcome = self
+            .trip(PhaseKind::Response, session, ctx, Some(slot.clone()), None)
+            .await;
         if let Some(parts) = slot.lock().take() {
             *upstream_response = parts;
         }
@@ -165,11 +206,19 @@ impl ProxyHttp for PyProxy {
         }
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, error: &Error, ctx: &mut PyCtx) -> Option<Response> {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut PyCtx,
+    ) -> Option<Response> {
         if !self.hooks.fail_to_proxy {
             return None;
         }
-        match self.trip(PhaseKind::Fail, session, ctx, None, Some(error.clone())).await {
+        match self
+            .trip(PhaseKind::Fail, session, ctx, None, Some(error.clone()))
+            .await
+        {
             Outcome::Respond(response) => Some(response),
             Outcome::Proceed { .. } | Outcome::Fail(_) => None,
         }
@@ -181,6 +230,9 @@ impl ProxyHttp for PyProxy {
         }
         // The request head stays with Python from here on: the engine is done with it.
         let session_ref = self.session_ref(session, ctx);
-        self.bridge.submit(Job::Logging { session: session_ref, error: error.cloned() });
+        self.bridge.submit(Job::Logging {
+            session: session_ref,
+            error: error.cloned(),
+        });
     }
 }

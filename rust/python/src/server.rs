@@ -42,13 +42,17 @@ fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
     if seconds.is_finite() && seconds >= 0.0 {
         Ok(Duration::from_secs_f64(seconds))
     } else {
-        Err(PyValueError::new_err(format!("{field} must be a non-negative number of seconds, got {seconds}")))
+        Err(PyValueError::new_err(format!(
+            "{field} must be a non-negative number of seconds, got {seconds}"
+        )))
     }
 }
 
 fn positive(field: &str, seconds: f64) -> PyResult<Duration> {
     match duration(field, seconds)? {
-        d if d.is_zero() => Err(PyValueError::new_err(format!("{field} must be greater than 0"))),
+        d if d.is_zero() => Err(PyValueError::new_err(format!(
+            "{field} must be greater than 0"
+        ))),
         d => Ok(d),
     }
 }
@@ -78,18 +82,28 @@ impl PyServer {
         access_log: bool,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
-            Some(names) => names.try_iter()?.map(|n| n?.extract::<String>()).collect::<PyResult<_>>()?,
+            Some(names) => names
+                .try_iter()?
+                .map(|n| n?.extract::<String>())
+                .collect::<PyResult<_>>()?,
             None => Vec::new(),
         };
-        let hooks = Hooks::from_names(hook_names.iter().map(String::as_str)).map_err(PyValueError::new_err)?;
+        let hooks = Hooks::from_names(hook_names.iter().map(String::as_str))
+            .map_err(PyValueError::new_err)?;
         let upstream = match upstream {
             Some(peer) if !peer.is_none() => Some(
-                peer.cast::<PyPeer>().map_err(|_| PyTypeError::new_err("upstream must be a Peer"))?.get().inner.clone(),
+                peer.cast::<PyPeer>()
+                    .map_err(|_| PyTypeError::new_err("upstream must be a Peer"))?
+                    .get()
+                    .inner
+                    .clone(),
             ),
             _ => None,
         };
         if !(0..=1024).contains(&threads) {
-            return Err(PyValueError::new_err(format!("threads must be between 0 and 1024, got {threads}")));
+            return Err(PyValueError::new_err(format!(
+                "threads must be between 0 and 1024, got {threads}"
+            )));
         }
         let pool_max_idle_per_peer = usize::try_from(pool_max_idle_per_peer)
             .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
@@ -107,9 +121,10 @@ impl PyServer {
             access_log,
         };
         let method = |name: &str| -> PyResult<Py<PyAny>> {
-            dispatcher.getattr(name).map(Bound::unbind).map_err(|_| {
-                PyTypeError::new_err(format!("dispatcher has no {name}() method"))
-            })
+            dispatcher
+                .getattr(name)
+                .map(Bound::unbind)
+                .map_err(|_| PyTypeError::new_err(format!("dispatcher has no {name}() method")))
         };
         let dispatcher = Dispatcher {
             request_phase: method("request_phase")?,
@@ -122,7 +137,14 @@ impl PyServer {
         let bridge = Arc::new(Bridge::new()?);
         logs::register_loop(&bridge);
         let _ = py;
-        Ok(PyServer { bridge, dispatcher, config, hooks, upstream, handle: Mutex::new(None) })
+        Ok(PyServer {
+            bridge,
+            dispatcher,
+            config,
+            hooks,
+            upstream,
+            handle: Mutex::new(None),
+        })
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
@@ -130,13 +152,21 @@ impl PyServer {
         if handle.is_some() {
             return Err(PyRuntimeError::new_err("server already started"));
         }
-        let proxy = PyProxy { bridge: self.bridge.clone(), hooks: self.hooks, upstream: self.upstream.clone() };
+        let proxy = PyProxy {
+            bridge: self.bridge.clone(),
+            hooks: self.hooks,
+            upstream: self.upstream.clone(),
+        };
         let bridge = self.bridge.clone();
         let config = self.config.clone();
         let started = py.detach(move || {
-            Server::new(config, proxy).on_stopped(move || bridge.submit(Job::Stopped)).start()
+            Server::new(config, proxy)
+                .on_stopped(move || bridge.submit(Job::Stopped))
+                .start()
         });
         *handle = Some(started.map_err(|e| PyOSError::new_err(e.to_string()))?);
+        self.bridge.set_serving(true);
+        logs::wake_a_loop();
         Ok(())
     }
 
@@ -161,12 +191,17 @@ impl PyServer {
 
     #[getter]
     fn stopped(&self) -> bool {
-        self.handle.lock().as_ref().is_none_or(ServerHandle::is_stopped)
+        self.handle
+            .lock()
+            .as_ref()
+            .is_none_or(ServerHandle::is_stopped)
     }
 
     #[pyo3(signature = (grace_period=None))]
     fn shutdown(&self, grace_period: Option<f64>) -> PyResult<()> {
-        let grace = grace_period.map(|g| duration("grace_period", g)).transpose()?;
+        let grace = grace_period
+            .map(|g| duration("grace_period", g))
+            .transpose()?;
         match self.handle.lock().as_ref() {
             Some(handle) => handle.shutdown(grace),
             // Never started: report "stopped" the same way so callers need no special case.
@@ -185,7 +220,10 @@ impl PyServer {
         }
         let records = logs::take_records();
         if !records.is_empty() {
-            let batch = PyList::new(py, records.into_iter().map(|r| (r.logger, r.level, r.message)))?;
+            let batch = PyList::new(
+                py,
+                records.into_iter().map(|r| (r.logger, r.level, r.message)),
+            )?;
             if let Err(error) = self.dispatcher.emit_logs.call1(py, (batch,)) {
                 log_python_error(py, &error, "emitting engine logs failed");
             }
@@ -224,9 +262,15 @@ impl PyServer {
             Job::Logging { mut session, error } => {
                 let session = session.object(py)?;
                 let error = error_arg(py, error)?;
-                self.dispatcher.logging_phase.call1(py, (session, error)).map(drop)
+                self.dispatcher
+                    .logging_phase
+                    .call1(py, (session, error))
+                    .map(drop)
             }
-            Job::Stopped => self.dispatcher.stopped.call0(py).map(drop),
+            Job::Stopped => {
+                self.bridge.set_serving(false);
+                self.dispatcher.stopped.call0(py).map(drop)
+            }
         }
     }
 }

@@ -23,7 +23,9 @@ fn seconds(field: &str, value: f64) -> PyResult<Duration> {
     if value.is_finite() && value > 0.0 {
         Ok(Duration::from_secs_f64(value))
     } else {
-        Err(PyValueError::new_err(format!("Peer.{field} must be a positive number of seconds, got {value}")))
+        Err(PyValueError::new_err(format!(
+            "Peer.{field} must be a positive number of seconds, got {value}"
+        )))
     }
 }
 
@@ -31,7 +33,13 @@ fn seconds(field: &str, value: f64) -> PyResult<Duration> {
 impl PyPeer {
     #[new]
     #[pyo3(signature = (addr, *, connect_timeout=5.0, read_timeout=60.0, write_timeout=60.0, idle_timeout=60.0))]
-    fn new(addr: &str, connect_timeout: f64, read_timeout: f64, write_timeout: f64, idle_timeout: f64) -> PyResult<Self> {
+    fn new(
+        addr: &str,
+        connect_timeout: f64,
+        read_timeout: f64,
+        write_timeout: f64,
+        idle_timeout: f64,
+    ) -> PyResult<Self> {
         let peer = Peer::new(addr).map_err(|e| PyValueError::new_err(format!("Peer.addr: {e}")))?;
         let timeouts = PeerTimeouts {
             connect: seconds("connect_timeout", connect_timeout)?,
@@ -39,7 +47,9 @@ impl PyPeer {
             write: seconds("write_timeout", write_timeout)?,
             idle: seconds("idle_timeout", idle_timeout)?,
         };
-        Ok(PyPeer { inner: peer.with_timeouts(timeouts) })
+        Ok(PyPeer {
+            inner: peer.with_timeouts(timeouts),
+        })
     }
 
     #[getter]
@@ -48,19 +58,19 @@ impl PyPeer {
     }
     #[getter]
     fn connect_timeout(&self) -> f64 {
-        self.inner.timeouts.connect.as_secs_f64()
+        self.inner.timeouts().connect.as_secs_f64()
     }
     #[getter]
     fn read_timeout(&self) -> f64 {
-        self.inner.timeouts.read.as_secs_f64()
+        self.inner.timeouts().read.as_secs_f64()
     }
     #[getter]
     fn write_timeout(&self) -> f64 {
-        self.inner.timeouts.write.as_secs_f64()
+        self.inner.timeouts().write.as_secs_f64()
     }
     #[getter]
     fn idle_timeout(&self) -> f64 {
-        self.inner.timeouts.idle.as_secs_f64()
+        self.inner.timeouts().idle.as_secs_f64()
     }
 
     fn __repr__(&self) -> String {
@@ -68,7 +78,9 @@ impl PyPeer {
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<PyPeer>().is_ok_and(|o| o.get().inner == self.inner)
+        other
+            .cast::<PyPeer>()
+            .is_ok_and(|o| o.get().inner == self.inner)
     }
 
     fn __hash__(&self) -> u64 {
@@ -80,7 +92,12 @@ impl PyPeer {
 }
 
 pub fn peer_object(py: Python<'_>, peer: &Peer) -> PyResult<Py<PyPeer>> {
-    Py::new(py, PyPeer { inner: peer.clone() })
+    Py::new(
+        py,
+        PyPeer {
+            inner: peer.clone(),
+        },
+    )
 }
 
 #[pyclass(name = "Response", module = "ferroxy", frozen)]
@@ -94,15 +111,25 @@ pub struct PyResponse {
 impl PyResponse {
     #[new]
     #[pyo3(signature = (status, headers=None, body=None))]
-    fn new(status: u16, headers: Option<&Bound<'_, PyAny>>, body: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        status: u16,
+        headers: Option<&Bound<'_, PyAny>>,
+        body: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let status = http::StatusCode::from_u16(status)
             .ok()
             .filter(|s| s.as_u16() >= 200)
-            .ok_or_else(|| PyValueError::new_err(format!("Response.status must be 200..=999, got {status}")))?;
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("Response.status must be 200..=999, got {status}"))
+            })?;
         let body = match body {
             None => Bytes::new(),
-            Some(b) if b.is_instance_of::<PyBytes>() => Bytes::copy_from_slice(b.cast::<PyBytes>()?.as_bytes()),
-            Some(s) if s.is_instance_of::<PyString>() => Bytes::from(s.cast::<PyString>()?.to_str()?.to_owned()),
+            Some(b) if b.is_instance_of::<PyBytes>() => {
+                Bytes::copy_from_slice(b.cast::<PyBytes>()?.as_bytes())
+            }
+            Some(s) if s.is_instance_of::<PyString>() => {
+                Bytes::from(s.cast::<PyString>()?.to_str()?.to_owned())
+            }
             Some(other) => {
                 return Err(PyTypeError::new_err(format!(
                     "Response.body must be bytes or str, not {}",
@@ -115,7 +142,11 @@ impl PyResponse {
             crate::headers::extend_from_python(&mut map, headers)
                 .map_err(|e| PyValueError::new_err(format!("Response.headers: {e}")))?;
         }
-        Ok(PyResponse { status, headers: Arc::new(Mutex::new(map)), body })
+        Ok(PyResponse {
+            status,
+            headers: Arc::new(Mutex::new(map)),
+            body,
+        })
     }
 
     #[getter]
@@ -132,7 +163,11 @@ impl PyResponse {
     }
 
     fn __repr__(&self) -> String {
-        format!("Response({}, body=<{} bytes>)", self.status.as_u16(), self.body.len())
+        format!(
+            "Response({}, body=<{} bytes>)",
+            self.status.as_u16(),
+            self.body.len()
+        )
     }
 }
 
@@ -167,10 +202,18 @@ impl PyProxyError {
     }
     #[getter]
     fn peer(&self, py: Python<'_>) -> PyResult<Option<Py<PyPeer>>> {
-        self.inner.peer.as_ref().map(|p| peer_object(py, p)).transpose()
+        self.inner
+            .peer
+            .as_ref()
+            .map(|p| peer_object(py, p))
+            .transpose()
     }
     fn __repr__(&self) -> String {
-        format!("ProxyError(kind={:?}, message={:?})", self.inner.kind.as_str(), self.inner.message)
+        format!(
+            "ProxyError(kind={:?}, message={:?})",
+            self.inner.kind.as_str(),
+            self.inner.message
+        )
     }
     fn __str__(&self) -> String {
         self.inner.to_string()

@@ -12,11 +12,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::peer::Peer;
 
 pub(super) async fn connect(peer: &Peer) -> Result<http1::SendRequest<ProxyBody>> {
-    let timeouts = peer.timeouts;
+    let timeouts = *peer.timeouts();
     let stream = tokio::time::timeout(timeouts.connect, open(peer))
         .await
         .map_err(|_| {
-            Error::new(ErrorKind::ConnectTimeout, format!("connect timed out after {:?}", timeouts.connect))
+            Error::new(
+                ErrorKind::ConnectTimeout,
+                format!("connect timed out after {:?}", timeouts.connect),
+            )
         })??;
     let _ = stream.set_nodelay(true);
     // Read/write timeouts live at the socket: they bound every wait for the upstream, for
@@ -29,7 +32,7 @@ pub(super) async fn connect(peer: &Peer) -> Result<http1::SendRequest<ProxyBody>
         .handshake(TokioIo::new(Box::pin(io)))
         .await
         .map_err(|e| Error::new(ErrorKind::ConnectError, e.to_string()))?;
-    let addr = peer.pool_key();
+    let addr = peer.pool_key().clone();
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(upstream = &*addr, %error, "upstream connection ended");

@@ -52,7 +52,10 @@ impl UpstreamClient {
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => {
-                        tracing::debug!(peer = peer.addr(), "pooled connection was closed; retrying");
+                        tracing::debug!(
+                            peer = peer.addr(),
+                            "pooled connection was closed; retrying"
+                        );
                         req = unsent;
                     }
                     _ => return Err(Error::from_upstream(failed.error()).with_peer(peer)),
@@ -62,7 +65,9 @@ impl UpstreamClient {
     }
 
     async fn connect(&self, peer: &Peer) -> Result<PooledConnection> {
-        let sender = connect::connect(peer).await.map_err(|e| e.with_peer(peer))?;
+        let sender = connect::connect(peer)
+            .await
+            .map_err(|e| e.with_peer(peer))?;
         Ok(self.pool.wrap_new(peer, sender))
     }
 }

@@ -22,7 +22,10 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { idle_timeout: Duration::from_secs(60), max_idle_per_peer: 128 }
+        PoolConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_peer: 128,
+        }
     }
 }
 
@@ -44,28 +47,24 @@ pub struct PooledConnection {
     idle_timeout: Duration,
 }
 
-impl PooledConnection {
-    /// The peer address this connection goes to.
-    pub fn peer_addr(&self) -> &str {
-        &self.key
-    }
-}
-
 impl ConnectionPool {
     pub fn new(config: PoolConfig) -> Self {
-        ConnectionPool { config, idle: Mutex::new(HashMap::new()) }
+        ConnectionPool {
+            config,
+            idle: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The freshest idle connection to `peer` that has not expired or closed.
     pub fn checkout(&self, peer: &Peer) -> Option<PooledConnection> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        let conns = idle.get_mut(peer.addr())?;
+        let conns = idle.get_mut(peer.pool_key())?;
         while let Some(conn) = conns.pop() {
             if conn.expires > now && !conn.sender.is_closed() {
                 return Some(PooledConnection {
                     sender: conn.sender,
-                    key: peer.pool_key(),
+                    key: peer.pool_key().clone(),
                     idle_timeout: self.idle_timeout_for(peer),
                 });
             }
@@ -74,7 +73,11 @@ impl ConnectionPool {
     }
 
     pub(crate) fn wrap_new(&self, peer: &Peer, sender: SendRequest<ProxyBody>) -> PooledConnection {
-        PooledConnection { sender, key: peer.pool_key(), idle_timeout: self.idle_timeout_for(peer) }
+        PooledConnection {
+            sender,
+            key: peer.pool_key().clone(),
+            idle_timeout: self.idle_timeout_for(peer),
+        }
     }
 
     /// Keep `conn` for reuse. Call only once its response has been read to the end.
@@ -89,7 +92,10 @@ impl ConnectionPool {
             // The oldest goes: it is the likeliest to have been closed by the peer.
             conns.remove(0);
         }
-        conns.push(Idle { sender: conn.sender, expires });
+        conns.push(Idle {
+            sender: conn.sender,
+            expires,
+        });
     }
 
     /// Close idle connections that have expired; the server calls this periodically.
@@ -108,6 +114,6 @@ impl ConnectionPool {
     }
 
     fn idle_timeout_for(&self, peer: &Peer) -> Duration {
-        peer.timeouts.idle.min(self.config.idle_timeout)
+        peer.timeouts().idle.min(self.config.idle_timeout)
     }
 }
