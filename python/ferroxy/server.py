@@ -148,7 +148,6 @@ def run(
         try:
             served.start()
             print(f"ferroxy listening on http://{served.server.addr}", file=sys.stderr)
-            _log.info("ferroxy listening on http://%s", served.server.addr)
             installed = _install_signal_handlers(served, grace_period)
             try:
                 loop.run_until_complete(served.serve())

@@ -122,7 +122,7 @@ impl<P: ProxyHttp> Server<P> {
                 callback();
             }
         });
-        tracing::info!("ferroxy listening on http://{addr} ({threads} threads)");
+        tracing::debug!("ferroxy listening on http://{addr} ({threads} threads)");
         Ok(ServerHandle {
             runtime: Some(runtime),
             addr,

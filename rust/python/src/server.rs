@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -213,9 +213,16 @@ impl PyServer {
     fn run_pending(&self, py: Python<'_>) -> PyResult<usize> {
         let jobs = self.bridge.take();
         let count = jobs.len();
+        // KeyboardInterrupt and SystemExit are the user's, not ours to log: raised once the
+        // batch is done, so no other request is left waiting.
+        let mut interrupt = None;
         for job in jobs {
             if let Err(error) = self.run_job(py, job) {
-                log_python_error(py, &error, "ferroxy dispatcher failed");
+                if error.is_instance_of::<PyException>(py) {
+                    log_python_error(py, &error, "ferroxy dispatcher failed");
+                } else {
+                    interrupt.get_or_insert(error);
+                }
             }
         }
         let records = logs::take_records();
@@ -228,7 +235,10 @@ impl PyServer {
                 log_python_error(py, &error, "emitting engine logs failed");
             }
         }
-        Ok(count)
+        match interrupt {
+            Some(error) => Err(error),
+            None => Ok(count),
+        }
     }
 }
 
