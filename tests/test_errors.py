@@ -352,3 +352,45 @@ def test_keepalive_connection_survives_hook_error(ferroxy_upstream, ferroxy_prox
         resp = read_response(rfile)
         assert resp.status == 200
         assert resp.json()["path"] == "/after"
+
+
+def test_logging_runs_when_the_client_leaves_mid_phase(ferroxy_upstream, ferroxy_proxy) -> None:
+    """The logging hook always runs last, even when the client disconnects while a hook
+    is still working on its request."""
+    import asyncio
+    import socket
+    import time
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        async def request_filter(self, session, ctx):
+            await asyncio.sleep(0.5)
+
+        def logging(self, session, error, ctx):
+            seen.append((session.req.path, None if error is None else error.kind))
+
+    seen: list[tuple[str, str | None]] = []
+    proxy = ferroxy_proxy(App)
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"GET /gone HTTP/1.1\r\nhost: x\r\n\r\n")
+    time.sleep(0.1)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen == [("/gone", "downstream_closed")]
+
+
+def test_connect_method_is_refused(ferroxy_upstream, ferroxy_proxy) -> None:
+    """A reverse proxy does not tunnel: CONNECT gets 405 and reaches no upstream."""
+    from conftest import raw_connect, read_response
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App)
+    sock = raw_connect(proxy.port)
+    sock.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+    assert read_response(sock.makefile("rb")).status == 405
+    assert ferroxy_upstream.requests == 0

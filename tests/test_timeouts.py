@@ -173,3 +173,80 @@ def test_keepalive_timeout_closes_idle_client_connection(ferroxy_upstream, ferro
         elapsed = time.monotonic() - start
     assert closed, "an idle keep-alive connection outlived keepalive_timeout"
     assert 0.3 < elapsed < 3.0, f"closed after {elapsed:.2f}s with keepalive_timeout=0.5"
+
+
+# ---------------------------------------------------------------- timers count silence only
+
+
+def test_long_response_outlives_client_read_timeout(ferroxy_upstream, ferroxy_proxy) -> None:
+    """client_read_timeout bounds the client's silence while sending; a response that takes
+    longer than it to stream (the client reading all along) must not be cut."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, client_read_timeout=0.3)
+    received = 0
+    started = time.monotonic()
+    with httpx.Client(timeout=10) as c, c.stream("GET", f"{proxy.url}/bytes/{8 << 20}") as r:
+        for chunk in r.iter_bytes(64 << 10):
+            received += len(chunk)
+            time.sleep(0.01)  # a slow reader: the download lasts well past 0.3 s
+    assert time.monotonic() - started > 0.6
+    assert received == 8 << 20
+
+
+def test_idle_pooled_connection_does_not_count_against_read_timeout(
+    ferroxy_upstream, ferroxy_proxy
+) -> None:
+    """A connection idle in the pool for longer than read_timeout serves the next request
+    with the full read_timeout."""
+
+    class App(Proxy):
+        upstream = Peer(ferroxy_upstream.addr, read_timeout=0.6)
+
+    proxy = ferroxy_proxy(App)
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        assert c.get("/first").status_code == 200
+        time.sleep(0.9)
+        assert c.get("/delay/300").status_code == 200
+    assert ferroxy_upstream.connections == 1
+
+
+def test_slow_upload_longer_than_read_timeout(ferroxy_upstream, ferroxy_proxy) -> None:
+    """read_timeout is the wait for the upstream after the request is sent, not a cap on the
+    whole exchange: a trickled upload lasting longer still gets its answer."""
+
+    class App(Proxy):
+        upstream = Peer(ferroxy_upstream.addr, read_timeout=0.3)
+
+    proxy = ferroxy_proxy(App)
+
+    def trickle():
+        for _ in range(8):
+            time.sleep(0.1)
+            yield b"x" * 1000
+
+    r = httpx.post(f"{proxy.url}/upload", content=trickle(), timeout=10)
+    assert r.status_code == 200
+    assert r.json()["body_length"] == 8000
+
+
+def test_client_stalling_mid_body_gets_408(ferroxy_upstream, ferroxy_proxy) -> None:
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        def logging(self, session, error, ctx):
+            kinds.append(None if error is None else error.kind)
+
+    kinds: list[str | None] = []
+    proxy = ferroxy_proxy(App, client_read_timeout=0.3)
+    sock = raw_connect(proxy.port)
+    sock.sendall(b"POST /stall HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+    answer = sock.makefile("rb").read()
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408") or answer == b"", answer[:80]
+    deadline = time.monotonic() + 3
+    while not kinds and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kinds == ["client_timeout"]

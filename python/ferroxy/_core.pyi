@@ -184,6 +184,10 @@ class Server:
         """Phase calls handed to Python so far (log records not counted)."""
     def fileno(self) -> int:
         """A descriptor that becomes readable when run_pending has work."""
+    def bench_bridge(self, trips: int, in_flight: int = 1) -> float:
+        """Time ``trips`` response_filter round trips through the hook bridge alone (no
+        sockets), ``in_flight`` at a time; returns seconds. Blocks: call it from an executor
+        while this server's loop drains ``run_pending``."""
     def run_pending(self) -> int:
         """Run queued work on this thread; returns how many items ran."""
     def shutdown(self, grace_period: float | None = None) -> None:

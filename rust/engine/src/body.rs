@@ -1,55 +1,194 @@
 //! Body types: what the proxy streams in each direction without buffering.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::ErrorKind;
+use std::future::Future;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body the proxy sends: one streamed from the other side, or one it made itself.
-pub enum ProxyBody {
+pub struct ProxyBody {
+    source: Source,
+    idle: Option<IdleTimer>,
+    /// Set once the body has been read to its end.
+    finished: Option<Arc<AtomicBool>>,
+}
+
+enum Source {
     Streamed(Incoming),
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
-        ProxyBody::Full(if bytes.is_empty() { None } else { Some(bytes) })
+        let bytes = if bytes.is_empty() { None } else { Some(bytes) };
+        ProxyBody {
+            source: Source::Full(bytes),
+            idle: None,
+            finished: None,
+        }
     }
 
     pub fn empty() -> Self {
-        ProxyBody::Full(None)
+        ProxyBody::full(Bytes::new())
+    }
+
+    /// Stream `incoming`, failing with an [`IdleTimeout`] of `kind` when the sender goes quiet
+    /// for `idle` (nginx's client_body_timeout / proxy_read_timeout: between two reads, not
+    /// overall).
+    pub fn streamed(incoming: Incoming, idle: Duration, kind: ErrorKind) -> Self {
+        let idle = (!idle.is_zero()).then(|| IdleTimer::new(idle, kind));
+        ProxyBody {
+            source: Source::Streamed(incoming),
+            idle,
+            finished: None,
+        }
+    }
+
+    /// A flag that turns true once this body has been read to its end.
+    pub fn finished_flag(&mut self) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(self.is_end_stream()));
+        self.finished = Some(flag.clone());
+        flag
+    }
+
+    fn mark_finished(&self) {
+        if let Some(flag) = &self.finished {
+            flag.store(true, Ordering::Release);
+        }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Streamed(incoming) => Pin::new(incoming).poll_frame(cx),
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.source {
+            Source::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(BoxError::from),
+            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        match &polled {
+            Poll::Pending => {
+                if let Some(idle) = &mut this.idle {
+                    if idle.poll_expired(cx) {
+                        let timeout = IdleTimeout {
+                            after: idle.timeout,
+                            kind: idle.kind,
+                        };
+                        return Poll::Ready(Some(Err(Box::new(timeout))));
+                    }
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(idle) = &mut this.idle {
+                    idle.activity();
+                }
+                if this.is_end_stream() {
+                    this.mark_finished();
+                }
+            }
+            Poll::Ready(None) => this.mark_finished(),
+            Poll::Ready(Some(Err(_))) => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Streamed(incoming) => incoming.is_end_stream(),
-            ProxyBody::Full(bytes) => bytes.is_none(),
+        match &self.source {
+            Source::Streamed(incoming) => incoming.is_end_stream(),
+            Source::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Streamed(incoming) => incoming.size_hint(),
-            ProxyBody::Full(bytes) => {
+        match &self.source {
+            Source::Streamed(incoming) => incoming.size_hint(),
+            Source::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+        }
+    }
+}
+
+/// A streamed body went quiet for longer than its idle timeout.
+#[derive(Debug)]
+pub struct IdleTimeout {
+    pub after: Duration,
+    /// Whose silence: the client's (ClientTimeout) or the upstream's (ReadTimeout).
+    pub kind: ErrorKind,
+}
+
+impl IdleTimeout {
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = if self.kind == ErrorKind::ClientTimeout {
+            "client"
+        } else {
+            "upstream"
+        };
+        write!(f, "the {who} sent nothing for {:?}", self.after)
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+/// Fires when no frame has arrived for `timeout`. Activity only moves a deadline; the timer
+/// itself is re-armed lazily when it goes off early, so a busy stream costs no timer work.
+struct IdleTimer {
+    timeout: Duration,
+    kind: ErrorKind,
+    deadline: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration, kind: ErrorKind) -> Self {
+        IdleTimer {
+            timeout,
+            kind,
+            deadline: Instant::now() + timeout,
+            sleep: None,
+        }
+    }
+
+    fn activity(&mut self) {
+        self.deadline = Instant::now() + self.timeout;
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.deadline;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.deadline <= Instant::now() {
+                return true;
+            }
+            // Activity since the timer was set: wait out the rest of the new deadline.
+            sleep.as_mut().reset(self.deadline);
         }
     }
 }

@@ -25,6 +25,8 @@ pub enum ErrorKind {
     HookError,
     /// The downstream request cannot be forwarded as it is.
     InvalidRequest,
+    /// The client stopped sending its request body for longer than client_read_timeout.
+    ClientTimeout,
     /// The client went away before its response was complete.
     DownstreamClosed,
     /// A bug or an unexpected state inside the proxy.
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::UpstreamProtocol => "upstream_protocol",
             ErrorKind::HookError => "hook_error",
             ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::ClientTimeout => "client_timeout",
             ErrorKind::DownstreamClosed => "downstream_closed",
             ErrorKind::Internal => "internal",
         }
@@ -58,6 +61,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => 502,
             ErrorKind::InvalidRequest => 400,
+            ErrorKind::ClientTimeout => 408,
             // nginx's code for "client closed request": only ever seen in logs.
             ErrorKind::DownstreamClosed => 499,
             ErrorKind::HookError | ErrorKind::Internal => 500,
@@ -94,46 +98,47 @@ impl Error {
         }
     }
 
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
     pub fn with_peer(mut self, peer: &Peer) -> Self {
         self.peer = Some(peer.clone());
         self
     }
 
-    /// Classify a failure reported by hyper while talking to an upstream.
-    pub fn from_upstream(err: &hyper::Error) -> Self {
-        if let Some(io) = find_io_error(err) {
-            return Error::from_io(io);
+    /// Classify a failure seen while exchanging a request with an upstream: hyper's errors,
+    /// socket errors, and body timeouts on either side.
+    pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = current {
+            if let Some(idle) = e.downcast_ref::<crate::body::IdleTimeout>() {
+                return Error::new(idle.kind(), e.to_string());
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Error::from_io(io);
+            }
+            current = e.source();
         }
-        let kind = if err.is_parse() || err.is_parse_status() {
-            ErrorKind::UpstreamProtocol
-        } else {
-            ErrorKind::UpstreamClosed
+        let kind = match err.downcast_ref::<hyper::Error>() {
+            Some(h) if h.is_parse() || h.is_parse_status() => ErrorKind::UpstreamProtocol,
+            _ => ErrorKind::UpstreamClosed,
         };
         Error::new(kind, err.to_string())
     }
 
-    /// Classify an I/O failure on an upstream connection.
+    /// Classify an I/O failure on an upstream socket. Read waits are timed per message, not
+    /// on the socket, so a socket timeout is a write that stalled.
     pub fn from_io(err: &std::io::Error) -> Self {
         use std::io::ErrorKind as Io;
         let kind = match err.kind() {
-            Io::TimedOut => ErrorKind::ReadTimeout,
+            Io::TimedOut => ErrorKind::WriteTimeout,
             Io::ConnectionRefused => ErrorKind::ConnectRefused,
             _ => ErrorKind::UpstreamClosed,
         };
         Error::new(kind, err.to_string())
     }
-}
-
-/// Walk an error's source chain for the I/O error underneath, if any.
-fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
 }
 
 impl fmt::Display for Error {

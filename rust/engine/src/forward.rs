@@ -20,7 +20,8 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Remove hop-by-hop headers: the fixed list plus every header named in Connection.
+/// Remove hop-by-hop headers: the fixed list plus every header named in Connection (but
+/// never Host: `Connection: host` must not make a request lose its target).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -29,6 +30,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| name != header::HOST)
             .collect();
         for name in named {
             headers.remove(name);
@@ -61,14 +63,17 @@ pub fn upstream_request(
     }
     strip_hop_by_hop(headers);
     headers.remove(header::EXPECT);
-    if !headers.contains_key(header::HOST) {
-        if let Some(value) = req
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, value);
-        }
+    // An absolute-form target (or h2's :authority) names the host; it wins over a Host
+    // header (RFC 9112 section 3.2.2), so the upstream sees the host we route by.
+    if let Some(value) = req
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, value);
+    }
+    if req.version == Version::HTTP_2 {
+        join_cookies(headers);
     }
     append_forwarded_for(headers, client_ip);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
@@ -76,6 +81,31 @@ pub fn upstream_request(
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     parts
+}
+
+/// Clean an upstream response head for the client: hop-by-hop headers go, and a
+/// Content-Length beside Transfer-Encoding (the body was decoded by the chunked framing) goes
+/// too, or the client would be told a length the body does not have.
+pub fn response_headers(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(headers);
+}
+
+/// h2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// X-Forwarded-For keeps what earlier proxies wrote and adds this hop's client.
@@ -153,6 +183,34 @@ mod tests {
     }
 
     #[test]
+    fn connection_cannot_strip_host() {
+        let req = request("/", &[("host", "example.com"), ("connection", "host")]);
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(up.headers["host"], "example.com");
+    }
+
+    #[test]
+    fn h2_cookies_are_joined() {
+        let mut req = request(
+            "http://example.com/",
+            &[("cookie", "a=1"), ("cookie", "b=2")],
+        );
+        req.version = Version::HTTP_2;
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(up.headers.get_all("cookie").iter().count(), 1);
+        assert_eq!(up.headers["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn response_length_beside_chunked_is_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.insert("content-length", HeaderValue::from_static("10"));
+        response_headers(&mut headers);
+        assert!(headers.is_empty());
+    }
+
+    #[test]
     fn appends_to_existing_forwarded_for() {
         let req = request(
             "/",
@@ -167,7 +225,7 @@ mod tests {
 
     #[test]
     fn absolute_form_becomes_origin_form_with_host() {
-        let req = request("http://example.com:8080/a?b=c", &[]);
+        let req = request("http://example.com:8080/a?b=c", &[("host", "other.test")]);
         let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
         assert_eq!(up.uri, "/a?b=c");
         assert_eq!(up.headers["host"], "example.com:8080");

@@ -85,9 +85,9 @@ impl Peer {
         self.resolved
     }
 
-    /// The key the connection pool files this peer's connections under. Read and write
-    /// timeouts are part of it because they are set on the socket when it is opened: a
-    /// connection opened for one peer must not serve another with different timeouts.
+    /// The key the connection pool files this peer's connections under. The write timeout
+    /// is part of it because it is set on the socket when it is opened: a connection opened
+    /// for one peer must not serve another with a different one.
     pub fn pool_key(&self) -> &Arc<str> {
         &self.pool_key
     }

@@ -2,36 +2,43 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
 use crate::session::Session;
-use crate::upstream::{PooledConnection, UpstreamClient};
+use crate::upstream::{ConnectionPool, PooledConnection, UpstreamClient};
 
 pub struct ProxyService<P: ProxyHttp> {
     proxy: Arc<P>,
     upstream: UpstreamClient,
     access_log: bool,
+    /// Longest the client may pause while sending its request body.
+    client_read_timeout: Duration,
 }
 
-/// What happens once the response is over: the access log line and the `logging` phase.
-type Finish = Box<dyn FnOnce(u64, Option<Error>) + Send>;
-
 impl<P: ProxyHttp> ProxyService<P> {
-    pub fn new(proxy: Arc<P>, upstream: UpstreamClient, access_log: bool) -> Self {
+    pub fn new(
+        proxy: Arc<P>,
+        upstream: UpstreamClient,
+        access_log: bool,
+        client_read_timeout: Duration,
+    ) -> Self {
         ProxyService {
             proxy,
             upstream,
             access_log,
+            client_read_timeout,
         }
     }
 
@@ -44,43 +51,68 @@ impl<P: ProxyHttp> ProxyService<P> {
         req: http::Request<Incoming>,
         client_addr: SocketAddr,
     ) -> http::Response<ResponseBody> {
-        let mut session = Session::new(req, client_addr);
-        let mut ctx = self.proxy.new_ctx();
-        let (response, upstream_body, error) = match self.proxy_phases(&mut session, &mut ctx).await
-        {
-            Ok(Proxied::Upstream(head, body, conn)) => (
-                http::Response::from_parts(head, ProxyBody::Streamed(body)),
-                Some(conn),
-                None,
-            ),
+        let session = Session::new(req, client_addr);
+        // If the client goes away mid-phase, hyper drops this future; the guard still runs
+        // the access log and the `logging` phase.
+        let mut request = InFlight {
+            state: Some((session, self.proxy.new_ctx())),
+            service: self,
+        };
+        let (session, ctx) = request
+            .state
+            .as_mut()
+            .expect("state is taken only at the end");
+        let (response, upstream, error) = match self.proxy_phases(session, ctx).await {
+            Ok(Proxied::Upstream {
+                head,
+                body,
+                conn,
+                request_finished,
+            }) => {
+                let body = ProxyBody::streamed(
+                    body,
+                    session.upstream_read_timeout(),
+                    ErrorKind::ReadTimeout,
+                );
+                let pooled = PoolReturn {
+                    conn,
+                    pool: self.upstream.pool().clone(),
+                    request_finished,
+                };
+                (http::Response::from_parts(head, body), Some(pooled), None)
+            }
             Ok(Proxied::Local(response)) => (response.into_http(), None, None),
             Err(error) => {
                 if error.kind != ErrorKind::HookError {
                     tracing::warn!(client = %client_addr, "{error}");
                 }
-                let page = match self
-                    .proxy
-                    .fail_to_proxy(&mut session, &error, &mut ctx)
-                    .await
-                {
+                let page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
                     Some(page) => page,
                     None => Response::error_page(&error),
                 };
                 (page.into_http(), None, Some(error))
             }
         };
-        let status = response.status().as_u16();
-        let finish = self.finish(session, ctx, status, error);
-        response.map(|body| {
-            ResponseBody::new(
-                body,
-                upstream_body.map(|c| (c, self.upstream.pool().clone())),
-                finish,
-            )
+        let (session, ctx) = request.state.take().expect("state is still here");
+        let finish = self.finish(session, ctx, response.status().as_u16(), error);
+        response.map(|body| ResponseBody {
+            inner: body,
+            upstream,
+            finish: Some(finish),
+            bytes: 0,
+            error: None,
+            ended: false,
         })
     }
 
     async fn proxy_phases(&self, session: &mut Session, ctx: &mut P::Ctx) -> Result<Proxied> {
+        if session.req.method == http::Method::CONNECT {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "CONNECT is not supported by a reverse proxy",
+            )
+            .with_status(405));
+        }
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
@@ -91,16 +123,28 @@ impl<P: ProxyHttp> ProxyService<P> {
         self.proxy
             .upstream_request_filter(session, &mut head, ctx)
             .await?;
-        let body = session
-            .take_body()
-            .map_or_else(ProxyBody::empty, ProxyBody::Streamed);
+        let mut body = match session.take_body() {
+            Some(incoming) => {
+                ProxyBody::streamed(incoming, self.client_read_timeout, ErrorKind::ClientTimeout)
+            }
+            None => ProxyBody::empty(),
+        };
+        let request_finished = body.finished_flag();
         let request = http::Request::from_parts(head, body);
-        let (mut response, body, conn) = self.upstream.send(&peer, request).await?;
-        forward::strip_hop_by_hop(&mut response.headers);
+        let (mut response, body, conn) = self
+            .upstream
+            .send(&peer, request, &request_finished)
+            .await?;
+        forward::response_headers(&mut response.headers);
         self.proxy
             .response_filter(session, &mut response, ctx)
             .await?;
-        Ok(Proxied::Upstream(response, body, conn))
+        Ok(Proxied::Upstream {
+            head: response,
+            body,
+            conn,
+            request_finished,
+        })
     }
 
     fn finish(
@@ -126,9 +170,37 @@ impl<P: ProxyHttp> ProxyService<P> {
 }
 
 enum Proxied {
-    Upstream(http::response::Parts, Incoming, PooledConnection),
+    Upstream {
+        head: http::response::Parts,
+        body: Incoming,
+        conn: PooledConnection,
+        request_finished: Arc<AtomicBool>,
+    },
     Local(Response),
 }
+
+/// A request between its arrival and its response: if dropped before that (the client went
+/// away), it still logs, as a 499.
+struct InFlight<'a, P: ProxyHttp> {
+    state: Option<(Session, P::Ctx)>,
+    service: &'a ProxyService<P>,
+}
+
+impl<P: ProxyHttp> Drop for InFlight<'_, P> {
+    fn drop(&mut self) {
+        if let Some((session, ctx)) = self.state.take() {
+            let error = Error::new(
+                ErrorKind::DownstreamClosed,
+                "client went away before the response",
+            );
+            let status = error.status;
+            (self.service.finish(session, ctx, status, Some(error)))(0, None);
+        }
+    }
+}
+
+/// What happens once the response is over: the access log line and the `logging` phase.
+type Finish = Box<dyn FnOnce(u64, Option<Error>) + Send>;
 
 fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
     let req = &session.req;
@@ -151,43 +223,34 @@ fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>)
     );
 }
 
+/// The upstream connection behind a response, and what decides whether it can be reused.
+struct PoolReturn {
+    conn: PooledConnection,
+    pool: Arc<ConnectionPool>,
+    /// The request body was sent to its end (an upstream may answer before reading it all).
+    request_finished: Arc<AtomicBool>,
+}
+
 /// The body sent to the client. Counts bytes, hands the upstream connection back to the pool
-/// when the upstream body was read to its end (and closes it otherwise), and runs the finish
-/// step exactly once, when hyper drops the body.
+/// when both the request and the response were complete (and closes it otherwise), and runs
+/// the finish step exactly once, when hyper drops the body.
 pub struct ResponseBody {
     inner: ProxyBody,
-    upstream: Option<(PooledConnection, Arc<crate::upstream::ConnectionPool>)>,
+    upstream: Option<PoolReturn>,
     finish: Option<Finish>,
     bytes: u64,
     error: Option<Error>,
     ended: bool,
 }
 
-impl ResponseBody {
-    fn new(
-        inner: ProxyBody,
-        upstream: Option<(PooledConnection, Arc<crate::upstream::ConnectionPool>)>,
-        finish: Finish,
-    ) -> Self {
-        ResponseBody {
-            inner,
-            upstream,
-            finish: Some(finish),
-            bytes: 0,
-            error: None,
-            ended: false,
-        }
-    }
-}
-
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -197,7 +260,7 @@ impl Body for ResponseBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                let mut error = Error::from_upstream(e);
+                let mut error = Error::from_upstream(e.as_ref());
                 error.message = format!("{} (while streaming the response body)", error.message);
                 this.error = Some(error);
             }
@@ -219,9 +282,9 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         let complete = self.error.is_none() && (self.ended || self.inner.is_end_stream());
-        if let Some((conn, pool)) = self.upstream.take() {
-            if complete {
-                pool.put_back(conn);
+        if let Some(upstream) = self.upstream.take() {
+            if complete && upstream.request_finished.load(Ordering::Acquire) {
+                upstream.pool.put_back(upstream.conn);
             }
         }
         if self.error.is_none() && !complete {

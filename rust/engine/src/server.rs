@@ -25,11 +25,12 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long in-flight requests may run on after shutdown begins.
     pub grace_period: Duration,
-    /// Longest wait for a client to send more of its request (head or body).
+    /// Longest wait for a client to send its request head, or more of its request body.
     pub client_read_timeout: Duration,
     /// Longest a write to a client may stall.
     pub client_write_timeout: Duration,
-    /// How long an idle HTTP/1.1 keep-alive connection waits for its next request.
+    /// How long an idle HTTP/1.1 keep-alive connection waits for its next request (capped
+    /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
     pub pool: PoolConfig,
     /// One `ferroxy.access` log line per request, at INFO.
@@ -105,9 +106,15 @@ impl<P: ProxyHttp> Server<P> {
             self.proxy,
             UpstreamClient::new(pool.clone()),
             config.access_log,
+            config.client_read_timeout,
         ));
         let on_stopped = self.on_stopped;
         runtime.spawn(async move {
+            // Reports the stop however this task ends, panics included.
+            let _stopped = StopReport {
+                stopped: stopped_tx,
+                callback: on_stopped,
+            };
             let listener = match TcpListener::from_std(std_listener) {
                 Ok(listener) => listener,
                 Err(error) => {
@@ -115,12 +122,9 @@ impl<P: ProxyHttp> Server<P> {
                     return;
                 }
             };
-            tokio::spawn(evict_idle(pool));
+            let evictor = tokio::spawn(evict_idle(pool));
             accept_loop(listener, service, &config, shutdown_rx).await;
-            let _ = stopped_tx.send(true);
-            if let Some(callback) = on_stopped {
-                callback();
-            }
+            evictor.abort();
         });
         tracing::debug!("ferroxy listening on http://{addr} ({threads} threads)");
         Ok(ServerHandle {
@@ -129,6 +133,20 @@ impl<P: ProxyHttp> Server<P> {
             shutdown: shutdown_tx,
             stopped: stopped_rx,
         })
+    }
+}
+
+struct StopReport {
+    stopped: watch::Sender<bool>,
+    callback: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for StopReport {
+    fn drop(&mut self) {
+        let _ = self.stopped.send(true);
+        if let Some(callback) = self.callback.take() {
+            callback();
+        }
     }
 }
 
@@ -221,10 +239,10 @@ fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive(true)
         // hyper starts this timer whenever it waits for a request head, idle time included:
-        // it is the keep-alive timeout. (No pipeline_flush: with unparsed bytes still buffered
+        // it is both the keep-alive timeout and the head's read timeout. (No pipeline_flush: with unparsed bytes still buffered
         // it holds back hyper's automatic 400 for a malformed request, which then never
         // reaches the client.)
-        .header_read_timeout(config.keepalive_timeout);
+        .header_read_timeout(config.keepalive_timeout.min(config.client_read_timeout));
     builder.http2().timer(TokioTimer::new());
     builder
 }
@@ -239,10 +257,10 @@ fn spawn_connection<P: ProxyHttp>(
     watcher: Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    // Socket-level timeouts bound every wait on the client: a stalled request head or body
-    // (read) and a client that stops reading its response (write).
+    // Only writes are timed on the socket (a client that stops reading its response): hyper
+    // keeps a read pending for the whole life of a connection, so a socket read timeout
+    // would cut long responses. Reads are timed per request head and per body frame.
     let mut io = TimeoutStream::new(stream);
-    io.set_read_timeout(Some(config.client_read_timeout));
     io.set_write_timeout(Some(config.client_write_timeout));
     let handler = service_fn(move |req| {
         let service = service.clone();

@@ -32,6 +32,27 @@ impl Session {
         }
     }
 
+    /// A session for a request head with no body (tests, benchmarks, synthetic requests).
+    pub fn from_parts(req: http::request::Parts, client_addr: SocketAddr) -> Self {
+        Session {
+            req,
+            client_addr,
+            scheme: "http",
+            upstream: None,
+            started: Instant::now(),
+            body: None,
+        }
+    }
+
+    /// How long the chosen upstream may pause while sending its response.
+    pub fn upstream_read_timeout(&self) -> std::time::Duration {
+        self.upstream
+            .as_ref()
+            .map_or(crate::peer::PeerTimeouts::default().read, |p| {
+                p.timeouts().read
+            })
+    }
+
     /// The downstream request body, for the proxy to forward; `None` once taken.
     pub fn take_body(&mut self) -> Option<Incoming> {
         self.body.take()

@@ -70,12 +70,15 @@ impl Bridge {
         }
     }
 
-    /// Everything queued so far. Clears the wake-up first, so a job pushed while we drain
-    /// writes a new byte and is picked up by the next call rather than lost.
+    /// Everything queued so far. Order matters: drain the wake-up bytes, then clear the
+    /// flag, then take the queue. A job pushed before the clear is in the queue we take; one
+    /// pushed after it writes a byte nobody has drained, so the loop calls us again. (Clearing
+    /// before draining could swallow the only byte while the flag says a wake-up is pending:
+    /// the loop would never wake again.)
     pub fn take(&self) -> Vec<Job> {
-        self.wake_pending.store(false, Ordering::Release);
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        self.wake_pending.store(false, Ordering::Release);
         std::mem::take(&mut *self.queue.lock())
     }
 

@@ -1,6 +1,7 @@
 //! `ferroxy._core`: the thin pyo3 layer over the ferroxy engine. It implements the engine's
 //! phase trait by handing phases to the Python thread, and exposes the types hooks see.
 
+mod bench;
 mod bridge;
 mod call;
 mod echo;

@@ -19,7 +19,7 @@ use crate::bridge::Bridge;
 /// Python's WARNING until Python says otherwise.
 static THRESHOLD: AtomicI32 = AtomicI32::new(30);
 static RECORDS: Mutex<Vec<Record>> = Mutex::new(Vec::new());
-/// Bridges whose Python loop can emit queued records; the first one serving is woken.
+/// Bridges whose Python loop can emit queued records.
 static LOOPS: Mutex<Vec<Weak<Bridge>>> = Mutex::new(Vec::new());
 /// Set once a loop has been woken for the queued records; cleared when they are taken.
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
@@ -53,20 +53,26 @@ pub fn take_records() -> Vec<Record> {
     std::mem::take(&mut *RECORDS.lock())
 }
 
-/// Wake a serving loop to emit queued records, once per batch. When no loop serves yet the
-/// flag stays clear, so the next record (or a loop starting) tries again.
-pub fn wake_a_loop() {
+/// Wake the serving loops to emit queued records, once per batch; the first to run takes
+/// them all. Every serving loop is woken, not one: a loop that stopped without saying so
+/// must not strand the records. When no loop serves yet, the flag stays clear so the next
+/// record (or a loop starting) tries again.
+pub fn wake_loops() {
     if WAKE_PENDING.swap(true, Ordering::AcqRel) {
         return;
     }
-    match LOOPS
+    let mut woke = false;
+    for bridge in LOOPS
         .lock()
         .iter()
         .filter_map(Weak::upgrade)
-        .find(|b| b.is_serving())
+        .filter(|b| b.is_serving())
     {
-        Some(bridge) => bridge.wake(),
-        None => WAKE_PENDING.store(false, Ordering::Release),
+        bridge.wake();
+        woke = true;
+    }
+    if !woke {
+        WAKE_PENDING.store(false, Ordering::Release);
     }
 }
 
@@ -118,7 +124,7 @@ impl<S: Subscriber> Layer<S> for PythonLogLayer {
             }
             records.push(record);
         }
-        wake_a_loop();
+        wake_loops();
     }
 }
 

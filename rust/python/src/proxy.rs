@@ -73,7 +73,10 @@ impl PyProxy {
             .req
             .get_or_insert_with(|| Arc::new(Mutex::new(None)))
             .clone();
-        *slot.lock() = Some(std::mem::replace(&mut session.req, placeholder_request()));
+        // A head already in the slot belongs to a trip that never came back (the client left
+        // mid-phase): it is the real one, and `session.req` only the placeholder.
+        slot.lock()
+            .get_or_insert_with(|| std::mem::replace(&mut session.req, placeholder_request()));
         SessionRef {
             py: ctx.session.take(),
             req: slot,

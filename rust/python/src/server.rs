@@ -1,7 +1,7 @@
 //! `Server`: the engine's server driven from Python. The Python thread that owns it runs
 //! `run_pending` whenever `fileno()` becomes readable.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -13,7 +13,7 @@ use ferroxy_engine::upstream::PoolConfig;
 use ferroxy_engine::{Server, ServerConfig, ServerHandle};
 
 use crate::bridge::{error_arg, Bridge, Job};
-use crate::call::{Call, PhaseKind};
+use crate::call::{Call, HoldReplies, PhaseKind};
 use crate::logs;
 use crate::proxy::{Hooks, PyProxy};
 use crate::types::PyPeer;
@@ -36,6 +36,7 @@ pub struct PyServer {
     hooks: Hooks,
     upstream: Option<ferroxy_engine::Peer>,
     handle: Mutex<Option<ServerHandle>>,
+    addr: OnceLock<std::net::SocketAddr>,
 }
 
 fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
@@ -144,29 +145,30 @@ impl PyServer {
             hooks,
             upstream,
             handle: Mutex::new(None),
+            addr: OnceLock::new(),
         })
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        let mut handle = self.handle.lock();
-        if handle.is_some() {
+        if self.addr.get().is_some() {
             return Err(PyRuntimeError::new_err("server already started"));
         }
-        let proxy = PyProxy {
-            bridge: self.bridge.clone(),
-            hooks: self.hooks,
-            upstream: self.upstream.clone(),
-        };
+        let proxy = self.proxy();
         let bridge = self.bridge.clone();
         let config = self.config.clone();
+        // No lock held while detached: another thread holding the GIL may read our state.
         let started = py.detach(move || {
             Server::new(config, proxy)
                 .on_stopped(move || bridge.submit(Job::Stopped))
                 .start()
         });
-        *handle = Some(started.map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let handle = started.map_err(|e| PyOSError::new_err(e.to_string()))?;
+        if self.addr.set(handle.local_addr()).is_err() {
+            return Err(PyRuntimeError::new_err("server already started"));
+        }
+        *self.handle.lock() = Some(handle);
         self.bridge.set_serving(true);
-        logs::wake_a_loop();
+        logs::wake_loops();
         Ok(())
     }
 
@@ -204,10 +206,27 @@ impl PyServer {
             .transpose()?;
         match self.handle.lock().as_ref() {
             Some(handle) => handle.shutdown(grace),
-            // Never started: report "stopped" the same way so callers need no special case.
+            // Never started, or already stopped: report "stopped" all the same.
             None => self.bridge.submit(Job::Stopped),
         }
         Ok(())
+    }
+
+    /// Time `trips` response-phase round trips through the bridge, `in_flight` at a time,
+    /// from a tokio runtime on this thread (release the loop thread to drain meanwhile:
+    /// call this from an executor). Returns seconds of wall time.
+    #[pyo3(signature = (trips, in_flight=1))]
+    fn bench_bridge(&self, py: Python<'_>, trips: usize, in_flight: usize) -> PyResult<f64> {
+        if !self.hooks.response_filter {
+            return Err(PyValueError::new_err(
+                "bench_bridge needs an app that overrides response_filter",
+            ));
+        }
+        let proxy = Arc::new(self.proxy());
+        self.bridge.set_serving(true);
+        let elapsed = py.detach(|| crate::bench::run(proxy, trips, in_flight));
+        self.bridge.set_serving(false);
+        Ok(elapsed?)
     }
 
     fn run_pending(&self, py: Python<'_>) -> PyResult<usize> {
@@ -216,6 +235,7 @@ impl PyServer {
         // KeyboardInterrupt and SystemExit are the user's, not ours to log: raised once the
         // batch is done, so no other request is left waiting.
         let mut interrupt = None;
+        let held = HoldReplies::begin();
         for job in jobs {
             if let Err(error) = self.run_job(py, job) {
                 if error.is_instance_of::<PyException>(py) {
@@ -225,6 +245,7 @@ impl PyServer {
                 }
             }
         }
+        drop(held);
         let records = logs::take_records();
         if !records.is_empty() {
             let batch = PyList::new(
@@ -243,11 +264,18 @@ impl PyServer {
 }
 
 impl PyServer {
+    fn proxy(&self) -> PyProxy {
+        PyProxy {
+            bridge: self.bridge.clone(),
+            hooks: self.hooks,
+            upstream: self.upstream.clone(),
+        }
+    }
+
     fn local_addr(&self) -> PyResult<std::net::SocketAddr> {
-        self.handle
-            .lock()
-            .as_ref()
-            .map(ServerHandle::local_addr)
+        self.addr
+            .get()
+            .copied()
             .ok_or_else(|| PyRuntimeError::new_err("server not started"))
     }
 
@@ -279,6 +307,10 @@ impl PyServer {
             }
             Job::Stopped => {
                 self.bridge.set_serving(false);
+                // Dropping the runtime closes connections that outlived the grace period
+                // and frees the engine's threads and pooled sockets.
+                let handle = self.handle.lock().take();
+                drop(handle);
                 self.dispatcher.stopped.call0(py).map(drop)
             }
         }

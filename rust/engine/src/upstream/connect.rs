@@ -22,11 +22,10 @@ pub(super) async fn connect(peer: &Peer) -> Result<http1::SendRequest<ProxyBody>
             )
         })??;
     let _ = stream.set_nodelay(true);
-    // Read/write timeouts live at the socket: they bound every wait for the upstream, for
-    // the response head and between body chunks alike, which is what nginx's
-    // proxy_read_timeout/proxy_send_timeout mean.
+    // Only writes are timed on the socket (proxy_send_timeout). hyper keeps a read pending
+    // on idle pooled connections, so a socket read timeout would count idle time against the
+    // next request; reads are timed per response head and per body frame instead.
     let mut io = TimeoutStream::new(stream);
-    io.set_read_timeout(nonzero(timeouts.read));
     io.set_write_timeout(nonzero(timeouts.write));
     let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(Box::pin(io)))
