@@ -21,7 +21,9 @@ class SyncHook(Proxy):
 
     upstream = UPSTREAM
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader, ctx: None) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: None
+    ) -> None:
         upstream_response.headers["x-proxy"] = "ferroxy"
 
 

@@ -20,7 +20,9 @@ from ferroxy.server import _LoopServer
 class SyncHook(Proxy):
     upstream = "127.0.0.1:9"
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader, ctx: None) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: None
+    ) -> None:
         upstream_response.headers["x-proxy"] = "ferroxy"
 
 
