@@ -192,7 +192,9 @@ class Dispatcher:
         session = call.session
         hook = "new_ctx"
         try:
-            ctx = await self._ctx(session)
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                ctx = await self._late_ctx(session)
             hook = "response_filter"
             upstream_response = call.upstream_response
             assert upstream_response is not None, "a response phase carries the response"
@@ -208,7 +210,9 @@ class Dispatcher:
         session = call.session
         hook = "new_ctx"
         try:
-            ctx = await self._ctx(session)
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                ctx = await self._late_ctx(session)
             hook = "fail_to_proxy"
             proxy_error = call.error
             assert proxy_error is not None, "a fail phase carries the error"
@@ -233,7 +237,9 @@ class Dispatcher:
     async def _log_request(self, session: Session, error: ProxyError | None) -> None:
         hook = "new_ctx"
         try:
-            ctx = await self._ctx(session)
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                ctx = await self._late_ctx(session)
             hook = "logging"
             result = self._logging(session, error, ctx)
             if result is not None and isawaitable(result):
@@ -244,14 +250,14 @@ class Dispatcher:
             if _must_propagate(failure):
                 raise
 
-    async def _ctx(self, session: Session) -> Any:
-        """The request's ctx for phases after the first (see the module docstring)."""
-        ctx = session.ctx
-        if ctx is None and self._new_ctx is not None:
-            ctx = self._new_ctx()
-            if type(ctx) not in _PLAIN_RESULT_TYPES and isawaitable(ctx):
-                ctx = await ctx
-            session.ctx = ctx
+    async def _late_ctx(self, session: Session) -> Any:
+        """Make the ctx in a phase after the first, when no earlier phase made one (see the
+        module docstring). Callers check first: the usual case costs no coroutine."""
+        assert self._new_ctx is not None
+        ctx = self._new_ctx()
+        if type(ctx) not in _PLAIN_RESULT_TYPES and isawaitable(ctx):
+            ctx = await ctx
+        session.ctx = ctx
         return ctx
 
     def _peer_for(self, addr: str) -> Peer:

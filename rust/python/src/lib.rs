@@ -14,6 +14,9 @@ mod types;
 
 use pyo3::prelude::*;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Lowest Python logging level the engine forwards (the `ferroxy` logger's effective level).
 #[pyfunction]
 fn set_log_level(level: i32) {
