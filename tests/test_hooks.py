@@ -408,3 +408,26 @@ def test_hooks_see_keepalive_requests_separately(ferroxy_upstream, ferroxy_proxy
             sock.sendall(simple_request("GET", p))
             assert read_response(rfile).status == 200
     assert paths == ["/k1", "/k2", "/k3"]
+
+
+def test_single_worker_runtime_serves_hooks_and_stops(ferroxy_upstream, ferroxy_proxy) -> None:
+    """threads=1 runs the engine on a current-thread runtime of its own: hooks, pooling and
+    a graceful stop work there as on the multi-thread one."""
+    import asyncio
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        async def request_filter(self, session, ctx):
+            await asyncio.sleep(0)
+
+        def response_filter(self, session, upstream_response, ctx):
+            upstream_response.headers["x-single"] = "1"
+
+    proxy = ferroxy_proxy(App, threads=1)
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        for i in range(20):
+            r = c.get(f"/n{i}")
+            assert r.status_code == 200 and r.headers["x-single"] == "1"
+    assert ferroxy_upstream.connections == 1
+    proxy.stop(grace_period=1.0)

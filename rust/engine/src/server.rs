@@ -61,7 +61,7 @@ pub struct Server<P: ProxyHttp> {
 /// A running server. Dropping it stops the runtime at once; call [`ServerHandle::shutdown`]
 /// and [`ServerHandle::wait`] for a graceful stop.
 pub struct ServerHandle {
-    runtime: Option<tokio::runtime::Runtime>,
+    engine: Option<Engine>,
     addr: SocketAddr,
     shutdown: watch::Sender<Option<Duration>>,
     stopped: watch::Receiver<bool>,
@@ -94,11 +94,7 @@ impl<P: ProxyHttp> Server<P> {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("ferroxy-worker")
-            .enable_all()
-            .build()?;
+        let engine = Engine::start(threads)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let pool = Arc::new(ConnectionPool::new(config.pool));
@@ -109,7 +105,7 @@ impl<P: ProxyHttp> Server<P> {
             config.client_read_timeout,
         ));
         let on_stopped = self.on_stopped;
-        runtime.spawn(async move {
+        engine.handle().spawn(async move {
             // Reports the stop however this task ends, panics included.
             let _stopped = StopReport {
                 stopped: stopped_tx,
@@ -128,7 +124,7 @@ impl<P: ProxyHttp> Server<P> {
         });
         tracing::debug!("ferroxy listening on http://{addr} ({threads} threads)");
         Ok(ServerHandle {
-            runtime: Some(runtime),
+            engine: Some(engine),
             addr,
             shutdown: shutdown_tx,
             stopped: stopped_rx,
@@ -175,8 +171,9 @@ impl ServerHandle {
     /// Block the calling (non-runtime) thread until the server has stopped.
     pub fn wait(&mut self) {
         let mut stopped = self.stopped.clone();
-        if let Some(runtime) = &self.runtime {
-            runtime.block_on(async move {
+        // A watch channel needs no driver: a bare current-thread runtime can wait on it.
+        if let Ok(waiter) = tokio::runtime::Builder::new_current_thread().build() {
+            waiter.block_on(async move {
                 let _ = stopped.wait_for(|s| *s).await;
             });
         }
@@ -185,8 +182,64 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+        if let Some(engine) = self.engine.take() {
+            engine.stop();
+        }
+    }
+}
+
+/// The runtime the server runs on. One worker gets a current-thread runtime on a thread of
+/// its own: with nothing to steal work from, the multi-thread scheduler's stealing and
+/// cross-thread wake-ups are pure cost. More workers get tokio's multi-thread runtime.
+enum Engine {
+    MultiThread(tokio::runtime::Runtime),
+    CurrentThread {
+        handle: tokio::runtime::Handle,
+        stop: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+impl Engine {
+    fn start(threads: usize) -> std::io::Result<Self> {
+        if threads > 1 {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("ferroxy-worker")
+                .enable_all()
+                .build()?;
+            return Ok(Engine::MultiThread(runtime));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("ferroxy-worker".into())
+            .spawn(move || {
+                // Runs every task spawned through `handle` until told to stop; dropping the
+                // runtime at the end drops what is left, closing its sockets.
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Engine::CurrentThread { handle, stop })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match self {
+            Engine::MultiThread(runtime) => runtime.handle(),
+            Engine::CurrentThread { handle, .. } => handle,
+        }
+    }
+
+    /// Stop at once without waiting for the tasks (they are dropped on the runtime's threads).
+    fn stop(self) {
+        match self {
+            Engine::MultiThread(runtime) => runtime.shutdown_background(),
+            Engine::CurrentThread { stop, .. } => {
+                let _ = stop.send(());
+            }
         }
     }
 }

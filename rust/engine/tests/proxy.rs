@@ -51,9 +51,14 @@ impl ProxyHttp for TestProxy {
 }
 
 fn start_proxy(upstream: Peer) -> ServerHandle {
+    start_proxy_on(upstream, 2)
+}
+
+/// `threads: 1` runs the engine on a current-thread runtime, more on the multi-thread one.
+fn start_proxy_on(upstream: Peer, threads: usize) -> ServerHandle {
     let config = ServerConfig {
         listen: "127.0.0.1:0".into(),
-        threads: 2,
+        threads,
         grace_period: Duration::from_secs(3),
         ..Default::default()
     };
@@ -161,7 +166,7 @@ fn forwards_with_proxy_headers_and_filters() {
 #[test]
 fn sequential_requests_reuse_one_upstream_connection() {
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
-    let proxy = start_proxy(Peer::new(&echo.addr().to_string()).unwrap());
+    let proxy = start_proxy_on(Peer::new(&echo.addr().to_string()).unwrap(), 1);
     let stream = TcpStream::connect(proxy.local_addr()).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     for i in 0..100 {
@@ -225,7 +230,7 @@ fn malformed_request_gets_400_and_close() {
 #[test]
 fn graceful_shutdown_finishes_in_flight_requests() {
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
-    let mut proxy = start_proxy(Peer::new(&echo.addr().to_string()).unwrap());
+    let mut proxy = start_proxy_on(Peer::new(&echo.addr().to_string()).unwrap(), 1);
     let addr = proxy.local_addr();
     let in_flight = std::thread::spawn(move || get(addr, "/delay/500", ""));
     std::thread::sleep(Duration::from_millis(150));
