@@ -531,11 +531,28 @@ def main() -> int:
             report.append(
                 f"| {name} | {fmt(p50)} | {fmt(hop)} | {fmt(median([s.p99_us for s in ss]))} |"
             )
+    if not args.smoke:
+        report += [
+            "",
+            "## The hook bridge alone, `taskset -c 1 python bench/bridge.py`",
+            "",
+            "A response_filter round trip from a tokio thread to the Python loop and "
+            "back, no sockets:",
+            "",
+            "```",
+            bridge_benchmark(),
+            "```",
+        ]
     text = "\n".join(report) + "\n"
     print("\n" + text)
     if not args.no_write and not args.smoke:
         (BENCH_DIR / "RESULTS.md").write_text(text + "\n" + notes_section())
     return 0
+
+
+def bridge_benchmark() -> str:
+    argv = pinned(SERVER_CPU, [sys.executable, str(BENCH_DIR / "bridge.py")])
+    return subprocess.run(argv, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
 
 
 def notes_section() -> str:
