@@ -23,12 +23,8 @@ impl Session {
     pub fn new(req: http::Request<Incoming>, client_addr: SocketAddr) -> Self {
         let (req, body) = req.into_parts();
         Session {
-            req,
-            client_addr,
-            scheme: "http",
-            upstream: None,
-            started: Instant::now(),
             body: Some(body),
+            ..Session::from_parts(req, client_addr)
         }
     }
 
