@@ -3,6 +3,7 @@ idle expiry, pool size, and recovery from a connection the upstream dropped."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -120,3 +121,60 @@ def test_dropped_upstream_connection_not_reused(ferroxy_upstream, ferroxy_proxy)
     assert wait_until(lambda: ferroxy_upstream.connections == 2, timeout=1), (
         f"expected one new upstream connection after the drop, saw {ferroxy_upstream.connections}"
     )
+
+
+def test_connection_still_uploading_is_not_reused(ferroxy_proxy) -> None:
+    """An upstream may answer before it has read the request body. That connection is busy
+    until the upload ends, so it must not go back to the pool: the next request would wait
+    on it (here: until the stalled uploader's timeout)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def answer_early() -> None:
+        # Answers as soon as a request head is in, then keeps reading whatever comes.
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+            def serve(conn: socket.socket = conn) -> None:
+                buf = b""
+                with contextlib.suppress(OSError):
+                    while True:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                        while b"\r\n\r\n" in buf:
+                            _, buf = buf.split(b"\r\n\r\n", 1)
+                            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            buf = b""  # the rest is body (or the next head): good enough here
+
+            threading.Thread(target=serve, daemon=True).start()
+
+    threading.Thread(target=answer_early, daemon=True).start()
+    upstream_addr = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    class App(Proxy):
+        upstream = upstream_addr
+
+    proxy = ferroxy_proxy(App)
+    try:
+        uploader = socket.create_connection(("127.0.0.1", proxy.port))
+        uploader.sendall(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 10
+        )
+        uploader.settimeout(5)
+        assert uploader.recv(65536).startswith(b"HTTP/1.1 200")  # answered; upload stalls
+        started = time.monotonic()
+        r = httpx.get(f"{proxy.url}/next", timeout=5)
+        assert r.status_code == 200 and r.text == "ok"
+        assert time.monotonic() - started < 2
+        assert len(accepted) == 2  # the busy connection was not reused
+        uploader.close()
+    finally:
+        listener.close()

@@ -120,3 +120,29 @@ def test_in_process_stop(ferroxy_upstream, ferroxy_proxy) -> None:
     stopper.join(10)
     assert result.get("status") == 200, result
     assert not port_accepts(proxy.port)
+
+
+def test_connections_past_the_grace_period_are_closed(ferroxy_upstream, ferroxy_proxy) -> None:
+    """In-process too, a request still running when the grace period ends is cut off, so
+    the client sees an error instead of waiting for the upstream."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, grace_period=0.3)
+    outcome: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            outcome["status"] = httpx.get(f"{proxy.url}/delay/4000", timeout=10).status_code
+        except httpx.HTTPError as error:
+            outcome["error"] = error
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    proxy.stop()
+    client.join(6)
+    assert "error" in outcome, outcome
+    assert time.monotonic() - started < 2.5
