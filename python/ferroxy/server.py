@@ -71,10 +71,7 @@ class _LoopServer:
         self._log_level_timer: asyncio.TimerHandle | None = None
         self._started = False
         self.dispatcher = Dispatcher(proxy, hooks, loop=loop, on_stopped=self._on_stopped)
-        # A list: the extension takes a sequence of names, not any iterable.
-        self.server = _core.Server(
-            self.dispatcher, hooks=sorted(hooks), upstream=upstream, **options
-        )
+        self.server = _core.Server(self.dispatcher, hooks=hooks, upstream=upstream, **options)
 
     def start(self) -> None:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
