@@ -5,12 +5,14 @@ Subclass :class:`Proxy`, override the hooks you need, and serve it with :func:`r
 """
 
 from ._core import (
+    ClientConn,
     Headers,
     Peer,
     ProxyError,
     RequestHeader,
     Response,
     ResponseHeader,
+    ServerConn,
     Session,
     __version__,
 )
@@ -18,6 +20,7 @@ from .proxy import Proxy
 from .server import run
 
 __all__ = [
+    "ClientConn",
     "Headers",
     "Peer",
     "Proxy",
@@ -25,6 +28,7 @@ __all__ = [
     "RequestHeader",
     "Response",
     "ResponseHeader",
+    "ServerConn",
     "Session",
     "__version__",
     "run",

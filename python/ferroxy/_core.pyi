@@ -4,7 +4,7 @@ Users import these types from ``ferroxy``; ``Server``, ``Call`` and ``EchoUpstre
 plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, final
 
 __version__: str
@@ -103,6 +103,40 @@ class ResponseHeader:
     def headers(self) -> Headers: ...
 
 @final
+class ClientConn:
+    """The downstream connection a request arrived on."""
+
+    @property
+    def client_addr(self) -> str: ...
+    @property
+    def local_addr(self) -> str:
+        """The address the client connected to (the proxy's), ``host:port``."""
+    @property
+    def scheme(self) -> str:
+        """``"http"`` or ``"https"``."""
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def sni(self) -> str | None: ...
+    @property
+    def alpn(self) -> str | None: ...
+
+@final
+class ServerConn:
+    """The upstream connection a request was sent over."""
+
+    @property
+    def peer_addr(self) -> str: ...
+    @property
+    def local_addr(self) -> str: ...
+    @property
+    def protocol(self) -> str:
+        """``"HTTP/1.1"`` or ``"HTTP/2"``."""
+    @property
+    def reused(self) -> bool:
+        """True when it came from the pool, False when opened for this request."""
+
+@final
 class Session:
     """One downstream request as it moves through the phases."""
 
@@ -111,9 +145,15 @@ class Session:
     def req(self) -> RequestHeader: ...
     @property
     def client_addr(self) -> str: ...
+    @property
+    def client_conn(self) -> ClientConn: ...
+    @property
+    def server_conn(self) -> ServerConn | None:
+        """None until the request has been sent upstream (set in response_filter, logging)."""
     def upstream_request(self) -> RequestHeader:
-        """A new request built from ``req`` the way the engine forwards it (hop-by-hop
-        headers removed, X-Forwarded-* set)."""
+        """A preview of ``req`` as the engine would forward it now (hop-by-hop headers
+        removed, X-Forwarded-* set). Edits to it are not sent: edit ``upstream_request`` in
+        upstream_request_filter for that."""
 
 @final
 class ProxyError:
@@ -136,12 +176,19 @@ class Call:
     @property
     def session(self) -> Session: ...
     @property
+    def steps(self) -> int:
+        """The request-side hooks this trip runs: bit 0 request_filter, 1 upstream_peer,
+        2 upstream_request_filter."""
+    @property
+    def upstream_request(self) -> RequestHeader:
+        """The request head that will be sent upstream, built on first use."""
+    @property
     def upstream_response(self) -> ResponseHeader | None: ...
     @property
     def error(self) -> ProxyError | None: ...
-    def proceed(
-        self, peer: Peer | None = None, upstream_request: RequestHeader | None = None
-    ) -> None: ...
+    def proceed(self, peer: Peer | None = None) -> None:
+        """Go on proxying (to ``peer`` when this trip chose one), with ``upstream_request``
+        as the trip left it."""
     def respond(self, response: Response) -> None: ...
     def fail(self, hook: str, message: str, status: int = 500) -> None: ...
 
@@ -163,7 +210,7 @@ class Server:
         *,
         hooks: Iterable[str] = (),
         upstream: Peer | None = None,
-        listen: str = "127.0.0.1:8080",
+        listen: str | Sequence[str] = "127.0.0.1:8080",
         threads: int = 0,
         grace_period: float = 5.0,
         client_read_timeout: float = 60.0,
@@ -176,7 +223,11 @@ class Server:
     def start(self) -> None:
         """Bind and start serving on the engine's runtime; raises OSError naming the address."""
     @property
-    def addr(self) -> str: ...
+    def addr(self) -> str:
+        """The first listener's address."""
+    @property
+    def addrs(self) -> list[str]:
+        """Every listener's address, in the order given."""
     @property
     def port(self) -> int: ...
     @property

@@ -20,10 +20,13 @@ first real suspension raises RuntimeError; ``asyncio.wait_for()`` works there. A
 phase also runs in the context of the loop's reader callback: a ContextVar it sets outlives
 the request, where a Task would have worked on a copy.
 
-ctx rule: ``session.ctx`` starts as None. When ``new_ctx`` is overridden, the request phase
-(the first phase whenever any request hook is overridden) always calls it; later phases call
-it only while ``session.ctx`` is still None, i.e. when no earlier phase ran for the request
-(or ``new_ctx`` returned None).
+ctx rule: ``session.ctx`` starts as None. When ``new_ctx`` is overridden, the first trip of a
+request to Python calls it, and a later trip calls it again only while ``session.ctx`` is
+still None (``new_ctx`` returned None).
+
+Request trips: the engine calls every phase itself, and hands Python the consecutive
+request-side hooks it overrides in one trip (``Call.steps`` says which); the hooks that the
+app does not override never run.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections.abc import Callable, Coroutine, Generator
 from inspect import isawaitable, iscoroutinefunction
 from typing import Any, Final
 
-from ._core import Call, Peer, ProxyError, RequestHeader, Response, Session
+from ._core import Call, Peer, ProxyError, Response, Session
 from .proxy import Proxy
 
 __all__ = ["Dispatcher"]
@@ -51,11 +54,18 @@ _PLAIN_RESULT_TYPES: Final = frozenset({type(None), Response, Peer, str, dict})
 # a new string per request from growing the cache without limit.
 _PEER_CACHE_SIZE: Final = 1024
 
+_REQUEST_HOOKS: Final = ("request_filter", "upstream_peer", "upstream_request_filter")
+
 _EAGER_TASKS: Final = sys.version_info >= (3, 12)
 # Passed as **kwargs: the argument only exists on 3.12+, and mypy checks against 3.10.
 _EAGER: Final[dict[str, Any]] = {"eager_start": True}
 
 _Phase = Coroutine[Any, Any, None]
+
+# Call.steps bits: which request-side hooks a request trip runs.
+_REQUEST_FILTER: Final = 1
+_UPSTREAM_PEER: Final = 2
+_UPSTREAM_REQUEST_FILTER: Final = 4
 
 
 class Dispatcher:
@@ -80,11 +90,10 @@ class Dispatcher:
         self._loggers: dict[str, logging.Logger] = {}
 
         self._new_ctx = app.new_ctx if "new_ctx" in overridden else None
-        self._request_filter = app.request_filter if "request_filter" in overridden else None
-        self._upstream_peer = app.upstream_peer if "upstream_peer" in overridden else None
-        self._upstream_request_filter = (
-            app.upstream_request_filter if "upstream_request_filter" in overridden else None
-        )
+        # The engine asks only for the request-side hooks the app overrides (Call.steps).
+        self._request_filter = app.request_filter
+        self._upstream_peer = app.upstream_peer
+        self._upstream_request_filter = app.upstream_request_filter
         self._response_filter = app.response_filter
         self._fail_to_proxy = app.fail_to_proxy
         self._logging = app.logging
@@ -96,7 +105,7 @@ class Dispatcher:
             return self._drive
 
         self._run_request = runner(
-            self._request_filter, self._upstream_peer, self._upstream_request_filter
+            *(getattr(app, h) for h in _REQUEST_HOOKS if h in overridden),
         )
         self._run_response = runner(self._response_filter)
         self._run_fail = runner(self._fail_to_proxy)
@@ -138,20 +147,22 @@ class Dispatcher:
 
     async def _request(self, call: Call) -> None:
         session = call.session
+        # Which of the request-side hooks this trip runs: the engine batches consecutive
+        # ones into one trip (bit 0 request_filter, 1 upstream_peer, 2 upstream_request_filter).
+        steps = call.steps
         hook = "new_ctx"
         response: Response | None = None
         peer: Peer | None = None
-        upstream_request: RequestHeader | None = None
         try:
-            if self._new_ctx is None:
-                ctx = session.ctx
-            else:
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                # Inline rather than _late_ctx: this is the first trip of most requests.
                 ctx = self._new_ctx()
                 if type(ctx) not in _PLAIN_RESULT_TYPES and isawaitable(ctx):
                     ctx = await ctx
                 session.ctx = ctx
 
-            if self._request_filter is not None:
+            if steps & _REQUEST_FILTER:
                 hook = "request_filter"
                 filtered = self._request_filter(session, ctx)
                 if type(filtered) not in _PLAIN_RESULT_TYPES and isawaitable(filtered):
@@ -161,7 +172,7 @@ class Dispatcher:
                 response = filtered
 
             if response is None:
-                if self._upstream_peer is not None:
+                if steps & _UPSTREAM_PEER:
                     hook = "upstream_peer"
                     chosen = self._upstream_peer(session, ctx)
                     if type(chosen) not in _PLAIN_RESULT_TYPES and isawaitable(chosen):
@@ -173,9 +184,9 @@ class Dispatcher:
                     else:
                         raise _WrongResult(chosen, "Peer or str")
 
-                if self._upstream_request_filter is not None:
+                if steps & _UPSTREAM_REQUEST_FILTER:
                     hook = "upstream_request_filter"
-                    upstream_request = session.upstream_request()
+                    upstream_request = call.upstream_request
                     result = self._upstream_request_filter(session, upstream_request, ctx)
                     if result is not None and isawaitable(result):
                         await result
@@ -186,7 +197,7 @@ class Dispatcher:
         if response is not None:
             call.respond(response)
         else:
-            call.proceed(peer, upstream_request)
+            call.proceed(peer)
 
     async def _response(self, call: Call) -> None:
         session = call.session
@@ -251,8 +262,8 @@ class Dispatcher:
                 raise
 
     async def _late_ctx(self, session: Session) -> Any:
-        """Make the ctx in a phase after the first, when no earlier phase made one (see the
-        module docstring). Callers check first: the usual case costs no coroutine."""
+        """Make the ctx when no earlier trip made one (see the module docstring). Callers
+        check first: once it exists, a trip costs no coroutine for it."""
         assert self._new_ctx is not None
         ctx = self._new_ctx()
         if type(ctx) not in _PLAIN_RESULT_TYPES and isawaitable(ctx):

@@ -4,7 +4,7 @@
 //!
 //! With no upstream given it starts the built-in echo upstream and proxies to that.
 
-use ferroxy_engine::echo::EchoUpstream;
+use ferroxy_echo::EchoUpstream;
 use ferroxy_engine::error::Result;
 use ferroxy_engine::{Peer, ProxyHttp, Server, ServerConfig, Session};
 
@@ -48,11 +48,11 @@ fn main() -> std::io::Result<()> {
     };
     let upstream = Peer::new(&upstream).map_err(std::io::Error::other)?;
     let config = ServerConfig {
-        listen,
+        listeners: vec![listen.as_str().into()],
         ..ServerConfig::default()
     };
-    let mut server = Server::new(config, StaticProxy { upstream }).start()?;
+    let mut server = Server::proxy(config, StaticProxy { upstream }).start()?;
     println!("proxying http://{}", server.local_addr());
-    server.wait();
+    server.wait()?;
     Ok(())
 }

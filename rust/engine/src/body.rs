@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::ErrorKind;
+use crate::error::{BodyError, BodyFailure, ErrorSide};
 use std::future::Future;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -19,6 +19,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A body the proxy sends: one streamed from the other side, or one it made itself.
 pub struct ProxyBody {
     source: Source,
+    /// Whose stream this is, for blaming its failures.
+    side: ErrorSide,
     idle: Option<IdleTimer>,
     /// Set once the body has been read to its end.
     finished: Option<Arc<AtomicBool>>,
@@ -34,6 +36,7 @@ impl ProxyBody {
         let bytes = if bytes.is_empty() { None } else { Some(bytes) };
         ProxyBody {
             source: Source::Full(bytes),
+            side: ErrorSide::Proxy,
             idle: None,
             finished: None,
         }
@@ -43,23 +46,28 @@ impl ProxyBody {
         ProxyBody::full(Bytes::new())
     }
 
-    /// Stream `incoming`, failing with an [`IdleTimeout`] of `kind` when the sender goes quiet
+    /// Stream `incoming` from `side`, failing with a [`BodyError`] when the sender goes quiet
     /// for `idle` (nginx's client_body_timeout / proxy_read_timeout: between two reads, not
-    /// overall).
-    pub fn streamed(incoming: Incoming, idle: Duration, kind: ErrorKind) -> Self {
-        let idle = (!idle.is_zero()).then(|| IdleTimer::new(idle, kind));
+    /// overall) or its stream fails.
+    pub fn streamed(incoming: Incoming, idle: Duration, side: ErrorSide) -> Self {
+        let idle = (!idle.is_zero()).then(|| IdleTimer::new(idle));
         ProxyBody {
             source: Source::Streamed(incoming),
+            side,
             idle,
             finished: None,
         }
     }
 
-    /// A flag that turns true once this body has been read to its end.
-    pub fn finished_flag(&mut self) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(self.is_end_stream()));
+    /// Tells, later, whether this body has been read to its end. An empty body is finished
+    /// already and needs no shared flag.
+    pub fn progress(&mut self) -> BodyProgress {
+        if self.is_end_stream() {
+            return BodyProgress(None);
+        }
+        let flag = Arc::new(AtomicBool::new(false));
         self.finished = Some(flag.clone());
-        flag
+        BodyProgress(Some(flag))
     }
 
     fn mark_finished(&self) {
@@ -78,17 +86,23 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        let side = this.side;
         let polled = match &mut this.source {
-            Source::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(BoxError::from),
+            Source::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(|e| {
+                BoxError::from(BodyError {
+                    side,
+                    reason: BodyFailure::Stream(Box::new(e)),
+                })
+            }),
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
             Poll::Pending => {
                 if let Some(idle) = &mut this.idle {
                     if idle.poll_expired(cx) {
-                        let timeout = IdleTimeout {
-                            after: idle.timeout,
-                            kind: idle.kind,
+                        let timeout = BodyError {
+                            side,
+                            reason: BodyFailure::Idle(idle.timeout),
                         };
                         return Poll::Ready(Some(Err(Box::new(timeout))));
                     }
@@ -125,47 +139,29 @@ impl Body for ProxyBody {
     }
 }
 
-/// A streamed body went quiet for longer than its idle timeout.
-#[derive(Debug)]
-pub struct IdleTimeout {
-    pub after: Duration,
-    /// Whose silence: the client's (ClientTimeout) or the upstream's (ReadTimeout).
-    pub kind: ErrorKind,
-}
+/// Whether a body handed to hyper has been read to its end (a request body: the upstream
+/// may answer before reading it all, and then its connection cannot be reused).
+#[derive(Clone, Debug)]
+pub struct BodyProgress(Option<Arc<AtomicBool>>);
 
-impl IdleTimeout {
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
+impl BodyProgress {
+    pub fn is_finished(&self) -> bool {
+        self.0.as_ref().is_none_or(|f| f.load(Ordering::Acquire))
     }
 }
-
-impl std::fmt::Display for IdleTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let who = if self.kind == ErrorKind::ClientTimeout {
-            "client"
-        } else {
-            "upstream"
-        };
-        write!(f, "the {who} sent nothing for {:?}", self.after)
-    }
-}
-
-impl std::error::Error for IdleTimeout {}
 
 /// Fires when no frame has arrived for `timeout`. Activity only moves a deadline; the timer
 /// itself is re-armed lazily when it goes off early, so a busy stream costs no timer work.
 struct IdleTimer {
     timeout: Duration,
-    kind: ErrorKind,
     deadline: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimer {
-    fn new(timeout: Duration, kind: ErrorKind) -> Self {
+    fn new(timeout: Duration) -> Self {
         IdleTimer {
             timeout,
-            kind,
             deadline: Instant::now() + timeout,
             sleep: None,
         }

@@ -1,6 +1,8 @@
-//! Why a request could not be proxied, and which status the client gets for it.
+//! Why a request could not be proxied, whose fault it was, and which status the client gets.
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::peer::Peer;
 
@@ -27,7 +29,7 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The client stopped sending its request body for longer than client_read_timeout.
     ClientTimeout,
-    /// The client went away before its response was complete.
+    /// The client went away (or reset) before its request or response was complete.
     DownstreamClosed,
     /// A bug or an unexpected state inside the proxy.
     Internal,
@@ -51,6 +53,23 @@ impl ErrorKind {
         }
     }
 
+    /// Whose fault a failure of this kind is.
+    pub fn side(self) -> ErrorSide {
+        match self {
+            ErrorKind::ConnectRefused
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::ConnectError
+            | ErrorKind::ReadTimeout
+            | ErrorKind::WriteTimeout
+            | ErrorKind::UpstreamClosed
+            | ErrorKind::UpstreamProtocol => ErrorSide::Upstream,
+            ErrorKind::InvalidRequest | ErrorKind::ClientTimeout | ErrorKind::DownstreamClosed => {
+                ErrorSide::Client
+            }
+            ErrorKind::HookError | ErrorKind::Internal => ErrorSide::Proxy,
+        }
+    }
+
     /// The status a client gets by default: 504 for timeouts, 502 for other upstream
     /// failures (as nginx does), 400 for requests we cannot forward, 500 for the rest.
     pub fn default_status(self) -> u16 {
@@ -69,13 +88,39 @@ impl ErrorKind {
     }
 }
 
-/// A proxy failure: its kind, a human message, the peer involved and the status to send.
+/// Whose doing a failure was: the client's (downstream), the upstream's, or the proxy's own
+/// (a hook, a bug). Logs and metrics blame by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSide {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+impl ErrorSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSide::Client => "client",
+            ErrorSide::Upstream => "upstream",
+            ErrorSide::Proxy => "proxy",
+        }
+    }
+}
+
+type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// A proxy failure: its kind and side, a human message, the peer involved, the status to
+/// send, and the error that caused it (reachable through `source()`).
 #[derive(Debug, Clone)]
 pub struct Error {
     pub kind: ErrorKind,
+    pub side: ErrorSide,
     pub message: String,
     pub peer: Option<Peer>,
     pub status: u16,
+    /// Set by `fail_to_connect` to have the proxy ask `upstream_peer` again.
+    pub retry: bool,
+    cause: Option<Cause>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -84,9 +129,12 @@ impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
+            side: kind.side(),
             message: message.into(),
             peer: None,
             status: kind.default_status(),
+            retry: false,
+            cause: None,
         }
     }
 
@@ -108,37 +156,84 @@ impl Error {
         self
     }
 
-    /// Classify a failure seen while exchanging a request with an upstream: hyper's errors,
-    /// socket errors, and body timeouts on either side.
-    pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = current {
-            if let Some(idle) = e.downcast_ref::<crate::body::IdleTimeout>() {
-                return Error::new(idle.kind(), e.to_string());
-            }
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                return Error::from_io(io);
-            }
-            current = e.source();
-        }
-        let kind = match err.downcast_ref::<hyper::Error>() {
-            Some(h) if h.is_parse() || h.is_parse_status() => ErrorKind::UpstreamProtocol,
-            _ => ErrorKind::UpstreamClosed,
-        };
-        Error::new(kind, err.to_string())
+    pub fn with_cause(
+        mut self,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        self.cause = Some(Arc::from(cause.into()));
+        self
     }
 
-    /// Classify an I/O failure on an upstream socket. Read waits are timed per message, not
-    /// on the socket, so a socket timeout is a write that stalled.
-    pub fn from_io(err: &std::io::Error) -> Self {
-        use std::io::ErrorKind as Io;
-        let kind = match err.kind() {
-            Io::TimedOut => ErrorKind::WriteTimeout,
-            Io::ConnectionRefused => ErrorKind::ConnectRefused,
-            _ => ErrorKind::UpstreamClosed,
-        };
-        Error::new(kind, err.to_string())
+    /// Classify a failure seen while exchanging a request with an upstream: hyper's errors,
+    /// socket errors, and body failures on either side. The first error in the cause chain
+    /// that says whose it is decides: a client's body that failed mid-upload is the
+    /// client's doing even though hyper reports it as a failed upstream request.
+    pub fn from_upstream(err: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        Error::new(classify(err.as_ref()), chain_message(err.as_ref())).with_cause(err)
     }
+
+    /// [`Error::from_upstream`] for an error that stays with its owner (hyper polls a body
+    /// and keeps its error); the cause kept is its text.
+    pub fn from_upstream_ref(err: &(dyn std::error::Error + 'static)) -> Self {
+        let message = chain_message(err);
+        Error::new(classify(err), message.clone()).with_cause(message)
+    }
+
+    /// Classify a failure to open a connection to a peer.
+    pub fn from_connect(err: std::io::Error, peer: &Peer) -> Self {
+        let kind = match err.kind() {
+            std::io::ErrorKind::ConnectionRefused => ErrorKind::ConnectRefused,
+            std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
+            _ => ErrorKind::ConnectError,
+        };
+        Error::new(kind, format!("connect to {} failed: {err}", peer.addr()))
+            .with_peer(peer)
+            .with_cause(err)
+    }
+}
+
+fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(body) = e.downcast_ref::<BodyError>() {
+            return body.kind();
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io_kind(io);
+        }
+        current = e.source();
+    }
+    match err.downcast_ref::<hyper::Error>() {
+        Some(h) if h.is_parse() || h.is_parse_status() => ErrorKind::UpstreamProtocol,
+        _ => ErrorKind::UpstreamClosed,
+    }
+}
+
+/// An I/O failure on an established upstream socket. Reads are timed per message, not on the
+/// socket, so a socket timeout is a write that stalled.
+fn io_kind(err: &std::io::Error) -> ErrorKind {
+    match err.kind() {
+        std::io::ErrorKind::TimedOut => ErrorKind::WriteTimeout,
+        std::io::ErrorKind::ConnectionRefused => ErrorKind::ConnectRefused,
+        _ => ErrorKind::UpstreamClosed,
+    }
+}
+
+/// "outer: inner: innermost", skipping links that repeat the previous one's text.
+fn chain_message(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut last = message.clone();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let text = e.to_string();
+        if !last.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        last = text;
+        current = e.source();
+    }
+    message
 }
 
 impl fmt::Display for Error {
@@ -151,4 +246,156 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A streamed body failed: the side whose stream it was, and why. Bodies wrap every failure
+/// in one, so that whoever sees the failure second hand (hyper, sending our request body
+/// upstream) still knows whose it was.
+#[derive(Debug)]
+pub struct BodyError {
+    pub side: ErrorSide,
+    pub reason: BodyFailure,
+}
+
+#[derive(Debug)]
+pub enum BodyFailure {
+    /// Nothing arrived for this long.
+    Idle(Duration),
+    /// The stream itself failed (reset, malformed framing, ...).
+    Stream(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BodyError {
+    pub fn kind(&self) -> ErrorKind {
+        match (&self.side, &self.reason) {
+            (ErrorSide::Client, BodyFailure::Idle(_)) => ErrorKind::ClientTimeout,
+            (ErrorSide::Client, BodyFailure::Stream(_)) => ErrorKind::DownstreamClosed,
+            (_, BodyFailure::Idle(_)) => ErrorKind::ReadTimeout,
+            (_, BodyFailure::Stream(e)) => match e.downcast_ref::<hyper::Error>() {
+                Some(h) if h.is_parse() => ErrorKind::UpstreamProtocol,
+                _ => ErrorKind::UpstreamClosed,
+            },
+        }
+    }
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = match self.side {
+            ErrorSide::Client => "client",
+            _ => "upstream",
+        };
+        match &self.reason {
+            BodyFailure::Idle(after) => write!(f, "the {who} sent nothing for {after:?}"),
+            BodyFailure::Stream(e) => write!(f, "the {who}'s body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.reason {
+            BodyFailure::Stream(e) => Some(e.as_ref()),
+            BodyFailure::Idle(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed(
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> Box<dyn std::error::Error + Send + Sync> {
+        Box::new(e)
+    }
+
+    #[test]
+    fn a_client_body_failure_is_the_clients_fault() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let body = BodyError {
+            side: ErrorSide::Client,
+            reason: BodyFailure::Stream(boxed(reset)),
+        };
+        let error = Error::from_upstream(boxed(body));
+        assert_eq!(error.kind, ErrorKind::DownstreamClosed);
+        assert_eq!(error.side, ErrorSide::Client);
+        assert!(error.message.contains("reset by peer"), "{}", error.message);
+        assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn idle_bodies_time_out_by_side() {
+        let client = BodyError {
+            side: ErrorSide::Client,
+            reason: BodyFailure::Idle(Duration::from_secs(1)),
+        };
+        let upstream = BodyError {
+            side: ErrorSide::Upstream,
+            reason: BodyFailure::Idle(Duration::from_secs(1)),
+        };
+        let client = Error::from_upstream(boxed(client));
+        assert_eq!(
+            (client.kind, client.status),
+            (ErrorKind::ClientTimeout, 408)
+        );
+        let upstream = Error::from_upstream(boxed(upstream));
+        assert_eq!(
+            (upstream.kind, upstream.status),
+            (ErrorKind::ReadTimeout, 504)
+        );
+        assert_eq!(upstream.side, ErrorSide::Upstream);
+    }
+
+    #[test]
+    fn socket_errors_on_the_upstream_are_classified() {
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "stalled");
+        assert_eq!(
+            Error::from_upstream(boxed(timed_out)).kind,
+            ErrorKind::WriteTimeout
+        );
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let error = Error::from_upstream(boxed(reset));
+        assert_eq!(
+            (error.kind, error.side, error.status),
+            (ErrorKind::UpstreamClosed, ErrorSide::Upstream, 502)
+        );
+    }
+
+    #[test]
+    fn connect_failures_are_classified_once() {
+        let peer = Peer::new("127.0.0.1:9").unwrap();
+        let cases = [
+            (
+                std::io::ErrorKind::ConnectionRefused,
+                ErrorKind::ConnectRefused,
+                502,
+            ),
+            (std::io::ErrorKind::TimedOut, ErrorKind::ConnectTimeout, 504),
+            (
+                std::io::ErrorKind::AddrNotAvailable,
+                ErrorKind::ConnectError,
+                502,
+            ),
+        ];
+        for (io, kind, status) in cases {
+            let error = Error::from_connect(std::io::Error::new(io, "x"), &peer);
+            assert_eq!((error.kind, error.status), (kind, status));
+            assert_eq!(error.peer.as_ref().map(Peer::addr), Some("127.0.0.1:9"));
+        }
+    }
+
+    #[test]
+    fn kinds_have_a_side() {
+        assert_eq!(ErrorKind::HookError.side(), ErrorSide::Proxy);
+        assert_eq!(ErrorKind::InvalidRequest.side(), ErrorSide::Client);
+        assert_eq!(ErrorKind::ReadTimeout.side(), ErrorSide::Upstream);
+    }
+}

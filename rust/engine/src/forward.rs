@@ -4,6 +4,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
+use crate::digest::Scheme;
+
 /// Headers that describe one connection, never forwarded, whatever Connection says.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -47,7 +49,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn upstream_request(
     req: &http::request::Parts,
     client_ip: std::net::IpAddr,
-    scheme: &'static str,
+    scheme: Scheme,
 ) -> http::request::Parts {
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = req.method.clone();
@@ -76,7 +78,10 @@ pub fn upstream_request(
         join_cookies(headers);
     }
     append_forwarded_for(headers, client_ip);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(scheme.as_str()),
+    );
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -160,7 +165,7 @@ mod tests {
                 ("x-kept", "yes"),
             ],
         );
-        let up = upstream_request(&req, "10.0.0.1".parse().unwrap(), "http");
+        let up = upstream_request(&req, "10.0.0.1".parse().unwrap(), Scheme::Http);
         for gone in ["connection", "x-secret", "te", "proxy-authorization"] {
             assert!(!up.headers.contains_key(gone), "{gone} forwarded");
         }
@@ -177,7 +182,7 @@ mod tests {
             "/",
             &[("transfer-encoding", "chunked"), ("content-length", "5")],
         );
-        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), Scheme::Http);
         assert!(!up.headers.contains_key("content-length"));
         assert!(!up.headers.contains_key("transfer-encoding"));
     }
@@ -185,7 +190,7 @@ mod tests {
     #[test]
     fn connection_cannot_strip_host() {
         let req = request("/", &[("host", "example.com"), ("connection", "host")]);
-        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), Scheme::Http);
         assert_eq!(up.headers["host"], "example.com");
     }
 
@@ -196,7 +201,7 @@ mod tests {
             &[("cookie", "a=1"), ("cookie", "b=2")],
         );
         req.version = Version::HTTP_2;
-        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), Scheme::Http);
         assert_eq!(up.headers.get_all("cookie").iter().count(), 1);
         assert_eq!(up.headers["cookie"], "a=1; b=2");
     }
@@ -219,14 +224,14 @@ mod tests {
                 ("x-forwarded-for", "2.2.2.2"),
             ],
         );
-        let up = upstream_request(&req, "3.3.3.3".parse().unwrap(), "http");
+        let up = upstream_request(&req, "3.3.3.3".parse().unwrap(), Scheme::Http);
         assert_eq!(up.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
     }
 
     #[test]
     fn absolute_form_becomes_origin_form_with_host() {
         let req = request("http://example.com:8080/a?b=c", &[("host", "other.test")]);
-        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), "http");
+        let up = upstream_request(&req, "127.0.0.1".parse().unwrap(), Scheme::Http);
         assert_eq!(up.uri, "/a?b=c");
         assert_eq!(up.headers["host"], "example.com:8080");
     }

@@ -1,21 +1,32 @@
-//! ferroxy's proxy engine: an HTTP/1.1 + h2c server that runs a request through the
-//! phases of a [`ProxyHttp`] implementation and forwards it to an upstream [`Peer`] over a
-//! shared connection pool. Pure Rust: the Python layer is one implementation of the trait.
+//! ferroxy's proxy engine: a server whose HTTP service (HTTP/1.1 + h2c) runs each request
+//! through the phases of a [`ProxyHttp`] implementation and forwards it to an upstream
+//! [`Peer`] over a shared connection pool. Pure Rust: the Python layer is one implementation
+//! of the trait.
+//!
+//! Homes: `phase` (the trait), `proxy` (runs the phases), `session` and `digest` (one
+//! request and its connections), `forward` (proxy header semantics), `body` (streaming),
+//! `upstream` (peer connections and the pool), `peer`, `error`, `server` with `listener`,
+//! `service` and `http_service` (what runs and where it listens).
 
 pub mod body;
-pub mod echo;
+pub mod digest;
 pub mod error;
 pub mod forward;
+pub mod http_service;
+pub mod listener;
 pub mod peer;
 pub mod phase;
 pub mod proxy;
 pub mod response;
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod upstream;
 
-pub use error::{Error, ErrorKind};
-pub use peer::Peer;
+pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};
+pub use error::{Error, ErrorKind, ErrorSide};
+pub use listener::Listener;
+pub use peer::{Peer, PeerKey, UpstreamProtocol};
 pub use phase::ProxyHttp;
 pub use response::Response;
 pub use server::{Server, ServerConfig, ServerHandle};

@@ -1,4 +1,5 @@
-//! An upstream to proxy to: its address and the timeouts that apply to it.
+//! An upstream to proxy to: its address, the protocol to speak, the timeouts that apply to
+//! it, and the [`PeerKey`] that decides which pooled connections can serve it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,14 +27,43 @@ impl Default for PeerTimeouts {
     }
 }
 
-/// Where to send a request. Cheap to clone: the address is shared.
+/// The protocol spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1: one request at a time per connection.
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: one connection multiplexes many requests.
+    Http2,
+}
+
+/// Everything that makes two upstream connections differ: a pooled connection serves a peer
+/// only if their keys are equal. Timeouts that are not baked into the connection (connect,
+/// read, idle) are not part of it. TLS (verification, SNI, client certificate, ALPN) will
+/// join the address and protocol here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    addr: Arc<str>,
+    protocol: UpstreamProtocol,
+    /// Set on the socket when it is opened (see `upstream::connect`).
+    write_timeout: Duration,
+}
+
+impl PeerKey {
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+/// Where to send a request. Cheap to clone: the address and key are shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     addr: Arc<str>,
     /// Parsed once when the address is an IP literal, so the hot path skips DNS.
     resolved: Option<SocketAddr>,
     timeouts: PeerTimeouts,
-    pool_key: Arc<str>,
+    protocol: UpstreamProtocol,
+    key: Arc<PeerKey>,
 }
 
 impl Peer {
@@ -50,27 +80,43 @@ impl Peer {
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("invalid port {port:?} in {addr:?}"))?;
         let addr: Arc<str> = Arc::from(addr);
+        let timeouts = PeerTimeouts::default();
+        let protocol = UpstreamProtocol::default();
         Ok(Peer {
             resolved: addr.parse().ok(),
-            timeouts: PeerTimeouts::default(),
-            pool_key: addr.clone(),
+            key: Peer::key_for(&addr, protocol, &timeouts),
             addr,
+            timeouts,
+            protocol,
         })
     }
 
     pub fn with_timeouts(mut self, timeouts: PeerTimeouts) -> Self {
         self.timeouts = timeouts;
-        self.pool_key = if (timeouts.read, timeouts.write)
-            == (PeerTimeouts::default().read, PeerTimeouts::default().write)
-        {
-            self.addr.clone()
-        } else {
-            Arc::from(format!(
-                "{} read={:?} write={:?}",
-                self.addr, timeouts.read, timeouts.write
-            ))
-        };
+        self.key = Peer::key_for(&self.addr, self.protocol, &timeouts);
         self
+    }
+
+    pub fn with_protocol(mut self, protocol: UpstreamProtocol) -> Self {
+        self.protocol = protocol;
+        self.key = Peer::key_for(&self.addr, protocol, &self.timeouts);
+        self
+    }
+
+    fn key_for(
+        addr: &Arc<str>,
+        protocol: UpstreamProtocol,
+        timeouts: &PeerTimeouts,
+    ) -> Arc<PeerKey> {
+        Arc::new(PeerKey {
+            addr: addr.clone(),
+            protocol,
+            write_timeout: timeouts.write,
+        })
+    }
+
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
     }
 
     pub fn timeouts(&self) -> &PeerTimeouts {
@@ -85,11 +131,9 @@ impl Peer {
         self.resolved
     }
 
-    /// The key the connection pool files this peer's connections under. The write timeout
-    /// is part of it because it is set on the socket when it is opened: a connection opened
-    /// for one peer must not serve another with a different one.
-    pub fn pool_key(&self) -> &Arc<str> {
-        &self.pool_key
+    /// The key the connection pool files this peer's connections under.
+    pub fn key(&self) -> &Arc<PeerKey> {
+        &self.key
     }
 }
 
@@ -105,18 +149,23 @@ mod tests {
     }
 
     #[test]
-    fn socket_timeouts_separate_pool_keys() {
+    fn only_what_changes_a_connection_separates_pool_keys() {
         let plain = Peer::new("127.0.0.1:80").unwrap();
-        let idle = plain.clone().with_timeouts(PeerTimeouts {
+        let same_connection = plain.clone().with_timeouts(PeerTimeouts {
             idle: Duration::from_secs(1),
-            ..Default::default()
-        });
-        let quick = plain.clone().with_timeouts(PeerTimeouts {
             read: Duration::from_millis(200),
+            connect: Duration::from_millis(100),
             ..Default::default()
         });
-        assert_eq!(plain.pool_key(), idle.pool_key());
-        assert_ne!(plain.pool_key(), quick.pool_key());
+        assert_eq!(plain.key(), same_connection.key());
+        let slow_writes = plain.clone().with_timeouts(PeerTimeouts {
+            write: Duration::from_secs(1),
+            ..Default::default()
+        });
+        assert_ne!(plain.key(), slow_writes.key());
+        let h2 = plain.clone().with_protocol(UpstreamProtocol::Http2);
+        assert_ne!(plain.key(), h2.key());
+        assert_ne!(plain.key(), Peer::new("127.0.0.1:81").unwrap().key());
     }
 
     #[test]

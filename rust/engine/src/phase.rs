@@ -1,6 +1,12 @@
 //! The proxy phases: one trait whose methods the engine calls, in order, for every request.
-//! Modelled on Pingora's `ProxyHttp`; every method but `upstream_peer` has a default that
-//! does nothing, so an implementation overrides only what it needs.
+//! Modelled on Pingora's `ProxyHttp`. `new_ctx` and `upstream_peer` must be written; every
+//! other phase has a default, stated on it, so an implementation overrides only what it
+//! needs.
+//!
+//! Order: `new_ctx`, `request_filter`, then for each attempt `upstream_peer`,
+//! `upstream_request_filter` and the exchange (a failure to connect goes through
+//! `fail_to_connect`, which may ask for another attempt), then `response_filter`; on any
+//! failure `fail_to_proxy`; always `logging`, last.
 
 use std::future::Future;
 
@@ -13,9 +19,11 @@ pub trait ProxyHttp: Send + Sync + 'static {
     /// Per-request state handed to every phase.
     type Ctx: Send + 'static;
 
+    /// Makes the per-request state; called once, before any phase.
     fn new_ctx(&self) -> Self::Ctx;
 
     /// First phase. Returning a response answers the client and skips the upstream.
+    /// Default: `Ok(None)`, proxy the request.
     fn request_filter(
         &self,
         _session: &mut Session,
@@ -24,7 +32,7 @@ pub trait ProxyHttp: Send + Sync + 'static {
         async { Ok(None) }
     }
 
-    /// Chooses where to send the request.
+    /// Chooses where to send the request. Called again for each retry.
     fn upstream_peer(
         &self,
         session: &mut Session,
@@ -32,7 +40,7 @@ pub trait ProxyHttp: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Peer>> + Send;
 
     /// Edits the request about to be sent upstream (already stripped of hop-by-hop headers
-    /// and carrying X-Forwarded-*).
+    /// and carrying X-Forwarded-*). Default: send it as it is.
     fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -42,7 +50,20 @@ pub trait ProxyHttp: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Edits the upstream's response head before it goes to the client.
+    /// Connecting to `peer` failed, before any of the request was sent. Return the error,
+    /// with `retry` set to have the proxy ask `upstream_peer` again (up to the server's
+    /// retry limit). Default: no retry.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &Peer,
+        _ctx: &mut Self::Ctx,
+        error: Error,
+    ) -> Error {
+        error
+    }
+
+    /// Edits the upstream's response head before it goes to the client. Default: nothing.
     fn response_filter(
         &self,
         _session: &mut Session,
@@ -52,8 +73,8 @@ pub trait ProxyHttp: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Called when any phase or the upstream failed. `None` sends the default error page
-    /// (502/504/500 by the error's kind).
+    /// Called when any phase or the upstream failed. Default: `None`, the engine's error
+    /// page (502/504/500 by the error's kind).
     fn fail_to_proxy(
         &self,
         _session: &mut Session,
@@ -65,6 +86,6 @@ pub trait ProxyHttp: Send + Sync + 'static {
 
     /// Always last, once the response has been sent (or has failed). Synchronous because it
     /// runs when the response body is dropped; implementations that need to do I/O hand the
-    /// work off rather than block.
+    /// work off rather than block. Default: nothing (the access log is the engine's own).
     fn logging(&self, _session: &mut Session, _error: Option<&Error>, _ctx: &mut Self::Ctx) {}
 }

@@ -1,61 +1,70 @@
-//! Runs one request through the phases of a [`ProxyHttp`] and streams the answer back.
+//! Runs one request through the phases of a [`ProxyHttp`], in order, and streams the answer
+//! back. Every phase is called here, for every implementation: Rust steps (routes, balancers,
+//! filters) slot in between them, and a failed connect can ask `upstream_peer` again.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
-use crate::body::{BoxError, ProxyBody};
-use crate::error::{Error, ErrorKind, Result};
+use crate::body::{BodyProgress, BoxError, ProxyBody};
+use crate::digest::DownstreamDigest;
+use crate::error::{Error, ErrorKind, ErrorSide, Result};
 use crate::forward;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
 use crate::session::Session;
-use crate::upstream::{ConnectionPool, PooledConnection, UpstreamClient};
+use crate::upstream::{ConnectionPool, UpstreamClient, UpstreamConnection};
+
+/// More connect attempts than this for one request means an implementation that keeps
+/// asking for retries: stop there.
+const MAX_CONNECT_ATTEMPTS: usize = 16;
+
+/// How the proxy service treats every request, whatever its phases decide.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Longest the client may pause while sending its request body.
+    pub client_read_timeout: Duration,
+    /// One access-log line per request.
+    pub access_log: bool,
+}
 
 pub struct ProxyService<P: ProxyHttp> {
     proxy: Arc<P>,
     upstream: UpstreamClient,
-    access_log: bool,
-    /// Longest the client may pause while sending its request body.
-    client_read_timeout: Duration,
+    config: ProxyConfig,
 }
 
 impl<P: ProxyHttp> ProxyService<P> {
-    pub fn new(
-        proxy: Arc<P>,
-        upstream: UpstreamClient,
-        access_log: bool,
-        client_read_timeout: Duration,
-    ) -> Self {
+    pub fn new(proxy: Arc<P>, upstream: UpstreamClient, config: ProxyConfig) -> Self {
         ProxyService {
             proxy,
             upstream,
-            access_log,
-            client_read_timeout,
+            config,
         }
     }
 
-    pub fn upstream(&self) -> &UpstreamClient {
-        &self.upstream
+    pub fn pool(&self) -> &Arc<ConnectionPool> {
+        self.upstream.pool()
     }
 
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Proxy one request that arrived on `downstream`.
     pub async fn handle(
         &self,
-        req: http::Request<Incoming>,
-        client_addr: SocketAddr,
-    ) -> http::Response<ResponseBody> {
-        let session = Session::new(req, client_addr);
+        req: http::Request<ProxyBody>,
+        downstream: Arc<DownstreamDigest>,
+    ) -> http::Response<ResponseBody<P>> {
         // If the client goes away mid-phase, hyper drops this future; the guard still runs
         // the access log and the `logging` phase.
         let mut request = InFlight {
-            state: Some((session, self.proxy.new_ctx())),
+            state: Some((Session::new(req, downstream), self.proxy.new_ctx())),
             service: self,
         };
         let (session, ctx) = request
@@ -66,25 +75,20 @@ impl<P: ProxyHttp> ProxyService<P> {
             Ok(Proxied::Upstream {
                 head,
                 body,
-                conn,
-                request_finished,
+                connection,
+                upload,
             }) => {
-                let body = ProxyBody::streamed(
-                    body,
-                    session.upstream_read_timeout(),
-                    ErrorKind::ReadTimeout,
-                );
                 let pooled = PoolReturn {
-                    conn,
+                    connection,
                     pool: self.upstream.pool().clone(),
-                    request_finished,
+                    upload,
                 };
                 (http::Response::from_parts(head, body), Some(pooled), None)
             }
             Ok(Proxied::Local(response)) => (response.into_http(), None, None),
             Err(error) => {
                 if error.kind != ErrorKind::HookError {
-                    tracing::warn!(client = %client_addr, "{error}");
+                    tracing::warn!(client = %session.client_addr(), side = error.side.as_str(), "{error}");
                 }
                 let page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
                     Some(page) => page,
@@ -116,65 +120,92 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
-        let peer = self.proxy.upstream_peer(session, ctx).await?;
-        session.upstream = Some(peer.clone());
-        let mut head =
-            forward::upstream_request(&session.req, session.client_addr.ip(), session.scheme);
-        self.proxy
-            .upstream_request_filter(session, &mut head, ctx)
-            .await?;
-        let mut body = match session.take_body() {
-            Some(incoming) => {
-                ProxyBody::streamed(incoming, self.client_read_timeout, ErrorKind::ClientTimeout)
-            }
-            None => ProxyBody::empty(),
-        };
-        let request_finished = body.finished_flag();
+        let (peer, connection) = self.connect(session, ctx).await?;
+        let head = session
+            .take_upstream_request()
+            .expect("connect() built the upstream request");
+        let mut body = session.take_body().unwrap_or_else(ProxyBody::empty);
+        let upload = body.progress();
         let request = http::Request::from_parts(head, body);
-        let (mut response, body, conn) = self
+        let exchange = self
             .upstream
-            .send(&peer, request, &request_finished)
+            .send(&peer, connection, request, &upload)
             .await?;
-        forward::response_headers(&mut response.headers);
-        self.proxy
-            .response_filter(session, &mut response, ctx)
-            .await?;
+        session.upstream_digest = Some(*exchange.connection.digest());
+        session.upstream_time = Some(session.started.elapsed());
+        let mut head = exchange.head;
+        forward::response_headers(&mut head.headers);
+        self.proxy.response_filter(session, &mut head, ctx).await?;
+        let body = ProxyBody::streamed(exchange.body, peer.timeouts().read, ErrorSide::Upstream);
         Ok(Proxied::Upstream {
-            head: response,
+            head,
             body,
-            conn,
-            request_finished,
+            connection: exchange.connection,
+            upload,
         })
+    }
+
+    /// Choose a peer, prepare the request for it and connect; a failed connect goes
+    /// through `fail_to_connect`, which may have us choose again. `upstream_request_filter`
+    /// runs once, before the first connection is opened (a failing filter opens none).
+    async fn connect(
+        &self,
+        session: &mut Session,
+        ctx: &mut P::Ctx,
+    ) -> Result<(crate::Peer, UpstreamConnection)> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let peer = self.proxy.upstream_peer(session, ctx).await?;
+            session.upstream = Some(peer.clone());
+            if attempts == 1 {
+                // Built here unless an implementation built it ahead (see Session).
+                session.upstream_request();
+                let mut head = session.take_upstream_request().expect("just built");
+                let filtered = self
+                    .proxy
+                    .upstream_request_filter(session, &mut head, ctx)
+                    .await;
+                session.set_upstream_request(head);
+                filtered?;
+            }
+            match self.upstream.connect(&peer).await {
+                Ok(connection) => return Ok((peer, connection)),
+                Err(error) => {
+                    let error = self.proxy.fail_to_connect(session, &peer, ctx, error);
+                    if !error.retry || attempts >= MAX_CONNECT_ATTEMPTS {
+                        return Err(error);
+                    }
+                    tracing::debug!(peer = peer.addr(), "{error}; retrying");
+                }
+            }
+        }
     }
 
     fn finish(
         &self,
-        mut session: Session,
-        mut ctx: P::Ctx,
+        session: Session,
+        ctx: P::Ctx,
         status: u16,
         error: Option<Error>,
-    ) -> Finish {
-        let proxy = self.proxy.clone();
-        let access_log = self.access_log;
-        Box::new(move |bytes, body_error| {
-            let mut error = error.or(body_error);
-            if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
-                error.peer = session.upstream.clone();
-            }
-            if access_log {
-                log_access(&session, status, bytes, error.as_ref());
-            }
-            proxy.logging(&mut session, error.as_ref(), &mut ctx);
-        })
+    ) -> Finish<P> {
+        Finish {
+            proxy: self.proxy.clone(),
+            session,
+            ctx,
+            status,
+            error,
+            access_log: self.config.access_log,
+        }
     }
 }
 
 enum Proxied {
     Upstream {
         head: http::response::Parts,
-        body: Incoming,
-        conn: PooledConnection,
-        request_finished: Arc<AtomicBool>,
+        body: ProxyBody,
+        connection: UpstreamConnection,
+        upload: BodyProgress,
     },
     Local(Response),
 }
@@ -194,13 +225,37 @@ impl<P: ProxyHttp> Drop for InFlight<'_, P> {
                 "client went away before the response",
             );
             let status = error.status;
-            (self.service.finish(session, ctx, status, Some(error)))(0, None);
+            self.service
+                .finish(session, ctx, status, Some(error))
+                .run(0, None);
         }
     }
 }
 
-/// What happens once the response is over: the access log line and the `logging` phase.
-type Finish = Box<dyn FnOnce(u64, Option<Error>) + Send>;
+/// What happens once the response is over: the access log line and the `logging` phase. It
+/// keeps the session and ctx until then, for the phases that run while the body streams.
+pub struct Finish<P: ProxyHttp> {
+    proxy: Arc<P>,
+    session: Session,
+    ctx: P::Ctx,
+    status: u16,
+    error: Option<Error>,
+    access_log: bool,
+}
+
+impl<P: ProxyHttp> Finish<P> {
+    fn run(mut self, bytes: u64, body_error: Option<Error>) {
+        let mut error = self.error.take().or(body_error);
+        if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
+            error.peer = self.session.upstream.clone();
+        }
+        if self.access_log {
+            log_access(&self.session, self.status, bytes, error.as_ref());
+        }
+        self.proxy
+            .logging(&mut self.session, error.as_ref(), &mut self.ctx);
+    }
+}
 
 fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
     let req = &session.req;
@@ -211,7 +266,7 @@ fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>)
     tracing::info!(
         target: "ferroxy.access",
         "{} \"{} {} {:?}\" {} {} {} {:.3}ms {}",
-        session.client_addr,
+        session.client_addr(),
         req.method,
         path,
         req.version,
@@ -223,27 +278,46 @@ fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>)
     );
 }
 
-/// The upstream connection behind a response, and what decides whether it can be reused.
+/// The upstream connection behind a response, handed back when the response is over.
 struct PoolReturn {
-    conn: PooledConnection,
+    connection: UpstreamConnection,
     pool: Arc<ConnectionPool>,
-    /// The request body was sent to its end (an upstream may answer before reading it all).
-    request_finished: Arc<AtomicBool>,
+    /// Whether the request body was sent to its end (an upstream may answer before reading
+    /// it all).
+    upload: BodyProgress,
 }
 
-/// The body sent to the client. Counts bytes, hands the upstream connection back to the pool
-/// when both the request and the response were complete (and closes it otherwise), and runs
-/// the finish step exactly once, when hyper drops the body.
-pub struct ResponseBody {
+/// The body sent to the client. Counts bytes, releases the upstream connection when the
+/// response is over, and runs the finish step exactly once, when hyper drops the body.
+pub struct ResponseBody<P: ProxyHttp> {
     inner: ProxyBody,
     upstream: Option<PoolReturn>,
-    finish: Option<Finish>,
+    finish: Option<Finish<P>>,
     bytes: u64,
     error: Option<Error>,
     ended: bool,
 }
 
-impl Body for ResponseBody {
+impl<P: ProxyHttp> ResponseBody<P> {
+    /// The failure this response reports so far: a phase's, or its body's.
+    pub fn error(&self) -> Option<&Error> {
+        self.finish
+            .as_ref()
+            .and_then(|f| f.error.as_ref())
+            .or(self.error.as_ref())
+    }
+
+    /// The session behind this response (gone once the body has been dropped).
+    pub fn session(&self) -> Option<&Session> {
+        self.finish.as_ref().map(|f| &f.session)
+    }
+}
+
+// Nothing in it is ever pinned in place (the session and ctx are only moved, whole): a
+// `Ctx` that is not `Unpin` does not make the body so.
+impl<P: ProxyHttp> Unpin for ResponseBody<P> {}
+
+impl<P: ProxyHttp> Body for ResponseBody<P> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -260,7 +334,7 @@ impl Body for ResponseBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                let mut error = Error::from_upstream(e.as_ref());
+                let mut error = Error::from_upstream_ref(e.as_ref());
                 error.message = format!("{} (while streaming the response body)", error.message);
                 this.error = Some(error);
             }
@@ -279,13 +353,14 @@ impl Body for ResponseBody {
     }
 }
 
-impl Drop for ResponseBody {
+impl<P: ProxyHttp> Drop for ResponseBody<P> {
     fn drop(&mut self) {
         let complete = self.error.is_none() && (self.ended || self.inner.is_end_stream());
         if let Some(upstream) = self.upstream.take() {
-            if complete && upstream.request_finished.load(Ordering::Acquire) {
-                upstream.pool.put_back(upstream.conn);
-            }
+            let exchange_complete = complete && upstream.upload.is_finished();
+            upstream
+                .pool
+                .release(upstream.connection, exchange_complete);
         }
         if self.error.is_none() && !complete {
             self.error = Some(Error::new(
@@ -294,7 +369,7 @@ impl Drop for ResponseBody {
             ));
         }
         if let Some(finish) = self.finish.take() {
-            finish(self.bytes, self.error.take());
+            finish.run(self.bytes, self.error.take());
         }
     }
 }

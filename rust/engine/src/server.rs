@@ -1,26 +1,27 @@
-//! The downstream server: its own tokio runtime, one listener, HTTP/1.1 and h2c (prior
-//! knowledge) on the same port, graceful shutdown.
+//! The server: its own tokio runtime, the listeners and the services that serve them, the
+//! background services, and graceful shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_io_timeout::TimeoutStream;
 
+use crate::digest::DownstreamDigest;
+use crate::http_service::{HttpConfig, HttpProxy};
+use crate::listener::Listener;
 use crate::phase::ProxyHttp;
-use crate::proxy::ProxyService;
+use crate::proxy::{ProxyConfig, ProxyService};
+use crate::service::{BackgroundService, ConnectionTracker, Service, ShutdownSignal};
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
 
+/// Everything a proxy server is configured by. `Default` is the one place the engine's
+/// defaults are stated; the Python layer reads them from here.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: String,
+    /// Where to accept connections; at least one.
+    pub listeners: Vec<Listener>,
     /// Runtime worker threads; 0 means one per CPU.
     pub threads: usize,
     /// How long in-flight requests may run on after shutdown begins.
@@ -33,14 +34,14 @@ pub struct ServerConfig {
     /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
     pub pool: PoolConfig,
-    /// One `ferroxy.access` log line per request, at INFO.
+    /// One access-log line per request.
     pub access_log: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: "127.0.0.1:8080".into(),
+            listeners: vec![Listener::Addr("127.0.0.1:8080".into())],
             threads: 0,
             grace_period: Duration::from_secs(5),
             client_read_timeout: Duration::from_secs(60),
@@ -52,9 +53,11 @@ impl Default for ServerConfig {
     }
 }
 
-pub struct Server<P: ProxyHttp> {
-    config: ServerConfig,
-    proxy: Arc<P>,
+pub struct Server {
+    threads: usize,
+    grace_period: Duration,
+    services: Vec<(Vec<Listener>, Arc<dyn Service>)>,
+    background: Vec<Box<dyn BackgroundService>>,
     on_stopped: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -62,18 +65,57 @@ pub struct Server<P: ProxyHttp> {
 /// and [`ServerHandle::wait`] for a graceful stop.
 pub struct ServerHandle {
     engine: Option<Engine>,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    grace_period: Duration,
     shutdown: watch::Sender<Option<Duration>>,
     stopped: watch::Receiver<bool>,
 }
 
-impl<P: ProxyHttp> Server<P> {
-    pub fn new(config: ServerConfig, proxy: P) -> Self {
+impl Server {
+    /// A server with no services yet, on `threads` workers (0: one per CPU).
+    pub fn new(threads: usize, grace_period: Duration) -> Self {
         Server {
-            config,
-            proxy: Arc::new(proxy),
+            threads,
+            grace_period,
+            services: Vec::new(),
+            background: Vec::new(),
             on_stopped: None,
         }
+    }
+
+    /// A server running `proxy` as configured: the HTTP proxy service on the configured
+    /// listeners, with its upstream pool.
+    pub fn proxy<P: ProxyHttp>(config: ServerConfig, proxy: P) -> Self {
+        let pool = Arc::new(ConnectionPool::new(config.pool));
+        let proxy = ProxyService::new(
+            Arc::new(proxy),
+            UpstreamClient::new(pool),
+            ProxyConfig {
+                client_read_timeout: config.client_read_timeout,
+                access_log: config.access_log,
+            },
+        );
+        let http = HttpProxy::new(
+            proxy,
+            HttpConfig {
+                client_read_timeout: config.client_read_timeout,
+                client_write_timeout: config.client_write_timeout,
+                keepalive_timeout: config.keepalive_timeout,
+            },
+        );
+        let mut server = Server::new(config.threads, config.grace_period);
+        server.add_service(config.listeners, Arc::new(http));
+        server
+    }
+
+    /// Serve `listeners` with `service`, and run its background work.
+    pub fn add_service(&mut self, listeners: Vec<Listener>, service: Arc<dyn Service>) {
+        self.background.extend(service.background());
+        self.services.push((listeners, service));
+    }
+
+    pub fn add_background(&mut self, service: Box<dyn BackgroundService>) {
+        self.background.push(service);
     }
 
     /// Called on a runtime thread once the server has fully stopped.
@@ -82,54 +124,134 @@ impl<P: ProxyHttp> Server<P> {
         self
     }
 
-    /// Bind the listener and start serving on a new runtime. Bind errors name the address.
+    /// Open every listener and start serving on a new runtime. Errors name the listener.
     pub fn start(self) -> std::io::Result<ServerHandle> {
-        let config = self.config;
-        let std_listener = std::net::TcpListener::bind(&config.listen).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
-        })?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
-        let threads = match config.threads {
+        let mut bound = Vec::new();
+        for (listeners, service) in &self.services {
+            if listeners.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a service needs at least one listener",
+                ));
+            }
+            for listener in listeners {
+                bound.push((listener.open()?, service.clone()));
+            }
+        }
+        let addrs = bound
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let threads = match self.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
         let engine = Engine::start(threads)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
-        let pool = Arc::new(ConnectionPool::new(config.pool));
-        let service = Arc::new(ProxyService::new(
-            self.proxy,
-            UpstreamClient::new(pool.clone()),
-            config.access_log,
-            config.client_read_timeout,
-        ));
         let on_stopped = self.on_stopped;
+        let background = self.background;
         engine.handle().spawn(async move {
             // Reports the stop however this task ends, panics included.
             let _stopped = StopReport {
                 stopped: stopped_tx,
                 callback: on_stopped,
             };
-            let listener = match TcpListener::from_std(std_listener) {
-                Ok(listener) => listener,
-                Err(error) => {
-                    tracing::error!(%error, "cannot register the listener");
-                    return;
-                }
-            };
-            let evictor = tokio::spawn(evict_idle(pool));
-            accept_loop(listener, service, &config, shutdown_rx).await;
-            evictor.abort();
+            run(bound, background, shutdown_rx).await;
         });
-        tracing::debug!("ferroxy listening on http://{addr} ({threads} threads)");
+        tracing::debug!("ferroxy listening on {addrs:?} ({threads} threads)");
         Ok(ServerHandle {
             engine: Some(engine),
-            addr,
+            addrs,
+            grace_period: self.grace_period,
             shutdown: shutdown_tx,
             stopped: stopped_rx,
         })
     }
+}
+
+/// Serve until shutdown is asked for, then give in-flight connections the grace period.
+async fn run(
+    bound: Vec<(std::net::TcpListener, Arc<dyn Service>)>,
+    background: Vec<Box<dyn BackgroundService>>,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) {
+    let (begin_shutdown, signal) = ShutdownSignal::new();
+    let tracker = ConnectionTracker::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for service in background {
+        tracing::debug!("starting {}", service.name());
+        tasks.spawn(service.run(signal.clone()));
+    }
+    for (listener, service) in bound {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot register a listener");
+                return;
+            }
+        };
+        tasks.spawn(accept_loop(
+            listener,
+            service,
+            signal.clone(),
+            tracker.clone(),
+        ));
+    }
+    let grace = loop {
+        if let Some(grace) = *shutdown.borrow_and_update() {
+            break grace;
+        }
+        if shutdown.changed().await.is_err() {
+            // The handle is gone: stop at once.
+            break Duration::ZERO;
+        }
+    };
+    let _ = begin_shutdown.send(true);
+    tracing::info!(
+        "shutting down: waiting up to {:.1}s for in-flight requests",
+        grace.as_secs_f64()
+    );
+    tokio::select! {
+        () = tracker.all_closed() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+    // Accept loops and background services have seen the signal; what is left of them
+    // (and the connections past the grace period) ends with the runtime.
+    tasks.abort_all();
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<dyn Service>,
+    mut shutdown: ShutdownSignal,
+    tracker: ConnectionTracker,
+) {
+    let Ok(local_addr) = listener.local_addr() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client_addr)) => {
+                    let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
+                    let tracking = tracker.track();
+                    let serving = service.clone().serve_connection(stream, downstream, shutdown.clone());
+                    tokio::spawn(async move {
+                        serving.await;
+                        drop(tracking);
+                    });
+                }
+                Err(error) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.begun() => break,
+        }
+    }
+    // Dropping the listener makes new connections fail at once instead of queueing.
 }
 
 struct StopReport {
@@ -147,14 +269,20 @@ impl Drop for StopReport {
 }
 
 impl ServerHandle {
+    /// The first listener's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// Every listener's address, in the order configured.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// Stop accepting now; in-flight requests get `grace` (the configured grace period when
-    /// `None`) to finish. Safe to call from any thread, more than once.
+    /// `None`) to finish. Safe to call from any thread, more than once: the first call wins.
     pub fn shutdown(&self, grace: Option<Duration>) {
-        let grace = grace.unwrap_or(Duration::MAX);
+        let grace = grace.unwrap_or(self.grace_period);
         self.shutdown.send_if_modified(|current| {
             if current.is_some() {
                 return false;
@@ -169,14 +297,14 @@ impl ServerHandle {
     }
 
     /// Block the calling (non-runtime) thread until the server has stopped.
-    pub fn wait(&mut self) {
+    pub fn wait(&mut self) -> std::io::Result<()> {
         let mut stopped = self.stopped.clone();
         // A watch channel needs no driver: a bare current-thread runtime can wait on it.
-        if let Ok(waiter) = tokio::runtime::Builder::new_current_thread().build() {
-            waiter.block_on(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-        }
+        let waiter = tokio::runtime::Builder::new_current_thread().build()?;
+        waiter.block_on(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+        Ok(())
     }
 }
 
@@ -241,98 +369,5 @@ impl Engine {
                 let _ = stop.send(());
             }
         }
-    }
-}
-
-async fn accept_loop<P: ProxyHttp>(
-    listener: TcpListener,
-    service: Arc<ProxyService<P>>,
-    config: &ServerConfig,
-    mut shutdown: watch::Receiver<Option<Duration>>,
-) {
-    let builder = Arc::new(http_builder(config));
-    let graceful = GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, client_addr)) => {
-                    spawn_connection(stream, client_addr, service.clone(), builder.clone(), config, graceful.watcher());
-                }
-                Err(error) => {
-                    // Typically EMFILE: back off instead of spinning on the error.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = shutdown.changed() => break,
-        }
-    }
-    // Closing the listener makes new connections fail at once instead of queueing.
-    drop(listener);
-    let grace = shutdown.borrow().unwrap_or_default();
-    let grace = if grace == Duration::MAX {
-        config.grace_period
-    } else {
-        grace
-    };
-    tracing::info!(
-        "shutting down: waiting up to {:.1}s for in-flight requests",
-        grace.as_secs_f64()
-    );
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections finished"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
-    }
-}
-
-fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // hyper starts this timer whenever it waits for a request head, idle time included:
-        // it is both the keep-alive timeout and the head's read timeout. (No pipeline_flush: with unparsed bytes still buffered
-        // it holds back hyper's automatic 400 for a malformed request, which then never
-        // reaches the client.)
-        .header_read_timeout(config.keepalive_timeout.min(config.client_read_timeout));
-    builder.http2().timer(TokioTimer::new());
-    builder
-}
-
-/// Serve one downstream connection on its own task, watched for graceful shutdown.
-fn spawn_connection<P: ProxyHttp>(
-    stream: TcpStream,
-    client_addr: SocketAddr,
-    service: Arc<ProxyService<P>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    config: &ServerConfig,
-    watcher: Watcher,
-) {
-    let _ = stream.set_nodelay(true);
-    // Only writes are timed on the socket (a client that stops reading its response): hyper
-    // keeps a read pending for the whole life of a connection, so a socket read timeout
-    // would cut long responses. Reads are timed per request head and per body frame.
-    let mut io = TimeoutStream::new(stream);
-    io.set_write_timeout(Some(config.client_write_timeout));
-    let handler = service_fn(move |req| {
-        let service = service.clone();
-        async move { Ok::<_, Infallible>(service.handle(req, client_addr).await) }
-    });
-    tokio::spawn(async move {
-        let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), handler);
-        if let Err(error) = watcher.watch(conn).await {
-            tracing::debug!(client = %client_addr, %error, "downstream connection ended");
-        }
-    });
-}
-
-/// Close expired idle upstream connections now and then, so an unused peer's connections
-/// do not linger until the peer closes them.
-async fn evict_idle(pool: Arc<ConnectionPool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        pool.evict_expired();
     }
 }

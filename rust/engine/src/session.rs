@@ -1,56 +1,87 @@
 //! One downstream request as it moves through the proxy phases.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
-use hyper::body::Incoming;
-
+use crate::body::ProxyBody;
+use crate::digest::{DownstreamDigest, UpstreamDigest};
 use crate::peer::Peer;
 
 pub struct Session {
     /// The request line and headers as the client sent them (filters may change them).
     pub req: http::request::Parts,
-    pub client_addr: SocketAddr,
-    /// "http" or "https": what X-Forwarded-Proto reports.
-    pub scheme: &'static str,
-    /// The peer chosen by `upstream_peer`, once chosen.
+    /// The connection the request arrived on.
+    pub downstream: Arc<DownstreamDigest>,
+    /// The peer chosen by `upstream_peer`, once chosen (the last one, after retries).
     pub upstream: Option<Peer>,
+    /// The connection the request went upstream on, once sent.
+    pub upstream_digest: Option<UpstreamDigest>,
+    /// When the request arrived (monotonic, for durations) ...
     pub started: Instant,
-    body: Option<Incoming>,
+    /// ... and the same instant on the wall clock, for logs.
+    pub started_at: SystemTime,
+    /// How long the upstream took to send its response head, once it has.
+    pub upstream_time: Option<std::time::Duration>,
+    /// The request head sent upstream: built once from `req` when the proxy first needs it.
+    upstream_request: Option<http::request::Parts>,
+    body: Option<ProxyBody>,
 }
 
 impl Session {
-    pub fn new(req: http::Request<Incoming>, client_addr: SocketAddr) -> Self {
+    pub fn new(req: http::Request<ProxyBody>, downstream: Arc<DownstreamDigest>) -> Self {
         let (req, body) = req.into_parts();
         Session {
             body: Some(body),
-            ..Session::from_parts(req, client_addr)
+            ..Session::from_parts(req, downstream)
         }
     }
 
     /// A session for a request head with no body (tests, benchmarks, synthetic requests).
-    pub fn from_parts(req: http::request::Parts, client_addr: SocketAddr) -> Self {
+    pub fn from_parts(req: http::request::Parts, downstream: Arc<DownstreamDigest>) -> Self {
         Session {
             req,
-            client_addr,
-            scheme: "http",
+            downstream,
             upstream: None,
+            upstream_digest: None,
             started: Instant::now(),
+            started_at: SystemTime::now(),
+            upstream_time: None,
+            upstream_request: None,
             body: None,
         }
     }
 
-    /// How long the chosen upstream may pause while sending its response.
-    pub fn upstream_read_timeout(&self) -> std::time::Duration {
-        self.upstream
-            .as_ref()
-            .map_or(crate::peer::PeerTimeouts::default().read, |p| {
-                p.timeouts().read
-            })
+    pub fn client_addr(&self) -> SocketAddr {
+        self.downstream.client_addr
+    }
+
+    /// The head to send upstream, built from `req` on first use (hop-by-hop headers gone,
+    /// X-Forwarded-* set; see [`crate::forward::upstream_request`]). Built once: whoever
+    /// asks first (the proxy, or a phase implementation that runs ahead) builds it.
+    pub fn upstream_request(&mut self) -> &mut http::request::Parts {
+        let Session {
+            upstream_request,
+            req,
+            downstream,
+            ..
+        } = self;
+        upstream_request.get_or_insert_with(|| {
+            crate::forward::upstream_request(req, downstream.client_addr.ip(), downstream.scheme)
+        })
+    }
+
+    /// Install a head built elsewhere from this session's `req` (see `upstream_request`).
+    pub fn set_upstream_request(&mut self, head: http::request::Parts) {
+        self.upstream_request = Some(head);
+    }
+
+    pub fn take_upstream_request(&mut self) -> Option<http::request::Parts> {
+        self.upstream_request.take()
     }
 
     /// The downstream request body, for the proxy to forward; `None` once taken.
-    pub fn take_body(&mut self) -> Option<Incoming> {
+    pub fn take_body(&mut self) -> Option<ProxyBody> {
         self.body.take()
     }
 }

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use ferroxy_engine::echo::EchoUpstream;
+use ferroxy_echo::EchoUpstream;
 use ferroxy_engine::error::Result;
 use ferroxy_engine::peer::PeerTimeouts;
 use ferroxy_engine::{
@@ -57,12 +57,23 @@ fn start_proxy(upstream: Peer) -> ServerHandle {
 /// `threads: 1` runs the engine on a current-thread runtime, more on the multi-thread one.
 fn start_proxy_on(upstream: Peer, threads: usize) -> ServerHandle {
     let config = ServerConfig {
-        listen: "127.0.0.1:0".into(),
+        listeners: vec!["127.0.0.1:0".into()],
         threads,
         grace_period: Duration::from_secs(3),
         ..Default::default()
     };
-    Server::new(config, TestProxy { upstream }).start().unwrap()
+    Server::proxy(config, TestProxy { upstream })
+        .start()
+        .unwrap()
+}
+
+/// Wait, up to 10 s, until `condition` holds.
+fn wait_until(condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "condition not met within 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 struct Reply {
@@ -233,9 +244,9 @@ fn graceful_shutdown_finishes_in_flight_requests() {
     let mut proxy = start_proxy_on(Peer::new(&echo.addr().to_string()).unwrap(), 1);
     let addr = proxy.local_addr();
     let in_flight = std::thread::spawn(move || get(addr, "/delay/500", ""));
-    std::thread::sleep(Duration::from_millis(150));
+    wait_until(|| echo.stats().requests() == 1);
     proxy.shutdown(None);
-    proxy.wait();
+    proxy.wait().unwrap();
     assert_eq!(in_flight.join().unwrap().status, 200);
     assert!(
         TcpStream::connect(addr).is_err(),

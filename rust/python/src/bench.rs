@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferroxy_engine::{ProxyHttp, Session};
+use ferroxy_engine::{DownstreamDigest, ProxyHttp, Session};
 
 use crate::proxy::PyProxy;
 
@@ -40,7 +40,9 @@ async fn one_trip(proxy: &PyProxy) {
         .expect("static request")
         .into_parts()
         .0;
-    let mut session = Session::from_parts(req, ([127, 0, 0, 1], 1).into());
+    let local = ([127, 0, 0, 1], 8080).into();
+    let downstream = Arc::new(DownstreamDigest::tcp(([127, 0, 0, 1], 1).into(), local));
+    let mut session = Session::from_parts(req, downstream);
     let mut ctx = proxy.new_ctx();
     let mut response = http::Response::new(()).into_parts().0;
     let _ = proxy

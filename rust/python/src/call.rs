@@ -15,10 +15,32 @@ use crate::types::{error_object, PyPeer, PyProxyError, PyResponse};
 
 #[derive(Clone, Copy, Debug)]
 pub enum PhaseKind {
-    /// request_filter, upstream_peer and upstream_request_filter, in one trip.
-    Request,
+    /// Consecutive request-side hooks ([`RequestSteps`]), in one trip.
+    Request(RequestSteps),
     Response,
     Fail,
+}
+
+/// Which request-side hooks a request trip runs, in this order. Consecutive hooks share a
+/// trip when no Rust step sits between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestSteps {
+    pub request_filter: bool,
+    pub upstream_peer: bool,
+    pub upstream_request_filter: bool,
+}
+
+impl RequestSteps {
+    pub fn is_empty(&self) -> bool {
+        *self == RequestSteps::default()
+    }
+
+    /// As one int for Python: bit 0 request_filter, 1 upstream_peer, 2 upstream_request_filter.
+    fn bits(&self) -> u8 {
+        u8::from(self.request_filter)
+            | u8::from(self.upstream_peer) << 1
+            | u8::from(self.upstream_request_filter) << 2
+    }
 }
 
 pub enum Outcome {
@@ -39,23 +61,44 @@ pub struct Reply {
 pub struct PhaseJob {
     pub kind: PhaseKind,
     pub session: SessionRef,
+    /// The head to send upstream, when the engine has built it already; else a trip that
+    /// runs upstream_request_filter builds it from the session's request, on first use.
+    pub upstream_request: Option<Box<http::request::Parts>>,
     pub upstream_response: Option<ResponseSlot>,
     pub error: Option<Error>,
     pub reply: oneshot::Sender<Reply>,
 }
 
-#[pyclass(module = "ferroxy", frozen)]
+#[pyclass(module = "ferroxy._core", frozen)]
 pub struct Call {
     session: Py<PySession>,
+    steps: u8,
+    upstream_request: Mutex<UpstreamRequest>,
     upstream_response: Option<Py<PyResponseHeader>>,
     error: Option<Py<PyProxyError>>,
     reply: Mutex<Option<oneshot::Sender<Reply>>>,
+}
+
+/// The upstream request head of a request trip: not needed yet, built (or handed over) and
+/// waiting, or shown to Python.
+enum UpstreamRequest {
+    None,
+    Ready(Box<http::request::Parts>),
+    Shown(Py<PyRequestHeader>),
 }
 
 impl Call {
     /// Build the Python side of a job; runs on the Python thread.
     pub fn from_job(py: Python<'_>, mut job: PhaseJob) -> PyResult<(PhaseKind, Bound<'_, Call>)> {
         let session = job.session.object(py)?;
+        let steps = match job.kind {
+            PhaseKind::Request(steps) => steps.bits(),
+            _ => 0,
+        };
+        let upstream_request = match job.upstream_request {
+            Some(parts) => UpstreamRequest::Ready(parts),
+            None => UpstreamRequest::None,
+        };
         let upstream_response = job
             .upstream_response
             .map(|slot| Py::new(py, PyResponseHeader { slot }))
@@ -63,6 +106,8 @@ impl Call {
         let error = job.error.map(|e| error_object(py, e)).transpose()?;
         let call = Call {
             session,
+            steps,
+            upstream_request: Mutex::new(upstream_request),
             upstream_response,
             error,
             reply: Mutex::new(Some(job.reply)),
@@ -142,6 +187,28 @@ impl Call {
     fn session(&self, py: Python<'_>) -> Py<PySession> {
         self.session.clone_ref(py)
     }
+    /// Which request-side hooks this trip runs (see `RequestSteps::bits`).
+    #[getter]
+    fn steps(&self) -> u8 {
+        self.steps
+    }
+    /// The request head that will be sent upstream, for upstream_request_filter to edit.
+    #[getter]
+    fn upstream_request(&self, py: Python<'_>) -> PyResult<Py<PyRequestHeader>> {
+        let mut upstream_request = self.upstream_request.lock();
+        let parts = match std::mem::replace(&mut *upstream_request, UpstreamRequest::None) {
+            UpstreamRequest::Shown(shown) => {
+                let again = shown.clone_ref(py);
+                *upstream_request = UpstreamRequest::Shown(shown);
+                return Ok(again);
+            }
+            UpstreamRequest::Ready(parts) => *parts,
+            UpstreamRequest::None => self.session.borrow(py).build_upstream_request()?,
+        };
+        let shown = Py::new(py, self.session.borrow(py).request_header(parts))?;
+        *upstream_request = UpstreamRequest::Shown(shown.clone_ref(py));
+        Ok(shown)
+    }
     #[getter]
     fn upstream_response(&self, py: Python<'_>) -> Option<Py<PyResponseHeader>> {
         self.upstream_response.as_ref().map(|r| r.clone_ref(py))
@@ -151,13 +218,10 @@ impl Call {
         self.error.as_ref().map(|e| e.clone_ref(py))
     }
 
-    #[pyo3(signature = (peer=None, upstream_request=None))]
-    fn proceed(
-        &self,
-        py: Python<'_>,
-        peer: Option<&Bound<'_, PyAny>>,
-        upstream_request: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+    /// Go on proxying: to `peer` when the trip chose one, with the upstream request as
+    /// upstream_request_filter left it.
+    #[pyo3(signature = (peer=None))]
+    fn proceed(&self, py: Python<'_>, peer: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let peer = match peer {
             Some(p) if !p.is_none() => Some(
                 p.cast::<PyPeer>()
@@ -168,18 +232,16 @@ impl Call {
             ),
             _ => None,
         };
-        let upstream_request = match upstream_request {
-            Some(r) if !r.is_none() => Some(
-                r.cast::<PyRequestHeader>()
-                    .map_err(|_| PyTypeError::new_err("upstream_request must be a RequestHeader"))?
-                    .get()
-                    .slot
-                    .lock()
-                    .take()
-                    .ok_or_else(|| PyRuntimeError::new_err("upstream_request was already used"))?,
-            ),
-            _ => None,
-        };
+        let upstream_request =
+            match std::mem::replace(&mut *self.upstream_request.lock(), UpstreamRequest::None) {
+                UpstreamRequest::None => None,
+                UpstreamRequest::Ready(parts) => Some(*parts),
+                UpstreamRequest::Shown(shown) => {
+                    Some(shown.get().slot.lock().take().ok_or_else(|| {
+                        PyRuntimeError::new_err("upstream_request was already sent")
+                    })?)
+                }
+            };
         self.complete(
             py,
             Outcome::Proceed {

@@ -4,7 +4,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
-use ferroxy_engine::echo::EchoUpstream;
+use ferroxy_echo::EchoUpstream;
 
 #[pyclass(name = "EchoUpstream", module = "ferroxy._core", frozen)]
 pub struct PyEchoUpstream {

@@ -9,6 +9,8 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use ferroxy_engine::{DownstreamDigest, UpstreamDigest, UpstreamProtocol};
+
 use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
 
 #[pyclass(name = "RequestHeader", module = "ferroxy", frozen)]
@@ -177,10 +179,38 @@ impl PyResponseHeader {
 #[pyclass(name = "Session", module = "ferroxy")]
 pub struct PySession {
     req: Py<PyRequestHeader>,
-    client_addr: SocketAddr,
-    scheme: &'static str,
+    downstream: Arc<DownstreamDigest>,
+    upstream: Option<UpstreamDigest>,
     #[pyo3(get, set)]
     ctx: Py<PyAny>,
+}
+
+impl PySession {
+    /// The head to send upstream, built from `req` as it stands now, the way the engine
+    /// builds it (one function does it for both).
+    pub fn build_upstream_request(&self) -> PyResult<http::request::Parts> {
+        self.req.get().read(|req| {
+            ferroxy_engine::forward::upstream_request(
+                req,
+                self.downstream.client_addr.ip(),
+                self.downstream.scheme,
+            )
+        })
+    }
+
+    /// A Python view of a request head that belongs to this session.
+    pub fn request_header(&self, parts: http::request::Parts) -> PyRequestHeader {
+        PyRequestHeader::new(
+            Arc::new(Mutex::new(Some(parts))),
+            self.downstream.client_addr,
+        )
+    }
+
+    pub fn set_upstream(&mut self, digest: Option<UpstreamDigest>) {
+        if digest.is_some() {
+            self.upstream = digest;
+        }
+    }
 }
 
 #[pymethods]
@@ -191,20 +221,119 @@ impl PySession {
     }
     #[getter]
     fn client_addr(&self) -> String {
-        self.client_addr.to_string()
+        self.downstream.client_addr.to_string()
     }
-    /// A new request head built from `req` as the engine forwards it.
+    /// The client's connection: addresses, scheme, TLS details.
+    #[getter]
+    fn client_conn(&self) -> ClientConn {
+        ClientConn {
+            digest: self.downstream.clone(),
+        }
+    }
+    /// The upstream connection the request went out on; None until it has.
+    #[getter]
+    fn server_conn(&self) -> Option<ServerConn> {
+        self.upstream.map(|digest| ServerConn { digest })
+    }
+    /// A preview of the request as the engine would forward it now (hop-by-hop headers
+    /// removed, X-Forwarded-* set). Edits to it are not sent: edit `upstream_request` in
+    /// upstream_request_filter for that.
     fn upstream_request(&self, py: Python<'_>) -> PyResult<Py<PyRequestHeader>> {
-        let parts = self.req.get().read(|req| {
-            ferroxy_engine::forward::upstream_request(req, self.client_addr.ip(), self.scheme)
-        })?;
-        Py::new(
-            py,
-            PyRequestHeader::new(Arc::new(Mutex::new(Some(parts))), self.client_addr),
-        )
+        let parts = self.build_upstream_request()?;
+        Py::new(py, self.request_header(parts))
     }
     fn __repr__(&self) -> String {
-        format!("Session(client={})", self.client_addr)
+        format!("Session(client={})", self.downstream.client_addr)
+    }
+}
+
+/// The downstream connection a request arrived on.
+#[pyclass(name = "ClientConn", module = "ferroxy", frozen)]
+pub struct ClientConn {
+    digest: Arc<DownstreamDigest>,
+}
+
+#[pymethods]
+impl ClientConn {
+    /// The client's address, `host:port`.
+    #[getter]
+    fn client_addr(&self) -> String {
+        self.digest.client_addr.to_string()
+    }
+    /// The address the client connected to (ours), `host:port`.
+    #[getter]
+    fn local_addr(&self) -> String {
+        self.digest.local_addr.to_string()
+    }
+    /// "http" or "https".
+    #[getter]
+    fn scheme(&self) -> &'static str {
+        self.digest.scheme.as_str()
+    }
+    #[getter]
+    fn tls(&self) -> bool {
+        self.digest.tls.is_some()
+    }
+    /// The server name the client asked for in its TLS handshake.
+    #[getter]
+    fn sni(&self) -> Option<String> {
+        self.digest.tls.as_ref().and_then(|t| t.sni.clone())
+    }
+    /// The protocol TLS ALPN settled on, e.g. "h2".
+    #[getter]
+    fn alpn(&self) -> Option<String> {
+        self.digest
+            .tls
+            .as_ref()
+            .and_then(|t| t.alpn.as_ref())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "ClientConn({} -> {}, {})",
+            self.digest.client_addr,
+            self.digest.local_addr,
+            self.digest.scheme.as_str()
+        )
+    }
+}
+
+/// The upstream connection a request was sent over.
+#[pyclass(name = "ServerConn", module = "ferroxy", frozen)]
+pub struct ServerConn {
+    digest: UpstreamDigest,
+}
+
+#[pymethods]
+impl ServerConn {
+    /// The upstream's address, `host:port`.
+    #[getter]
+    fn peer_addr(&self) -> String {
+        self.digest.peer_addr.to_string()
+    }
+    /// Our end of the connection, `host:port`.
+    #[getter]
+    fn local_addr(&self) -> String {
+        self.digest.local_addr.to_string()
+    }
+    /// "HTTP/1.1" or "HTTP/2".
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        match self.digest.protocol {
+            UpstreamProtocol::Http1 => "HTTP/1.1",
+            UpstreamProtocol::Http2 => "HTTP/2",
+        }
+    }
+    /// True when the connection came from the pool, False when it was opened for this request.
+    #[getter]
+    fn reused(&self) -> bool {
+        self.digest.reused
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "ServerConn({}, reused={})",
+            self.digest.peer_addr, self.digest.reused
+        )
     }
 }
 
@@ -213,22 +342,29 @@ impl PySession {
 pub struct SessionRef {
     pub py: Option<Py<PySession>>,
     pub req: RequestSlot,
-    pub client_addr: SocketAddr,
-    pub scheme: &'static str,
+    pub downstream: Arc<DownstreamDigest>,
+    /// The upstream connection's facts as of this trip, for the session to show.
+    pub upstream: Option<UpstreamDigest>,
 }
 
 impl SessionRef {
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
+            if self.upstream.is_some() {
+                session.borrow_mut(py).set_upstream(self.upstream);
+            }
             return Ok(session.clone_ref(py));
         }
-        let req = Py::new(py, PyRequestHeader::new(self.req.clone(), self.client_addr))?;
+        let req = Py::new(
+            py,
+            PyRequestHeader::new(self.req.clone(), self.downstream.client_addr),
+        )?;
         let session = Py::new(
             py,
             PySession {
                 req,
-                client_addr: self.client_addr,
-                scheme: self.scheme,
+                downstream: self.downstream.clone(),
+                upstream: self.upstream,
                 ctx: py.None(),
             },
         )?;

@@ -35,6 +35,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<http::PyRequestHeader>()?;
     m.add_class::<http::PyResponseHeader>()?;
     m.add_class::<http::PySession>()?;
+    m.add_class::<http::ClientConn>()?;
+    m.add_class::<http::ServerConn>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<echo::PyEchoUpstream>()?;

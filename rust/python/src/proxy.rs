@@ -1,5 +1,11 @@
 //! The engine's phase trait implemented by handing phases to Python. Runs on tokio workers,
 //! so nothing here touches the interpreter: it only queues jobs and awaits their replies.
+//!
+//! The engine calls every phase; consecutive request-side hooks that Python overrides share
+//! one trip to the Python thread when no Rust step sits between them, and the later phases
+//! then find their outcome already here. A fixed `upstream` is not such a step (nothing can
+//! observe it between the hooks), so `request_filter` and `upstream_request_filter` share a
+//! trip around it.
 
 use std::sync::Arc;
 
@@ -9,7 +15,7 @@ use tokio::sync::oneshot;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
 use crate::bridge::{Bridge, Job};
-use crate::call::{Outcome, PhaseJob, PhaseKind};
+use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
 use crate::http::{PySession, SessionRef};
 
@@ -43,9 +49,28 @@ impl Hooks {
         Ok(hooks)
     }
 
-    /// The request-side hooks run together in one trip to Python.
-    fn request_trip(&self) -> bool {
-        self.request_filter || self.upstream_peer || self.upstream_request_filter
+    /// The Python hooks that run in one trip from `request_filter` on: request_filter, then
+    /// as long as each next phase is Python's (or the fixed upstream), the next.
+    fn trip_at_request_filter(&self) -> RequestSteps {
+        if !self.request_filter {
+            return RequestSteps::default();
+        }
+        RequestSteps {
+            request_filter: true,
+            upstream_peer: self.upstream_peer,
+            upstream_request_filter: self.upstream_request_filter,
+        }
+    }
+
+    /// The same from `upstream_peer` on, when no earlier trip covered it.
+    fn trip_at_upstream_peer(&self, request_filtered: bool) -> RequestSteps {
+        RequestSteps {
+            request_filter: false,
+            upstream_peer: self.upstream_peer,
+            upstream_request_filter: self.upstream_peer
+                && self.upstream_request_filter
+                && !request_filtered,
+        }
     }
 }
 
@@ -59,8 +84,10 @@ pub struct PyProxy {
 pub struct PyCtx {
     session: Option<pyo3::Py<PySession>>,
     req: Option<RequestSlot>,
+    /// Chosen by an earlier trip, for `upstream_peer` to return.
     peer: Option<Peer>,
-    upstream_request: Option<http::request::Parts>,
+    /// upstream_request_filter has run (in an earlier trip); the engine holds its result.
+    upstream_request_filtered: bool,
 }
 
 fn placeholder_request() -> http::request::Parts {
@@ -80,8 +107,8 @@ impl PyProxy {
         SessionRef {
             py: ctx.session.take(),
             req: slot,
-            client_addr: session.client_addr,
-            scheme: session.scheme,
+            downstream: session.downstream.clone(),
+            upstream: session.upstream_digest,
         }
     }
 
@@ -92,6 +119,7 @@ impl PyProxy {
         kind: PhaseKind,
         session: &mut Session,
         ctx: &mut PyCtx,
+        upstream_request: Option<Box<http::request::Parts>>,
         upstream_response: Option<ResponseSlot>,
         error: Option<Error>,
     ) -> Outcome {
@@ -101,6 +129,7 @@ impl PyProxy {
         self.bridge.submit(Job::Phase(PhaseJob {
             kind,
             session: session_ref,
+            upstream_request,
             upstream_response,
             error,
             reply,
@@ -120,6 +149,45 @@ impl PyProxy {
             )),
         }
     }
+
+    /// Run the request-side hooks in `steps` in one trip. Returns a response when
+    /// request_filter answered; keeps the chosen peer and the filtered upstream request for
+    /// the phases that follow.
+    async fn request_trip(
+        &self,
+        steps: RequestSteps,
+        session: &mut Session,
+        ctx: &mut PyCtx,
+        upstream_request: Option<Box<http::request::Parts>>,
+    ) -> ferroxy_engine::error::Result<Option<Response>> {
+        match self
+            .trip(
+                PhaseKind::Request(steps),
+                session,
+                ctx,
+                upstream_request,
+                None,
+                None,
+            )
+            .await
+        {
+            Outcome::Respond(response) => Ok(Some(response)),
+            Outcome::Proceed {
+                peer,
+                upstream_request,
+            } => {
+                ctx.peer = peer;
+                if steps.upstream_request_filter {
+                    ctx.upstream_request_filtered = true;
+                    if let Some(head) = upstream_request {
+                        session.set_upstream_request(head);
+                    }
+                }
+                Ok(None)
+            }
+            Outcome::Fail(error) => Err(error),
+        }
+    }
 }
 
 impl ProxyHttp for PyProxy {
@@ -134,51 +202,57 @@ impl ProxyHttp for PyProxy {
         session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Option<Response>> {
-        if !self.hooks.request_trip() {
+        let steps = self.hooks.trip_at_request_filter();
+        if steps.is_empty() {
             return Ok(None);
         }
-        match self
-            .trip(PhaseKind::Request, session, ctx, None, None)
-            .await
-        {
-            Outcome::Respond(response) => Ok(Some(response)),
-            Outcome::Proceed {
-                peer,
-                upstream_request,
-            } => {
-                ctx.peer = peer;
-                ctx.upstream_request = upstream_request;
-                Ok(None)
-            }
-            Outcome::Fail(error) => Err(error),
-        }
+        self.request_trip(steps, session, ctx, None).await
     }
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Peer> {
-        ctx.peer
-            .take()
-            .or_else(|| self.upstream.clone())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Internal,
-                    "no upstream: set `upstream` or override upstream_peer()",
-                )
-            })
+        if let Some(peer) = ctx.peer.take() {
+            return Ok(peer);
+        }
+        if self.hooks.upstream_peer {
+            let steps = self
+                .hooks
+                .trip_at_upstream_peer(ctx.upstream_request_filtered);
+            self.request_trip(steps, session, ctx, None).await?;
+            return ctx
+                .peer
+                .take()
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "upstream_peer chose no peer"));
+        }
+        self.upstream.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                "no upstream: set `upstream` or override upstream_peer()",
+            )
+        })
     }
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut http::request::Parts,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<()> {
-        // Python edited a copy built the same way during the request trip; it replaces ours.
-        if let Some(edited) = ctx.upstream_request.take() {
-            *upstream_request = edited;
+        if !self.hooks.upstream_request_filter || ctx.upstream_request_filtered {
+            return Ok(());
+        }
+        let steps = RequestSteps {
+            upstream_request_filter: true,
+            ..RequestSteps::default()
+        };
+        let head = std::mem::replace(upstream_request, placeholder_request());
+        self.request_trip(steps, session, ctx, Some(Box::new(head)))
+            .await?;
+        if let Some(filtered) = session.take_upstream_request() {
+            *upstream_request = filtered;
         }
         Ok(())
     }
@@ -198,7 +272,14 @@ impl ProxyHttp for PyProxy {
             placeholder,
         ))));
         let outcome = self
-            .trip(PhaseKind::Response, session, ctx, Some(slot.clone()), None)
+            .trip(
+                PhaseKind::Response,
+                session,
+                ctx,
+                None,
+                Some(slot.clone()),
+                None,
+            )
             .await;
         if let Some(parts) = slot.lock().take() {
             *upstream_response = parts;
@@ -219,7 +300,14 @@ impl ProxyHttp for PyProxy {
             return None;
         }
         match self
-            .trip(PhaseKind::Fail, session, ctx, None, Some(error.clone()))
+            .trip(
+                PhaseKind::Fail,
+                session,
+                ctx,
+                None,
+                None,
+                Some(error.clone()),
+            )
             .await
         {
             Outcome::Respond(response) => Some(response),

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use ferroxy_engine::upstream::PoolConfig;
-use ferroxy_engine::{Server, ServerConfig, ServerHandle};
+use ferroxy_engine::{Listener, Server, ServerConfig, ServerHandle};
 
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
@@ -36,7 +36,7 @@ pub struct PyServer {
     hooks: Hooks,
     upstream: Option<ferroxy_engine::Peer>,
     handle: Mutex<Option<ServerHandle>>,
-    addr: OnceLock<std::net::SocketAddr>,
+    addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
 
 fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
@@ -62,7 +62,7 @@ fn positive(field: &str, seconds: f64) -> PyResult<Duration> {
 impl PyServer {
     #[new]
     #[pyo3(signature = (
-        dispatcher, *, hooks=None, upstream=None, listen="127.0.0.1:8080".to_owned(), threads=0,
+        dispatcher, *, hooks=None, upstream=None, listen=None, threads=0,
         grace_period=5.0, client_read_timeout=60.0, client_write_timeout=60.0, keepalive_timeout=75.0,
         pool_idle_timeout=60.0, pool_max_idle_per_peer=128, access_log=true
     ))]
@@ -72,7 +72,7 @@ impl PyServer {
         dispatcher: &Bound<'_, PyAny>,
         hooks: Option<&Bound<'_, PyAny>>,
         upstream: Option<&Bound<'_, PyAny>>,
-        listen: String,
+        listen: Option<&Bound<'_, PyAny>>,
         threads: i64,
         grace_period: f64,
         client_read_timeout: f64,
@@ -109,7 +109,7 @@ impl PyServer {
         let pool_max_idle_per_peer = usize::try_from(pool_max_idle_per_peer)
             .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
         let config = ServerConfig {
-            listen,
+            listeners: listen_specs(listen)?,
             threads: threads as usize,
             grace_period: duration("grace_period", grace_period)?,
             client_read_timeout: positive("client_read_timeout", client_read_timeout)?,
@@ -145,12 +145,12 @@ impl PyServer {
             hooks,
             upstream,
             handle: Mutex::new(None),
-            addr: OnceLock::new(),
+            addrs: OnceLock::new(),
         })
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        if self.addr.get().is_some() {
+        if self.addrs.get().is_some() {
             return Err(PyRuntimeError::new_err("server already started"));
         }
         let proxy = self.proxy();
@@ -158,12 +158,12 @@ impl PyServer {
         let config = self.config.clone();
         // No lock held while detached: another thread holding the GIL may read our state.
         let started = py.detach(move || {
-            Server::new(config, proxy)
+            Server::proxy(config, proxy)
                 .on_stopped(move || bridge.submit(Job::Stopped))
                 .start()
         });
         let handle = started.map_err(|e| PyOSError::new_err(e.to_string()))?;
-        if self.addr.set(handle.local_addr()).is_err() {
+        if self.addrs.set(handle.local_addrs().to_vec()).is_err() {
             return Err(PyRuntimeError::new_err("server already started"));
         }
         *self.handle.lock() = Some(handle);
@@ -175,6 +175,12 @@ impl PyServer {
     #[getter]
     fn addr(&self) -> PyResult<String> {
         Ok(self.local_addr()?.to_string())
+    }
+
+    /// Every listener's address, in the order given.
+    #[getter]
+    fn addrs(&self) -> PyResult<Vec<String>> {
+        Ok(self.listening()?.iter().map(ToString::to_string).collect())
     }
 
     #[getter]
@@ -273,9 +279,13 @@ impl PyServer {
     }
 
     fn local_addr(&self) -> PyResult<std::net::SocketAddr> {
-        self.addr
+        Ok(self.listening()?[0])
+    }
+
+    fn listening(&self) -> PyResult<&[std::net::SocketAddr]> {
+        self.addrs
             .get()
-            .copied()
+            .map(Vec::as_slice)
             .ok_or_else(|| PyRuntimeError::new_err("server not started"))
     }
 
@@ -284,7 +294,7 @@ impl PyServer {
             Job::Phase(job) => {
                 let (kind, call) = Call::from_job(py, job)?;
                 let method = match kind {
-                    PhaseKind::Request => &self.dispatcher.request_phase,
+                    PhaseKind::Request(_) => &self.dispatcher.request_phase,
                     PhaseKind::Response => &self.dispatcher.response_phase,
                     PhaseKind::Fail => &self.dispatcher.fail_phase,
                 };
@@ -315,6 +325,29 @@ impl PyServer {
             }
         }
     }
+}
+
+/// `listen`: one `host:port` or `fd:N`, or a list of them; None for the default.
+fn listen_specs(listen: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Listener>> {
+    let specs: Vec<String> = match listen {
+        None => return Ok(ServerConfig::default().listeners),
+        Some(one) if one.is_instance_of::<pyo3::types::PyString>() => vec![one.extract()?],
+        Some(many) => many
+            .try_iter()
+            .and_then(|items| items.map(|item| item?.extract::<String>()).collect())
+            .map_err(|_| PyTypeError::new_err("listen must be a str or a list of str"))?,
+    };
+    if specs.is_empty() {
+        return Err(PyValueError::new_err(
+            "listen must name at least one address",
+        ));
+    }
+    specs
+        .iter()
+        .map(|spec| {
+            Listener::parse(spec).map_err(|e| PyValueError::new_err(format!("listen: {e}")))
+        })
+        .collect()
 }
 
 /// Report a Python exception through Python's logging, traceback included.

@@ -1,17 +1,19 @@
-//! Opening a new HTTP/1.1 connection to a peer, with its connect/read/write timeouts.
+//! Opening a new connection to a peer, with its connect and write timeouts, speaking the
+//! peer's protocol.
 
 use std::time::Duration;
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_io_timeout::TimeoutStream;
 
-use crate::body::ProxyBody;
+use super::connection::{Sender, UpstreamConnection};
+use crate::digest::UpstreamDigest;
 use crate::error::{Error, ErrorKind, Result};
-use crate::peer::Peer;
+use crate::peer::{Peer, UpstreamProtocol};
 
-pub(super) async fn connect(peer: &Peer) -> Result<http1::SendRequest<ProxyBody>> {
+pub(super) async fn connect(peer: &Peer, idle_timeout: Duration) -> Result<UpstreamConnection> {
     let timeouts = *peer.timeouts();
     let stream = tokio::time::timeout(timeouts.connect, open(peer))
         .await
@@ -20,24 +22,68 @@ pub(super) async fn connect(peer: &Peer) -> Result<http1::SendRequest<ProxyBody>
                 ErrorKind::ConnectTimeout,
                 format!("connect timed out after {:?}", timeouts.connect),
             )
+            .with_peer(peer)
         })??;
     let _ = stream.set_nodelay(true);
+    let digest = UpstreamDigest {
+        peer_addr: stream
+            .peer_addr()
+            .map_err(|e| Error::from_connect(e, peer))?,
+        local_addr: stream
+            .local_addr()
+            .map_err(|e| Error::from_connect(e, peer))?,
+        protocol: peer.protocol(),
+        reused: false,
+    };
     // Only writes are timed on the socket (proxy_send_timeout). hyper keeps a read pending
     // on idle pooled connections, so a socket read timeout would count idle time against the
     // next request; reads are timed per response head and per body frame instead.
     let mut io = TimeoutStream::new(stream);
     io.set_write_timeout(nonzero(timeouts.write));
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(Box::pin(io)))
-        .await
-        .map_err(|e| Error::new(ErrorKind::ConnectError, e.to_string()))?;
-    let addr = peer.pool_key().clone();
+    let io = TokioIo::new(Box::pin(io));
+    let handshake_failed = |e: hyper::Error| {
+        Error::new(ErrorKind::ConnectError, e.to_string())
+            .with_peer(peer)
+            .with_cause(e)
+    };
+    let sender = match peer.protocol() {
+        UpstreamProtocol::Http1 => {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(handshake_failed)?;
+            drive(peer, connection);
+            Sender::Http1(sender)
+        }
+        UpstreamProtocol::Http2 => {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(handshake_failed)?;
+            drive(peer, connection);
+            Sender::Http2(sender)
+        }
+    };
+    Ok(UpstreamConnection {
+        sender,
+        key: peer.key().clone(),
+        digest,
+        idle_timeout,
+    })
+}
+
+/// Run a connection's I/O on its own task until it closes.
+fn drive<C>(peer: &Peer, connection: C)
+where
+    C: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let key = peer.key().clone();
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(upstream = &*addr, %error, "upstream connection ended");
+            tracing::debug!(upstream = key.addr(), %error, "upstream connection ended");
         }
     });
-    Ok(sender)
 }
 
 async fn open(peer: &Peer) -> Result<TcpStream> {
@@ -45,14 +91,7 @@ async fn open(peer: &Peer) -> Result<TcpStream> {
         Some(addr) => TcpStream::connect(addr).await,
         None => TcpStream::connect(peer.addr()).await,
     };
-    result.map_err(|e| {
-        let kind = match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => ErrorKind::ConnectRefused,
-            std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
-            _ => ErrorKind::ConnectError,
-        };
-        Error::new(kind, format!("connect to {} failed: {e}", peer.addr()))
-    })
+    result.map_err(|e| Error::from_connect(e, peer))
 }
 
 fn nonzero(d: Duration) -> Option<Duration> {

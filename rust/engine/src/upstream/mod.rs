@@ -1,23 +1,32 @@
-//! Talking to upstreams: connecting, pooling connections, sending one request.
+//! Talking to upstreams: opening connections, pooling them, exchanging one request.
 
 mod connect;
-pub mod pool;
+mod connection;
+mod pool;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{BodyProgress, ProxyBody};
 use crate::error::{Error, ErrorKind, Result};
 use crate::peer::Peer;
-pub use pool::{ConnectionPool, PoolConfig, PooledConnection};
+pub use connection::UpstreamConnection;
+pub use pool::{ConnectionPool, PoolConfig};
 
-/// Sends requests to peers over connections from the shared pool.
+/// Opens or reuses connections to peers and sends requests over them.
 pub struct UpstreamClient {
     pool: Arc<ConnectionPool>,
+}
+
+/// An upstream's answer: its head, its streaming body, and the connection it came on (to
+/// hand back to the pool once the exchange has completed).
+pub struct Exchange {
+    pub head: http::response::Parts,
+    pub body: Incoming,
+    pub connection: UpstreamConnection,
 }
 
 impl UpstreamClient {
@@ -29,64 +38,75 @@ impl UpstreamClient {
         &self.pool
     }
 
-    /// Send `req` to `peer`. Returns the response head, its streaming body and the connection
-    /// (to hand back to the pool once the body has been read to the end).
+    /// A connection to `peer`: a pooled one, else a new one. Fails only when connecting
+    /// fails, before anything was sent (so the caller may try another peer).
+    pub async fn connect(&self, peer: &Peer) -> Result<UpstreamConnection> {
+        match self.pool.checkout(peer) {
+            Some(conn) => Ok(conn),
+            None => self.open(peer).await,
+        }
+    }
+
+    async fn open(&self, peer: &Peer) -> Result<UpstreamConnection> {
+        let conn = connect::connect(peer, self.pool.idle_timeout_for(peer)).await?;
+        if conn.is_shared() {
+            self.pool.put_back(conn.clone_shared());
+        }
+        Ok(conn)
+    }
+
+    /// Send `req` to `peer` over `conn`.
     ///
     /// A pooled connection may have been closed by the upstream while idle; when sending on
     /// one fails before the request was written, hyper hands the request back and we retry on
     /// the next connection, which ends at a fresh one.
     ///
-    /// The response head must come within the peer's read timeout of the request body's
-    /// end (`request_finished`); while the body is still being sent, only the write timeout
-    /// applies.
+    /// The response head must come within the peer's read timeout of the request body's end
+    /// (`upload`); while the body is still being sent, only the write timeout applies.
     pub async fn send(
         &self,
         peer: &Peer,
+        mut conn: UpstreamConnection,
         mut req: http::Request<ProxyBody>,
-        request_finished: &AtomicBool,
-    ) -> Result<(http::response::Parts, Incoming, PooledConnection)> {
+        upload: &BodyProgress,
+    ) -> Result<Exchange> {
         let read_timeout = peer.timeouts().read;
         loop {
-            let (mut conn, reused) = match self.pool.checkout(peer) {
-                Some(conn) => (conn, true),
-                None => (self.connect(peer).await?, false),
-            };
-            if reused && conn.sender.ready().await.is_err() {
+            if conn.digest.reused && conn.ready().await.is_err() {
+                conn = self.connect(peer).await?;
                 continue;
             }
-            let sent = within_read_timeout(
-                conn.sender.try_send_request(req),
-                read_timeout,
-                request_finished,
-            );
-            let Some(sent) = sent.await else {
+            let sent = within_read_timeout(conn.send(req), read_timeout, upload).await;
+            let Some(sent) = sent else {
                 let message = format!("no response within {read_timeout:?}");
                 return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
             };
             match sent {
                 Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    return Ok((parts, body, conn));
+                    let (head, body) = response.into_parts();
+                    return Ok(Exchange {
+                        head,
+                        body,
+                        connection: conn,
+                    });
                 }
                 Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if reused => {
+                    Some(unsent) if conn.digest.reused => {
                         tracing::debug!(
                             peer = peer.addr(),
                             "pooled connection was closed; retrying"
                         );
                         req = unsent;
+                        conn = self.connect(peer).await?;
                     }
-                    _ => return Err(Error::from_upstream(&failed.into_error()).with_peer(peer)),
+                    _ => {
+                        return Err(
+                            Error::from_upstream(Box::new(failed.into_error())).with_peer(peer)
+                        )
+                    }
                 },
             }
         }
-    }
-
-    async fn connect(&self, peer: &Peer) -> Result<PooledConnection> {
-        let sender = connect::connect(peer)
-            .await
-            .map_err(|e| e.with_peer(peer))?;
-        Ok(self.pool.wrap_new(peer, sender))
     }
 }
 
@@ -94,18 +114,18 @@ impl UpstreamClient {
 async fn within_read_timeout<F: Future>(
     response: F,
     read_timeout: Duration,
-    request_finished: &AtomicBool,
+    upload: &BodyProgress,
 ) -> Option<F::Output> {
     tokio::pin!(response);
     // A window counts only if the body had finished when it began, so the wait after the
     // upload is never shorter than the read timeout. Stalls while uploading are the write
     // timeout's business.
-    let mut window_after_upload = request_finished.load(Ordering::Acquire);
+    let mut window_after_upload = upload.is_finished();
     loop {
         match tokio::time::timeout(read_timeout, &mut response).await {
             Ok(output) => return Some(output),
             Err(_) if window_after_upload => return None,
-            Err(_) => window_after_upload = request_finished.load(Ordering::Acquire),
+            Err(_) => window_after_upload = upload.is_finished(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferroxy_engine::echo::{serve, EchoStats, EchoUpstream};
+use ferroxy_echo::{serve, EchoStats, EchoUpstream};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};

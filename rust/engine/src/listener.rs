@@ -1,0 +1,106 @@
+//! Where a server accepts connections: an address to bind, or a listening socket inherited
+//! as a file descriptor (from a supervisor, or from the previous process during a
+//! zero-downtime upgrade).
+
+use std::fmt;
+use std::os::fd::{FromRawFd, RawFd};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listener {
+    /// `host:port` to bind.
+    Addr(String),
+    /// A listening TCP socket this process inherited, by descriptor number.
+    Fd(RawFd),
+}
+
+impl Listener {
+    /// `"fd:N"` names an inherited descriptor; anything else is an address to bind.
+    pub fn parse(spec: &str) -> Result<Listener, String> {
+        match spec.strip_prefix("fd:") {
+            Some(n) => n
+                .parse::<RawFd>()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .map(Listener::Fd)
+                .ok_or_else(|| format!("invalid descriptor in {spec:?}: expected fd:N")),
+            None if spec.is_empty() => Err("empty listen address".into()),
+            None => Ok(Listener::Addr(spec.to_owned())),
+        }
+    }
+
+    /// The bound, non-blocking socket. Errors name the address or descriptor.
+    pub fn open(&self) -> std::io::Result<std::net::TcpListener> {
+        let named = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {self}: {e}"))
+        };
+        let listener = match self {
+            Listener::Addr(addr) => std::net::TcpListener::bind(addr).map_err(named)?,
+            Listener::Fd(fd) => {
+                // SAFETY: the descriptor was handed to this process to listen on (that is
+                // what naming it in the configuration says) and nothing else here owns it.
+                let listener = unsafe { std::net::TcpListener::from_raw_fd(*fd) };
+                // Not a socket, or not bound: say so now rather than fail on accept.
+                listener.local_addr().map_err(named)?;
+                listener
+            }
+        };
+        listener.set_nonblocking(true).map_err(named)?;
+        Ok(listener)
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listener::Addr(addr) => f.write_str(addr),
+            Listener::Fd(fd) => write!(f, "fd:{fd}"),
+        }
+    }
+}
+
+impl From<&str> for Listener {
+    fn from(addr: &str) -> Self {
+        Listener::Addr(addr.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn parses_addresses_and_descriptors() {
+        assert_eq!(
+            Listener::parse("127.0.0.1:80"),
+            Ok(Listener::Addr("127.0.0.1:80".into()))
+        );
+        assert_eq!(Listener::parse("fd:3"), Ok(Listener::Fd(3)));
+        assert!(Listener::parse("fd:x").is_err());
+        assert!(Listener::parse("fd:-1").is_err());
+        assert!(Listener::parse("").is_err());
+    }
+
+    #[test]
+    fn opens_an_inherited_socket() {
+        let bound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = bound.local_addr().unwrap();
+        let listener = Listener::Fd(bound.into_raw_fd()).open().unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_socket_is_refused_by_name() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let error = Listener::Fd(file.into_raw_fd()).open().unwrap_err();
+        assert!(error.to_string().contains("fd:"), "{error}");
+    }
+
+    #[test]
+    fn bind_errors_name_the_address() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let error = Listener::Addr(addr.clone()).open().unwrap_err();
+        assert!(error.to_string().contains(&addr), "{error}");
+    }
+}
