@@ -239,6 +239,19 @@ class Server:
         """Time ``trips`` response_filter round trips through the hook bridge alone (no
         sockets), ``in_flight`` at a time; returns seconds. Blocks: call it from an executor
         while this server's loop drains ``run_pending``."""
+    def simulate(
+        self,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        client_addr: str,
+        local_addr: str,
+        upstream: Response | None = None,
+    ) -> Simulation:
+        """Run one request through the phases with no sockets, every upstream answering
+        ``upstream`` (default: an empty 200); the outcome is ready once
+        ``dispatcher.stopped()`` has been called. See ``ferroxy.testing.simulate``."""
     def run_pending(self) -> int:
         """Run queued work on this thread; returns how many items ran."""
     def shutdown(self, grace_period: float | None = None) -> None:
@@ -264,3 +277,31 @@ class EchoUpstream:
     @property
     def requests(self) -> int: ...
     def stop(self) -> None: ...
+
+@final
+class Simulation:
+    """A simulated request under way (see ``Server.simulate``)."""
+
+    def result(self) -> SimulationResult:
+        """The outcome; RuntimeError until the simulation has finished."""
+
+@final
+class SimulationResult:
+    """What a simulated request came to."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Headers: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def upstream_request(self) -> RequestHeader | None:
+        """What the upstream was sent; None when nothing was proxied."""
+    @property
+    def upstream_body(self) -> bytes | None: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def error(self) -> ProxyError | None:
+        """What fail_to_proxy and logging saw; None on success."""

@@ -1,23 +1,40 @@
-"""Helpers for trying an app in-process, outside pytest too: the built-in echo upstream and
-a proxy served from a background thread.
+"""Helpers for trying an app in-process, outside pytest too: the built-in echo upstream, a
+proxy served from a background thread, and :func:`simulate`, which runs one request through
+an app's real phases with no sockets at all.
 
     with start_upstream() as upstream, start_proxy(App, upstream=upstream.addr) as proxy:
         urllib.request.urlopen(proxy.url + "/hello")
+
+    out = simulate(App, request("GET", "/blocked"))
+    assert out.status == 403 and out.upstream_request is None
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from ._core import SimulationResult
 from .proxy import Proxy
-from .server import ProxyServer
+from .server import ProxyServer, _close_loop, _LoopServer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["EchoServer", "ProxyServer", "start_proxy", "start_upstream"]
+__all__ = [
+    "EchoServer",
+    "ProxyServer",
+    "SimulatedRequest",
+    "SimulationResult",
+    "request",
+    "simulate",
+    "start_proxy",
+    "start_upstream",
+]
 
 
 class EchoServer:
@@ -80,3 +97,76 @@ def start_proxy(app: type[Proxy] | Proxy, **options: Any) -> ProxyServer:
     """Serve ``app`` from a background thread (on an ephemeral port unless ``listen`` is
     given) and return once it is listening; ``options`` are ``ProxyServer``'s."""
     return ProxyServer(app, **options).start()
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedRequest:
+    """A request for :func:`simulate`; build it with :func:`request`."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    client_addr: str
+    local_addr: str
+
+
+def request(
+    method: str,
+    path: str,
+    *,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    body: bytes | str = b"",
+    client_addr: str = "127.0.0.1:50000",
+    local_addr: str = "127.0.0.1:8080",
+) -> SimulatedRequest:
+    """An HTTP/1.1 request for :func:`simulate`. ``path`` may carry a query (``/a?b=1``);
+    a ``Host`` header (``localhost``) and a ``Content-Length`` for a body are added unless
+    ``headers`` has them, as a client would send."""
+    pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
+    names = {name.lower() for name, _ in pairs}
+    if "host" not in names:
+        pairs.insert(0, ("host", "localhost"))
+    data = body.encode() if isinstance(body, str) else bytes(body)
+    if data and "content-length" not in names and "transfer-encoding" not in names:
+        pairs.append(("content-length", str(len(data))))
+    return SimulatedRequest(method, path, tuple(pairs), data, client_addr, local_addr)
+
+
+def simulate(
+    app: type[Proxy] | Proxy,
+    req: SimulatedRequest,
+    *,
+    upstream: _core.Response | None = None,
+    **options: Any,
+) -> SimulationResult:
+    """Run ``req`` through ``app``'s real phases (hooks, and whatever the engine runs between
+    them) with the sockets replaced: every upstream answers ``upstream`` (default: an empty
+    200). Needs no running server; sync and async hooks both work, on a loop of its own.
+
+    Returns the response the client would get (``status``, ``headers``, ``body``), what the
+    upstream was sent (``upstream_request`` and ``upstream_body``, None when nothing was
+    proxied), the ``peer`` chosen, and the ``error`` that ``fail_to_proxy`` and ``logging``
+    saw. ``options`` are the server options (``upstream=`` is the upstream response here:
+    pass a fixed peer as the app's ``upstream`` attribute).
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        served = _LoopServer(app, loop, options)
+        simulation = served.server.simulate(
+            req.method,
+            req.path,
+            list(req.headers),
+            req.body,
+            req.client_addr,
+            req.local_addr,
+            upstream,
+        )
+        loop.add_reader(served.server.fileno(), served.server.run_pending)
+        try:
+            loop.run_until_complete(served.serve())
+        finally:
+            loop.remove_reader(served.server.fileno())
+        return simulation.result()
+    finally:
+        _close_loop(loop)

@@ -21,6 +21,7 @@ pub mod response;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod simulate;
 pub mod upstream;
 
 pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};

@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
-use crate::error::{Error, ErrorKind, ErrorSide, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::forward;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
@@ -136,10 +136,9 @@ impl<P: ProxyHttp> ProxyService<P> {
         let mut head = exchange.head;
         forward::response_headers(&mut head.headers);
         self.proxy.response_filter(session, &mut head, ctx).await?;
-        let body = ProxyBody::streamed(exchange.body, peer.timeouts().read, ErrorSide::Upstream);
         Ok(Proxied::Upstream {
             head,
-            body,
+            body: exchange.body,
             connection: exchange.connection,
             upload,
         })

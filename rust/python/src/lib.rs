@@ -10,6 +10,7 @@ mod http;
 mod logs;
 mod proxy;
 mod server;
+mod simulate;
 mod types;
 
 use pyo3::prelude::*;
@@ -39,6 +40,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<http::ServerConn>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<server::PyServer>()?;
+    m.add_class::<simulate::Simulation>()?;
+    m.add_class::<simulate::SimulationResult>()?;
     m.add_class::<echo::PyEchoUpstream>()?;
     Ok(())
 }

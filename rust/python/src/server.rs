@@ -235,6 +235,44 @@ impl PyServer {
         Ok(elapsed?)
     }
 
+    /// Run one request through the app's phases with no sockets (see `ferroxy.testing.simulate`).
+    /// Returns at once; the outcome is ready once `dispatcher.stopped()` has been called.
+    #[pyo3(signature = (method, path, headers, body, client_addr, local_addr, upstream=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn simulate(
+        &self,
+        method: String,
+        path: String,
+        headers: &Bound<'_, PyAny>,
+        body: Vec<u8>,
+        client_addr: String,
+        local_addr: String,
+        upstream: Option<&Bound<'_, crate::types::PyResponse>>,
+    ) -> PyResult<crate::simulate::Simulation> {
+        if self.addrs.get().is_some() {
+            return Err(PyRuntimeError::new_err(
+                "this server is serving; simulate on a new one",
+            ));
+        }
+        let mut header_map = http::HeaderMap::new();
+        crate::headers::extend_from_python(&mut header_map, headers)?;
+        let request = crate::simulate::SimulatedRequest {
+            method,
+            target: path,
+            headers: header_map,
+            body: body.into(),
+            client_addr,
+            local_addr,
+        };
+        self.bridge.set_serving(true);
+        crate::simulate::start(
+            self.proxy(),
+            self.bridge.clone(),
+            request,
+            crate::simulate::upstream_response(upstream),
+        )
+    }
+
     fn run_pending(&self, py: Python<'_>) -> PyResult<usize> {
         let jobs = self.bridge.take();
         let count = jobs.len();

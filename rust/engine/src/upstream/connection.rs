@@ -8,6 +8,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
 
+use super::canned::CannedUpstream;
 use crate::body::ProxyBody;
 use crate::digest::UpstreamDigest;
 use crate::peer::PeerKey;
@@ -15,6 +16,8 @@ use crate::peer::PeerKey;
 pub(crate) enum Sender {
     Http1(http1::SendRequest<ProxyBody>),
     Http2(http2::SendRequest<ProxyBody>),
+    /// No connection at all: a prepared answer (see `canned`).
+    Canned(Arc<CannedUpstream>),
 }
 
 /// A connection to a peer, taken from the pool or newly opened. Dropping an HTTP/1.1 one
@@ -35,11 +38,13 @@ impl UpstreamConnection {
     /// # Panics
     /// On an HTTP/1.1 connection, which cannot be shared.
     pub(crate) fn clone_shared(&self) -> UpstreamConnection {
-        let Sender::Http2(sender) = &self.sender else {
-            panic!("an HTTP/1.1 connection cannot be shared");
+        let sender = match &self.sender {
+            Sender::Http2(sender) => Sender::Http2(sender.clone()),
+            Sender::Canned(canned) => Sender::Canned(canned.clone()),
+            Sender::Http1(_) => panic!("an HTTP/1.1 connection cannot be shared"),
         };
         UpstreamConnection {
-            sender: Sender::Http2(sender.clone()),
+            sender,
             key: self.key.clone(),
             digest: self.digest,
             idle_timeout: self.idle_timeout,
@@ -56,13 +61,14 @@ impl UpstreamConnection {
 
     /// Multiplexed: other requests may use it at the same time.
     pub fn is_shared(&self) -> bool {
-        matches!(self.sender, Sender::Http2(_))
+        matches!(self.sender, Sender::Http2(_) | Sender::Canned(_))
     }
 
     pub fn is_closed(&self) -> bool {
         match &self.sender {
             Sender::Http1(s) => s.is_closed(),
             Sender::Http2(s) => s.is_closed(),
+            Sender::Canned(_) => false,
         }
     }
 
@@ -71,15 +77,20 @@ impl UpstreamConnection {
         match &mut self.sender {
             Sender::Http1(s) => s.ready().await,
             Sender::Http2(s) => s.ready().await,
+            Sender::Canned(_) => Ok(()),
         }
     }
 
-    /// Send `req`. When the connection turns out closed before any of the request was
-    /// written, the error hands the request back (see hyper's `TrySendError`).
-    pub async fn send(&mut self, req: http::Request<ProxyBody>) -> Sent {
+    /// Send `req` over a real connection. When the connection turns out closed before any
+    /// of the request was written, the error hands the request back (see hyper's
+    /// `TrySendError`).
+    pub(crate) async fn send(&mut self, req: http::Request<ProxyBody>) -> Sent {
         match &mut self.sender {
             Sender::Http1(s) => s.try_send_request(req).await,
             Sender::Http2(s) => s.try_send_request(req).await,
+            Sender::Canned(_) => {
+                unreachable!("UpstreamClient::send answers canned requests itself")
+            }
         }
     }
 }

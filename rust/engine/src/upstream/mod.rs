@@ -1,5 +1,6 @@
 //! Talking to upstreams: opening connections, pooling them, exchanging one request.
 
+mod canned;
 mod connect;
 mod connection;
 mod pool;
@@ -8,30 +9,42 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-
 use crate::body::{BodyProgress, ProxyBody};
-use crate::error::{Error, ErrorKind, Result};
+use crate::digest::UpstreamDigest;
+use crate::error::{Error, ErrorKind, ErrorSide, Result};
 use crate::peer::Peer;
+pub use canned::{CannedUpstream, Received};
+use connection::Sender;
 pub use connection::UpstreamConnection;
 pub use pool::{ConnectionPool, PoolConfig};
 
 /// Opens or reuses connections to peers and sends requests over them.
 pub struct UpstreamClient {
     pool: Arc<ConnectionPool>,
+    /// Set for phase tests: every peer is this prepared answer, no network involved.
+    canned: Option<Arc<CannedUpstream>>,
 }
 
 /// An upstream's answer: its head, its streaming body, and the connection it came on (to
 /// hand back to the pool once the exchange has completed).
 pub struct Exchange {
     pub head: http::response::Parts,
-    pub body: Incoming,
+    /// Streamed, with the peer's read timeout between frames.
+    pub body: ProxyBody,
     pub connection: UpstreamConnection,
 }
 
 impl UpstreamClient {
     pub fn new(pool: Arc<ConnectionPool>) -> Self {
-        UpstreamClient { pool }
+        UpstreamClient { pool, canned: None }
+    }
+
+    /// A client whose every peer answers with `canned`'s response, without a network.
+    pub fn canned(canned: Arc<CannedUpstream>) -> Self {
+        UpstreamClient {
+            pool: Arc::new(ConnectionPool::new(PoolConfig::default())),
+            canned: Some(canned),
+        }
     }
 
     pub fn pool(&self) -> &Arc<ConnectionPool> {
@@ -41,6 +54,22 @@ impl UpstreamClient {
     /// A connection to `peer`: a pooled one, else a new one. Fails only when connecting
     /// fails, before anything was sent (so the caller may try another peer).
     pub async fn connect(&self, peer: &Peer) -> Result<UpstreamConnection> {
+        if let Some(canned) = &self.canned {
+            let addr = peer
+                .socket_addr()
+                .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+            return Ok(UpstreamConnection {
+                sender: Sender::Canned(canned.clone()),
+                key: peer.key().clone(),
+                digest: UpstreamDigest {
+                    peer_addr: addr,
+                    local_addr: ([127, 0, 0, 1], 0).into(),
+                    protocol: peer.protocol(),
+                    reused: false,
+                },
+                idle_timeout: Duration::ZERO,
+            });
+        }
         match self.pool.checkout(peer) {
             Some(conn) => Ok(conn),
             None => self.open(peer).await,
@@ -71,6 +100,14 @@ impl UpstreamClient {
         upload: &BodyProgress,
     ) -> Result<Exchange> {
         let read_timeout = peer.timeouts().read;
+        if let Sender::Canned(canned) = &conn.sender {
+            let (head, body) = canned.exchange(req).await?;
+            return Ok(Exchange {
+                head,
+                body,
+                connection: conn,
+            });
+        }
         loop {
             if conn.digest.reused && conn.ready().await.is_err() {
                 conn = self.connect(peer).await?;
@@ -86,7 +123,7 @@ impl UpstreamClient {
                     let (head, body) = response.into_parts();
                     return Ok(Exchange {
                         head,
-                        body,
+                        body: ProxyBody::streamed(body, read_timeout, ErrorSide::Upstream),
                         connection: conn,
                     });
                 }
