@@ -155,8 +155,7 @@ def test_response_headers_on_raw_wire(ferroxy_upstream, ferroxy_proxy) -> None:
         sock.sendall(b"GET /wire HTTP/1.1\r\nHost: x\r\n\r\n")
         resp = read_response(rfile)
     assert resp.status == 200
-    values = resp.header_all("x-multi")
-    assert values in (["one", "two"], ["one, two"]), resp.headers
+    assert resp.header_all("x-multi") == ["one", "two"], resp.headers
 
 
 def test_generated_response_headers_api() -> None:

@@ -33,7 +33,7 @@ def _recording_app(upstream_addr: str, calls: list[str], use_async: bool) -> typ
                 return {}
 
             async def request_filter(self, session, ctx):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # not a wait: this hook really suspends
                 calls.append("request_filter")
                 return None
 
@@ -355,7 +355,7 @@ def test_async_hooks_run_concurrently(ferroxy_upstream, ferroxy_proxy) -> None:
         upstream = ferroxy_upstream.addr
 
         async def request_filter(self, session, ctx):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # not a wait: a slow hook, for four requests to overlap
             return None
 
     proxy = ferroxy_proxy(App)

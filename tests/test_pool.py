@@ -85,7 +85,8 @@ def test_pool_max_idle_per_peer(ferroxy_upstream, ferroxy_proxy) -> None:
     proxy = ferroxy_proxy(_app(ferroxy_upstream.addr), pool_max_idle_per_peer=1)
     assert _concurrent_gets(proxy.url + "/delay/400", 3) == [200] * 3
     assert ferroxy_upstream.connections == 3
-    time.sleep(0.1)
+    # No wait needed: a connection is back in the pool by the time its client has the whole
+    # response (what test_100_sequential_requests_use_one_upstream_connection relies on).
     assert _concurrent_gets(proxy.url + "/delay/400", 3) == [200] * 3
     assert ferroxy_upstream.connections == 5, (
         "with pool_max_idle_per_peer=1 only one connection survives a burst, so the second "
@@ -99,7 +100,7 @@ def test_pool_idle_timeout_expires_connections(ferroxy_upstream, ferroxy_proxy) 
         assert c.get("/one").status_code == 200
         assert c.get("/two").status_code == 200
         assert ferroxy_upstream.connections == 1
-        time.sleep(1.0)
+        time.sleep(1.0)  # not a wait: the connection must sit idle past pool_idle_timeout
         assert c.get("/three").status_code == 200
     assert ferroxy_upstream.connections == 2, "a connection idle past pool_idle_timeout was reused"
 

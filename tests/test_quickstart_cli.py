@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 from conftest import (
     HOST,
     REPO_ROOT,
+    CliProxy,
     fixed_upstream_app,
     free_port,
     port_accepts,
@@ -126,18 +126,45 @@ def test_console_script(tmp_path: Path, ferroxy_upstream) -> None:
         assert r.headers.get("x-app") == "console-script"
 
 
+def _output_once_logged(cli: CliProxy, path: str) -> str:
+    """GET ``path``, then return the CLI's output once its access line, if any, is out.
+
+    The app's logging hook prints a numbered line per request. The engine writes an access
+    line at the latest right after the batch of hook calls it came with, so the hook line
+    of a second request, sent once the first one's hook line is out, comes after it."""
+    for n, url in enumerate((cli.url + path, cli.url + "/barrier"), start=1):
+        assert httpx.get(url, timeout=10).status_code == 200
+        assert wait_until(lambda n=n: f"logging hook call {n}\n" in cli.stderr(), timeout=5), (
+            cli.describe()
+        )
+    return cli.stderr() + cli.stdout()
+
+
 def test_cli_access_log_and_no_access_log(tmp_path: Path, ferroxy_upstream) -> None:
-    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    spec = write_app(
+        tmp_path,
+        f"""
+        import sys
+
+        from ferroxy import Proxy
+
+        class App(Proxy):
+            upstream = {ferroxy_upstream.addr!r}
+            calls = 0
+
+            def logging(self, session, error, ctx):
+                App.calls += 1
+                print(f"logging hook call {{App.calls}}", file=sys.stderr, flush=True)
+        """,
+    )
     with run_cli(spec, "--log-level", "info") as cli:
-        assert httpx.get(cli.url + "/access-log-marker-1", timeout=10).status_code == 200
-        assert wait_until(
-            lambda: "/access-log-marker-1" in cli.stderr() + cli.stdout(), timeout=3
-        ), f"no access log line for the request on the CLI's output\n{cli.describe()}"
+        out = _output_once_logged(cli, "/access-log-marker-1")
+        assert "/access-log-marker-1" in out, (
+            f"no access log line for the request on the CLI's output\n{cli.describe()}"
+        )
 
     with run_cli(spec, "--log-level", "info", "--no-access-log") as cli:
-        assert httpx.get(cli.url + "/access-log-marker-2", timeout=10).status_code == 200
-        time.sleep(1.0)
-        out = cli.stderr() + cli.stdout()
+        out = _output_once_logged(cli, "/access-log-marker-2")
         assert "/access-log-marker-2" not in out, (
             f"--no-access-log still printed an access line\n{cli.describe()}"
         )

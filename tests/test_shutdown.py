@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import HOST, fixed_upstream_app, port_accepts, run_cli, wait_until
 from ferroxy import Proxy
+from ferroxy.testing import EchoServer
 
 
 def _background_get(url: str, timeout: float = 15) -> tuple[threading.Thread, dict[str, Any]]:
@@ -32,6 +33,11 @@ def _background_get(url: str, timeout: float = 15) -> tuple[threading.Thread, di
     return t, result
 
 
+def _reached_upstream(upstream: EchoServer) -> bool:
+    """Wait until the upstream has the request: it is in flight in the proxy from then on."""
+    return bool(wait_until(lambda: upstream.requests >= 1, timeout=5))
+
+
 def _refused(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.3):
@@ -49,9 +55,7 @@ def test_signal_drains_in_flight_request(
     spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
     with run_cli(spec, "--grace-period", "5", log_dir=tmp_path) as cli:
         t, result = _background_get(cli.url + "/delay/1500")
-        # the request is in flight once the proxy has connected upstream
-        assert wait_until(lambda: ferroxy_upstream.connections >= 1, timeout=3), cli.describe()
-        time.sleep(0.2)
+        assert _reached_upstream(ferroxy_upstream), cli.describe()
         cli.proc.send_signal(sig)
 
         refused = wait_until(lambda: _refused(cli.port), timeout=1.0, interval=0.05)
@@ -75,8 +79,7 @@ def test_grace_period_bounds_shutdown(tmp_path: Path, ferroxy_upstream) -> None:
     grace = 0.5
     with run_cli(spec, "--grace-period", str(grace), log_dir=tmp_path) as cli:
         t, result = _background_get(cli.url + "/delay/6000")
-        assert wait_until(lambda: ferroxy_upstream.connections >= 1, timeout=3)
-        time.sleep(0.2)
+        assert _reached_upstream(ferroxy_upstream), cli.describe()
         cli.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         try:
@@ -111,8 +114,7 @@ def test_in_process_stop(ferroxy_upstream, ferroxy_proxy) -> None:
 
     proxy = ferroxy_proxy(App)
     t, result = _background_get(proxy.url + "/delay/800")
-    assert wait_until(lambda: ferroxy_upstream.connections >= 1, timeout=3)
-    time.sleep(0.1)
+    assert _reached_upstream(ferroxy_upstream)
     stopper = threading.Thread(target=proxy.stop, kwargs={"grace_period": 5.0})
     stopper.start()
     assert wait_until(lambda: _refused(proxy.port), timeout=1.0), "still accepting after stop()"
@@ -140,7 +142,7 @@ def test_connections_past_the_grace_period_are_closed(ferroxy_upstream, ferroxy_
 
     client = threading.Thread(target=slow_request)
     client.start()
-    time.sleep(0.3)
+    assert _reached_upstream(ferroxy_upstream)
     started = time.monotonic()
     proxy.stop()
     client.join(6)
