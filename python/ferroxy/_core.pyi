@@ -165,6 +165,9 @@ class ProxyError:
     @property
     def message(self) -> str: ...
     @property
+    def side(self) -> str:
+        """Whose doing the failure was: ``"client"``, ``"upstream"`` or ``"proxy"``."""
+    @property
     def peer(self) -> Peer | None: ...
     @property
     def status(self) -> int: ...

@@ -249,6 +249,11 @@ class ProxyServer:
         return self._server.addr
 
     @property
+    def addrs(self) -> list[str]:
+        """Every listener's ``host:port``, in the order ``listen`` gave them."""
+        return self._server.addrs
+
+    @property
     def port(self) -> int:
         return self._server.port
 

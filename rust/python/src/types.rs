@@ -196,6 +196,11 @@ impl PyProxyError {
     fn message(&self) -> &str {
         &self.inner.message
     }
+    /// Whose doing the failure was: "client", "upstream" or "proxy".
+    #[getter]
+    fn side(&self) -> &'static str {
+        self.inner.side.as_str()
+    }
     #[getter]
     fn status(&self) -> u16 {
         self.inner.status
