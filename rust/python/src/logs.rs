@@ -5,7 +5,7 @@
 //! level, and events below it are dropped before any formatting.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -23,8 +23,11 @@ static RECORDS: Mutex<Vec<Record>> = Mutex::new(Vec::new());
 static LOOPS: Mutex<Vec<Weak<Bridge>>> = Mutex::new(Vec::new());
 /// Set once a loop has been woken for the queued records; cleared when they are taken.
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
-/// Past this many unread records, new ones are dropped rather than grow without bound.
+/// Past this many unread records, new ones are dropped (and counted) rather than grow
+/// without bound.
 const MAX_QUEUED: usize = 100_000;
+/// Records dropped since the last batch was taken; reported in the next batch.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 pub struct Record {
     pub logger: &'static str,
@@ -50,7 +53,16 @@ pub fn register_loop(bridge: &Arc<Bridge>) {
 
 pub fn take_records() -> Vec<Record> {
     WAKE_PENDING.store(false, Ordering::Release);
-    std::mem::take(&mut *RECORDS.lock())
+    let mut records = std::mem::take(&mut *RECORDS.lock());
+    let dropped = DROPPED.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        records.push(Record {
+            logger: "ferroxy",
+            level: python_level(&Level::WARN),
+            message: format!("{dropped} engine log records were dropped: Python fell behind"),
+        });
+    }
+    records
 }
 
 /// Wake the serving loops to emit queued records, once per batch; the first to run takes
@@ -120,6 +132,7 @@ impl<S: Subscriber> Layer<S> for PythonLogLayer {
         {
             let mut records = RECORDS.lock();
             if records.len() >= MAX_QUEUED {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             records.push(record);
