@@ -234,7 +234,7 @@ mod tests {
     async fn idle_connections_expire_at_the_peers_idle_timeout() {
         let pool = pool_keeping(8);
         let peer = peer_with(idling_for(Duration::from_secs(10)));
-        let filed = fill(&pool, &peer, 1).await;
+        let mut filed = fill(&pool, &peer, 1).await;
         tokio::time::advance(Duration::from_millis(9_999)).await;
         let conn = pool
             .checkout(&peer)
@@ -248,8 +248,7 @@ mod tests {
         pool.release(conn, true);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(pool.checkout(&peer).is_none(), "kept past its idle timeout");
-        let (_, pipe) = filed.into_iter().next().unwrap();
-        pipe.closed_by_us().await;
+        filed.remove(0).1.closed_by_us().await;
     }
 
     #[tokio::test(start_paused = true)]
