@@ -188,3 +188,172 @@ impl IdleTimer {
         }
     }
 }
+
+/// Streamed bodies without a network: an HTTP/1.1 response read by hyper's client off an
+/// in-memory pipe, the test writing the upstream's side of the wire.
+#[cfg(test)]
+pub(crate) mod testing {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// The upstream's end of a connection whose response body is being streamed.
+    pub(crate) struct Wire {
+        stream: DuplexStream,
+        // Kept so that hyper keeps the connection as it is.
+        _sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    }
+
+    impl Wire {
+        pub(crate) async fn send_chunk(&mut self, data: &[u8]) {
+            let chunk = [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat();
+            self.stream.write_all(&chunk).await.unwrap();
+        }
+
+        /// Send the start of a chunk, then close the connection in its middle.
+        pub(crate) async fn cut_off(mut self) {
+            self.stream.write_all(b"a\r\nonly").await.unwrap();
+        }
+    }
+
+    /// A chunked response body as hyper hands it over, still open, and its wire.
+    pub(crate) async fn chunked_body() -> (Incoming, Wire) {
+        let (near, mut stream) = tokio::io::duplex(64 * 1024);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let response = tokio::spawn(sender.send_request(http::Request::new(Empty::new())));
+        // The response may only come once the request is on the wire.
+        let mut request = Vec::new();
+        while !request.ends_with(b"\r\n\r\n") {
+            request.push(stream.read_u8().await.unwrap());
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let incoming = response.await.unwrap().unwrap().into_body();
+        let wire = Wire {
+            stream,
+            _sender: sender,
+        };
+        (incoming, wire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::testing::chunked_body;
+    use super::*;
+    use crate::error::{Error, ErrorKind};
+
+    const IDLE: Duration = Duration::from_secs(5);
+    const MS: Duration = Duration::from_millis(1);
+
+    /// The next frame, if one comes (or the body fails) within `wait`.
+    async fn frame_within(
+        body: &mut ProxyBody,
+        wait: Duration,
+    ) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
+        tokio::time::timeout(wait, body.frame()).await.ok()
+    }
+
+    /// Waits out the idle timeout of a body that receives nothing, checking that it fails
+    /// at its deadline and not before (paused time moves in whole milliseconds).
+    async fn fails_when_idle_for(body: &mut ProxyBody, idle: Duration) -> BoxError {
+        assert!(
+            frame_within(body, idle - MS).await.is_none(),
+            "failed before its idle timeout"
+        );
+        match frame_within(body, 2 * MS).await {
+            Some(Some(Err(error))) => error,
+            Some(Some(Ok(_))) => panic!("a frame out of nowhere"),
+            Some(None) => panic!("the body ended instead of timing out"),
+            None => panic!("no failure at its idle timeout"),
+        }
+    }
+
+    fn idle_failure(error: &BoxError) -> (ErrorSide, Duration) {
+        let body = error.downcast_ref::<BodyError>().expect("a BodyError");
+        match body.reason {
+            BodyFailure::Idle(after) => (body.side, after),
+            BodyFailure::Stream(ref e) => panic!("not an idle failure: {e}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_client_body_fails_at_its_idle_timeout() {
+        let (upload, _wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(upload, IDLE, ErrorSide::Client);
+        let error = fails_when_idle_for(&mut body, IDLE).await;
+        assert_eq!(idle_failure(&error), (ErrorSide::Client, IDLE));
+        let error = Error::from_upstream(error);
+        assert_eq!(
+            (error.kind, error.side, error.status),
+            (ErrorKind::ClientTimeout, ErrorSide::Client, 408)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_upstream_body_is_a_read_timeout() {
+        let (response, _wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(response, IDLE, ErrorSide::Upstream);
+        let error = fails_when_idle_for(&mut body, IDLE).await;
+        assert_eq!(idle_failure(&error), (ErrorSide::Upstream, IDLE));
+        let error = Error::from_upstream(error);
+        assert_eq!(
+            (error.kind, error.side, error.status),
+            (ErrorKind::ReadTimeout, ErrorSide::Upstream, 504)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_frame_pushes_the_idle_deadline() {
+        let (response, mut wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(response, IDLE, ErrorSide::Upstream);
+        for _ in 0..3 {
+            assert!(frame_within(&mut body, IDLE - MS).await.is_none());
+            wire.send_chunk(b"hello").await;
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "hello");
+        }
+        // Well past the first deadline: the timer armed for it re-arms for the last frame's.
+        let error = fails_when_idle_for(&mut body, IDLE).await;
+        assert_eq!(idle_failure(&error), (ErrorSide::Upstream, IDLE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_idle_timeout_means_none() {
+        let (upload, mut wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(upload, Duration::ZERO, ErrorSide::Client);
+        assert!(body.idle.is_none());
+        assert!(frame_within(&mut body, Duration::from_secs(24 * 3600))
+            .await
+            .is_none());
+        wire.send_chunk(b"late").await;
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "late");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_cut_off_fails_as_its_sides_stream() {
+        let (response, wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(response, IDLE, ErrorSide::Upstream);
+        wire.cut_off().await;
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => break error,
+                None => panic!("a cut-off body ended cleanly"),
+            }
+        };
+        let failure = error.downcast_ref::<BodyError>().expect("a BodyError");
+        assert_eq!(failure.side, ErrorSide::Upstream);
+        assert!(matches!(failure.reason, BodyFailure::Stream(_)));
+    }
+}

@@ -310,6 +310,7 @@ impl std::error::Error for BodyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::ProxyBody;
 
     fn boxed(
         e: impl std::error::Error + Send + Sync + 'static,
@@ -397,5 +398,151 @@ mod tests {
         assert_eq!(ErrorKind::HookError.side(), ErrorSide::Proxy);
         assert_eq!(ErrorKind::InvalidRequest.side(), ErrorSide::Client);
         assert_eq!(ErrorKind::ReadTimeout.side(), ErrorSide::Upstream);
+    }
+
+    /// An error with a message and, optionally, the error under it.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    fn layers(texts: &[&'static str]) -> Layer {
+        let (first, rest) = texts.split_first().expect("one layer at least");
+        Layer(first, (!rest.is_empty()).then(|| Box::new(layers(rest))))
+    }
+
+    #[test]
+    fn chain_messages_name_every_cause_once() {
+        let chain = layers(&["proxy failed", "upstream failed", "connection reset"]);
+        assert_eq!(
+            chain_message(&chain),
+            "proxy failed: upstream failed: connection reset"
+        );
+        // Wrappers that already quote their cause do not get it twice.
+        let quoting = layers(&["read failed: connection reset", "connection reset"]);
+        assert_eq!(chain_message(&quoting), "read failed: connection reset");
+        let error = Error::from_upstream(Box::new(chain));
+        assert_eq!(
+            error.message,
+            "proxy failed: upstream failed: connection reset"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!("upstream_closed: {}", error.message)
+        );
+    }
+
+    /// Each link of a chain message says something new.
+    fn assert_no_repeats(message: &str) {
+        let links: Vec<&str> = message.split(": ").collect();
+        for (i, link) in links.iter().enumerate() {
+            assert!(
+                !links[..i].contains(link),
+                "{link:?} repeated in {message:?}"
+            );
+        }
+    }
+
+    /// An upstream client for the echo upstream, and the peer to reach it.
+    fn echo_upstream() -> (
+        ferroxy_echo::EchoUpstream,
+        Peer,
+        crate::upstream::UpstreamClient,
+    ) {
+        let echo = ferroxy_echo::EchoUpstream::start("127.0.0.1:0").unwrap();
+        let peer = Peer::new(&echo.addr().to_string()).unwrap();
+        let pool = crate::upstream::ConnectionPool::new(Default::default());
+        let client = crate::upstream::UpstreamClient::new(Arc::new(pool));
+        (echo, peer, client)
+    }
+
+    #[tokio::test]
+    async fn an_upload_the_client_cut_off_fails_the_exchange_as_the_clients() {
+        let (_echo, peer, client) = echo_upstream();
+        let conn = client.connect(&peer).await.unwrap();
+        let (upload, wire) = crate::body::testing::chunked_body().await;
+        let mut body = ProxyBody::streamed(upload, Duration::from_secs(60), ErrorSide::Client);
+        let progress = body.progress();
+        let request = http::Request::post("/upload")
+            .header("host", "example.test")
+            .body(body)
+            .unwrap();
+        wire.cut_off().await;
+        let Err(error) = client.send(&peer, conn, request, &progress).await else {
+            panic!("the upstream answered a request whose body failed");
+        };
+        assert_eq!(
+            (error.kind, error.side, error.status),
+            (ErrorKind::DownstreamClosed, ErrorSide::Client, 499)
+        );
+        // hyper reports it as its own failure, caused by our body, caused by the client.
+        let hyper_error = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<hyper::Error>())
+            .expect("hyper's error is the cause");
+        assert!(hyper_error.is_user(), "{hyper_error:?}");
+        assert!(
+            error.message.contains("the client's body failed"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.starts_with(&hyper_error.to_string()),
+            "{}",
+            error.message
+        );
+        assert_no_repeats(&error.message);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_aborts_mid_response_is_the_upstreams_failure() {
+        let (_echo, peer, client) = echo_upstream();
+        let conn = client.connect(&peer).await.unwrap();
+        let mut body = ProxyBody::empty();
+        let progress = body.progress();
+        let request = http::Request::get("/close")
+            .header("host", "example.test")
+            .body(body)
+            .unwrap();
+        let Ok(exchange) = client.send(&peer, conn, request, &progress).await else {
+            panic!("/close sends its head before it aborts");
+        };
+        assert_eq!(exchange.head.status, 200);
+        let mut body =
+            ProxyBody::streamed(exchange.body, peer.timeouts().read, ErrorSide::Upstream);
+        let mut received = 0;
+        let failure = loop {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(frame)) => received += frame.into_data().map_or(0, |d| d.len()),
+                Some(Err(failure)) => break failure,
+                None => panic!("the body ended cleanly after {received} bytes"),
+            }
+        };
+        assert!(received < 1_000_000);
+        // As the response body reports it, and as a cause owned elsewhere.
+        for error in [
+            Error::from_upstream_ref(failure.as_ref()),
+            Error::from_upstream(failure),
+        ] {
+            assert_eq!(
+                (error.kind, error.side, error.status),
+                (ErrorKind::UpstreamClosed, ErrorSide::Upstream, 502),
+                "{error}"
+            );
+            assert!(
+                error.message.contains("the upstream's body failed"),
+                "{error}"
+            );
+            assert_no_repeats(&error.message);
+        }
     }
 }

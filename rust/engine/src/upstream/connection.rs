@@ -94,3 +94,108 @@ impl UpstreamConnection {
         }
     }
 }
+
+/// Real connections without a network: hyper's client over an in-memory pipe, the other end
+/// served by hyper too.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::peer::{Peer, UpstreamProtocol};
+
+    /// Tells connections apart: each one gets its own local port in its digest.
+    static NEXT_LOCAL_PORT: AtomicU16 = AtomicU16::new(40000);
+
+    /// Longer than any of these in-memory steps takes: a step that never happens fails the
+    /// test instead of hanging it.
+    const STEP: Duration = Duration::from_secs(10);
+
+    /// The two tasks behind a test connection: the upstream serving the far end of the pipe,
+    /// and hyper's client task driving the near end.
+    pub(crate) struct Pipe {
+        upstream: JoinHandle<()>,
+        driver: JoinHandle<()>,
+    }
+
+    impl Pipe {
+        /// The upstream goes away; returns once the connection has seen it (is closed).
+        pub(crate) async fn hang_up(self) {
+            self.upstream.abort();
+            tokio::time::timeout(STEP, self.driver)
+                .await
+                .expect("hyper noticed the upstream going away")
+                .unwrap();
+        }
+
+        /// Returns once our side has closed the connection (dropped its last handle).
+        pub(crate) async fn closed_by_us(self) {
+            tokio::time::timeout(STEP, self.upstream)
+                .await
+                .expect("the connection was closed")
+                .unwrap();
+        }
+    }
+
+    /// A new connection to `peer`, as the pool gets one from `connect` (pass the idle
+    /// timeout the pool gives `peer`). The upstream reads each request's body and answers
+    /// 200 "ok".
+    pub(crate) async fn connection(
+        peer: &Peer,
+        idle_timeout: Duration,
+    ) -> (UpstreamConnection, Pipe) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let upstream = tokio::spawn(async move {
+            let answer = service_fn(|req: http::Request<Incoming>| async move {
+                req.into_body().collect().await?;
+                Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(far), answer)
+                .await;
+        });
+        let io = TokioIo::new(near);
+        let (sender, driver) = match peer.protocol() {
+            UpstreamProtocol::Http1 => {
+                let (sender, connection) = http1::handshake(io).await.expect("h1 handshake");
+                let driver = tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                (Sender::Http1(sender), driver)
+            }
+            UpstreamProtocol::Http2 => {
+                let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .expect("h2 handshake");
+                let driver = tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                (Sender::Http2(sender), driver)
+            }
+        };
+        let digest = UpstreamDigest {
+            peer_addr: peer.socket_addr().expect("an IP literal peer"),
+            local_addr: SocketAddr::from((
+                [127, 0, 0, 1],
+                NEXT_LOCAL_PORT.fetch_add(1, Ordering::Relaxed),
+            )),
+            protocol: peer.protocol(),
+            reused: false,
+        };
+        let conn = UpstreamConnection {
+            sender,
+            key: peer.key().clone(),
+            digest,
+            idle_timeout,
+        };
+        (conn, Pipe { upstream, driver })
+    }
+}

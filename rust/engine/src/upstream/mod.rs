@@ -166,3 +166,80 @@ async fn within_read_timeout<F: Future>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const READ: Duration = Duration::from_secs(10);
+
+    /// An upload still in progress, finished once the returned task has read it to its end
+    /// after `uploading_for`.
+    fn upload_lasting(uploading_for: Duration) -> (BodyProgress, tokio::task::JoinHandle<()>) {
+        let mut body = ProxyBody::full(Bytes::from_static(b"request body"));
+        let progress = body.progress();
+        assert!(!progress.is_finished());
+        let uploading = tokio::spawn(async move {
+            tokio::time::sleep(uploading_for).await;
+            while body.frame().await.is_some() {}
+        });
+        (progress, uploading)
+    }
+
+    /// A response head that comes `after` from now.
+    async fn response_after(after: Duration) -> &'static str {
+        tokio::time::sleep(after).await;
+        "response"
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_finished_upload_the_wait_is_the_read_timeout() {
+        let (done, _) = upload_lasting(Duration::ZERO);
+        tokio::task::yield_now().await;
+        assert!(done.is_finished());
+        let started = Instant::now();
+        let waited = within_read_timeout(std::future::pending::<()>(), READ, &done).await;
+        assert!(waited.is_none());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= READ && elapsed <= READ + Duration::from_millis(1),
+            "{elapsed:?}"
+        );
+
+        let answer =
+            within_read_timeout(response_after(READ - Duration::from_millis(1)), READ, &done);
+        assert_eq!(answer.await, Some("response"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_uploading_does_not_count_against_the_read_timeout() {
+        let uploading_for = READ * 3 / 2;
+        let (upload, _) = upload_lasting(uploading_for);
+        let started = Instant::now();
+        let waited = within_read_timeout(std::future::pending::<()>(), READ, &upload).await;
+        assert!(waited.is_none());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= uploading_for + READ,
+            "gave up {:?} after the upload, less than the read timeout",
+            elapsed - uploading_for
+        );
+        assert!(elapsed <= uploading_for + 2 * READ, "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_within_the_read_timeout_of_the_uploads_end_is_taken() {
+        let uploading_for = READ * 3 / 2;
+        let (upload, _) = upload_lasting(uploading_for);
+        // Later than the read timeout after the request began, sooner after the upload ended.
+        let response = response_after(uploading_for + READ - Duration::from_millis(1));
+        assert_eq!(
+            within_read_timeout(response, READ, &upload).await,
+            Some("response")
+        );
+    }
+}

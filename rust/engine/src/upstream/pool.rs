@@ -151,3 +151,280 @@ impl ConnectionPool {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::super::connection::testing::{connection, Pipe};
+    use super::*;
+    use crate::peer::{PeerTimeouts, UpstreamProtocol};
+
+    const PEER: &str = "127.0.0.1:8000";
+
+    fn pool_keeping(max_idle_per_peer: usize) -> ConnectionPool {
+        ConnectionPool::new(PoolConfig {
+            max_idle_per_peer,
+            ..Default::default()
+        })
+    }
+
+    fn peer_with(timeouts: PeerTimeouts) -> Peer {
+        Peer::new(PEER).unwrap().with_timeouts(timeouts)
+    }
+
+    fn idling_for(idle: Duration) -> PeerTimeouts {
+        PeerTimeouts {
+            idle,
+            ..Default::default()
+        }
+    }
+
+    /// A new connection to `peer`, with the idle timeout `pool` gives it (as `connect` does).
+    async fn open(pool: &ConnectionPool, peer: &Peer) -> (UpstreamConnection, Pipe) {
+        connection(peer, pool.idle_timeout_for(peer)).await
+    }
+
+    /// Which connection it is (each test connection has its own local port).
+    fn id(conn: &UpstreamConnection) -> SocketAddr {
+        conn.digest().local_addr
+    }
+
+    /// `n` new connections to `peer`, returned to `pool` in order, oldest first.
+    async fn fill(pool: &ConnectionPool, peer: &Peer, n: usize) -> Vec<(SocketAddr, Pipe)> {
+        let mut filed = Vec::new();
+        for _ in 0..n {
+            let (conn, pipe) = open(pool, peer).await;
+            filed.push((id(&conn), pipe));
+            pool.release(conn, true);
+        }
+        filed
+    }
+
+    /// Which connection a checkout hands out, if any; it says it was reused.
+    fn checkout_id(pool: &ConnectionPool, peer: &Peer) -> Option<SocketAddr> {
+        pool.checkout(peer).map(|conn| {
+            assert!(
+                conn.digest().reused,
+                "a pooled connection says it is reused"
+            );
+            id(&conn)
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_most_recently_returned_connection_goes_out_first() {
+        let pool = pool_keeping(8);
+        let peer = Peer::new(PEER).unwrap();
+        let filed = fill(&pool, &peer, 3).await;
+        assert_eq!(pool.len(), 3);
+        let newest = pool.checkout(&peer).unwrap();
+        assert_eq!(id(&newest), filed[2].0);
+        let middle = pool.checkout(&peer).unwrap();
+        assert_eq!(id(&middle), filed[1].0);
+        pool.release(middle, true);
+        pool.release(newest, true);
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[2].0));
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[1].0));
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[0].0));
+        assert_eq!(checkout_id(&pool, &peer), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire_at_the_peers_idle_timeout() {
+        let pool = pool_keeping(8);
+        let peer = peer_with(idling_for(Duration::from_secs(10)));
+        let mut filed = fill(&pool, &peer, 1).await;
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        let conn = pool
+            .checkout(&peer)
+            .expect("fresh just before its idle timeout");
+        // Idle time counts from the last return, not from the connect.
+        pool.release(conn, true);
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        let conn = pool
+            .checkout(&peer)
+            .expect("fresh again after its last use");
+        pool.release(conn, true);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(pool.checkout(&peer).is_none(), "kept past its idle timeout");
+        filed.remove(0).1.closed_by_us().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pools_idle_timeout_caps_the_peers() {
+        let pool = ConnectionPool::new(PoolConfig {
+            idle_timeout: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let peer = peer_with(idling_for(Duration::from_secs(60)));
+        let _filed = fill(&pool, &peer, 1).await;
+        tokio::time::advance(Duration::from_millis(4_999)).await;
+        let conn = pool.checkout(&peer).expect("fresh before the pool's cap");
+        pool.release(conn, true);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(pool.checkout(&peer).is_none(), "kept past the pool's cap");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_peer_closes_its_oldest_idle_connection() {
+        let pool = pool_keeping(2);
+        let peer = Peer::new(PEER).unwrap();
+        let mut filed = fill(&pool, &peer, 3).await;
+        assert_eq!(pool.len(), 2);
+        let (_, oldest) = filed.remove(0);
+        oldest.closed_by_us().await;
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[1].0));
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[0].0));
+        assert_eq!(checkout_id(&pool, &peer), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_of_zero_keeps_no_idle_connection() {
+        let pool = pool_keeping(0);
+        let peer = Peer::new(PEER).unwrap();
+        let mut filed = fill(&pool, &peer, 1).await;
+        assert!(pool.is_empty());
+        assert!(pool.checkout(&peer).is_none());
+        filed.remove(0).1.closed_by_us().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_connections_are_never_handed_out() {
+        let pool = pool_keeping(8);
+        let peer = Peer::new(PEER).unwrap();
+        let mut filed = fill(&pool, &peer, 2).await;
+        // The upstream closes the freshest one while it idles in the pool.
+        let (_, newest) = filed.pop().unwrap();
+        newest.hang_up().await;
+        assert_eq!(checkout_id(&pool, &peer), Some(filed[0].0));
+        assert_eq!(checkout_id(&pool, &peer), None);
+
+        // One that closes while checked out is not put back either.
+        let (conn, pipe) = open(&pool, &peer).await;
+        pipe.hang_up().await;
+        assert!(conn.is_closed());
+        pool.release(conn, true);
+        assert!(pool.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_incomplete_http1_exchange_closes_its_connection() {
+        let pool = pool_keeping(8);
+        let peer = Peer::new(PEER).unwrap();
+        let (conn, pipe) = open(&pool, &peer).await;
+        pool.release(conn, false);
+        assert!(pool.is_empty());
+        pipe.closed_by_us().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_removes_expired_and_closed_connections() {
+        let pool = pool_keeping(8);
+        let peer = peer_with(idling_for(Duration::from_secs(10)));
+        let mut expiring = fill(&pool, &peer, 1).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let fresh = fill(&pool, &peer, 1).await;
+        let (_, closing) = fill(&pool, &peer, 1).await.pop().unwrap();
+        closing.hang_up().await;
+        assert_eq!(pool.len(), 3, "nothing is dropped until the evictor runs");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        pool.evict_expired();
+        assert_eq!(pool.len(), 1);
+        expiring.remove(0).1.closed_by_us().await;
+        assert_eq!(checkout_id(&pool, &peer), Some(fresh[0].0));
+
+        // A peer with nothing left is forgotten altogether.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        pool.evict_expired();
+        assert!(pool.peers.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_serve_only_peers_with_the_same_key() {
+        let pool = pool_keeping(8);
+        let peer = Peer::new(PEER).unwrap();
+        let _filed = fill(&pool, &peer, 1).await;
+        let strangers = [
+            Peer::new("127.0.0.1:8001").unwrap(),
+            Peer::new(PEER)
+                .unwrap()
+                .with_protocol(UpstreamProtocol::Http2),
+            peer_with(PeerTimeouts {
+                write: Duration::from_secs(1),
+                ..Default::default()
+            }),
+        ];
+        for stranger in &strangers {
+            assert_ne!(stranger.key(), peer.key());
+            assert!(pool.checkout(stranger).is_none(), "{stranger:?} shared");
+        }
+        // Timeouts that the connection does not carry do not separate peers.
+        let same_connection = peer_with(PeerTimeouts {
+            read: Duration::from_millis(100),
+            connect: Duration::from_millis(100),
+            idle: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let conn = pool
+            .checkout(&same_connection)
+            .expect("same key, same pool");
+        pool.release(conn, true);
+        assert!(pool.checkout(&peer).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_is_shared_while_it_stays_pooled() {
+        let pool = pool_keeping(8);
+        let peer =
+            peer_with(idling_for(Duration::from_secs(10))).with_protocol(UpstreamProtocol::Http2);
+        let (conn, pipe) = open(&pool, &peer).await;
+        assert!(conn.is_shared());
+        assert!(!conn.digest().reused);
+        // What `UpstreamClient::open` does: offer it to others at once.
+        pool.put_back(conn.clone_shared());
+        let first = pool.checkout(&peer).expect("shared");
+        let second = pool.checkout(&peer).expect("shared again");
+        for handle in [&first, &second] {
+            assert!(handle.digest().reused);
+            assert_eq!(id(handle), id(&conn));
+        }
+        assert_eq!(pool.len(), 1, "one connection, however many handles");
+        // Handing handles back, complete or not, leaves the one filed connection.
+        pool.release(first, false);
+        pool.release(second, true);
+        pool.release(conn, true);
+        assert_eq!(pool.len(), 1);
+
+        // Each checkout counts as a use: it stays filed for its idle timeout after the last.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        drop(pool.checkout(&peer).expect("fresh"));
+        tokio::time::advance(Duration::from_secs(8)).await;
+        drop(
+            pool.checkout(&peer)
+                .expect("its last use pushed its expiry"),
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(pool.checkout(&peer).is_none(), "kept past its idle timeout");
+        pool.evict_expired();
+        assert!(pool.is_empty());
+        pipe.closed_by_us().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_http2_connection_is_not_shared() {
+        let pool = pool_keeping(8);
+        let peer = Peer::new(PEER)
+            .unwrap()
+            .with_protocol(UpstreamProtocol::Http2);
+        let (conn, pipe) = open(&pool, &peer).await;
+        pool.put_back(conn.clone_shared());
+        pipe.hang_up().await;
+        assert!(conn.is_closed());
+        assert!(pool.checkout(&peer).is_none());
+        assert!(
+            pool.is_empty(),
+            "checkout forgets a closed shared connection"
+        );
+    }
+}
