@@ -517,8 +517,7 @@ mod tests {
             panic!("/close sends its head before it aborts");
         };
         assert_eq!(exchange.head.status, 200);
-        let mut body =
-            ProxyBody::streamed(exchange.body, peer.timeouts().read, ErrorSide::Upstream);
+        let mut body = exchange.body;
         let mut received = 0;
         let failure = loop {
             match http_body_util::BodyExt::frame(&mut body).await {

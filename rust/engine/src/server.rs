@@ -13,7 +13,7 @@ use crate::http_service::{HttpConfig, HttpProxy};
 use crate::listener::Listener;
 use crate::phase::ProxyHttp;
 use crate::proxy::{ProxyConfig, ProxyService};
-use crate::service::{BackgroundService, ConnectionTracker, Service, ShutdownSignal};
+use crate::service::{BackgroundService, Service, ShutdownSignal};
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
 
 /// Everything a proxy server is configured by. `Default` is the one place the engine's
@@ -177,7 +177,8 @@ async fn run(
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
     let (begin_shutdown, signal) = ShutdownSignal::new();
-    let tracker = ConnectionTracker::default();
+    // Each task ends once shutdown has begun and its work is done: an accept loop when its
+    // connections have finished, a background service when it has stopped.
     let mut tasks = tokio::task::JoinSet::new();
     for service in background {
         tracing::debug!("starting {}", service.name());
@@ -191,12 +192,7 @@ async fn run(
                 return;
             }
         };
-        tasks.spawn(accept_loop(
-            listener,
-            service,
-            signal.clone(),
-            tracker.clone(),
-        ));
+        tasks.spawn(accept_loop(listener, service, signal.clone()));
     }
     let grace = loop {
         if let Some(grace) = *shutdown.borrow_and_update() {
@@ -212,35 +208,36 @@ async fn run(
         "shutting down: waiting up to {:.1}s for in-flight requests",
         grace.as_secs_f64()
     );
+    let finished = async { while tasks.join_next().await.is_some() {} };
     tokio::select! {
-        () = tracker.all_closed() => tracing::info!("all connections finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+        () = finished => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("grace period over; closing remaining connections");
+            // An accept loop's connections are tasks of its own JoinSet: aborting the loop
+            // drops the set, which aborts them, closing their sockets.
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
     }
-    // Accept loops and background services have seen the signal; what is left of them
-    // (and the connections past the grace period) ends with the runtime.
-    tasks.abort_all();
 }
 
+/// Accept connections until shutdown begins, then wait for the ones being served. Dropping
+/// this future aborts them.
 async fn accept_loop(
     listener: TcpListener,
     service: Arc<dyn Service>,
     mut shutdown: ShutdownSignal,
-    tracker: ConnectionTracker,
 ) {
     let Ok(local_addr) = listener.local_addr() else {
         return;
     };
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client_addr)) => {
                     let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
-                    let tracking = tracker.track();
-                    let serving = service.clone().serve_connection(stream, downstream, shutdown.clone());
-                    tokio::spawn(async move {
-                        serving.await;
-                        drop(tracking);
-                    });
+                    connections.spawn(service.clone().serve_connection(stream, downstream, shutdown.clone()));
                 }
                 Err(error) => {
                     // Typically EMFILE: back off instead of spinning on the error.
@@ -248,10 +245,14 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            // Reap finished connections as they end, so the set holds only live ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = shutdown.begun() => break,
         }
     }
-    // Dropping the listener makes new connections fail at once instead of queueing.
+    // Closing the listener makes new connections fail at once instead of queueing.
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 struct StopReport {

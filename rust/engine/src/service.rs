@@ -4,11 +4,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::digest::DownstreamDigest;
 
@@ -56,72 +55,5 @@ impl ShutdownSignal {
     /// Resolves once shutdown has begun (at once if it already has).
     pub async fn begun(&mut self) {
         let _ = self.0.wait_for(|down| *down).await;
-    }
-}
-
-/// Counts the connections being served, so shutdown can wait for the last one.
-#[derive(Clone, Default)]
-pub(crate) struct ConnectionTracker(Arc<Tracked>);
-
-#[derive(Default)]
-struct Tracked {
-    open: AtomicUsize,
-    closed: Notify,
-}
-
-/// Held by a connection's task while it runs.
-pub(crate) struct Tracking(Arc<Tracked>);
-
-impl ConnectionTracker {
-    pub fn track(&self) -> Tracking {
-        self.0.open.fetch_add(1, Ordering::AcqRel);
-        Tracking(self.0.clone())
-    }
-
-    pub fn open(&self) -> usize {
-        self.0.open.load(Ordering::Acquire)
-    }
-
-    /// Resolves when no tracked connection is left.
-    pub async fn all_closed(&self) {
-        loop {
-            let closed = self.0.closed.notified();
-            if self.open() == 0 {
-                return;
-            }
-            closed.await;
-        }
-    }
-}
-
-impl Drop for Tracking {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.closed.notify_waiters();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn all_closed_waits_for_the_last_connection() {
-        let tracker = ConnectionTracker::default();
-        tracker.all_closed().await;
-        let (a, b) = (tracker.track(), tracker.track());
-        let waiter = tokio::spawn({
-            let tracker = tracker.clone();
-            async move { tracker.all_closed().await }
-        });
-        drop(a);
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "one connection is still open");
-        drop(b);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("all_closed resolves once the last one closes")
-            .unwrap();
     }
 }

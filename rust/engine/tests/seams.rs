@@ -280,7 +280,6 @@ fn concurrent_requests_share_one_http2_upstream_connection() {
 }
 
 #[test]
-#[ignore = "engine bug: concurrent first requests to an HTTP/2 peer each open a connection"]
 fn a_burst_of_first_requests_opens_one_http2_connection() {
     const CONCURRENT: usize = 16;
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
@@ -437,7 +436,6 @@ fn shutdown_without_grace_stops_at_once() {
 }
 
 #[test]
-#[ignore = "engine bug: connections past the grace period are served until the ServerHandle is dropped"]
 fn connections_past_the_grace_period_are_closed_when_the_server_stops() {
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
     let mut server = start(SeamProxy::to(echo_peer(&echo)).0);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::body::{BodyProgress, ProxyBody};
 use crate::digest::UpstreamDigest;
 use crate::error::{Error, ErrorKind, ErrorSide, Result};
-use crate::peer::Peer;
+use crate::peer::{Peer, UpstreamProtocol};
 pub use canned::{CannedUpstream, Received};
 use connection::Sender;
 pub use connection::UpstreamConnection;
@@ -70,10 +70,19 @@ impl UpstreamClient {
                 idle_timeout: Duration::ZERO,
             });
         }
-        match self.pool.checkout(peer) {
-            Some(conn) => Ok(conn),
-            None => self.open(peer).await,
+        if let Some(conn) = self.pool.checkout(peer) {
+            return Ok(conn);
         }
+        if peer.protocol() == UpstreamProtocol::Http2 {
+            let gate = self.pool.opening_gate(peer);
+            let _opening = gate.lock().await;
+            // Whoever held the gate before us may have opened one for everybody.
+            if let Some(conn) = self.pool.checkout(peer) {
+                return Ok(conn);
+            }
+            return self.open(peer).await;
+        }
+        self.open(peer).await
     }
 
     async fn open(&self, peer: &Peer) -> Result<UpstreamConnection> {

@@ -46,6 +46,9 @@ struct PeerConnections {
 pub struct ConnectionPool {
     config: PoolConfig,
     peers: Mutex<HashMap<Arc<PeerKey>, PeerConnections>>,
+    /// One connect at a time per shared-connection peer, so that a burst of first requests
+    /// opens one HTTP/2 connection and the rest of the burst shares it.
+    opening: Mutex<HashMap<Arc<PeerKey>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ConnectionPool {
@@ -53,6 +56,7 @@ impl ConnectionPool {
         ConnectionPool {
             config,
             peers: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -132,6 +136,20 @@ impl ConnectionPool {
                 .retain(|c| c.expires > now && !c.conn.is_closed());
             !(conns.idle.is_empty() && conns.shared.is_empty())
         });
+        drop(peers);
+        // A gate nobody holds or waits on can go; the next connect makes a new one.
+        self.opening
+            .lock()
+            .retain(|_, gate| Arc::strong_count(gate) > 1);
+    }
+
+    /// Held while a shared connection to `peer` is being opened.
+    pub(crate) fn opening_gate(&self, peer: &Peer) -> Arc<tokio::sync::Mutex<()>> {
+        self.opening
+            .lock()
+            .entry(peer.key().clone())
+            .or_default()
+            .clone()
     }
 
     pub(crate) fn idle_timeout_for(&self, peer: &Peer) -> Duration {
