@@ -1,6 +1,6 @@
 //! The proxy phases: one trait whose methods the engine calls, in order, for every request.
-//! Modelled on Pingora's `ProxyHttp`; every method but `upstream_peer` has a default that
-//! does nothing, so an implementation overrides only what it needs.
+//! Modelled on Pingora's `ProxyHttp`; every method but `new_ctx` and `upstream_peer` has a
+//! default that does nothing, so an implementation overrides only what it needs.
 
 use std::future::Future;
 
@@ -8,6 +8,18 @@ use crate::error::{Error, Result};
 use crate::peer::Peer;
 use crate::response::Response;
 use crate::session::Session;
+
+/// The phases an application can override, in the order the engine runs them (`fail_to_proxy`
+/// instead of the ones after a failure). Language bindings name their hooks from this list.
+pub const HOOK_NAMES: &[&str] = &[
+    "new_ctx",
+    "request_filter",
+    "upstream_peer",
+    "upstream_request_filter",
+    "response_filter",
+    "fail_to_proxy",
+    "logging",
+];
 
 pub trait ProxyHttp: Send + Sync + 'static {
     /// Per-request state handed to every phase.

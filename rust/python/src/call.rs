@@ -44,7 +44,7 @@ pub struct PhaseJob {
     pub reply: oneshot::Sender<Reply>,
 }
 
-#[pyclass(module = "ferroxy", frozen)]
+#[pyclass(module = "ferroxy._core", frozen)]
 pub struct Call {
     session: Py<PySession>,
     upstream_response: Option<Py<PyResponseHeader>>,
