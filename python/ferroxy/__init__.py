@@ -15,16 +15,18 @@ from ._core import (
     __version__,
 )
 from .proxy import Proxy
-from .server import run
+from .server import ProxyServer, ServerOptions, run
 
 __all__ = [
     "Headers",
     "Peer",
     "Proxy",
     "ProxyError",
+    "ProxyServer",
     "RequestHeader",
     "Response",
     "ResponseHeader",
+    "ServerOptions",
     "Session",
     "__version__",
     "run",

@@ -67,7 +67,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        app: Proxy,
+        app: Proxy[Any],
         overridden: frozenset[str],
         *,
         loop: asyncio.AbstractEventLoop,

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .proxy import Proxy
-from .server import ProxyServer
+from .server import ProxyServer, ServerOptions
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = ["EchoServer", "ProxyServer", "start_proxy", "start_upstream"]
 
@@ -76,7 +76,9 @@ def start_upstream(listen: str = "127.0.0.1:0") -> EchoServer:
     return EchoServer(listen)
 
 
-def start_proxy(app: type[Proxy] | Proxy, **options: Any) -> ProxyServer:
+def start_proxy(
+    app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]
+) -> ProxyServer:
     """Serve ``app`` from a background thread (on an ephemeral port unless ``listen`` is
     given) and return once it is listening; ``options`` are ``ProxyServer``'s."""
     return ProxyServer(app, **options).start()
