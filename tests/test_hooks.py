@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HOST, raw_connect, read_response, simple_request, wait_until
+from conftest import HOST, free_port, raw_connect, read_response, simple_request, wait_until
 from ferroxy import Peer, Proxy, Response
 
 ORDER = [
@@ -212,6 +212,21 @@ def test_upstream_class_attribute(ferroxy_upstream, ferroxy_proxy, kind: str) ->
     assert r.status_code == 200
     assert r.json()["path"] == "/attr"
     assert proxy.python_calls == 0
+
+
+def test_upstream_instance_attribute_wins(ferroxy_upstream, ferroxy_proxy) -> None:
+    """An app instance's own ``upstream`` is the one served, over its class's."""
+
+    class App(Proxy):
+        upstream = f"{HOST}:{free_port()}"  # nothing listens here: a 502 if this were used
+
+    app = App()
+    app.upstream = ferroxy_upstream.addr
+    proxy = ferroxy_proxy(app)
+    r = httpx.get(proxy.url + "/instance", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["path"] == "/instance"
+    assert proxy.python_calls == 0, "an instance's upstream is routed in Rust too"
 
 
 def test_routing_per_request(ferroxy_upstream, ferroxy_proxy) -> None:

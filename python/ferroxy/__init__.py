@@ -17,7 +17,7 @@ from ._core import (
     __version__,
 )
 from .proxy import Proxy
-from .server import run
+from .server import ProxyServer, ServerOptions, run
 
 __all__ = [
     "ClientConn",
@@ -25,10 +25,12 @@ __all__ = [
     "Peer",
     "Proxy",
     "ProxyError",
+    "ProxyServer",
     "RequestHeader",
     "Response",
     "ResponseHeader",
     "ServerConn",
+    "ServerOptions",
     "Session",
     "__version__",
     "run",

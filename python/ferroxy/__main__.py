@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import _core
 from .proxy import Proxy
@@ -97,14 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default="127.0.0.1:8080",
+        default=_core.DEFAULTS["listen"],
         metavar="HOST:PORT",
         help="address to serve on (default: %(default)s)",
     )
     parser.add_argument(
         "--threads",
         type=_non_negative(int),
-        default=0,
+        default=_core.DEFAULTS["threads"],
         metavar="N",
         help="engine threads; 0 means one per CPU (default: %(default)s)",
     )
@@ -149,7 +149,7 @@ def _non_negative(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
     return parse
 
 
-def load_target(target: str) -> type[Proxy] | Proxy:
+def load_target(target: str) -> type[Proxy[Any]] | Proxy[Any]:
     """Import the app TARGET names; raises TargetError saying what is wrong."""
     location, colon, attr_path = target.rpartition(":")
     if not colon or not location or not attr_path:

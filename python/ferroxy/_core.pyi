@@ -4,50 +4,111 @@ Users import these types from ``ferroxy``; ``Server``, ``Call`` and ``EchoUpstre
 plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, final
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
+
+from _typeshed import SupportsKeysAndGetItem
+
+_T = TypeVar("_T")
 
 __version__: str
+
+#: The phases an app can override, in the order the engine runs them (the engine's
+#: ``phase::HOOK_NAMES``).
+HOOK_NAMES: Final[tuple[str, ...]]
+
+class _Defaults(TypedDict):
+    listen: str
+    threads: int
+    grace_period: float
+    client_read_timeout: float
+    client_write_timeout: float
+    keepalive_timeout: float
+    pool_idle_timeout: float
+    pool_max_idle_per_peer: int
+    connect_timeout: float
+    read_timeout: float
+    write_timeout: float
+    idle_timeout: float
+
+#: The engine's defaults (``ServerConfig``, ``PoolConfig`` and ``PeerTimeouts::default()``),
+#: by the keyword of ``Server(...)`` or ``Peer(...)`` that overrides each.
+DEFAULTS: Final[_Defaults]
 
 def set_log_level(level: int) -> None:
     """Lowest Python logging level the engine forwards to the ``ferroxy`` loggers."""
 
+#: What builds headers: a mapping (a ``Headers`` too) or (name, value) pairs.
+_HeadersInput: TypeAlias = (
+    SupportsKeysAndGetItem[str, str | bytes] | Iterable[tuple[str, str | bytes]]
+)
+
 @final
-class Headers:
+class Headers(MutableMapping[str, str]):
     """Case-insensitive, multi-valued, mutable view over headers held in Rust.
 
-    ``h[name]`` is the first value; ``h.get_all(name)`` lists them all; ``h[name] = v``
-    replaces every value; ``h.add(name, v)`` appends one; ``del h[name]`` removes all.
-    Iteration yields each distinct name once, lower-cased.
+    A ``MutableMapping`` from each name to its first value: ``h[name]``, ``get``, ``in``,
+    ``keys()``/``values()``/``items()``, ``len`` and iteration see each distinct name once
+    (lower-cased); ``h[name] = v`` replaces every value; ``del h[name]`` and ``pop`` remove
+    them all; ``update`` replaces the names it is given. For several values: ``add`` appends
+    one, ``get_all`` lists them, ``multi_items()`` lists every pair in order. Equal to a
+    mapping with the same names and, name by name, the same values.
+
+    Values are bytes on the wire and Latin-1 as ``str``, both ways, so ``h[k] = h[k]`` sends
+    the bytes that came in. Setting a ``str`` with a character beyond U+00FF raises
+    ValueError: pass ``bytes`` (``value.encode()``) for another encoding; ``get_bytes`` and
+    ``get_all_bytes`` read the bytes as they are. A value with CR, LF, NUL or another control
+    character raises ValueError naming the header.
+
+    ``Headers(headers)`` builds a free-standing set, e.g. for ``Response(headers=...)``.
     """
 
-    def __getitem__(self, name: str) -> str: ...
-    def __setitem__(self, name: str, value: str) -> None: ...
-    def __delitem__(self, name: str) -> None: ...
-    def __contains__(self, name: object) -> bool: ...
+    def __new__(cls, headers: _HeadersInput | None = None, /) -> Headers: ...
+    def __getitem__(self, name: str, /) -> str: ...
+    def __setitem__(self, name: str, value: str | bytes, /) -> None: ...
+    def __delitem__(self, name: str, /) -> None: ...
+    def __contains__(self, name: object, /) -> bool: ...
     def __iter__(self) -> Iterator[str]: ...
     def __len__(self) -> int: ...
-    def get(self, name: str, default: str | None = None) -> str | None: ...
     def get_all(self, name: str) -> list[str]: ...
-    def add(self, name: str, value: str) -> None: ...
-    def pop(self, name: str, default: str | None = None) -> str | None: ...
-    def keys(self) -> list[str]: ...
-    def values(self) -> list[str]: ...
-    def items(self) -> list[tuple[str, str]]: ...
+    @overload
+    def get_bytes(self, name: str) -> bytes | None: ...
+    @overload
+    def get_bytes(self, name: str, default: _T) -> bytes | _T: ...
+    def get_all_bytes(self, name: str) -> list[bytes]: ...
+    def add(self, name: str, value: str | bytes) -> None: ...
+    def multi_items(self) -> list[tuple[str, str]]: ...
+    # As dict's, with str | bytes accepted wherever a value is set.
+    @overload
+    def get(self, name: str, default: None = None, /) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str, /) -> str: ...
+    @overload
+    def get(self, name: str, default: _T, /) -> str | _T: ...
+    @overload
+    def pop(self, name: str, /) -> str: ...
+    @overload
+    def pop(self, name: str, default: str, /) -> str: ...
+    @overload
+    def pop(self, name: str, default: _T, /) -> str | _T: ...
+    def setdefault(self, name: str, default: str | bytes, /) -> str: ...
+    def update(self, other: _HeadersInput | None = None, /, **names: str | bytes) -> None: ...
 
 @final
 class Peer:
     """An upstream to connect to: ``"host:port"`` plus per-peer timeouts in seconds."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         addr: str,
         *,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        write_timeout: float = 60.0,
-        idle_timeout: float = 60.0,
-    ) -> None: ...
+        connect_timeout: float | None = ...,
+        read_timeout: float | None = ...,
+        write_timeout: float | None = ...,
+        idle_timeout: float | None = ...,
+    ) -> Peer:
+        """A timeout left out (or None) is the engine's default: ``DEFAULTS["connect_timeout"]``
+        and so on."""
     @property
     def addr(self) -> str: ...
     @property
@@ -63,12 +124,12 @@ class Peer:
 class Response:
     """A response generated by the proxy itself (from request_filter or fail_to_proxy)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         status: int,
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-        body: bytes | str = b"",
-    ) -> None: ...
+        headers: _HeadersInput | None = None,
+        body: bytes | str | None = None,
+    ) -> Response: ...
     @property
     def status(self) -> int: ...
     @property
@@ -207,22 +268,24 @@ class Dispatcher(Protocol):
 
 @final
 class Server:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         dispatcher: Dispatcher,
         *,
-        hooks: Iterable[str] = (),
+        hooks: Iterable[str] | None = None,
         upstream: Peer | None = None,
-        listen: str | Sequence[str] = "127.0.0.1:8080",
-        threads: int = 0,
-        grace_period: float = 5.0,
-        client_read_timeout: float = 60.0,
-        client_write_timeout: float = 60.0,
-        keepalive_timeout: float = 75.0,
-        pool_idle_timeout: float = 60.0,
-        pool_max_idle_per_peer: int = 128,
+        listen: str | Sequence[str] | None = ...,
+        threads: int | None = ...,
+        grace_period: float | None = ...,
+        client_read_timeout: float | None = ...,
+        client_write_timeout: float | None = ...,
+        keepalive_timeout: float | None = ...,
+        pool_idle_timeout: float | None = ...,
+        pool_max_idle_per_peer: int | None = ...,
         access_log: bool = True,
-    ) -> None: ...
+    ) -> Server:
+        """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
+        ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another)."""
     def start(self) -> None:
         """Bind and start serving on the engine's runtime; raises OSError naming the address."""
     @property
@@ -267,7 +330,7 @@ class Server:
 class EchoUpstream:
     """The built-in echo upstream, on its own runtime. Starts at construction."""
 
-    def __init__(self, listen: str = "127.0.0.1:0") -> None: ...
+    def __new__(cls, listen: str = "127.0.0.1:0") -> EchoUpstream: ...
     @property
     def addr(self) -> str: ...
     @property

@@ -77,7 +77,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        app: Proxy,
+        app: Proxy[Any],
         overridden: frozenset[str],
         *,
         loop: asyncio.AbstractEventLoop,

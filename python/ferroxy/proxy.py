@@ -18,94 +18,99 @@ ever called: the engine skips a phase entirely when its hook is the base class's
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
+from . import _core
 from ._core import Peer, ProxyError, RequestHeader, Response, ResponseHeader, Session
 
-__all__ = [
-    "HOOK_NAMES",
-    "MaybeAwaitable",
-    "Proxy",
-    "as_peer",
-    "overridden_hooks",
-    "resolve_upstream",
-]
+__all__ = ["HOOK_NAMES", "MaybeAwaitable", "Proxy"]
 
 _T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    # A default (PEP 696) lets a bare ``Proxy`` mean ``Proxy[Any]``, also under mypy --strict.
+    # typing has it from 3.13 only; type checkers know typing_extensions without it being
+    # installed, and at run time the default changes nothing.
+    from typing_extensions import TypeVar as _TypeVarWithDefault
+
+    CtxT = _TypeVarWithDefault("CtxT", default=Any)
+else:
+    CtxT = TypeVar("CtxT")
 
 #: What a hook returns: the value itself (``def``) or an awaitable of it (``async def``).
 MaybeAwaitable: TypeAlias = _T | Awaitable[_T]
 
-#: Every hook, in the order the engine runs them.
-HOOK_NAMES: tuple[str, ...] = (
-    "new_ctx",
-    "request_filter",
-    "upstream_peer",
-    "upstream_request_filter",
-    "response_filter",
-    "fail_to_proxy",
-    "logging",
-)
+#: Every hook, in the order the engine runs them (the engine's list: ``phase::HOOK_NAMES``).
+HOOK_NAMES: Final[tuple[str, ...]] = _core.HOOK_NAMES
 
 
-class Proxy:
-    """Base class for a ferroxy application.
+class Proxy(Generic[CtxT]):
+    """Base class for a ferroxy application, generic over its per-request context.
 
     Set ``upstream`` for a fixed upstream, or override :meth:`upstream_peer` to choose one
     per request; override any other hook to inspect or change the traffic.
+
+    ``class App(Proxy[MyCtx])`` types ``ctx`` as ``MyCtx`` in every hook and makes
+    ``new_ctx`` return one; a bare ``class App(Proxy)`` leaves ``ctx`` untyped (``Any``).
     """
 
     #: A fixed upstream (``Peer`` or ``"host:port"``), used when ``upstream_peer`` is not
-    #: overridden. Requests then need no Python call to be routed.
-    upstream: ClassVar[Peer | str | None] = None
+    #: overridden. Requests then need no Python call to be routed. Set on the class or on
+    #: the instance that is served.
+    upstream: Peer | str | None = None
 
-    def new_ctx(self) -> MaybeAwaitable[Any]:
-        """Create the per-request context passed as ``ctx`` to every hook. Default: None."""
-        return None
+    def new_ctx(self) -> MaybeAwaitable[CtxT]:
+        """Create the per-request context passed as ``ctx`` to every hook.
 
-    def request_filter(self, session: Session, ctx: Any) -> MaybeAwaitable[Response | None]:
+        Default: None, which suits ``Proxy`` and ``Proxy[None]``; an app that names another
+        ctx type overrides this to build one."""
+        return cast("CtxT", None)
+
+    def request_filter(self, session: Session, ctx: CtxT) -> MaybeAwaitable[Response | None]:
         """Return a ``Response`` to answer the client without proxying; None to go on."""
         return None
 
-    def upstream_peer(self, session: Session, ctx: Any) -> MaybeAwaitable[Peer | str]:
+    def upstream_peer(self, session: Session, ctx: CtxT) -> MaybeAwaitable[Peer | str]:
         """Return the upstream for this request, as a ``Peer`` or ``"host:port"``."""
         raise NotImplementedError(
             f"{type(self).__name__} must set `upstream` or override upstream_peer()"
         )
 
     def upstream_request_filter(
-        self, session: Session, upstream_request: RequestHeader, ctx: Any
+        self, session: Session, upstream_request: RequestHeader, ctx: CtxT
     ) -> MaybeAwaitable[None]:
         """Edit ``upstream_request`` (already free of hop-by-hop headers) in place."""
         return None
 
     def response_filter(
-        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+        self, session: Session, upstream_response: ResponseHeader, ctx: CtxT
     ) -> MaybeAwaitable[None]:
         """Edit the upstream's response head in place before it reaches the client."""
         return None
 
     def fail_to_proxy(
-        self, session: Session, error: ProxyError, ctx: Any
+        self, session: Session, error: ProxyError, ctx: CtxT
     ) -> MaybeAwaitable[Response | None]:
         """Return the ``Response`` to send when proxying failed; None for the default page."""
         return None
 
-    def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> MaybeAwaitable[None]:
+    def logging(
+        self, session: Session, error: ProxyError | None, ctx: CtxT
+    ) -> MaybeAwaitable[None]:
         """Runs last for every request, after the response was sent; ``error`` is None on
         success. Exceptions raised here are logged and otherwise ignored."""
         return None
 
 
-def overridden_hooks(cls: type[Proxy]) -> frozenset[str]:
+def overridden_hooks(cls: type[Proxy[Any]]) -> frozenset[str]:
     """Names of the hooks whose implementation on ``cls`` is not the base class's."""
     return frozenset(name for name in HOOK_NAMES if getattr(cls, name) is not getattr(Proxy, name))
 
 
-def resolve_upstream(cls: type[Proxy]) -> Peer | None:
-    """The class attribute ``upstream`` as a ``Peer`` (a ``"host:port"`` str is converted),
-    or None when it is not set."""
-    return as_peer(cls.upstream, f"{cls.__name__}.upstream")
+def resolve_upstream(app: Proxy[Any]) -> Peer | None:
+    """``app.upstream`` (the instance's own, else its class's) as a ``Peer`` (a
+    ``"host:port"`` str is converted), or None when it is not set."""
+    return as_peer(app.upstream, f"{type(app).__name__}.upstream")
 
 
 def as_peer(value: object, name: str) -> Peer | None:

@@ -10,13 +10,16 @@ app in-process on an ephemeral port. Both are stopped at the end of the test.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from .proxy import Proxy
-from .server import ProxyServer
+from .server import ProxyServer, ServerOptions
 from .testing import EchoServer, start_proxy, start_upstream
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ProxyFactory", "ferroxy_proxy", "ferroxy_upstream"]
 
@@ -24,7 +27,9 @@ __all__ = ["ProxyFactory", "ferroxy_proxy", "ferroxy_upstream"]
 class ProxyFactory(Protocol):
     """The type of the ``ferroxy_proxy`` fixture, for annotating tests."""
 
-    def __call__(self, app: type[Proxy] | Proxy, /, **options: Any) -> ProxyServer: ...
+    def __call__(
+        self, app: type[Proxy[Any]] | Proxy[Any], /, **options: Unpack[ServerOptions]
+    ) -> ProxyServer: ...
 
 
 @pytest.fixture
@@ -39,7 +44,9 @@ def ferroxy_proxy() -> Iterator[ProxyFactory]:
     """Start a proxy for an app: ``ferroxy_proxy(App, **options) -> ProxyServer``."""
     started: list[ProxyServer] = []
 
-    def start(app: type[Proxy] | Proxy, /, **options: Any) -> ProxyServer:
+    def start(
+        app: type[Proxy[Any]] | Proxy[Any], /, **options: Unpack[ServerOptions]
+    ) -> ProxyServer:
         proxy = start_proxy(app, **options)
         started.append(proxy)
         return proxy

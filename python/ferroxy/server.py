@@ -15,30 +15,67 @@ import signal
 import sys
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from . import _core
+from ._core import Peer
 from ._dispatch import Dispatcher
 from .proxy import Proxy, as_peer, overridden_hooks, resolve_upstream
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    # Both in typing from 3.11; type checkers know typing_extensions without it installed.
+    from typing_extensions import Self, Unpack
 
-__all__ = ["DEFAULT_GRACE_PERIOD", "ProxyServer", "run"]
+__all__ = ["DEFAULT_GRACE_PERIOD", "ProxyServer", "ServerOptions", "run"]
 
 _log: Final = logging.getLogger("ferroxy")
 
-DEFAULT_GRACE_PERIOD: Final = 5.0
+#: The engine's default (``ServerConfig::default()``), as ``_core.DEFAULTS`` reports it.
+DEFAULT_GRACE_PERIOD: Final[float] = _core.DEFAULTS["grace_period"]
+
+
+class ServerOptions(TypedDict, total=False):
+    """Keyword arguments of :func:`run`, :class:`ProxyServer`, ``ferroxy.testing.start_proxy``
+    and the ``ferroxy_proxy`` fixture. An option left out keeps the engine's default (see
+    ``ferroxy._core.DEFAULTS``); an unknown one raises TypeError naming it."""
+
+    #: ``host:port`` to serve on (``ProxyServer``: an ephemeral port on 127.0.0.1).
+    listen: str
+    #: Engine worker threads; 0 means one per CPU.
+    threads: int
+    #: Seconds in-flight requests may run on once a graceful shutdown begins.
+    grace_period: float
+    #: Longest wait, in seconds, for a client's request head or more of its body.
+    client_read_timeout: float
+    #: Longest a write to a client may stall, in seconds.
+    client_write_timeout: float
+    #: How long an idle keep-alive connection waits for its next request, in seconds.
+    keepalive_timeout: float
+    #: Upper bound, in seconds, on how long a pooled upstream connection stays idle.
+    pool_idle_timeout: float
+    #: Idle upstream connections kept per peer.
+    pool_max_idle_per_peer: int
+    #: The access log, one line per request on ``ferroxy.access``: True or False turns it on
+    #: or off; a str is handed to the engine's ``Server`` as is.
+    access_log: str | bool
+    #: The layout of an access-log line, handed to the engine's ``Server``.
+    access_log_format: str
+    #: The upstream, overriding the app's ``upstream`` attribute.
+    upstream: Peer | str
+
 
 # How often the engine learns the "ferroxy" logger's level, so that raising or lowering it at
 # run time takes effect without the engine asking Python for every record.
 _LOG_LEVEL_REFRESH_SECONDS: Final = 1.0
 
+# Where a ProxyServer listens unless told: tests and embedders want a free port, not :8080.
+_EPHEMERAL_LISTEN: Final = "127.0.0.1:0"
+
 # ProxyServer.stop() waits this much longer than the grace period for the thread to end.
 _STOP_MARGIN_SECONDS: Final = 5.0
 
 
-def _instantiate(app: type[Proxy] | Proxy) -> Proxy:
+def _instantiate(app: type[Proxy[Any]] | Proxy[Any]) -> Proxy[Any]:
     if isinstance(app, Proxy):
         return app
     if isinstance(app, type) and issubclass(app, Proxy):
@@ -54,16 +91,19 @@ class _LoopServer:
     """
 
     def __init__(
-        self, app: type[Proxy] | Proxy, loop: asyncio.AbstractEventLoop, options: dict[str, Any]
+        self,
+        app: type[Proxy[Any]] | Proxy[Any],
+        loop: asyncio.AbstractEventLoop,
+        options: ServerOptions,
     ) -> None:
         proxy = _instantiate(app)
         cls = type(proxy)
         hooks = overridden_hooks(cls)
-        options = dict(options)
-        if "upstream" in options:
-            upstream = as_peer(options.pop("upstream"), "upstream")
+        engine_options: dict[str, Any] = dict(options)
+        if "upstream" in engine_options:
+            upstream = as_peer(engine_options.pop("upstream"), "upstream")
         else:
-            upstream = resolve_upstream(cls)
+            upstream = resolve_upstream(proxy)
         if upstream is None and "upstream_peer" not in hooks:
             raise TypeError(f"{cls.__name__} must set `upstream` or override upstream_peer()")
         self.loop = loop
@@ -71,7 +111,9 @@ class _LoopServer:
         self._log_level_timer: asyncio.TimerHandle | None = None
         self._started = False
         self.dispatcher = Dispatcher(proxy, hooks, loop=loop, on_stopped=self._on_stopped)
-        self.server = _core.Server(self.dispatcher, hooks=hooks, upstream=upstream, **options)
+        self.server = _core.Server(
+            self.dispatcher, hooks=hooks, upstream=upstream, **engine_options
+        )
 
     def start(self) -> None:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
@@ -119,32 +161,21 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def run(
-    app: type[Proxy] | Proxy,
-    *,
-    listen: str = "127.0.0.1:8080",
-    threads: int = 0,
-    grace_period: float = DEFAULT_GRACE_PERIOD,
-    **options: Any,
-) -> None:
+def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) -> None:
     """Serve ``app`` (a Proxy subclass, instantiated with no arguments, or an instance) until
     SIGINT or SIGTERM, then stop gracefully and return.
 
-    ``threads=0`` runs one engine thread per CPU. ``upstream=`` (a Peer or ``"host:port"``)
-    overrides the app's ``upstream`` attribute. The other ``options`` are the keyword
-    arguments of ``ferroxy._core.Server`` (timeouts, pool limits, ``access_log``); an unknown
-    one raises TypeError, a bad value ValueError, a failure to bind OSError.
+    ``options`` are :class:`ServerOptions`, each defaulting to the engine's (``listen`` too:
+    ``_core.DEFAULTS["listen"]``). An unknown option raises TypeError, a bad value ValueError,
+    a failure to bind OSError.
     """
     loop = asyncio.new_event_loop()
     try:
-        served = _LoopServer(
-            app,
-            loop,
-            {"listen": listen, "threads": threads, "grace_period": grace_period, **options},
-        )
+        served = _LoopServer(app, loop, options)
         try:
             served.start()
             print(f"ferroxy listening on http://{served.server.addr}", file=sys.stderr)
+            grace_period = options.get("grace_period", DEFAULT_GRACE_PERIOD)
             installed = _install_signal_handlers(served, grace_period)
             try:
                 loop.run_until_complete(served.serve())
@@ -190,14 +221,15 @@ class ProxyServer:
 
     ``start()`` returns once the listener is bound (raising here if binding or the
     configuration fails); ``stop()`` shuts down gracefully and joins the thread. Also a
-    context manager. No signal handlers are installed. ``options`` are :func:`run`'s.
+    context manager. No signal handlers are installed. ``options`` are :func:`run`'s, but
+    ``listen`` defaults to an ephemeral port on 127.0.0.1.
     """
 
     def __init__(
-        self, app: type[Proxy] | Proxy, listen: str = "127.0.0.1:0", **options: Any
+        self, app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]
     ) -> None:
         self._app = app
-        self._options: dict[str, Any] = {"listen": listen, **options}
+        self._options: ServerOptions = {"listen": _EPHEMERAL_LISTEN, **options}
         self._served: _LoopServer | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
@@ -233,7 +265,7 @@ class ProxyServer:
             with contextlib.suppress(RuntimeError):
                 served.loop.call_soon_threadsafe(served.shutdown, grace_period)
         if grace_period is None:
-            grace_period = float(self._options.get("grace_period", DEFAULT_GRACE_PERIOD))
+            grace_period = self._options.get("grace_period", DEFAULT_GRACE_PERIOD)
         timeout = grace_period + _STOP_MARGIN_SECONDS
         thread.join(timeout)
         if thread.is_alive():

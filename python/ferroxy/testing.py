@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from . import _core
 from ._core import SimulationResult
 from .proxy import Proxy
-from .server import ProxyServer, _close_loop, _LoopServer
+from .server import ProxyServer, ServerOptions, _close_loop, _LoopServer
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = [
     "EchoServer",
@@ -93,7 +93,9 @@ def start_upstream(listen: str = "127.0.0.1:0") -> EchoServer:
     return EchoServer(listen)
 
 
-def start_proxy(app: type[Proxy] | Proxy, **options: Any) -> ProxyServer:
+def start_proxy(
+    app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]
+) -> ProxyServer:
     """Serve ``app`` from a background thread (on an ephemeral port unless ``listen`` is
     given) and return once it is listening; ``options`` are ``ProxyServer``'s."""
     return ProxyServer(app, **options).start()
@@ -138,7 +140,6 @@ def simulate(
     req: SimulatedRequest,
     *,
     upstream: _core.Response | None = None,
-    **options: Any,
 ) -> SimulationResult:
     """Run ``req`` through ``app``'s real phases (hooks, and whatever the engine runs between
     them) with the sockets replaced: every upstream answers ``upstream`` (default: an empty
@@ -147,12 +148,11 @@ def simulate(
     Returns the response the client would get (``status``, ``headers``, ``body``), what the
     upstream was sent (``upstream_request`` and ``upstream_body``, None when nothing was
     proxied), the ``peer`` chosen, and the ``error`` that ``fail_to_proxy`` and ``logging``
-    saw. ``options`` are the server options (``upstream=`` is the upstream response here:
-    pass a fixed peer as the app's ``upstream`` attribute).
+    saw. A fixed peer is the app's ``upstream`` attribute, as when serving.
     """
     loop = asyncio.new_event_loop()
     try:
-        served = _LoopServer(app, loop, options)
+        served = _LoopServer(app, loop, ServerOptions())
         simulation = served.server.simulate(
             req.method,
             req.path,

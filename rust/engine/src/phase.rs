@@ -15,6 +15,18 @@ use crate::peer::Peer;
 use crate::response::Response;
 use crate::session::Session;
 
+/// The phases an application can override, in the order the engine runs them (`fail_to_proxy`
+/// instead of the ones after a failure). Language bindings name their hooks from this list.
+pub const HOOK_NAMES: &[&str] = &[
+    "new_ctx",
+    "request_filter",
+    "upstream_peer",
+    "upstream_request_filter",
+    "response_filter",
+    "fail_to_proxy",
+    "logging",
+];
+
 pub trait ProxyHttp: Send + Sync + 'static {
     /// Per-request state handed to every phase.
     type Ctx: Send + 'static;

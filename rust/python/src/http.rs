@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use ferroxy_engine::{DownstreamDigest, UpstreamDigest, UpstreamProtocol};
 
 use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
+use crate::types::final_status;
 
 #[pyclass(name = "RequestHeader", module = "ferroxy", frozen)]
 pub struct PyRequestHeader {
@@ -147,12 +148,7 @@ impl PyResponseHeader {
     }
     #[setter]
     fn set_status(&self, status: u16) -> PyResult<()> {
-        let status = http::StatusCode::from_u16(status)
-            .ok()
-            .filter(|s| s.as_u16() >= 200)
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("status must be 200..=999, got {status}"))
-            })?;
+        let status = final_status("ResponseHeader.status", status)?;
         self.slot
             .lock()
             .as_mut()

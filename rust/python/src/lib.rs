@@ -14,6 +14,11 @@ mod simulate;
 mod types;
 
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use ferroxy_engine::peer::PeerTimeouts;
+use ferroxy_engine::phase::HOOK_NAMES;
+use ferroxy_engine::ServerConfig;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,12 +29,46 @@ fn set_log_level(level: i32) {
     logs::set_threshold(level);
 }
 
+/// The engine's defaults, by the keyword that sets each in `Server(...)` or `Peer(...)`:
+/// Python reads them from here rather than stating them again.
+fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let server = ServerConfig::default();
+    let peer = PeerTimeouts::default();
+    let defaults = PyDict::new(py);
+    defaults.set_item("listen", server.listeners[0].to_string())?;
+    defaults.set_item("threads", server.threads)?;
+    defaults.set_item("grace_period", server.grace_period.as_secs_f64())?;
+    defaults.set_item(
+        "client_read_timeout",
+        server.client_read_timeout.as_secs_f64(),
+    )?;
+    defaults.set_item(
+        "client_write_timeout",
+        server.client_write_timeout.as_secs_f64(),
+    )?;
+    defaults.set_item("keepalive_timeout", server.keepalive_timeout.as_secs_f64())?;
+    defaults.set_item("pool_idle_timeout", server.pool.idle_timeout.as_secs_f64())?;
+    defaults.set_item("pool_max_idle_per_peer", server.pool.max_idle_per_peer)?;
+    defaults.set_item("connect_timeout", peer.connect.as_secs_f64())?;
+    defaults.set_item("read_timeout", peer.read.as_secs_f64())?;
+    defaults.set_item("write_timeout", peer.write.as_secs_f64())?;
+    defaults.set_item("idle_timeout", peer.idle.as_secs_f64())?;
+    Ok(defaults)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_log_level, m)?)?;
+    m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
+    m.add("DEFAULTS", defaults(m.py())?)?;
     m.add_class::<headers::Headers>()?;
+    // A mapping to isinstance() and to the libraries that check for one.
+    m.py()
+        .import("collections.abc")?
+        .getattr("MutableMapping")?
+        .call_method1("register", (m.py().get_type::<headers::Headers>(),))?;
     m.add_class::<types::PyPeer>()?;
     m.add_class::<types::PyResponse>()?;
     m.add_class::<types::PyProxyError>()?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
 use crate::bridge::{Bridge, Job};
@@ -34,6 +35,9 @@ impl Hooks {
     pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut hooks = Hooks::default();
         for name in names {
+            if !HOOK_NAMES.contains(&name) {
+                return Err(format!("unknown hook {name:?}"));
+            }
             match name {
                 "request_filter" => hooks.request_filter = true,
                 "upstream_peer" => hooks.upstream_peer = true,
@@ -41,9 +45,8 @@ impl Hooks {
                 "response_filter" => hooks.response_filter = true,
                 "fail_to_proxy" => hooks.fail_to_proxy = true,
                 "logging" => hooks.logging = true,
-                // Needs no trip of its own: made on the first trip that happens.
-                "new_ctx" => {}
-                other => return Err(format!("unknown hook {other:?}")),
+                // new_ctx needs no trip of its own: made on the first trip that happens.
+                _ => {}
             }
         }
         Ok(hooks)

@@ -2,7 +2,6 @@
 //! `run_pending` whenever `fileno()` becomes readable.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -16,7 +15,7 @@ use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
 use crate::logs;
 use crate::proxy::{Hooks, PyProxy};
-use crate::types::PyPeer;
+use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
 
 /// The dispatcher's methods, looked up once rather than on every job.
 struct Dispatcher {
@@ -39,32 +38,13 @@ pub struct PyServer {
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
 
-fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
-    if seconds.is_finite() && seconds >= 0.0 {
-        Ok(Duration::from_secs_f64(seconds))
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{field} must be a non-negative number of seconds, got {seconds}"
-        )))
-    }
-}
-
-fn positive(field: &str, seconds: f64) -> PyResult<Duration> {
-    match duration(field, seconds)? {
-        d if d.is_zero() => Err(PyValueError::new_err(format!(
-            "{field} must be greater than 0"
-        ))),
-        d => Ok(d),
-    }
-}
-
 #[pymethods]
 impl PyServer {
     #[new]
     #[pyo3(signature = (
-        dispatcher, *, hooks=None, upstream=None, listen=None, threads=0,
-        grace_period=5.0, client_read_timeout=60.0, client_write_timeout=60.0, keepalive_timeout=75.0,
-        pool_idle_timeout=60.0, pool_max_idle_per_peer=128, access_log=true
+        dispatcher, *, hooks=None, upstream=None, listen=None, threads=None, grace_period=None,
+        client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
+        pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -73,13 +53,13 @@ impl PyServer {
         hooks: Option<&Bound<'_, PyAny>>,
         upstream: Option<&Bound<'_, PyAny>>,
         listen: Option<&Bound<'_, PyAny>>,
-        threads: i64,
-        grace_period: f64,
-        client_read_timeout: f64,
-        client_write_timeout: f64,
-        keepalive_timeout: f64,
-        pool_idle_timeout: f64,
-        pool_max_idle_per_peer: i64,
+        threads: Option<i64>,
+        grace_period: Option<f64>,
+        client_read_timeout: Option<f64>,
+        client_write_timeout: Option<f64>,
+        keepalive_timeout: Option<f64>,
+        pool_idle_timeout: Option<f64>,
+        pool_max_idle_per_peer: Option<i64>,
         access_log: bool,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
@@ -101,23 +81,33 @@ impl PyServer {
             ),
             _ => None,
         };
-        if !(0..=1024).contains(&threads) {
+        if let Some(threads) = threads.filter(|n| !(0..=1024).contains(n)) {
             return Err(PyValueError::new_err(format!(
                 "threads must be between 0 and 1024, got {threads}"
             )));
         }
-        let pool_max_idle_per_peer = usize::try_from(pool_max_idle_per_peer)
+        let pool_max_idle_per_peer = pool_max_idle_per_peer
+            .map(usize::try_from)
+            .transpose()
             .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
+        // Options not given keep the engine's defaults, the only place they are stated.
+        let defaults = ServerConfig::default();
         let config = ServerConfig {
             listeners: listen_specs(listen)?,
-            threads: threads as usize,
-            grace_period: duration("grace_period", grace_period)?,
-            client_read_timeout: positive("client_read_timeout", client_read_timeout)?,
-            client_write_timeout: positive("client_write_timeout", client_write_timeout)?,
-            keepalive_timeout: positive("keepalive_timeout", keepalive_timeout)?,
+            threads: threads.map_or(defaults.threads, |n| n as usize),
+            grace_period: non_negative_seconds("grace_period", grace_period)?
+                .unwrap_or(defaults.grace_period),
+            client_read_timeout: positive_seconds("client_read_timeout", client_read_timeout)?
+                .unwrap_or(defaults.client_read_timeout),
+            client_write_timeout: positive_seconds("client_write_timeout", client_write_timeout)?
+                .unwrap_or(defaults.client_write_timeout),
+            keepalive_timeout: positive_seconds("keepalive_timeout", keepalive_timeout)?
+                .unwrap_or(defaults.keepalive_timeout),
             pool: PoolConfig {
-                idle_timeout: duration("pool_idle_timeout", pool_idle_timeout)?,
-                max_idle_per_peer: pool_max_idle_per_peer,
+                idle_timeout: non_negative_seconds("pool_idle_timeout", pool_idle_timeout)?
+                    .unwrap_or(defaults.pool.idle_timeout),
+                max_idle_per_peer: pool_max_idle_per_peer
+                    .unwrap_or(defaults.pool.max_idle_per_peer),
             },
             access_log,
         };
@@ -207,9 +197,7 @@ impl PyServer {
 
     #[pyo3(signature = (grace_period=None))]
     fn shutdown(&self, grace_period: Option<f64>) -> PyResult<()> {
-        let grace = grace_period
-            .map(|g| duration("grace_period", g))
-            .transpose()?;
+        let grace = non_negative_seconds("grace_period", grace_period)?;
         match self.handle.lock().as_ref() {
             Some(handle) => handle.shutdown(grace),
             // Never started, or already stopped: report "stopped" all the same.
@@ -254,12 +242,10 @@ impl PyServer {
                 "this server is serving; simulate on a new one",
             ));
         }
-        let mut header_map = http::HeaderMap::new();
-        crate::headers::extend_from_python(&mut header_map, headers)?;
         let request = crate::simulate::SimulatedRequest {
             method,
             target: path,
-            headers: header_map,
+            headers: crate::headers::headers_from_python(headers)?,
             body: body.into(),
             client_addr,
             local_addr,

@@ -19,33 +19,58 @@ pub struct PyPeer {
     pub inner: Peer,
 }
 
-fn seconds(field: &str, value: f64) -> PyResult<Duration> {
-    if value.is_finite() && value > 0.0 {
-        Ok(Duration::from_secs_f64(value))
-    } else {
-        Err(PyValueError::new_err(format!(
-            "Peer.{field} must be a positive number of seconds, got {value}"
-        )))
+/// Seconds from Python, if given, as a Duration; ValueError naming `field` unless finite and
+/// >= 0.
+pub fn non_negative_seconds(field: &str, given: Option<f64>) -> PyResult<Option<Duration>> {
+    match given {
+        Some(seconds) if !(seconds.is_finite() && seconds >= 0.0) => Err(PyValueError::new_err(
+            format!("{field} must be a non-negative number of seconds, got {seconds}"),
+        )),
+        _ => Ok(given.map(Duration::from_secs_f64)),
     }
+}
+
+/// Seconds from Python, if given, as a Duration; ValueError naming `field` unless finite and
+/// > 0.
+pub fn positive_seconds(field: &str, given: Option<f64>) -> PyResult<Option<Duration>> {
+    match given {
+        Some(seconds) if !(seconds.is_finite() && seconds > 0.0) => Err(PyValueError::new_err(
+            format!("{field} must be a positive number of seconds, got {seconds}"),
+        )),
+        _ => Ok(given.map(Duration::from_secs_f64)),
+    }
+}
+
+/// A status a response can carry (200..=999: 1xx are not final); ValueError naming `field`.
+pub fn final_status(field: &str, status: u16) -> PyResult<http::StatusCode> {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| PyValueError::new_err(format!("{field} must be 200..=999, got {status}")))
 }
 
 #[pymethods]
 impl PyPeer {
     #[new]
-    #[pyo3(signature = (addr, *, connect_timeout=5.0, read_timeout=60.0, write_timeout=60.0, idle_timeout=60.0))]
+    #[pyo3(signature = (
+        addr, *, connect_timeout=None, read_timeout=None, write_timeout=None, idle_timeout=None
+    ))]
     fn new(
         addr: &str,
-        connect_timeout: f64,
-        read_timeout: f64,
-        write_timeout: f64,
-        idle_timeout: f64,
+        connect_timeout: Option<f64>,
+        read_timeout: Option<f64>,
+        write_timeout: Option<f64>,
+        idle_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let peer = Peer::new(addr).map_err(|e| PyValueError::new_err(format!("Peer.addr: {e}")))?;
+        // Timeouts not given keep the engine's defaults, the only place they are stated.
+        let defaults = PeerTimeouts::default();
         let timeouts = PeerTimeouts {
-            connect: seconds("connect_timeout", connect_timeout)?,
-            read: seconds("read_timeout", read_timeout)?,
-            write: seconds("write_timeout", write_timeout)?,
-            idle: seconds("idle_timeout", idle_timeout)?,
+            connect: positive_seconds("Peer.connect_timeout", connect_timeout)?
+                .unwrap_or(defaults.connect),
+            read: positive_seconds("Peer.read_timeout", read_timeout)?.unwrap_or(defaults.read),
+            write: positive_seconds("Peer.write_timeout", write_timeout)?.unwrap_or(defaults.write),
+            idle: positive_seconds("Peer.idle_timeout", idle_timeout)?.unwrap_or(defaults.idle),
         };
         Ok(PyPeer {
             inner: peer.with_timeouts(timeouts),
@@ -116,12 +141,7 @@ impl PyResponse {
         headers: Option<&Bound<'_, PyAny>>,
         body: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let status = http::StatusCode::from_u16(status)
-            .ok()
-            .filter(|s| s.as_u16() >= 200)
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("Response.status must be 200..=999, got {status}"))
-            })?;
+        let status = final_status("Response.status", status)?;
         let body = match body {
             None => Bytes::new(),
             Some(b) if b.is_instance_of::<PyBytes>() => {
@@ -137,11 +157,11 @@ impl PyResponse {
                 )))
             }
         };
-        let mut map = http::HeaderMap::new();
-        if let Some(headers) = headers {
-            crate::headers::extend_from_python(&mut map, headers)
-                .map_err(|e| PyValueError::new_err(format!("Response.headers: {e}")))?;
-        }
+        let map = headers
+            .map(crate::headers::headers_from_python)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("Response.headers: {e}")))?
+            .unwrap_or_default();
         Ok(PyResponse {
             status,
             headers: Arc::new(Mutex::new(map)),
