@@ -254,7 +254,8 @@ class Call:
         """Go on proxying (to ``peer`` when this trip chose one), with ``upstream_request``
         as the trip left it."""
     def respond(self, response: Response) -> None: ...
-    def fail(self, hook: str, message: str, status: int = 500) -> None: ...
+    def fail(self, hook: str, message: str) -> None:
+        """``hook`` failed; the engine picks the status (502 for upstream_peer, else 500)."""
 
 class Dispatcher(Protocol):
     """What Server.run_pending calls, on the thread that runs it."""

@@ -347,10 +347,8 @@ class _WrongResult(Exception):
 
 def _hook_failed(call: Call, hook: str, error: BaseException) -> None:
     """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
-    message = _report(hook, error)
-    # Choosing the upstream failed -> 502, like the engine's own routing errors.
-    bad_gateway = hook == "upstream_peer" and isinstance(error, Exception)
-    call.fail(hook, message, 502 if bad_gateway else 500)
+    # The engine picks the status (502 for upstream_peer, else 500).
+    call.fail(hook, _report(hook, error))
     if _must_propagate(error):
         raise error
 

@@ -138,12 +138,12 @@ impl Error {
         }
     }
 
-    /// A hook failure; `status` lets a hook's failure map to 502 (upstream_peer) or 500.
-    pub fn hook(message: impl Into<String>, status: u16) -> Self {
-        Error {
-            status,
-            ..Error::new(ErrorKind::HookError, message)
-        }
+    /// A phase implementation failed (a hook raised, or returned the wrong type). Choosing
+    /// the upstream failing is a 502, like the engine's own routing errors; any other phase
+    /// failing is a 500. The one place that decides.
+    pub fn hook(phase: &str, message: impl std::fmt::Display) -> Self {
+        let status = if phase == "upstream_peer" { 502 } else { 500 };
+        Error::new(ErrorKind::HookError, format!("{phase}: {message}")).with_status(status)
     }
 
     pub fn with_status(mut self, status: u16) -> Self {
@@ -391,6 +391,14 @@ mod tests {
             assert_eq!((error.kind, error.status), (kind, status));
             assert_eq!(error.peer.as_ref().map(Peer::addr), Some("127.0.0.1:9"));
         }
+    }
+
+    #[test]
+    fn a_failed_upstream_choice_is_a_bad_gateway() {
+        assert_eq!(Error::hook("upstream_peer", "x").status, 502);
+        let error = Error::hook("request_filter", "ValueError: boom");
+        assert_eq!((error.status, error.side), (500, ErrorSide::Proxy));
+        assert_eq!(error.message, "request_filter: ValueError: boom");
     }
 
     #[test]

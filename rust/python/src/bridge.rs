@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::call::PhaseJob;
-use crate::http::SessionRef;
+use crate::session::SessionRef;
 use crate::types::error_object;
 
 pub enum Job {
@@ -45,7 +45,7 @@ impl Bridge {
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         Ok(Bridge {
-            queue: Mutex::new(Vec::with_capacity(256)),
+            queue: Mutex::new(Vec::new()),
             wake_pending: AtomicBool::new(false),
             wake_tx,
             wake_rx,

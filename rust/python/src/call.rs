@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use ferroxy_engine::{Error, Peer, Response};
 
 use crate::headers::ResponseSlot;
-use crate::http::{PyRequestHeader, PyResponseHeader, PySession, SessionRef};
+use crate::session::{PyRequestHeader, PyResponseHeader, PySession, SessionRef};
 use crate::types::{error_object, PyPeer, PyProxyError, PyResponse};
 
 #[derive(Clone, Copy, Debug)]
@@ -258,16 +258,8 @@ impl Call {
         self.complete(py, Outcome::Respond(response.get().to_engine()))
     }
 
-    #[pyo3(signature = (hook, message, status=500))]
-    fn fail(&self, py: Python<'_>, hook: &str, message: &str, status: u16) -> PyResult<()> {
-        let status = if (500..600).contains(&status) {
-            status
-        } else {
-            500
-        };
-        self.complete(
-            py,
-            Outcome::Fail(Error::hook(format!("{hook}: {message}"), status)),
-        )
+    /// `hook` failed with `message`; the engine decides the status.
+    fn fail(&self, py: Python<'_>, hook: &str, message: &str) -> PyResult<()> {
+        self.complete(py, Outcome::Fail(Error::hook(hook, message)))
     }
 }

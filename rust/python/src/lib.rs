@@ -6,10 +6,10 @@ mod bridge;
 mod call;
 mod echo;
 mod headers;
-mod http;
 mod logs;
 mod proxy;
 mod server;
+mod session;
 mod simulate;
 mod types;
 
@@ -72,11 +72,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::PyPeer>()?;
     m.add_class::<types::PyResponse>()?;
     m.add_class::<types::PyProxyError>()?;
-    m.add_class::<http::PyRequestHeader>()?;
-    m.add_class::<http::PyResponseHeader>()?;
-    m.add_class::<http::PySession>()?;
-    m.add_class::<http::ClientConn>()?;
-    m.add_class::<http::ServerConn>()?;
+    m.add_class::<session::PyRequestHeader>()?;
+    m.add_class::<session::PyResponseHeader>()?;
+    m.add_class::<session::PySession>()?;
+    m.add_class::<session::ClientConn>()?;
+    m.add_class::<session::ServerConn>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;

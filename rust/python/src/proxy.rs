@@ -18,7 +18,7 @@ use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 use crate::bridge::{Bridge, Job};
 use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
-use crate::http::{PySession, SessionRef};
+use crate::session::{PySession, SessionRef};
 
 /// Which hooks the Python app overrides; the rest never cross into Python.
 #[derive(Debug, Default, Clone, Copy)]

@@ -48,7 +48,6 @@ impl PyServer {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
         dispatcher: &Bound<'_, PyAny>,
         hooks: Option<&Bound<'_, PyAny>>,
         upstream: Option<&Bound<'_, PyAny>>,
@@ -127,7 +126,6 @@ impl PyServer {
         };
         let bridge = Arc::new(Bridge::new()?);
         logs::register_loop(&bridge);
-        let _ = py;
         Ok(PyServer {
             bridge,
             dispatcher,
@@ -325,7 +323,7 @@ impl PyServer {
                 if let Err(error) = method.call1(py, (&call,)) {
                     // The dispatcher itself broke: the client still gets an answer.
                     if call.get().is_pending() {
-                        let _ = call.call_method1("fail", ("dispatcher", error.to_string(), 500));
+                        let _ = call.call_method1("fail", ("dispatcher", error.to_string()));
                     }
                     return Err(error);
                 }

@@ -16,8 +16,8 @@ use ferroxy_engine::simulate::{simulate, Simulated};
 
 use crate::bridge::{Bridge, Job};
 use crate::headers::{HeaderSource, Headers};
-use crate::http::PyRequestHeader;
 use crate::proxy::PyProxy;
+use crate::session::PyRequestHeader;
 use crate::types::{error_object, peer_object, PyPeer, PyProxyError, PyResponse};
 
 /// The request to simulate, as Python gave it.

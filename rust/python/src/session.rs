@@ -1,5 +1,5 @@
-//! The request/response heads and the session, as Python sees them. Their data lives in
-//! slots shared with the engine: filled before a hook runs, taken back after, so hooks edit
+//! The request/response heads, the session and its connections, as Python sees them. Heads
+//! live in slots shared with the engine: filled before a hook runs, taken back after, so hooks edit
 //! the engine's own headers in place.
 
 use std::net::SocketAddr;
