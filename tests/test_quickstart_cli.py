@@ -3,11 +3,12 @@ programmatic helpers a new user meets first."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from conftest import (
     HOST,
     REPO_ROOT,
+    CliProxy,
     fixed_upstream_app,
     free_port,
     port_accepts,
@@ -126,21 +128,76 @@ def test_console_script(tmp_path: Path, ferroxy_upstream) -> None:
         assert r.headers.get("x-app") == "console-script"
 
 
-def test_cli_access_log_and_no_access_log(tmp_path: Path, ferroxy_upstream) -> None:
+def _stop(cli: CliProxy) -> None:
+    """SIGTERM, as a supervisor stops it: graceful, and the access log is written out."""
+    cli.proc.send_signal(signal.SIGTERM)
+    assert cli.proc.wait(timeout=15) == 0, cli.describe()
+
+
+def test_cli_access_log_on_stdout_by_default_and_off(tmp_path: Path, ferroxy_upstream) -> None:
     spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
-    with run_cli(spec, "--log-level", "info") as cli:
+    with run_cli(spec) as cli:
         assert httpx.get(cli.url + "/access-log-marker-1", timeout=10).status_code == 200
         assert wait_until(
-            lambda: "/access-log-marker-1" in cli.stderr() + cli.stdout(), timeout=3
-        ), f"no access log line for the request on the CLI's output\n{cli.describe()}"
+            lambda: '"GET /access-log-marker-1 HTTP/1.1" 200' in cli.stdout(), timeout=3
+        ), f"no access log line for the request on the CLI's stdout\n{cli.describe()}"
+        # Application logs stay on stderr, the access log on stdout.
+        assert "/access-log-marker-1" not in cli.stderr()
 
-    with run_cli(spec, "--log-level", "info", "--no-access-log") as cli:
-        assert httpx.get(cli.url + "/access-log-marker-2", timeout=10).status_code == 200
-        time.sleep(1.0)
-        out = cli.stderr() + cli.stdout()
-        assert "/access-log-marker-2" not in out, (
-            f"--no-access-log still printed an access line\n{cli.describe()}"
+    for off in (["--no-access-log"], ["--access-log", "off"]):
+        with run_cli(spec, "--log-level", "debug", *off) as cli:
+            assert httpx.get(cli.url + "/access-log-marker-2", timeout=10).status_code == 200
+            _stop(cli)
+            assert "/access-log-marker-2" not in cli.stdout() + cli.stderr(), (
+                f"{off} still printed an access line\n{cli.describe()}"
+            )
+
+
+def test_cli_access_log_file_and_format(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    log = tmp_path / "access.log"
+    with run_cli(spec, "--access-log", str(log), "--access-log-format", "json") as cli:
+        assert httpx.get(cli.url + "/json-cli?x=1", timeout=10).status_code == 200
+        assert wait_until(lambda: log.exists() and log.read_text(), timeout=3), cli.describe()
+        [record] = [json.loads(line) for line in log.read_text().splitlines()]
+        assert (record["path"], record["query"], record["status"]) == ("/json-cli", "x=1", 200)
+        assert record["upstream"] == ferroxy_upstream.addr
+        assert "/json-cli" not in cli.stdout()
+
+
+def test_cli_bad_access_log_options_exit_1(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    unopenable = str(tmp_path / "no-such-dir" / "access.log")
+    for args, named in [
+        (["--access-log-format", "{client} {nope}"], "access_log_format"),
+        (["--access-log", unopenable], unopenable),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ferroxy", spec, "--listen", f"{HOST}:{free_port()}", *args],
+            capture_output=True,
+            timeout=30,
         )
+        err = proc.stderr.decode(errors="replace")
+        assert proc.returncode == 1, f"{args}: exit {proc.returncode}\n{err}"
+        assert named in err, f"the error should name {named!r}; stderr:\n{err}"
+
+
+def test_cli_sigusr1_reopens_the_access_log(tmp_path: Path, ferroxy_upstream) -> None:
+    """logrotate's way: rename the file, send SIGUSR1; new lines go to a new file."""
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    log = tmp_path / "access.log"
+    rotated = tmp_path / "access.log.1"
+    with run_cli(spec, "--access-log", str(log)) as cli:
+        assert httpx.get(cli.url + "/before-rotation", timeout=10).status_code == 200
+        assert wait_until(lambda: "/before-rotation" in log.read_text(), timeout=3)
+        log.rename(rotated)
+        cli.proc.send_signal(signal.SIGUSR1)
+        assert wait_until(log.exists, timeout=5), f"no new file after SIGUSR1\n{cli.describe()}"
+        assert httpx.get(cli.url + "/after-rotation", timeout=10).status_code == 200
+        assert wait_until(lambda: "/after-rotation" in log.read_text(), timeout=3)
+        _stop(cli)
+    assert "/after-rotation" not in rotated.read_text()
+    assert "/before-rotation" not in log.read_text()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Users import these types from ``ferroxy``; ``Server``, ``Call`` and ``EchoUpstre
 plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, final
 
@@ -171,10 +172,18 @@ class Server:
         keepalive_timeout: float = 75.0,
         pool_idle_timeout: float = 60.0,
         pool_max_idle_per_peer: int = 128,
-        access_log: bool = True,
-    ) -> None: ...
+        access_log: str | os.PathLike[str] | bool = "-",
+        access_log_format: str = "combined",
+    ) -> None:
+        """``access_log`` is a file path, ``"-"`` (stdout, also True) or ``"off"`` (also
+        False); the file is opened here (OSError names it). ``access_log_format`` is
+        ``"combined"``, ``"json"`` or a template such as ``"{client} {status}"`` (ValueError
+        names what is wrong)."""
     def start(self) -> None:
         """Bind and start serving on the engine's runtime; raises OSError naming the address."""
+    def reopen_access_log(self) -> None:
+        """Reopen the access log file at its path (after logrotate renamed it): lines logged
+        from now on go to the new file. Returns at once; does nothing for stdout or off."""
     @property
     def addr(self) -> str: ...
     @property

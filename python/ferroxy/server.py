@@ -128,12 +128,13 @@ def run(
     **options: Any,
 ) -> None:
     """Serve ``app`` (a Proxy subclass, instantiated with no arguments, or an instance) until
-    SIGINT or SIGTERM, then stop gracefully and return.
+    SIGINT or SIGTERM, then stop gracefully and return. SIGUSR1 reopens the access log file.
 
     ``threads=0`` runs one engine thread per CPU. ``upstream=`` (a Peer or ``"host:port"``)
     overrides the app's ``upstream`` attribute. The other ``options`` are the keyword
-    arguments of ``ferroxy._core.Server`` (timeouts, pool limits, ``access_log``); an unknown
-    one raises TypeError, a bad value ValueError, a failure to bind OSError.
+    arguments of ``ferroxy._core.Server`` (timeouts, pool limits, ``access_log``,
+    ``access_log_format``); an unknown one raises TypeError, a bad value ValueError, a failure
+    to bind or to open the access log OSError.
     """
     loop = asyncio.new_event_loop()
     try:
@@ -158,7 +159,8 @@ def run(
 
 
 def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
-    """SIGINT/SIGTERM start a graceful shutdown; returns the signals handled."""
+    """SIGINT/SIGTERM start a graceful shutdown, SIGUSR1 reopens the access log (logrotate
+    renames the file, then signals, as for nginx); returns the signals handled."""
 
     shutting_down = False
 
@@ -172,10 +174,13 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
         _log.info("shutting down (grace %ss)", grace_period)
         served.shutdown()
 
+    handlers = [(signal.SIGINT, on_signal), (signal.SIGTERM, on_signal)]
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        handlers.append((signal.SIGUSR1, served.server.reopen_access_log))
     installed: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum, handler in handlers:
         try:
-            served.loop.add_signal_handler(signum, on_signal)
+            served.loop.add_signal_handler(signum, handler)
         except (NotImplementedError, RuntimeError, ValueError):
             # No loop signal support here (Windows, or not the main thread): the default
             # handlers stay in place.
@@ -260,6 +265,11 @@ class ProxyServer:
     def python_calls(self) -> int:
         """Phase calls the engine has handed to Python so far."""
         return self._server.python_calls
+
+    def reopen_access_log(self) -> None:
+        """Reopen the access log file, as SIGUSR1 does for :func:`run`: lines logged from
+        now on go to a new file at its path (after a log rotation renamed the old one)."""
+        self._server.reopen_access_log()
 
     @property
     def _server(self) -> _core.Server:

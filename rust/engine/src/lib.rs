@@ -2,6 +2,7 @@
 //! phases of a [`ProxyHttp`] implementation and forwards it to an upstream [`Peer`] over a
 //! shared connection pool. Pure Rust: the Python layer is one implementation of the trait.
 
+pub mod access_log;
 pub mod body;
 pub mod echo;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod server;
 pub mod session;
 pub mod upstream;
 
+pub use access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
 pub use error::{Error, ErrorKind};
 pub use peer::Peer;
 pub use phase::ProxyHttp;

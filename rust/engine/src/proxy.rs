@@ -5,12 +5,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BoxError, ProxyBody};
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward;
@@ -22,7 +23,7 @@ use crate::upstream::{ConnectionPool, PooledConnection, UpstreamClient};
 pub struct ProxyService<P: ProxyHttp> {
     proxy: Arc<P>,
     upstream: UpstreamClient,
-    access_log: bool,
+    access_log: Option<Arc<AccessLog>>,
     /// Longest the client may pause while sending its request body.
     client_read_timeout: Duration,
 }
@@ -31,7 +32,7 @@ impl<P: ProxyHttp> ProxyService<P> {
     pub fn new(
         proxy: Arc<P>,
         upstream: UpstreamClient,
-        access_log: bool,
+        access_log: Option<Arc<AccessLog>>,
         client_read_timeout: Duration,
     ) -> Self {
         ProxyService {
@@ -52,10 +53,16 @@ impl<P: ProxyHttp> ProxyService<P> {
         client_addr: SocketAddr,
     ) -> http::Response<ResponseBody> {
         let session = Session::new(req, client_addr);
+        let access = self.access_log.as_ref().map(|log| Access {
+            log: log.clone(),
+            arrival: Arrival::new(&session.req),
+            upstream_time: None,
+        });
         // If the client goes away mid-phase, hyper drops this future; the guard still runs
         // the access log and the `logging` phase.
         let mut request = InFlight {
             state: Some((session, self.proxy.new_ctx())),
+            access,
             service: self,
         };
         let (session, ctx) = request
@@ -68,7 +75,11 @@ impl<P: ProxyHttp> ProxyService<P> {
                 body,
                 conn,
                 request_finished,
+                upstream_time,
             }) => {
+                if let Some(access) = request.access.as_mut() {
+                    access.upstream_time = Some(upstream_time);
+                }
                 let body = ProxyBody::streamed(
                     body,
                     session.upstream_read_timeout(),
@@ -94,7 +105,8 @@ impl<P: ProxyHttp> ProxyService<P> {
             }
         };
         let (session, ctx) = request.state.take().expect("state is still here");
-        let finish = self.finish(session, ctx, response.status().as_u16(), error);
+        let status = response.status().as_u16();
+        let finish = self.finish(session, ctx, status, error, request.access.take());
         response.map(|body| ResponseBody {
             inner: body,
             upstream,
@@ -131,10 +143,12 @@ impl<P: ProxyHttp> ProxyService<P> {
         };
         let request_finished = body.finished_flag();
         let request = http::Request::from_parts(head, body);
+        let sent = Instant::now();
         let (mut response, body, conn) = self
             .upstream
             .send(&peer, request, &request_finished)
             .await?;
+        let upstream_time = sent.elapsed();
         forward::response_headers(&mut response.headers);
         self.proxy
             .response_filter(session, &mut response, ctx)
@@ -144,6 +158,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             body,
             conn,
             request_finished,
+            upstream_time,
         })
     }
 
@@ -153,16 +168,16 @@ impl<P: ProxyHttp> ProxyService<P> {
         mut ctx: P::Ctx,
         status: u16,
         error: Option<Error>,
+        access: Option<Access>,
     ) -> Finish {
         let proxy = self.proxy.clone();
-        let access_log = self.access_log;
         Box::new(move |bytes, body_error| {
             let mut error = error.or(body_error);
             if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
                 error.peer = session.upstream.clone();
             }
-            if access_log {
-                log_access(&session, status, bytes, error.as_ref());
+            if let Some(access) = &access {
+                access.log_line(&session, status, bytes, error.as_ref());
             }
             proxy.logging(&mut session, error.as_ref(), &mut ctx);
         })
@@ -175,6 +190,7 @@ enum Proxied {
         body: Incoming,
         conn: PooledConnection,
         request_finished: Arc<AtomicBool>,
+        upstream_time: Duration,
     },
     Local(Response),
 }
@@ -183,6 +199,7 @@ enum Proxied {
 /// away), it still logs, as a 499.
 struct InFlight<'a, P: ProxyHttp> {
     state: Option<(Session, P::Ctx)>,
+    access: Option<Access>,
     service: &'a ProxyService<P>,
 }
 
@@ -194,7 +211,10 @@ impl<P: ProxyHttp> Drop for InFlight<'_, P> {
                 "client went away before the response",
             );
             let status = error.status;
-            (self.service.finish(session, ctx, status, Some(error)))(0, None);
+            let finish = self
+                .service
+                .finish(session, ctx, status, Some(error), self.access.take());
+            finish(0, None);
         }
     }
 }
@@ -202,25 +222,34 @@ impl<P: ProxyHttp> Drop for InFlight<'_, P> {
 /// What happens once the response is over: the access log line and the `logging` phase.
 type Finish = Box<dyn FnOnce(u64, Option<Error>) + Send>;
 
-fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
-    let req = &session.req;
-    let upstream = session.upstream.as_ref().map_or("-", |p| p.addr());
-    let path = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let elapsed = session.started.elapsed();
-    let outcome = error.map_or("", |e| e.kind.as_str());
-    tracing::info!(
-        target: "ferroxy.access",
-        "{} \"{} {} {:?}\" {} {} {} {:.3}ms {}",
-        session.client_addr,
-        req.method,
-        path,
-        req.version,
-        status,
-        bytes,
-        upstream,
-        elapsed.as_secs_f64() * 1000.0,
-        outcome
-    );
+/// What a request's access-log line needs beyond the session.
+struct Access {
+    log: Arc<AccessLog>,
+    arrival: Arrival,
+    /// From sending the request upstream to its response head.
+    upstream_time: Option<Duration>,
+}
+
+impl Access {
+    fn log_line(&self, session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
+        let arrival = &self.arrival;
+        self.log.log(&AccessRecord {
+            time: arrival.time,
+            client: session.client_addr,
+            method: &arrival.method,
+            uri: &arrival.uri,
+            protocol: arrival.protocol,
+            status,
+            bytes,
+            upstream: session.upstream.as_ref().map(|peer| peer.addr()),
+            upstream_time: self.upstream_time,
+            duration: session.started.elapsed(),
+            request_id: arrival.request_id.as_ref().map(|v| v.as_bytes()),
+            user_agent: arrival.user_agent.as_ref().map(|v| v.as_bytes()),
+            referer: arrival.referer.as_ref().map(|v| v.as_bytes()),
+            error: error.map(|e| e.kind.as_str()),
+        });
+    }
 }
 
 /// The upstream connection behind a response, and what decides whether it can be reused.

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_io_timeout::TimeoutStream;
 
+use crate::access_log::AccessLog;
 use crate::phase::ProxyHttp;
 use crate::proxy::ProxyService;
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
@@ -33,8 +34,8 @@ pub struct ServerConfig {
     /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
     pub pool: PoolConfig,
-    /// One `ferroxy.access` log line per request, at INFO.
-    pub access_log: bool,
+    /// Where a line per request goes; `None` for no access log.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Default for ServerConfig {
@@ -47,7 +48,7 @@ impl Default for ServerConfig {
             client_write_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
             pool: PoolConfig::default(),
-            access_log: true,
+            access_log: None,
         }
     }
 }
@@ -101,7 +102,7 @@ impl<P: ProxyHttp> Server<P> {
         let service = Arc::new(ProxyService::new(
             self.proxy,
             UpstreamClient::new(pool.clone()),
-            config.access_log,
+            config.access_log.clone(),
             config.client_read_timeout,
         ));
         let on_stopped = self.on_stopped;
@@ -121,6 +122,11 @@ impl<P: ProxyHttp> Server<P> {
             let evictor = tokio::spawn(evict_idle(pool));
             accept_loop(listener, service, &config, shutdown_rx).await;
             evictor.abort();
+            if let Some(log) = config.access_log.clone() {
+                // The lines of every request that ended in time are written before the stop
+                // is reported.
+                let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+            }
         });
         tracing::debug!("ferroxy listening on http://{addr} ({threads} threads)");
         Ok(ServerHandle {

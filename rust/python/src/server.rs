@@ -1,6 +1,7 @@
 //! `Server`: the engine's server driven from Python. The Python thread that owns it runs
 //! `run_pending` whenever `fileno()` becomes readable.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -10,7 +11,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use ferroxy_engine::upstream::PoolConfig;
-use ferroxy_engine::{Server, ServerConfig, ServerHandle};
+use ferroxy_engine::{
+    AccessLog, AccessLogFormat, AccessLogTarget, Server, ServerConfig, ServerHandle,
+};
 
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
@@ -39,6 +42,25 @@ pub struct PyServer {
     addr: OnceLock<std::net::SocketAddr>,
 }
 
+/// `access_log=`: a path, `"-"` (stdout) or `"off"`; or True (stdout) or False (off).
+#[derive(FromPyObject)]
+enum AccessLogOption {
+    #[pyo3(transparent, annotation = "bool")]
+    Enabled(bool),
+    #[pyo3(transparent, annotation = "str | os.PathLike[str]")]
+    Target(PathBuf),
+}
+
+impl From<AccessLogOption> for AccessLogTarget {
+    fn from(option: AccessLogOption) -> Self {
+        match option {
+            AccessLogOption::Enabled(true) => AccessLogTarget::Stdout,
+            AccessLogOption::Enabled(false) => AccessLogTarget::Off,
+            AccessLogOption::Target(path) => AccessLogTarget::from(path),
+        }
+    }
+}
+
 fn duration(field: &str, seconds: f64) -> PyResult<Duration> {
     if seconds.is_finite() && seconds >= 0.0 {
         Ok(Duration::from_secs_f64(seconds))
@@ -64,7 +86,9 @@ impl PyServer {
     #[pyo3(signature = (
         dispatcher, *, hooks=None, upstream=None, listen="127.0.0.1:8080".to_owned(), threads=0,
         grace_period=5.0, client_read_timeout=60.0, client_write_timeout=60.0, keepalive_timeout=75.0,
-        pool_idle_timeout=60.0, pool_max_idle_per_peer=128, access_log=true
+        pool_idle_timeout=60.0, pool_max_idle_per_peer=128,
+        access_log=AccessLogOption::Target(PathBuf::from("-")),
+        access_log_format="combined".to_owned()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -80,7 +104,8 @@ impl PyServer {
         keepalive_timeout: f64,
         pool_idle_timeout: f64,
         pool_max_idle_per_peer: i64,
-        access_log: bool,
+        access_log: AccessLogOption,
+        access_log_format: String,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -108,6 +133,8 @@ impl PyServer {
         }
         let pool_max_idle_per_peer = usize::try_from(pool_max_idle_per_peer)
             .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
+        let access_log_format = AccessLogFormat::parse(&access_log_format)
+            .map_err(|e| PyValueError::new_err(format!("access_log_format: {e}")))?;
         let config = ServerConfig {
             listen,
             threads: threads as usize,
@@ -119,7 +146,8 @@ impl PyServer {
                 idle_timeout: duration("pool_idle_timeout", pool_idle_timeout)?,
                 max_idle_per_peer: pool_max_idle_per_peer,
             },
-            access_log,
+            // After the other options, so that a bad one leaves no file created.
+            access_log: AccessLog::open(&access_log.into(), access_log_format)?,
         };
         let method = |name: &str| -> PyResult<Py<PyAny>> {
             dispatcher
@@ -170,6 +198,13 @@ impl PyServer {
         self.bridge.set_serving(true);
         logs::wake_loops();
         Ok(())
+    }
+
+    /// Reopen the access log file at its path (after logrotate renamed it).
+    fn reopen_access_log(&self) {
+        if let Some(log) = &self.config.access_log {
+            log.reopen();
+        }
     }
 
     #[getter]
