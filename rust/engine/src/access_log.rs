@@ -5,9 +5,9 @@
 //! such as `{client} {method} {path} {status} {duration}`. Targets: stdout or a file, which
 //! [`AccessLog::reopen`] reopens after a log rotation renamed it.
 //!
-//! Times are UTC (`+0000` in `combined`): the standard library cannot tell the local offset,
-//! and the crates that can read the TZ database call `localtime_r`, which is unsound once
-//! other threads may change the environment.
+//! Times are UTC (`+0000` in `combined`): the standard library cannot tell the local
+//! offset, `localtime_r` is unsound while another thread may change the environment, and
+//! parsing the TZ database ourselves is more than a log line is worth.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -53,16 +53,6 @@ impl From<PathBuf> for AccessLogTarget {
             Some("-") => AccessLogTarget::Stdout,
             Some("off") => AccessLogTarget::Off,
             _ => AccessLogTarget::File(path),
-        }
-    }
-}
-
-impl fmt::Display for AccessLogTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AccessLogTarget::Off => f.write_str("off"),
-            AccessLogTarget::Stdout => f.write_str("stdout"),
-            AccessLogTarget::File(path) => write!(f, "{}", path.display()),
         }
     }
 }
@@ -598,10 +588,14 @@ impl AccessLog {
         let output = match target {
             AccessLogTarget::Off => return Ok(None),
             AccessLogTarget::Stdout => Output::Stdout,
-            AccessLogTarget::File(path) => Output::File {
-                file: open_append(path)?,
-                path: path.clone(),
-            },
+            AccessLogTarget::File(path) => {
+                // A reopen finds the same file even if the working directory changed.
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                Output::File {
+                    file: open_append(&path)?,
+                    path,
+                }
+            }
         };
         AccessLog::start(output, format).map(Some)
     }
