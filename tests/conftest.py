@@ -330,9 +330,6 @@ class LogCapture(logging.Handler):
             out += "\n" + record.exc_text
         return out
 
-    def access(self) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.name == "ferroxy.access"]
-
     def matching(self, pred: Callable[[logging.LogRecord], bool]) -> list[logging.LogRecord]:
         return [r for r in self.records if pred(r)]
 

@@ -3,7 +3,9 @@ programmatic helpers a new user meets first."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,48 +128,76 @@ def test_console_script(tmp_path: Path, ferroxy_upstream) -> None:
         assert r.headers.get("x-app") == "console-script"
 
 
-def _output_once_logged(cli: CliProxy, path: str) -> str:
-    """GET ``path``, then return the CLI's output once its access line, if any, is out.
+def _stop(cli: CliProxy) -> None:
+    """SIGTERM, as a supervisor stops it: graceful, and the access log is written out."""
+    cli.proc.send_signal(signal.SIGTERM)
+    assert cli.proc.wait(timeout=15) == 0, cli.describe()
 
-    The app's logging hook prints a numbered line per request. The engine writes an access
-    line at the latest right after the batch of hook calls it came with, so the hook line
-    of a second request, sent once the first one's hook line is out, comes after it."""
-    for n, url in enumerate((cli.url + path, cli.url + "/barrier"), start=1):
-        assert httpx.get(url, timeout=10).status_code == 200
-        assert wait_until(lambda n=n: f"logging hook call {n}\n" in cli.stderr(), timeout=5), (
-            cli.describe()
+
+def test_cli_access_log_on_stdout_by_default_and_off(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    with run_cli(spec) as cli:
+        assert httpx.get(cli.url + "/access-log-marker-1", timeout=10).status_code == 200
+        assert wait_until(
+            lambda: '"GET /access-log-marker-1 HTTP/1.1" 200' in cli.stdout(), timeout=3
+        ), f"no access log line for the request on the CLI's stdout\n{cli.describe()}"
+        # Application logs stay on stderr, the access log on stdout.
+        assert "/access-log-marker-1" not in cli.stderr()
+
+    for off in (["--no-access-log"], ["--access-log", "off"]):
+        with run_cli(spec, "--log-level", "debug", *off) as cli:
+            assert httpx.get(cli.url + "/access-log-marker-2", timeout=10).status_code == 200
+            _stop(cli)
+            assert "/access-log-marker-2" not in cli.stdout() + cli.stderr(), (
+                f"{off} still printed an access line\n{cli.describe()}"
+            )
+
+
+def test_cli_access_log_file_and_format(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    log = tmp_path / "access.log"
+    with run_cli(spec, "--access-log", str(log), "--access-log-format", "json") as cli:
+        assert httpx.get(cli.url + "/json-cli?x=1", timeout=10).status_code == 200
+        assert wait_until(lambda: log.exists() and log.read_text(), timeout=3), cli.describe()
+        [record] = [json.loads(line) for line in log.read_text().splitlines()]
+        assert (record["path"], record["query"], record["status"]) == ("/json-cli", "x=1", 200)
+        assert record["upstream"] == ferroxy_upstream.addr
+        assert "/json-cli" not in cli.stdout()
+
+
+def test_cli_bad_access_log_options_exit_1(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    unopenable = str(tmp_path / "no-such-dir" / "access.log")
+    for args, named in [
+        (["--access-log-format", "{client} {nope}"], "access_log_format"),
+        (["--access-log", unopenable], unopenable),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ferroxy", spec, "--listen", f"{HOST}:{free_port()}", *args],
+            capture_output=True,
+            timeout=30,
         )
-    return cli.stderr() + cli.stdout()
+        err = proc.stderr.decode(errors="replace")
+        assert proc.returncode == 1, f"{args}: exit {proc.returncode}\n{err}"
+        assert named in err, f"the error should name {named!r}; stderr:\n{err}"
 
 
-def test_cli_access_log_and_no_access_log(tmp_path: Path, ferroxy_upstream) -> None:
-    spec = write_app(
-        tmp_path,
-        f"""
-        import sys
-
-        from ferroxy import Proxy
-
-        class App(Proxy):
-            upstream = {ferroxy_upstream.addr!r}
-            calls = 0
-
-            def logging(self, session, error, ctx):
-                App.calls += 1
-                print(f"logging hook call {{App.calls}}", file=sys.stderr, flush=True)
-        """,
-    )
-    with run_cli(spec, "--log-level", "info") as cli:
-        out = _output_once_logged(cli, "/access-log-marker-1")
-        assert "/access-log-marker-1" in out, (
-            f"no access log line for the request on the CLI's output\n{cli.describe()}"
-        )
-
-    with run_cli(spec, "--log-level", "info", "--no-access-log") as cli:
-        out = _output_once_logged(cli, "/access-log-marker-2")
-        assert "/access-log-marker-2" not in out, (
-            f"--no-access-log still printed an access line\n{cli.describe()}"
-        )
+def test_cli_sigusr1_reopens_the_access_log(tmp_path: Path, ferroxy_upstream) -> None:
+    """logrotate's way: rename the file, send SIGUSR1; new lines go to a new file."""
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    log = tmp_path / "access.log"
+    rotated = tmp_path / "access.log.1"
+    with run_cli(spec, "--access-log", str(log)) as cli:
+        assert httpx.get(cli.url + "/before-rotation", timeout=10).status_code == 200
+        assert wait_until(lambda: "/before-rotation" in log.read_text(), timeout=3)
+        log.rename(rotated)
+        cli.proc.send_signal(signal.SIGUSR1)
+        assert wait_until(log.exists, timeout=5), f"no new file after SIGUSR1\n{cli.describe()}"
+        assert httpx.get(cli.url + "/after-rotation", timeout=10).status_code == 200
+        assert wait_until(lambda: "/after-rotation" in log.read_text(), timeout=3)
+        _stop(cli)
+    assert "/after-rotation" not in rotated.read_text()
+    assert "/before-rotation" not in log.read_text()
 
 
 @pytest.mark.parametrize(

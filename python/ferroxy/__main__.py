@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen=args.listen,
             threads=args.threads,
             grace_period=args.grace_period,
-            access_log=not args.no_access_log,
+            access_log=args.access_log,
+            access_log_format=args.access_log_format,
         )
     except (OSError, TypeError, ValueError) as error:
         # Everything run() raises is about start-up: binding or the configuration.
@@ -128,9 +129,25 @@ def _parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     parser.add_argument(
+        "--access-log",
+        default="-",
+        metavar="PATH",
+        help="where a line per request goes: a file, - for stdout, off for none; SIGUSR1 "
+        "reopens the file (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-access-log",
-        action="store_true",
-        help="do not log a line per request",
+        dest="access_log",
+        action="store_const",
+        const="off",
+        help="the same as --access-log off",
+    )
+    parser.add_argument(
+        "--access-log-format",
+        default="combined",
+        metavar="FMT",
+        help="combined (nginx's), json, or a template of field names such as "
+        "'{client} {method} {path} {status} {duration}' (default: %(default)s)",
     )
     return parser
 

@@ -4,6 +4,7 @@ Users import these types from ``ferroxy``; ``Server``, ``Call`` and ``EchoUpstre
 plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
+import os
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
@@ -19,6 +20,8 @@ HOOK_NAMES: Final[tuple[str, ...]]
 
 class _Defaults(TypedDict):
     listen: str
+    access_log: str
+    access_log_format: str
     threads: int
     grace_period: float
     client_read_timeout: float
@@ -283,12 +286,19 @@ class Server:
         keepalive_timeout: float | None = ...,
         pool_idle_timeout: float | None = ...,
         pool_max_idle_per_peer: int | None = ...,
-        access_log: bool = True,
+        access_log: str | os.PathLike[str] | bool | None = ...,
+        access_log_format: str | None = ...,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
-        ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another)."""
+        ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is
+        a file path, ``"-"`` (stdout, also True) or ``"off"`` (also False); the file is opened
+        here (OSError names it). ``access_log_format`` is ``"combined"``, ``"json"`` or a
+        template such as ``"{client} {status}"`` (ValueError names what is wrong)."""
     def start(self) -> None:
         """Bind and start serving on the engine's runtime; raises OSError naming the address."""
+    def reopen_access_log(self) -> None:
+        """Reopen the access log file at its path (after logrotate renamed it): lines logged
+        from now on go to the new file. Returns at once; does nothing for stdout or off."""
     @property
     def addr(self) -> str:
         """The first listener's address."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -55,10 +56,11 @@ class ServerOptions(TypedDict, total=False):
     pool_idle_timeout: float
     #: Idle upstream connections kept per peer.
     pool_max_idle_per_peer: int
-    #: The access log, one line per request on ``ferroxy.access``: True or False turns it on
-    #: or off; a str is handed to the engine's ``Server`` as is.
-    access_log: str | bool
-    #: The layout of an access-log line, handed to the engine's ``Server``.
+    #: Where a line per request goes: a file path, ``"-"`` (stdout, also True) or ``"off"``
+    #: (also False).
+    access_log: str | os.PathLike[str] | bool
+    #: ``"combined"`` (nginx's), ``"json"``, or a template of field names such as
+    #: ``"{client} {method} {path} {status} {duration}"``.
     access_log_format: str
     #: The upstream, overriding the app's ``upstream`` attribute.
     upstream: Peer | str
@@ -163,11 +165,11 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) -> None:
     """Serve ``app`` (a Proxy subclass, instantiated with no arguments, or an instance) until
-    SIGINT or SIGTERM, then stop gracefully and return.
+    SIGINT or SIGTERM, then stop gracefully and return. SIGUSR1 reopens the access log file.
 
     ``options`` are :class:`ServerOptions`, each defaulting to the engine's (``listen`` too:
     ``_core.DEFAULTS["listen"]``). An unknown option raises TypeError, a bad value ValueError,
-    a failure to bind OSError.
+    a failure to bind or to open the access log OSError.
     """
     loop = asyncio.new_event_loop()
     try:
@@ -189,7 +191,8 @@ def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) ->
 
 
 def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
-    """SIGINT/SIGTERM start a graceful shutdown; returns the signals handled."""
+    """SIGINT/SIGTERM start a graceful shutdown, SIGUSR1 reopens the access log (logrotate
+    renames the file, then signals, as for nginx); returns the signals handled."""
 
     shutting_down = False
 
@@ -203,10 +206,13 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
         _log.info("shutting down (grace %ss)", grace_period)
         served.shutdown()
 
+    handlers = [(signal.SIGINT, on_signal), (signal.SIGTERM, on_signal)]
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        handlers.append((signal.SIGUSR1, served.server.reopen_access_log))
     installed: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum, handler in handlers:
         try:
-            served.loop.add_signal_handler(signum, on_signal)
+            served.loop.add_signal_handler(signum, handler)
         except (NotImplementedError, RuntimeError, ValueError):
             # No loop signal support here (Windows, or not the main thread): the default
             # handlers stay in place.
@@ -297,6 +303,11 @@ class ProxyServer:
     def python_calls(self) -> int:
         """Phase calls the engine has handed to Python so far."""
         return self._server.python_calls
+
+    def reopen_access_log(self) -> None:
+        """Reopen the access log file, as SIGUSR1 does for :func:`run`: lines logged from
+        now on go to a new file at its path (after a log rotation renamed the old one)."""
+        self._server.reopen_access_log()
 
     @property
     def _server(self) -> _core.Server:

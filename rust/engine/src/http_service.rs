@@ -111,6 +111,13 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     fn background(&self) -> Vec<Box<dyn BackgroundService>> {
         vec![Box::new(PoolEvictor(self.proxy.pool().clone()))]
     }
+
+    fn stopped(&self) {
+        // Every request that ended in time has its line written before the stop is reported.
+        if let Some(log) = &self.proxy.config().access_log {
+            log.flush();
+        }
+    }
 }
 
 /// Closes expired idle upstream connections now and then, so an unused peer's connections

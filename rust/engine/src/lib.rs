@@ -3,11 +3,12 @@
 //! [`Peer`] over a shared connection pool. Pure Rust: the Python layer is one implementation
 //! of the trait.
 //!
-//! Homes: `phase` (the trait), `proxy` (runs the phases), `session` and `digest` (one
+//! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `forward` (proxy header semantics), `body` (streaming),
 //! `upstream` (peer connections and the pool), `peer`, `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens).
 
+pub mod access_log;
 pub mod body;
 pub mod digest;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod session;
 pub mod simulate;
 pub mod upstream;
 
+pub use access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
 pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};
 pub use error::{Error, ErrorKind, ErrorSide};
 pub use listener::Listener;

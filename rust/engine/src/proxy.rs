@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
 use crate::error::{Error, ErrorKind, Result};
@@ -28,8 +29,8 @@ const MAX_CONNECT_ATTEMPTS: usize = 16;
 pub struct ProxyConfig {
     /// Longest the client may pause while sending its request body.
     pub client_read_timeout: Duration,
-    /// One access-log line per request.
-    pub access_log: bool,
+    /// Where a line per request goes; `None` for no access log.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 pub struct ProxyService<P: ProxyHttp> {
@@ -61,10 +62,16 @@ impl<P: ProxyHttp> ProxyService<P> {
         req: http::Request<ProxyBody>,
         downstream: Arc<DownstreamDigest>,
     ) -> http::Response<ResponseBody<P>> {
+        let session = Session::new(req, downstream);
+        let access = self.config.access_log.as_ref().map(|log| Access {
+            log: log.clone(),
+            arrival: Arrival::new(&session.req),
+        });
         // If the client goes away mid-phase, hyper drops this future; the guard still runs
         // the access log and the `logging` phase.
         let mut request = InFlight {
-            state: Some((Session::new(req, downstream), self.proxy.new_ctx())),
+            state: Some((session, self.proxy.new_ctx())),
+            access,
             service: self,
         };
         let (session, ctx) = request
@@ -98,7 +105,8 @@ impl<P: ProxyHttp> ProxyService<P> {
             }
         };
         let (session, ctx) = request.state.take().expect("state is still here");
-        let finish = self.finish(session, ctx, response.status().as_u16(), error);
+        let status = response.status().as_u16();
+        let finish = self.finish(session, ctx, status, error, request.access.take());
         response.map(|body| ResponseBody {
             inner: body,
             upstream,
@@ -127,12 +135,13 @@ impl<P: ProxyHttp> ProxyService<P> {
         let mut body = session.take_body().unwrap_or_else(ProxyBody::empty);
         let upload = body.progress();
         let request = http::Request::from_parts(head, body);
+        let sent = std::time::Instant::now();
         let exchange = self
             .upstream
             .send(&peer, connection, request, &upload)
             .await?;
+        session.upstream_time = Some(sent.elapsed());
         session.upstream_digest = Some(*exchange.connection.digest());
-        session.upstream_time = Some(session.started.elapsed());
         let mut head = exchange.head;
         forward::response_headers(&mut head.headers);
         self.proxy.response_filter(session, &mut head, ctx).await?;
@@ -187,6 +196,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         ctx: P::Ctx,
         status: u16,
         error: Option<Error>,
+        access: Option<Access>,
     ) -> Finish<P> {
         Finish {
             proxy: self.proxy.clone(),
@@ -194,7 +204,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             ctx,
             status,
             error,
-            access_log: self.config.access_log,
+            access,
         }
     }
 }
@@ -213,6 +223,7 @@ enum Proxied {
 /// away), it still logs, as a 499.
 struct InFlight<'a, P: ProxyHttp> {
     state: Option<(Session, P::Ctx)>,
+    access: Option<Access>,
     service: &'a ProxyService<P>,
 }
 
@@ -225,7 +236,7 @@ impl<P: ProxyHttp> Drop for InFlight<'_, P> {
             );
             let status = error.status;
             self.service
-                .finish(session, ctx, status, Some(error))
+                .finish(session, ctx, status, Some(error), self.access.take())
                 .run(0, None);
         }
     }
@@ -239,7 +250,7 @@ pub struct Finish<P: ProxyHttp> {
     ctx: P::Ctx,
     status: u16,
     error: Option<Error>,
-    access_log: bool,
+    access: Option<Access>,
 }
 
 impl<P: ProxyHttp> Finish<P> {
@@ -248,33 +259,41 @@ impl<P: ProxyHttp> Finish<P> {
         if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
             error.peer = self.session.upstream.clone();
         }
-        if self.access_log {
-            log_access(&self.session, self.status, bytes, error.as_ref());
+        if let Some(access) = &self.access {
+            access.log_line(&self.session, self.status, bytes, error.as_ref());
         }
         self.proxy
             .logging(&mut self.session, error.as_ref(), &mut self.ctx);
     }
 }
 
-fn log_access(session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
-    let req = &session.req;
-    let upstream = session.upstream.as_ref().map_or("-", |p| p.addr());
-    let path = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let elapsed = session.started.elapsed();
-    let outcome = error.map_or("", |e| e.kind.as_str());
-    tracing::info!(
-        target: "ferroxy.access",
-        "{} \"{} {} {:?}\" {} {} {} {:.3}ms {}",
-        session.client_addr(),
-        req.method,
-        path,
-        req.version,
-        status,
-        bytes,
-        upstream,
-        elapsed.as_secs_f64() * 1000.0,
-        outcome
-    );
+/// What a request's access-log line needs beyond the session: the request as it arrived
+/// (hooks may edit `session.req`, and the Python layer swaps it out while a hook runs).
+struct Access {
+    log: Arc<AccessLog>,
+    arrival: Arrival,
+}
+
+impl Access {
+    fn log_line(&self, session: &Session, status: u16, bytes: u64, error: Option<&Error>) {
+        let arrival = &self.arrival;
+        self.log.log(&AccessRecord {
+            time: arrival.time,
+            client: session.client_addr(),
+            method: &arrival.method,
+            uri: &arrival.uri,
+            protocol: arrival.protocol,
+            status,
+            bytes,
+            upstream: session.upstream.as_ref().map(|peer| peer.addr()),
+            upstream_time: session.upstream_time,
+            duration: session.started.elapsed(),
+            request_id: arrival.request_id.as_ref().map(|v| v.as_bytes()),
+            user_agent: arrival.user_agent.as_ref().map(|v| v.as_bytes()),
+            referer: arrival.referer.as_ref().map(|v| v.as_bytes()),
+            error: error.map(|e| e.kind.as_str()),
+        });
+    }
 }
 
 /// The upstream connection behind a response, handed back when the response is over.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::access_log::AccessLog;
 use crate::digest::DownstreamDigest;
 use crate::http_service::{HttpConfig, HttpProxy};
 use crate::listener::Listener;
@@ -34,8 +35,9 @@ pub struct ServerConfig {
     /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
     pub pool: PoolConfig,
-    /// One access-log line per request.
-    pub access_log: bool,
+    /// Where a line per request goes; `None` for no access log. (Open one with
+    /// [`AccessLog::open`]; the Python layer's default is stdout in nginx's combined format.)
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Default for ServerConfig {
@@ -48,7 +50,7 @@ impl Default for ServerConfig {
             client_write_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
             pool: PoolConfig::default(),
-            access_log: true,
+            access_log: None,
         }
     }
 }
@@ -151,13 +153,18 @@ impl Server {
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let on_stopped = self.on_stopped;
         let background = self.background;
+        let services = self.services;
         engine.handle().spawn(async move {
             // Reports the stop however this task ends, panics included.
             let _stopped = StopReport {
                 stopped: stopped_tx,
                 callback: on_stopped,
             };
+            let services: Vec<Arc<dyn Service>> = services.iter().map(|(_, s)| s.clone()).collect();
             run(bound, background, shutdown_rx).await;
+            for service in services {
+                let _ = tokio::task::spawn_blocking(move || service.stopped()).await;
+            }
         });
         tracing::debug!("ferroxy listening on {addrs:?} ({threads} threads)");
         Ok(ServerHandle {

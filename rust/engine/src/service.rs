@@ -28,6 +28,10 @@ pub trait Service: Send + Sync + 'static {
     fn background(&self) -> Vec<Box<dyn BackgroundService>> {
         Vec::new()
     }
+
+    /// Called once every connection has ended (or been cut at the end of the grace period),
+    /// before the server reports it has stopped; on a thread that may block.
+    fn stopped(&self) {}
 }
 
 /// Work that runs for as long as the server does.

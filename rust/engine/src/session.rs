@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::digest::{DownstreamDigest, UpstreamDigest};
@@ -17,11 +17,9 @@ pub struct Session {
     pub upstream: Option<Peer>,
     /// The connection the request went upstream on, once sent.
     pub upstream_digest: Option<UpstreamDigest>,
-    /// When the request arrived (monotonic, for durations) ...
+    /// When the request arrived.
     pub started: Instant,
-    /// ... and the same instant on the wall clock, for logs.
-    pub started_at: SystemTime,
-    /// How long the upstream took to send its response head, once it has.
+    /// From sending the request upstream to its response head, once it has come.
     pub upstream_time: Option<std::time::Duration>,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
@@ -45,7 +43,6 @@ impl Session {
             upstream: None,
             upstream_digest: None,
             started: Instant::now(),
-            started_at: SystemTime::now(),
             upstream_time: None,
             upstream_request: None,
             body: None,

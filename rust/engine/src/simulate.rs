@@ -48,7 +48,7 @@ pub async fn simulate<P: ProxyHttp>(
         UpstreamClient::canned(canned.clone()),
         ProxyConfig {
             client_read_timeout: Duration::ZERO,
-            access_log: false,
+            access_log: None,
         },
     );
     let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));

@@ -125,7 +125,7 @@ fn config(listeners: Vec<Listener>) -> ServerConfig {
     ServerConfig {
         listeners,
         threads: 2,
-        access_log: false,
+        access_log: None,
         ..Default::default()
     }
 }

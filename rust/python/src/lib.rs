@@ -18,7 +18,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use ferroxy_engine::peer::PeerTimeouts;
 use ferroxy_engine::phase::HOOK_NAMES;
-use ferroxy_engine::ServerConfig;
+use ferroxy_engine::{AccessLogTarget, ServerConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +36,8 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let peer = PeerTimeouts::default();
     let defaults = PyDict::new(py);
     defaults.set_item("listen", server.listeners[0].to_string())?;
+    defaults.set_item("access_log", AccessLogTarget::default().spec())?;
+    defaults.set_item("access_log_format", "combined")?;
     defaults.set_item("threads", server.threads)?;
     defaults.set_item("grace_period", server.grace_period.as_secs_f64())?;
     defaults.set_item(

@@ -99,7 +99,7 @@ fn python_level(level: &Level) -> i32 {
 }
 
 /// Engine targets are Rust module paths; users see the `ferroxy` logger, or a named child
-/// such as `ferroxy.access` when the event names one.
+/// such as `ferroxy.pool` when the event names one as its target.
 fn logger_name(target: &'static str) -> &'static str {
     if target.starts_with("ferroxy.") {
         target

@@ -1,6 +1,7 @@
 //! `Server`: the engine's server driven from Python. The Python thread that owns it runs
 //! `run_pending` whenever `fileno()` becomes readable.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -9,7 +10,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use ferroxy_engine::upstream::PoolConfig;
-use ferroxy_engine::{Listener, Server, ServerConfig, ServerHandle};
+use ferroxy_engine::{
+    AccessLog, AccessLogFormat, AccessLogTarget, Listener, Server, ServerConfig, ServerHandle,
+};
 
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
@@ -38,13 +41,33 @@ pub struct PyServer {
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
 
+/// `access_log=`: a path, `"-"` (stdout) or `"off"`; or True (stdout) or False (off).
+#[derive(FromPyObject)]
+enum AccessLogOption {
+    #[pyo3(transparent, annotation = "bool")]
+    Enabled(bool),
+    #[pyo3(transparent, annotation = "str | os.PathLike[str]")]
+    Target(PathBuf),
+}
+
+impl From<AccessLogOption> for AccessLogTarget {
+    fn from(option: AccessLogOption) -> Self {
+        match option {
+            AccessLogOption::Enabled(true) => AccessLogTarget::Stdout,
+            AccessLogOption::Enabled(false) => AccessLogTarget::Off,
+            AccessLogOption::Target(path) => AccessLogTarget::from(path),
+        }
+    }
+}
+
 #[pymethods]
 impl PyServer {
     #[new]
     #[pyo3(signature = (
         dispatcher, *, hooks=None, upstream=None, listen=None, threads=None, grace_period=None,
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
-        pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=true
+        pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
+        access_log_format=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -59,7 +82,8 @@ impl PyServer {
         keepalive_timeout: Option<f64>,
         pool_idle_timeout: Option<f64>,
         pool_max_idle_per_peer: Option<i64>,
-        access_log: bool,
+        access_log: Option<AccessLogOption>,
+        access_log_format: Option<String>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -91,6 +115,12 @@ impl PyServer {
             .map_err(|_| PyValueError::new_err("pool_max_idle_per_peer must be >= 0"))?;
         // Options not given keep the engine's defaults, the only place they are stated.
         let defaults = ServerConfig::default();
+        let access_log_format = match access_log_format {
+            Some(text) => AccessLogFormat::parse(&text)
+                .map_err(|e| PyValueError::new_err(format!("access_log_format: {e}")))?,
+            None => AccessLogFormat::default(),
+        };
+        let access_log_target = access_log.map_or_else(AccessLogTarget::default, Into::into);
         let config = ServerConfig {
             listeners: listen_specs(listen)?,
             threads: threads.map_or(defaults.threads, |n| n as usize),
@@ -108,7 +138,8 @@ impl PyServer {
                 max_idle_per_peer: pool_max_idle_per_peer
                     .unwrap_or(defaults.pool.max_idle_per_peer),
             },
-            access_log,
+            // After the other options, so that a bad one leaves no file created.
+            access_log: AccessLog::open(&access_log_target, access_log_format)?,
         };
         let method = |name: &str| -> PyResult<Py<PyAny>> {
             dispatcher
@@ -158,6 +189,13 @@ impl PyServer {
         self.bridge.set_serving(true);
         logs::wake_loops();
         Ok(())
+    }
+
+    /// Reopen the access log file at its path (after logrotate renamed it).
+    fn reopen_access_log(&self) {
+        if let Some(log) = &self.config.access_log {
+            log.reopen();
+        }
     }
 
     #[getter]
