@@ -3,6 +3,8 @@ same run, pinned (load generator on CPU 0; upstream and proxy under test on CPU 
 
     python bench/run.py                 # full run: 3 interleaved rounds of 10 s
     python bench/run.py --smoke         # one short round of ferroxy's pure Rust path
+    python bench/run.py --baseline OLD/bin/python --baseline-label COMMIT
+                                        # A/B: every ferroxy mode also on an older build
 
 Writes bench/RESULTS.md (unless --no-write). Needs nginx, haproxy, wrk and h2load
 (`apt-get install -y nginx-light haproxy wrk nghttp2-client`) and, for the mitmproxy row,
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,12 +37,26 @@ REPO = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOAD_CPU, SERVER_CPU = "0", "1"
 
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A ferroxy row: an app from bench/apps.py, with its access log or without."""
+
+    app: str
+    access_log: bool = False
+
+
+ACCESS_LOG_ROW, NO_ACCESS_LOG_ROW = "ferroxy-1 rust path", "ferroxy-1 rust path, no access log"
 FERROXY_MODES = {
-    "ferroxy-1 rust path": "RustPath",
-    "ferroxy-2 sync hook": "SyncHook",
-    "ferroxy-3 async hook": "AsyncHook",
-    "ferroxy-4 all hooks": "AllHooks",
+    # The default configuration (access log on) beside the same app with it off: the
+    # access log's cost, measured in one run.
+    ACCESS_LOG_ROW: Mode("RustPath", access_log=True),
+    NO_ACCESS_LOG_ROW: Mode("RustPath"),
+    "ferroxy-2 sync hook": Mode("SyncHook"),
+    "ferroxy-3 async hook": Mode("AsyncHook"),
+    "ferroxy-4 all hooks": Mode("AllHooks"),
 }
+BASELINE_SUFFIX = " (baseline)"
 
 
 # ------------------------------------------------------------------------- processes
@@ -117,6 +135,10 @@ class Fleet:
         self.workdir = workdir
         self.servers: list[Server] = []
 
+    def file(self, name: str, suffix: str) -> Path:
+        """The workdir file ``suffix`` of the server ``name``."""
+        return self.workdir / f"{re.sub(r'[^a-z0-9]+', '-', name)}{suffix}"
+
     def start(
         self,
         name: str,
@@ -125,7 +147,7 @@ class Fleet:
         h2_port: int | None = None,
         env: dict[str, str] | None = None,
     ) -> Server:
-        log = open(self.workdir / f"{re.sub(r'[^a-z0-9]+', '-', name)}.log", "wb")  # noqa: SIM115
+        log = open(self.file(name, ".log"), "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             pinned(SERVER_CPU, argv),
             stdout=log,
@@ -235,23 +257,94 @@ def start_mitmproxy(fleet: Fleet, upstream: int) -> Server:
     return fleet.start("mitmproxy", argv, port)
 
 
-def start_ferroxy(fleet: Fleet, upstream: int, name: str, app: str) -> Server:
+@dataclasses.dataclass
+class Ferroxy:
+    """A ferroxy installation: an interpreter and what it says about the ferroxy it imports."""
+
+    python: str
+    version: str
+    module: str
+    source: Path | None
+    commit: str
+    cli_help: str
+
+    @classmethod
+    def of(cls, python: str, label: str | None = None) -> Ferroxy:
+        """Ask ``python`` which ferroxy it imports, where that was installed from (pip's
+        direct_url.json) and, unless ``label`` names it, that checkout's commit."""
+        # The servers start in REPO: a relative path must not change meaning on the way.
+        python = os.path.abspath(shutil.which(python) or python)
+        try:
+            probe = subprocess.run(
+                [python, "-c", FERROXY_PROBE], capture_output=True, text=True, cwd=REPO
+            )
+        except OSError as error:
+            raise RuntimeError(f"cannot run {python}: {error}") from error
+        try:
+            info = json.loads(probe.stdout) if probe.returncode == 0 else None
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise RuntimeError(f"{python} cannot import ferroxy:\n{probe.stderr.strip()}")
+        url = urllib.parse.urlparse(info["source"])
+        source = Path(urllib.parse.unquote(url.path)) if url.scheme == "file" else None
+        source = source if source and source.is_dir() else None  # not a wheel file
+        commit = label or (git_commit(source) if source else "") or "unknown commit"
+        cli_help = subprocess.run(
+            [python, "-m", "ferroxy", "--help"], capture_output=True, text=True, cwd=REPO
+        ).stdout
+        return cls(python, info["version"], info["module"], source, commit, cli_help)
+
+    def has_option(self, option: str) -> bool:
+        # Not a bare substring test: "--access-log" is inside "--no-access-log".
+        return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", self.cli_help) is not None
+
+    def describe(self) -> str:
+        source = f" built from {self.source}" if self.source else ""
+        return f"{self.commit} (ferroxy {self.version} at {self.module}{source}; {self.python})"
+
+
+FERROXY_PROBE = """
+import importlib.metadata, json, ferroxy
+try:
+    direct = importlib.metadata.distribution("ferroxy").read_text("direct_url.json")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree
+    direct = None
+print(json.dumps({"version": ferroxy.__version__, "module": ferroxy.__file__,
+                  "source": json.loads(direct or "{}").get("url", "")}))
+"""
+
+
+def start_ferroxy(
+    fleet: Fleet, upstream: int, name: str, mode: Mode, ferroxy: Ferroxy
+) -> tuple[Server, Path | None]:
+    """Start one ferroxy row; also returns the file its access log goes to, if it has one."""
     port = free_port()
     argv = [
-        sys.executable,
+        ferroxy.python,
         "-m",
         "ferroxy",
-        f"bench/apps.py:{app}",
+        f"bench/apps.py:{mode.app}",
         "--listen",
         f"127.0.0.1:{port}",
         "--threads",
         "1",
-        "--no-access-log",
-        "--log-level",
-        "warning",
     ]
+    access_log = None
+    if not mode.access_log:
+        off = ["--no-access-log"] if ferroxy.has_option("--no-access-log") else []
+        argv += [*(off or ["--access-log", "off"]), "--log-level", "warning"]
+    elif ferroxy.has_option("--access-log"):
+        # Otherwise the default configuration: the access log goes to stdout, and a file
+        # keeps it apart from the server's log.
+        access_log = fleet.file(name, "-access.log")
+        argv += ["--access-log", str(access_log)]
+    else:
+        # An older ferroxy logs each request through Python logging, at info (the default
+        # level), to stderr: the server's log file.
+        access_log = fleet.file(name, ".log")
     env = {"FERROXY_BENCH_UPSTREAM": f"127.0.0.1:{upstream}"}
-    return fleet.start(name, argv, port, port, env=env)
+    return fleet.start(name, argv, port, port, env=env), access_log
 
 
 # ------------------------------------------------------------------------- load
@@ -383,17 +476,85 @@ def table(results: dict[str, list[Sample]], base: str) -> list[str]:
     return rows
 
 
-def git_commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+def ab_table(results: dict[str, list[Sample]], modes: list[str]) -> list[str]:
+    """Each mode on the baseline against the current ferroxy: medians, and the CPU ratio of
+    each round's pair (the two ran back to back, so they share that round's conditions)."""
+    rows = [
+        "| mode | baseline req/s | current req/s | req/s current/baseline "
+        "| baseline CPU us/req | current CPU us/req | CPU current/baseline | CPU ratio per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for mode in modes:
+        old, new = results.get(mode + BASELINE_SUFFIX), results.get(mode)
+        if not old or not new:
+            continue
+        rps_old, rps_new = median([s.rps for s in old]), median([s.rps for s in new])
+        cpu_old = median([s.cpu_us_per_req for s in old])
+        cpu_new = median([s.cpu_us_per_req for s in new])
+        per_round = " ".join(
+            ratio(n.cpu_us_per_req, o.cpu_us_per_req) for o, n in zip(old, new, strict=True)
+        )
+        rows.append(
+            f"| {mode} | {fmt(rps_old, ',.0f')} | {fmt(rps_new, ',.0f')} | "
+            f"{ratio(rps_new, rps_old)} | {fmt(cpu_old, '.1f')} | {fmt(cpu_new, '.1f')} | "
+            f"{ratio(cpu_new, cpu_old)} | {per_round} |"
+        )
+    return rows
+
+
+def access_log_note(
+    results: dict[str, list[Sample]], suffix: str, ferroxy: Ferroxy, lines: int | None
+) -> str | None:
+    """The default access log's cost: the Rust path with it against the Rust path without."""
+    on, off = results.get(ACCESS_LOG_ROW + suffix), results.get(NO_ACCESS_LOG_ROW + suffix)
+    if not on or not off:
+        return None
+    rps_on, rps_off = median([s.rps for s in on]), median([s.rps for s in off])
+    cpu_on = median([s.cpu_us_per_req for s in on])
+    cpu_off = median([s.cpu_us_per_req for s in off])
+    per_round = " ".join(ratio(a.rps, b.rps) for a, b in zip(on, off, strict=True))
+    where = (
+        "was written to a file with `--access-log PATH`"
+        if ferroxy.has_option("--access-log")
+        else "went through Python logging to stderr, as this ferroxy has no `--access-log`"
     )
+    side = "baseline" if suffix else "current"
+    return (
+        f"- Access log, {side} ferroxy, {ferroxy.commit}: `{ACCESS_LOG_ROW + suffix}` makes "
+        f"{fmt(rps_on, ',.0f')} req/s against {fmt(rps_off, ',.0f')} for "
+        f"`{NO_ACCESS_LOG_ROW + suffix}`: **{ratio(rps_on, rps_off)}** (per round: {per_round}; "
+        f"target: 0.90x or more), at {ratio(cpu_on, cpu_off)} the CPU per request. Its access "
+        f"log, the default configuration, {where}: {fmt(lines, ',')} lines."
+    )
+
+
+def count_lines(path: Path) -> int | None:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return None
+
+
+def git_commit(checkout: Path) -> str:
+    """The short commit of ``checkout`` ("" if it is no git checkout), marked when dirty."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout
+    )
+    if out.returncode != 0:
+        return ""
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=checkout,
     ).stdout.strip()
     return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def round_order(groups: list[list[str]], round_no: int) -> list[str]:
+    """The targets of one round. A group is one mode on the baseline and on the current
+    ferroxy, back to back: baseline first in odd rounds, current first in even ones, so
+    neither side always runs second (on a warmer or a busier machine)."""
+    return [name for group in groups for name in (group if round_no % 2 else group[::-1])]
 
 
 # ------------------------------------------------------------------------- main
@@ -427,6 +588,18 @@ def main() -> int:
     parser.add_argument("--tries", type=int, default=3, help="measurements per sample at most")
     parser.add_argument("--only", default="", help="comma-separated substrings of target names")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    parser.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="A/B: also run every ferroxy mode with the ferroxy this interpreter imports "
+        "(an older build, see bench/README.md), alternating with the current one",
+    )
+    parser.add_argument(
+        "--baseline-label",
+        metavar="LABEL",
+        help="the baseline's name in the report, say its commit (default: the commit of the "
+        "checkout it was installed from)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.duration, args.warmup = 1, 2.0, 0.5
@@ -436,74 +609,123 @@ def main() -> int:
     if missing:
         print(f"missing tools: {', '.join(missing)} (see bench/README.md)", file=sys.stderr)
         return 2
+    try:
+        current = Ferroxy.of(sys.executable)
+        baseline = Ferroxy.of(args.baseline, args.baseline_label) if args.baseline else None
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if baseline is not None and baseline.module == current.module:
+        print(f"warning: the baseline imports the same ferroxy: {current.module}", file=sys.stderr)
+    sides = ([(baseline, BASELINE_SUFFIX)] if baseline else []) + [(current, "")]
     wanted = [w for w in args.only.split(",") if w]
 
     def selected(name: str) -> bool:
         return not wanted or any(w in name for w in wanted)
 
     command = "python bench/run.py " + " ".join(sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="ferroxy-bench-") as tmp, fleet_in(Path(tmp)) as fleet:
-        upstream = start_upstream(fleet)
-        targets: dict[str, Server] = {"direct to upstream": upstream}
-        if selected("nginx"):
-            targets["nginx"] = start_nginx(fleet, upstream.port)
-        if selected("haproxy") and shutil.which("haproxy"):
-            targets["haproxy"] = start_haproxy(fleet, upstream.port)
-        for name, app in FERROXY_MODES.items():
-            if selected(name):
-                targets[name] = start_ferroxy(fleet, upstream.port, name, app)
-        mitm = None
-        if selected("mitmproxy") and shutil.which("mitmdump") and not args.smoke:
-            mitm = start_mitmproxy(fleet, upstream.port)
-        targets = {n: s for n, s in targets.items() if selected(n) or n == "direct to upstream"}
+    with tempfile.TemporaryDirectory(prefix="ferroxy-bench-") as tmp:
+        with fleet_in(Path(tmp)) as fleet:
+            upstream = start_upstream(fleet)
+            targets: dict[str, Server] = {"direct to upstream": upstream}
+            if selected("nginx"):
+                targets["nginx"] = start_nginx(fleet, upstream.port)
+            if selected("haproxy") and shutil.which("haproxy"):
+                targets["haproxy"] = start_haproxy(fleet, upstream.port)
+            groups = [[name] for name in targets]
+            ab_modes, access_logs = [], {}
+            for mode_name, mode in FERROXY_MODES.items():
+                if not selected(mode_name):
+                    continue
+                group = []
+                for ferroxy, suffix in sides:
+                    name = mode_name + suffix
+                    targets[name], log = start_ferroxy(fleet, upstream.port, name, mode, ferroxy)
+                    if log is not None:
+                        access_logs[name] = log
+                    group.append(name)
+                groups.append(group)
+                ab_modes.append(mode_name)
+            mitm = None
+            if selected("mitmproxy") and shutil.which("mitmdump") and not args.smoke:
+                mitm = start_mitmproxy(fleet, upstream.port)
 
-        for server in targets.values():
-            wrk(server.port, args.warmup)
-        h1: dict[str, list[Sample]] = {name: [] for name in targets}
-        h2: dict[str, list[Sample]] = {n: [] for n, s in targets.items() if s.h2_port}
-        single: dict[str, list[Sample]] = {name: [] for name in targets}
-        for round_no in range(1, args.rounds + 1):
-            for name, server in targets.items():
-                sample = measured(
-                    server, lambda s=server: wrk(s.port, args.duration), args.max_steal, args.tries
-                )
-                h1[name].append(sample)
-                print(
-                    f"round {round_no} {name:22} {sample.rps:>10,.0f} req/s  "
-                    f"p99 {fmt(sample.p99_us)} us  cpu {fmt(sample.cpu_us_per_req, '.1f')} "
-                    f"us/req  steal {fmt(sample.steal_pct)}%",
-                    flush=True,
-                )
-            if args.smoke:
-                continue
-            for name, server in targets.items():
-                if server.h2_port:
-                    rps, _ = h2load(server.h2_port, args.duration)
-                    h2[name].append(Sample(rps))
-                    print(f"round {round_no} {name:22} {rps:>10,.0f} req/s h2c", flush=True)
-            for name, server in targets.items():
-                rps, _, p50, p99 = wrk(server.port, min(args.duration, 5.0), connections=1)
-                single[name].append(Sample(rps, p50, p99))
-        if mitm is not None:
-            wrk(mitm.port, 1.0)
-            h1["mitmproxy (1 short round)"] = [measured(mitm, lambda: wrk(mitm.port, 3.0))]
+            width = max(map(len, targets))
+            for server in targets.values():
+                wrk(server.port, args.warmup)
+            h1: dict[str, list[Sample]] = {name: [] for name in targets}
+            h2: dict[str, list[Sample]] = {n: [] for n, s in targets.items() if s.h2_port}
+            single: dict[str, list[Sample]] = {name: [] for name in targets}
+            for round_no in range(1, args.rounds + 1):
+                order = round_order(groups, round_no)
+                for name in order:
+                    server = targets[name]
+                    sample = measured(
+                        server,
+                        lambda s=server: wrk(s.port, args.duration),
+                        args.max_steal,
+                        args.tries,
+                    )
+                    h1[name].append(sample)
+                    print(
+                        f"round {round_no} {name:{width}} {sample.rps:>10,.0f} req/s  "
+                        f"p99 {fmt(sample.p99_us)} us  cpu {fmt(sample.cpu_us_per_req, '.1f')} "
+                        f"us/req  steal {fmt(sample.steal_pct)}%",
+                        flush=True,
+                    )
+                if args.smoke:
+                    continue
+                for name in order:
+                    server = targets[name]
+                    if server.h2_port:
+                        rps, _ = h2load(server.h2_port, args.duration)
+                        h2[name].append(Sample(rps))
+                        print(
+                            f"round {round_no} {name:{width}} {rps:>10,.0f} req/s h2c", flush=True
+                        )
+                for name in order:
+                    rps, _, p50, p99 = wrk(targets[name].port, min(args.duration, 5.0), 1)
+                    single[name].append(Sample(rps, p50, p99))
+            if mitm is not None:
+                wrk(mitm.port, 1.0)
+                h1["mitmproxy (1 short round)"] = [measured(mitm, lambda: wrk(mitm.port, 3.0))]
+        # Counted once the servers have stopped and flushed their logs.
+        access_lines = {name: count_lines(path) for name, path in access_logs.items()}
 
+    for name, lines in access_lines.items():
+        if not lines:
+            print(f"warning: {name}: its access log wrote nothing", file=sys.stderr)
     report = [
         "# Benchmark results",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Commit: {git_commit()}  ",
+        f"Commit: {git_commit(REPO)}  ",
+        f"Ferroxy: {current.describe()}  ",
+        *([f"Baseline: {baseline.describe()}  "] if baseline else []),
         f"Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, "
         f"{platform.python_implementation()} {platform.python_version()}  ",
         f"Rounds: {args.rounds} interleaved, {args.duration:g} s each, medians; "
         f"wrk on CPU {LOAD_CPU}, upstream and proxy on CPU {SERVER_CPU}, one worker each. "
         f"HTTP/1.1 samples with more than {args.max_steal:g}% CPU steal are re-measured "
-        f"(up to {args.tries} tries; the least disturbed is kept).",
+        f"(up to {args.tries} tries; the least disturbed is kept)."
+        + (
+            " Each ferroxy mode runs on the baseline and on the current build back to back, "
+            "baseline first in odd rounds, current first in even ones."
+            if baseline
+            else ""
+        ),
         "",
         "## HTTP/1.1 keep-alive, `wrk -t1 -c50 --latency`",
         "",
         *table(h1, "nginx"),
     ]
+    if baseline is not None and ab_modes:
+        report += [
+            "",
+            f"## A/B, HTTP/1.1: baseline {baseline.commit} against current {current.commit}",
+            "",
+            *ab_table(h1, ab_modes),
+        ]
     if any(h2.values()):
         report += [
             "",
@@ -531,6 +753,13 @@ def main() -> int:
             report.append(
                 f"| {name} | {fmt(p50)} | {fmt(hop)} | {fmt(median([s.p99_us for s in ss]))} |"
             )
+    notes = [
+        note
+        for ferroxy, suffix in sides
+        if (note := access_log_note(h1, suffix, ferroxy, access_lines.get(ACCESS_LOG_ROW + suffix)))
+    ]
+    if notes:
+        report += ["", "## Notes", "", *notes]
     if not args.smoke:
         report += [
             "",
