@@ -281,3 +281,15 @@ def test_fixture_handles(ferroxy_upstream, ferroxy_proxy) -> None:
     assert r.status_code == 200
     assert ferroxy_upstream.requests == 1
     assert ferroxy_upstream.connections == 1
+
+
+def test_cli_listens_on_every_listen_given(tmp_path: Path, ferroxy_upstream) -> None:
+    spec = fixed_upstream_app(tmp_path, ferroxy_upstream.addr)
+    second = free_port()
+    with run_cli(spec, "--listen", f"{HOST}:{second}", "--no-access-log") as cli:
+        wait_for_port(second, proc=cli.proc, describe=cli.describe)
+        for port in (cli.port, second):
+            r = httpx.get(f"http://{HOST}:{port}/on-{port}", timeout=10)
+            assert r.status_code == 200 and r.json()["path"] == f"/on-{port}"
+        for port in (cli.port, second):
+            assert f"ferroxy listening on http://{HOST}:{port}" in cli.stderr(), cli.describe()

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log.info("demo upstream (echo) listening on %s", demo_upstream.url)
         run(
             app,
-            listen=args.listen,
+            listen=args.listen or [_core.DEFAULTS["listen"]],
             threads=args.threads,
             grace_period=args.grace_period,
             access_log=args.access_log,
@@ -98,9 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default=_core.DEFAULTS["listen"],
+        action="append",
         metavar="HOST:PORT",
-        help="address to serve on (default: %(default)s)",
+        help=(
+            "address to serve on, or fd:N for an inherited listening socket; repeat to listen"
+            f" on several (default: {_core.DEFAULTS['listen']})"
+        ),
     )
     parser.add_argument(
         "--threads",

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypedDict
 
@@ -40,8 +41,9 @@ class ServerOptions(TypedDict, total=False):
     and the ``ferroxy_proxy`` fixture. An option left out keeps the engine's default (see
     ``ferroxy._core.DEFAULTS``); an unknown one raises TypeError naming it."""
 
-    #: ``host:port`` to serve on (``ProxyServer``: an ephemeral port on 127.0.0.1).
-    listen: str
+    #: ``host:port`` to serve on, ``fd:N`` for an inherited listening socket, or a list of
+    #: them (``ProxyServer``: an ephemeral port on 127.0.0.1).
+    listen: str | Sequence[str]
     #: Engine worker threads; 0 means one per CPU.
     threads: int
     #: Seconds in-flight requests may run on once a graceful shutdown begins.
@@ -176,7 +178,8 @@ def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) ->
         served = _LoopServer(app, loop, options)
         try:
             served.start()
-            print(f"ferroxy listening on http://{served.server.addr}", file=sys.stderr)
+            for addr in served.server.addrs:
+                print(f"ferroxy listening on http://{addr}", file=sys.stderr)
             grace_period = options.get("grace_period", DEFAULT_GRACE_PERIOD)
             installed = _install_signal_handlers(served, grace_period)
             try:
