@@ -12,9 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 
-from ferroxy import Proxy, ResponseHeader, Session
+from ferroxy import Proxy, ResponseHeader, Session, _core
 from ferroxy.server import _LoopServer
+
+#: Printed, with exit status 3, when the installed ferroxy was built without the benchmark.
+NOT_BUILT = (
+    "this ferroxy was built without the bridge benchmark; rebuild it with\n"
+    "    MATURIN_PEP517_ARGS='--features bridge-bench' pip install --no-deps ."
+)
 
 
 class SyncHook(Proxy):
@@ -55,6 +62,9 @@ def measure(app: type[Proxy], trips: int, in_flight: int, repeats: int) -> float
 
 
 def main() -> None:
+    if not hasattr(_core.Server, "bench_bridge"):
+        print(NOT_BUILT, file=sys.stderr)
+        sys.exit(3)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trips", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)

@@ -42,12 +42,10 @@ def test_bad_server_option_value_names_it(ferroxy_upstream, option: str, value: 
 
 
 def test_server_options_lists_every_server_keyword() -> None:
-    """ServerOptions is the typed face of _core.Server's options (the access-log pair is
-    still to come on the Rust side, and hooks/dispatcher are not options)."""
+    """ServerOptions is the typed face of _core.Server's options (hooks and the dispatcher
+    are not options)."""
     engine = set(inspect.signature(_core.Server).parameters) - {"dispatcher", "hooks"}
-    typed = ServerOptions.__optional_keys__
-    assert engine <= typed, engine - typed
-    assert typed - engine <= {"access_log_format"}
+    assert engine == ServerOptions.__optional_keys__
 
 
 def test_peer_defaults_are_the_engines() -> None:
@@ -76,8 +74,10 @@ def test_cli_defaults_come_from_the_engine() -> None:
 
     args = _parser().parse_args(["app.py:App"])
     assert args.grace_period == _core.DEFAULTS["grace_period"]
-    assert args.listen == _core.DEFAULTS["listen"]
+    assert args.listen is None, "no --listen: the server's default listener"
     assert args.threads == _core.DEFAULTS["threads"]
+    assert args.access_log == _core.DEFAULTS["access_log"] == "-"
+    assert args.access_log_format == _core.DEFAULTS["access_log_format"] == "combined"
 
 
 @pytest.mark.parametrize("field", ["connect_timeout", "read_timeout", "write_timeout"])

@@ -31,6 +31,8 @@ def test_connection_facts_in_hooks(ferroxy_upstream, ferroxy_proxy) -> None:
                 client=client.client_addr,
                 local=client.local_addr,
                 scheme=client.scheme,
+                protocol_in=client.protocol,
+                certs=client.client_certificates,
                 tls=client.tls,
                 sni=client.sni,
                 peer=server.peer_addr,
@@ -47,6 +49,7 @@ def test_connection_facts_in_hooks(ferroxy_upstream, ferroxy_proxy) -> None:
     assert first["local"] == proxy.addr
     assert first["client"].startswith(f"{HOST}:") and first["client"] == second["client"]
     assert (first["scheme"], first["tls"], first["sni"]) == ("http", False, None)
+    assert (first["protocol_in"], first["certs"]) == ("HTTP/1.1", [])
     assert first["peer"] == ferroxy_upstream.addr and first["protocol"] == "HTTP/1.1"
     assert (first["reused"], second["reused"]) == (False, True)
 

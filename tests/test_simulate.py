@@ -150,3 +150,18 @@ def test_bad_requests_are_refused_by_field() -> None:
         simulate(App, request("GET", "no-slash"))
     with pytest.raises(ValueError, match="client_addr"):
         simulate(App, request("GET", "/", client_addr="nowhere"))
+
+
+def test_an_async_logging_hook_runs_to_its_end() -> None:
+    done: list[str] = []
+
+    class Logged(Proxy):
+        upstream = UPSTREAM
+
+        async def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> None:
+            await asyncio.sleep(0.01)  # really suspends: a task on the loop
+            done.append(session.req.path)
+
+    out = simulate(Logged, request("GET", "/logged"))
+    assert out.status == 200
+    assert done == ["/logged"], "simulate returned before the logging hook finished"

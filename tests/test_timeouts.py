@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
-from conftest import raw_connect, read_response, simple_request, wait_closed, wait_until
+from conftest import (
+    raw_connect,
+    read_head,
+    read_response,
+    simple_request,
+    wait_closed,
+    wait_until,
+)
 from ferroxy import Peer, Proxy
 
 
@@ -51,22 +59,26 @@ def test_read_timeout_is_per_peer(ferroxy_upstream, ferroxy_proxy) -> None:
 
 
 def test_read_timeout_applies_on_reused_pooled_connection(ferroxy_upstream, ferroxy_proxy) -> None:
-    """The read timeout is armed per request, not only when a connection is opened: a
-    request that rides a pooled connection still times out."""
+    """The Peer returned for *this* request sets the timeout, even when the request rides a
+    pooled connection first opened for a Peer (same address) with other timeouts: read
+    timeouts are not part of the pool key, and are armed per request."""
 
     class App(Proxy):
-        upstream = Peer(ferroxy_upstream.addr, read_timeout=0.3)
+        def upstream_peer(self, session, ctx):
+            if session.req.query == "impatient":
+                return Peer(ferroxy_upstream.addr, read_timeout=0.3)
+            return Peer(ferroxy_upstream.addr)
 
     proxy = ferroxy_proxy(App)
     with httpx.Client(base_url=proxy.url, timeout=10) as c:
-        assert c.get("/warm").status_code == 200  # opens the connection and pools it
+        assert c.get("/warm").status_code == 200  # pools a connection with the default 60 s
         start = time.monotonic()
-        r = c.get("/delay/1500")
+        r = c.get("/delay/1500?impatient")
         elapsed = time.monotonic() - start
     assert r.status_code == 504, f"got {r.status_code} after {elapsed:.2f}s (read_timeout=0.3)"
     assert elapsed < 1.2
     assert ferroxy_upstream.requests == 2
-    assert ferroxy_upstream.connections == 1, "the delayed request did not reuse the pooled one"
+    assert ferroxy_upstream.connections == 1, "the impatient request did not reuse the pooled one"
 
 
 def test_read_timeout_applies_between_reads_not_total(ferroxy_upstream, ferroxy_proxy) -> None:
@@ -250,3 +262,29 @@ def test_client_stalling_mid_body_gets_408(ferroxy_upstream, ferroxy_proxy) -> N
     assert closed and after == b"", "the connection must close after the 408"
     assert wait_until(lambda: kinds, timeout=3), "the logging hook never ran"
     assert kinds == ["client_timeout"]
+
+
+def test_client_body_timeout_starts_when_the_body_is_read(ferroxy_upstream, ferroxy_proxy) -> None:
+    """Hooks may take longer than client_read_timeout before anyone reads the body: that wait
+    is not the client's silence. With ``Expect: 100-continue`` the client sends nothing until
+    the proxy asks for the body, which it does only once the hooks are done."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        async def request_filter(self, session, ctx):
+            await asyncio.sleep(0.8)  # the scenario: a hook slower than client_read_timeout
+
+    proxy = ferroxy_proxy(App, client_read_timeout=0.4)
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(
+            b"POST /late-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        rfile = sock.makefile("rb")
+        _, status, _, _ = read_head(rfile)
+        assert status == 100, f"expected 100 Continue once the hooks were done, got {status}"
+        sock.sendall(b"hello")
+        r = read_response(rfile)
+    assert r.status == 200, r
+    assert r.json()["body_length"] == 5

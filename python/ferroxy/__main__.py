@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log.info("demo upstream (echo) listening on %s", demo_upstream.url)
         run(
             app,
-            listen=args.listen or [_core.DEFAULTS["listen"]],
+            listen=args.listen or _core.DEFAULTS["listen"],
             threads=args.threads,
             grace_period=args.grace_period,
             access_log=args.access_log,
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--access-log",
-        default="-",
+        default=_core.DEFAULTS["access_log"],
         metavar="PATH",
         help="where a line per request goes: a file, - for stdout, off for none; SIGUSR1 "
         "reopens the file (default: %(default)s)",
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--access-log-format",
-        default="combined",
+        default=_core.DEFAULTS["access_log_format"],
         metavar="FMT",
         help="combined (nginx's), json, or a template of field names such as "
         "'{client} {method} {path} {status} {duration}' (default: %(default)s)",

@@ -38,6 +38,9 @@ class _Defaults(TypedDict):
 #: by the keyword of ``Server(...)`` or ``Peer(...)`` that overrides each.
 DEFAULTS: Final[_Defaults]
 
+#: The request-side hooks one trip to Python may run, in the bit order of ``Call.steps``.
+REQUEST_STEPS: Final[tuple[str, str, str]]
+
 def set_log_level(level: int) -> None:
     """Lowest Python logging level the engine forwards to the ``ferroxy`` loggers."""
 
@@ -179,7 +182,13 @@ class ClientConn:
     def scheme(self) -> str:
         """``"http"`` or ``"https"``."""
     @property
+    def protocol(self) -> str:
+        """``"HTTP/1.1"``, ``"HTTP/2"``, ..."""
+    @property
     def tls(self) -> bool: ...
+    @property
+    def client_certificates(self) -> list[bytes]:
+        """The client's certificate chain (DER, leaf first) from a mutual-TLS handshake."""
     @property
     def sni(self) -> str | None: ...
     @property
@@ -315,7 +324,8 @@ class Server:
     def bench_bridge(self, trips: int, in_flight: int = 1) -> float:
         """Time ``trips`` response_filter round trips through the hook bridge alone (no
         sockets), ``in_flight`` at a time; returns seconds. Blocks: call it from an executor
-        while this server's loop drains ``run_pending``."""
+        while this server's loop drains ``run_pending``. Only in builds with the
+        ``bridge-bench`` cargo feature (see bench/README.md)."""
     def simulate(
         self,
         method: str,

@@ -39,6 +39,7 @@ from collections.abc import Callable, Coroutine, Generator
 from inspect import isawaitable, iscoroutinefunction
 from typing import Any, Final
 
+from . import _core
 from ._core import Call, Peer, ProxyError, Response, Session
 from .proxy import Proxy
 
@@ -54,7 +55,8 @@ _PLAIN_RESULT_TYPES: Final = frozenset({type(None), Response, Peer, str, dict})
 # a new string per request from growing the cache without limit.
 _PEER_CACHE_SIZE: Final = 1024
 
-_REQUEST_HOOKS: Final = ("request_filter", "upstream_peer", "upstream_request_filter")
+#: The request-side hooks a request trip may run, in bit order of ``Call.steps``.
+_REQUEST_HOOKS: Final = _core.REQUEST_STEPS
 
 _EAGER_TASKS: Final = sys.version_info >= (3, 12)
 # Passed as **kwargs: the argument only exists on 3.12+, and mypy checks against 3.10.
@@ -63,9 +65,10 @@ _EAGER: Final[dict[str, Any]] = {"eager_start": True}
 _Phase = Coroutine[Any, Any, None]
 
 # Call.steps bits: which request-side hooks a request trip runs.
-_REQUEST_FILTER: Final = 1
-_UPSTREAM_PEER: Final = 2
-_UPSTREAM_REQUEST_FILTER: Final = 4
+_REQUEST_FILTER, _UPSTREAM_PEER, _UPSTREAM_REQUEST_FILTER = (
+    1 << _REQUEST_HOOKS.index(h)
+    for h in ("request_filter", "upstream_peer", "upstream_request_filter")
+)
 
 
 class Dispatcher:
@@ -142,6 +145,12 @@ class Dispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def finish_pending(self) -> None:
+        """Wait until the phases still waiting on something have ended on their own (those
+        started meanwhile too)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # -- phases -------------------------------------------------------------------------
 

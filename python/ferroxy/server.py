@@ -131,10 +131,15 @@ class _LoopServer:
         """Stop accepting; in-flight requests get ``grace_period`` (default: configured)."""
         self.server.shutdown(grace_period)
 
-    async def serve(self) -> None:
-        """Wait until the engine has stopped, then end the phases still waiting."""
+    async def serve(self, *, finish_pending: bool = False) -> None:
+        """Wait until the engine has stopped, then end the phases still waiting: cancel
+        them, or with ``finish_pending`` let them run to their end (a simulated request's
+        async ``logging`` hook)."""
         await self._stopped
-        await self.dispatcher.cancel_pending()
+        if finish_pending:
+            await self.dispatcher.finish_pending()
+        else:
+            await self.dispatcher.cancel_pending()
 
     def close(self) -> None:
         """Detach from the loop; stops the engine at once if it is still running."""

@@ -152,7 +152,8 @@ def simulate(
     """
     loop = asyncio.new_event_loop()
     try:
-        served = _LoopServer(app, loop, ServerOptions())
+        # No access log: nothing is served, and a writer thread per call would be waste.
+        served = _LoopServer(app, loop, ServerOptions(access_log=False))
         simulation = served.server.simulate(
             req.method,
             req.path,
@@ -164,7 +165,7 @@ def simulate(
         )
         loop.add_reader(served.server.fileno(), served.server.run_pending)
         try:
-            loop.run_until_complete(served.serve())
+            loop.run_until_complete(served.serve(finish_pending=True))
         finally:
             loop.remove_reader(served.server.fileno())
         return simulation.result()

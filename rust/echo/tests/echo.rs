@@ -282,7 +282,12 @@ async fn serve_stops_within_grace_period() {
             .unwrap(),
     );
     let slow = tokio::spawn(slow);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // In flight once the echo has counted it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.requests() < 2 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let started = Instant::now();
     tx.send(()).unwrap();

@@ -83,6 +83,9 @@ pub enum AccessLogFormat {
 }
 
 impl AccessLogFormat {
+    /// What `parse` reads as the default format.
+    pub const DEFAULT_NAME: &'static str = "combined";
+
     /// The field names, in the order of the JSON keys.
     pub const FIELDS: [&'static str; 15] = [
         "time",
@@ -106,7 +109,7 @@ impl AccessLogFormat {
     /// literal braces. The error names what is wrong and lists the field names.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
-            "combined" => Ok(AccessLogFormat::Combined),
+            AccessLogFormat::DEFAULT_NAME => Ok(AccessLogFormat::Combined),
             "json" => Ok(AccessLogFormat::Json),
             template => Template::parse(template).map(AccessLogFormat::Template),
         }
@@ -214,7 +217,7 @@ pub struct AccessRecord<'a> {
     pub bytes: u64,
     /// The upstream's `host:port`, once one was chosen.
     pub upstream: Option<&'a str>,
-    /// From sending the request upstream (connecting included) to the response head.
+    /// From sending the request upstream (on a connection already open) to the response head.
     pub upstream_time: Option<Duration>,
     /// From the request's arrival to the end of its response.
     pub duration: Duration,
@@ -700,16 +703,36 @@ impl AccessLog {
 
     /// Block until every line logged before this call is written (or its write failed).
     pub fn flush(&self) {
+        self.flush_within(Duration::MAX);
+    }
+
+    /// [`AccessLog::flush`], waiting at most `limit`; false if lines were still unwritten
+    /// then (a disk or a stdout pipe that stopped taking them).
+    pub fn flush_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now().checked_add(limit);
         let mut backlog = self.shared.backlog.lock();
         let target = backlog.queued;
         if backlog.written >= target {
-            return;
+            return true;
         }
         backlog.flush_wanted = true;
         self.shared.wake.notify_one();
         while backlog.written < target && backlog.writer_alive {
-            self.shared.written.wait(&mut backlog);
+            match deadline {
+                Some(deadline) => {
+                    if self
+                        .shared
+                        .written
+                        .wait_until(&mut backlog, deadline)
+                        .timed_out()
+                    {
+                        return backlog.written >= target;
+                    }
+                }
+                None => self.shared.written.wait(&mut backlog),
+            }
         }
+        backlog.written >= target
     }
 
     /// Lines dropped so far because the backlog was over its cap.
@@ -728,15 +751,22 @@ impl fmt::Debug for AccessLog {
 }
 
 impl Drop for AccessLog {
-    /// Writes what is left and ends the writer.
+    /// Writes what is left and ends the writer; a writer stuck on its output for longer than
+    /// [`FLUSH_LIMIT`] is left to end on its own rather than hang whoever dropped the log.
     fn drop(&mut self) {
+        let flushed = self.flush_within(FLUSH_LIMIT);
         self.shared.backlog.lock().closing = true;
         self.shared.wake.notify_one();
         if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+            if flushed {
+                let _ = writer.join();
+            }
         }
     }
 }
+
+/// Longest a stop waits for the access log's last lines to be written.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()

@@ -154,7 +154,9 @@ impl BodyProgress {
 /// itself is re-armed lazily when it goes off early, so a busy stream costs no timer work.
 struct IdleTimer {
     timeout: Duration,
-    deadline: Instant,
+    /// Set when the body is first polled: time before that (hooks running, connecting
+    /// upstream, a 100-continue not yet sent) is nobody's silence.
+    deadline: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -162,17 +164,20 @@ impl IdleTimer {
     fn new(timeout: Duration) -> Self {
         IdleTimer {
             timeout,
-            deadline: Instant::now() + timeout,
+            deadline: None,
             sleep: None,
         }
     }
 
     fn activity(&mut self) {
-        self.deadline = Instant::now() + self.timeout;
+        self.deadline = Some(Instant::now() + self.timeout);
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = self.deadline;
+        let timeout = self.timeout;
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + timeout);
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -180,11 +185,12 @@ impl IdleTimer {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            if self.deadline <= Instant::now() {
+            let deadline = self.deadline.unwrap_or(deadline);
+            if deadline <= Instant::now() {
                 return true;
             }
             // Activity since the timer was set: wait out the rest of the new deadline.
-            sleep.as_mut().reset(self.deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }
@@ -325,6 +331,17 @@ mod tests {
         // Well past the first deadline: the timer armed for it re-arms for the last frame's.
         let error = fails_when_idle_for(&mut body, IDLE).await;
         assert_eq!(idle_failure(&error), (ErrorSide::Upstream, IDLE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_clock_starts_at_the_first_read() {
+        // Hooks and the upstream connect run before anyone reads the request body (and
+        // hyper sends a 100-continue only then): that wait is not the client's silence.
+        let (upload, _wire) = chunked_body().await;
+        let mut body = ProxyBody::streamed(upload, IDLE, ErrorSide::Client);
+        tokio::time::advance(3 * IDLE).await;
+        let error = fails_when_idle_for(&mut body, IDLE).await;
+        assert_eq!(idle_failure(&error), (ErrorSide::Client, IDLE));
     }
 
     #[tokio::test(start_paused = true)]

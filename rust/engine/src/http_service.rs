@@ -115,7 +115,12 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     fn stopped(&self) {
         // Every request that ended in time has its line written before the stop is reported.
         if let Some(log) = &self.proxy.config().access_log {
-            log.flush();
+            if !log.flush_within(crate::access_log::FLUSH_LIMIT) {
+                tracing::warn!(
+                    "access log lines still unwritten after {:?}; stopping anyway",
+                    crate::access_log::FLUSH_LIMIT
+                );
+            }
         }
     }
 }

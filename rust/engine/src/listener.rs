@@ -9,7 +9,8 @@ use std::os::fd::{FromRawFd, RawFd};
 pub enum Listener {
     /// `host:port` to bind.
     Addr(String),
-    /// A listening TCP socket this process inherited, by descriptor number.
+    /// A listening TCP socket this process inherited, by descriptor number. Opening it takes
+    /// ownership of the descriptor: open it once.
     Fd(RawFd),
 }
 
@@ -39,7 +40,8 @@ impl Listener {
                 // SAFETY: the descriptor was handed to this process to listen on (that is
                 // what naming it in the configuration says) and nothing else here owns it.
                 let listener = unsafe { std::net::TcpListener::from_raw_fd(*fd) };
-                // Not a socket, or not bound: say so now rather than fail on accept.
+                // Not a socket: say so now rather than fail on accept. (A socket that was
+                // bound but never listen()ed on is not caught here; its accepts fail.)
                 listener.local_addr().map_err(named)?;
                 listener
             }

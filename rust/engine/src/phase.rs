@@ -15,8 +15,10 @@ use crate::peer::Peer;
 use crate::response::Response;
 use crate::session::Session;
 
-/// The phases an application can override, in the order the engine runs them (`fail_to_proxy`
-/// instead of the ones after a failure). Language bindings name their hooks from this list.
+/// The phases a Python application can override as hooks, in the order the engine runs them
+/// (`fail_to_proxy` instead of the ones after a failure). `fail_to_connect` is not among
+/// them yet: retries come with load balancing, in Rust. The bindings derive their hook
+/// names from this list.
 pub const HOOK_NAMES: &[&str] = &[
     "new_ctx",
     "request_filter",
@@ -52,7 +54,8 @@ pub trait ProxyHttp: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Peer>> + Send;
 
     /// Edits the request about to be sent upstream (already stripped of hop-by-hop headers
-    /// and carrying X-Forwarded-*). Default: send it as it is.
+    /// and carrying X-Forwarded-*), once per attempt, with the attempt's peer in
+    /// `session.upstream`. Default: send it as it is.
     fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -63,8 +66,9 @@ pub trait ProxyHttp: Send + Sync + 'static {
     }
 
     /// Connecting to `peer` failed, before any of the request was sent. Return the error,
-    /// with `retry` set to have the proxy ask `upstream_peer` again (up to the server's
-    /// retry limit). Default: no retry.
+    /// with `retry` set to have the proxy ask `upstream_peer` again (the implementation
+    /// counts its retries; the engine stops at 16 attempts whatever it says). Default: no
+    /// retry.
     fn fail_to_connect(
         &self,
         _session: &mut Session,

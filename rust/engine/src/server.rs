@@ -93,7 +93,6 @@ impl Server {
             Arc::new(proxy),
             UpstreamClient::new(pool),
             ProxyConfig {
-                client_read_timeout: config.client_read_timeout,
                 access_log: config.access_log,
             },
         );

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Body;
@@ -46,10 +45,7 @@ pub async fn simulate<P: ProxyHttp>(
     let service = ProxyService::new(
         proxy,
         UpstreamClient::canned(canned.clone()),
-        ProxyConfig {
-            client_read_timeout: Duration::ZERO,
-            access_log: None,
-        },
+        ProxyConfig { access_log: None },
     );
     let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
     let response = service

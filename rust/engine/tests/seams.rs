@@ -88,13 +88,23 @@ impl ProxyHttp for SeamProxy {
 
     async fn upstream_request_filter(
         &self,
-        _: &mut Session,
-        _: &mut http::request::Parts,
+        session: &mut Session,
+        head: &mut http::request::Parts,
         _: &mut usize,
     ) -> Result<()> {
         self.calls
             .upstream_request_filter
             .fetch_add(1, Ordering::SeqCst);
+        // Appended, so a head filtered twice would carry two.
+        let peer = session
+            .upstream
+            .as_ref()
+            .expect("the attempt's peer")
+            .addr();
+        head.headers.append(
+            "x-filtered-for",
+            peer.parse().expect("an address is a header value"),
+        );
         Ok(())
     }
 
@@ -218,13 +228,21 @@ fn fail_to_connect_can_have_upstream_peer_chosen_again() {
     let (mut retrying, probe) = SeamProxy::new(vec![dead_port(), echo_peer(&echo)]);
     retrying.retry_connect = true;
     let server = start(retrying);
-    assert_eq!(get(server.local_addr(), "/"), 200);
+    let (status, body) = request(&connect(server.local_addr()), "/");
+    assert_eq!(status, 200);
     assert_eq!(echo.stats().requests(), 1);
     assert_eq!(probe.calls.upstream_peer.load(Ordering::SeqCst), 2);
-    // The request is prepared once, whichever peer it ends up going to.
+    // Each attempt filters a fresh head for its own peer: what arrives was filtered once,
+    // for the peer it arrived at.
     assert_eq!(
         probe.calls.upstream_request_filter.load(Ordering::SeqCst),
-        1
+        2
+    );
+    let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echoed["headers"]["x-filtered-for"],
+        echo.addr().to_string(),
+        "{echoed}"
     );
     assert!(next(&probe.logged).is_none());
 

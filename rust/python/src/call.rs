@@ -35,7 +35,11 @@ impl RequestSteps {
         *self == RequestSteps::default()
     }
 
-    /// As one int for Python: bit 0 request_filter, 1 upstream_peer, 2 upstream_request_filter.
+    /// The hooks in bit order, for Python (`_core.REQUEST_STEPS`): bit i is the i-th name.
+    pub const NAMES: [&'static str; 3] =
+        ["request_filter", "upstream_peer", "upstream_request_filter"];
+
+    /// As one int for Python: bit i set when the i-th of `NAMES` runs.
     fn bits(&self) -> u8 {
         u8::from(self.request_filter)
             | u8::from(self.upstream_peer) << 1

@@ -1,6 +1,7 @@
 //! `ferroxy._core`: the thin pyo3 layer over the ferroxy engine. It implements the engine's
 //! phase trait by handing phases to the Python thread, and exposes the types hooks see.
 
+#[cfg(feature = "bridge-bench")]
 mod bench;
 mod bridge;
 mod call;
@@ -18,7 +19,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use ferroxy_engine::peer::PeerTimeouts;
 use ferroxy_engine::phase::HOOK_NAMES;
-use ferroxy_engine::{AccessLogTarget, ServerConfig};
+use ferroxy_engine::{AccessLogFormat, AccessLogTarget, ServerConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -37,7 +38,7 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let defaults = PyDict::new(py);
     defaults.set_item("listen", server.listeners[0].to_string())?;
     defaults.set_item("access_log", AccessLogTarget::default().spec())?;
-    defaults.set_item("access_log_format", "combined")?;
+    defaults.set_item("access_log_format", AccessLogFormat::DEFAULT_NAME)?;
     defaults.set_item("threads", server.threads)?;
     defaults.set_item("grace_period", server.grace_period.as_secs_f64())?;
     defaults.set_item(
@@ -65,6 +66,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_log_level, m)?)?;
     m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
     m.add("DEFAULTS", defaults(m.py())?)?;
+    m.add(
+        "REQUEST_STEPS",
+        PyTuple::new(m.py(), call::RequestSteps::NAMES)?,
+    )?;
     m.add_class::<headers::Headers>()?;
     // A mapping to isinstance() and to the libraries that check for one.
     m.py()

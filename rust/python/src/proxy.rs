@@ -65,14 +65,13 @@ impl Hooks {
         }
     }
 
-    /// The same from `upstream_peer` on, when no earlier trip covered it.
-    fn trip_at_upstream_peer(&self, request_filtered: bool) -> RequestSteps {
+    /// The same from `upstream_peer` on, when no earlier trip covered it (the first attempt
+    /// of an app without request_filter, or a retry).
+    fn trip_at_upstream_peer(&self) -> RequestSteps {
         RequestSteps {
             request_filter: false,
             upstream_peer: self.upstream_peer,
-            upstream_request_filter: self.upstream_peer
-                && self.upstream_request_filter
-                && !request_filtered,
+            upstream_request_filter: self.upstream_peer && self.upstream_request_filter,
         }
     }
 }
@@ -89,7 +88,8 @@ pub struct PyCtx {
     req: Option<RequestSlot>,
     /// Chosen by an earlier trip, for `upstream_peer` to return.
     peer: Option<Peer>,
-    /// upstream_request_filter has run (in an earlier trip); the engine holds its result.
+    /// upstream_request_filter has run for this attempt in an earlier trip; the engine holds
+    /// its result.
     upstream_request_filtered: bool,
 }
 
@@ -221,9 +221,7 @@ impl ProxyHttp for PyProxy {
             return Ok(peer);
         }
         if self.hooks.upstream_peer {
-            let steps = self
-                .hooks
-                .trip_at_upstream_peer(ctx.upstream_request_filtered);
+            let steps = self.hooks.trip_at_upstream_peer();
             self.request_trip(steps, session, ctx, None).await?;
             return ctx
                 .peer
@@ -244,7 +242,12 @@ impl ProxyHttp for PyProxy {
         upstream_request: &mut http::request::Parts,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<()> {
-        if !self.hooks.upstream_request_filter || ctx.upstream_request_filtered {
+        if !self.hooks.upstream_request_filter {
+            return Ok(());
+        }
+        if std::mem::take(&mut ctx.upstream_request_filtered) {
+            // An earlier trip of this attempt ran it; the engine holds its result. (Cleared:
+            // a retry filters a new head for its new peer.)
             return Ok(());
         }
         let steps = RequestSteps {

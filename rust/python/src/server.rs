@@ -245,6 +245,7 @@ impl PyServer {
     /// Time `trips` response-phase round trips through the bridge, `in_flight` at a time,
     /// from a tokio runtime on this thread (release the loop thread to drain meanwhile:
     /// call this from an executor). Returns seconds of wall time.
+    #[cfg(feature = "bridge-bench")]
     #[pyo3(signature = (trips, in_flight=1))]
     fn bench_bridge(&self, py: Python<'_>, trips: usize, in_flight: usize) -> PyResult<f64> {
         if !self.hooks.response_filter {

@@ -221,10 +221,12 @@ impl PySession {
     }
     /// The client's connection: addresses, scheme, TLS details.
     #[getter]
-    fn client_conn(&self) -> ClientConn {
-        ClientConn {
+    fn client_conn(&self) -> PyResult<ClientConn> {
+        Ok(ClientConn {
             digest: self.downstream.clone(),
-        }
+            // hyper settles the protocol per connection: each request on it has its version.
+            protocol: self.req.get().read(|req| version_str(req.version))?,
+        })
     }
     /// The upstream connection the request went out on; None until it has.
     #[getter]
@@ -247,6 +249,7 @@ impl PySession {
 #[pyclass(name = "ClientConn", module = "ferroxy", frozen)]
 pub struct ClientConn {
     digest: Arc<DownstreamDigest>,
+    protocol: &'static str,
 }
 
 #[pymethods]
@@ -266,9 +269,24 @@ impl ClientConn {
     fn scheme(&self) -> &'static str {
         self.digest.scheme.as_str()
     }
+    /// "HTTP/1.1", "HTTP/2", ...
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        self.protocol
+    }
     #[getter]
     fn tls(&self) -> bool {
         self.digest.tls.is_some()
+    }
+    /// The client's certificate chain (DER, leaf first) from a mutual-TLS handshake.
+    #[getter]
+    fn client_certificates<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, pyo3::types::PyBytes>> {
+        self.digest.tls.as_ref().map_or_else(Vec::new, |tls| {
+            tls.client_certificates
+                .iter()
+                .map(|der| pyo3::types::PyBytes::new(py, der))
+                .collect()
+        })
     }
     /// The server name the client asked for in its TLS handshake.
     #[getter]

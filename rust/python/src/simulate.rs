@@ -79,13 +79,17 @@ pub fn start(
             *done.lock() = Some(simulated);
             bridge.submit(Job::Stopped);
         })?;
-    Ok(Simulation { outcome })
+    Ok(Simulation {
+        outcome,
+        client_addr,
+    })
 }
 
 /// A simulation under way; its outcome once the bridge has said it stopped.
 #[pyclass(name = "Simulation", module = "ferroxy._core", frozen)]
 pub struct Simulation {
     outcome: Arc<Mutex<Option<Simulated>>>,
+    client_addr: SocketAddr,
 }
 
 #[pymethods]
@@ -97,7 +101,7 @@ impl Simulation {
             .lock()
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("the simulation has not finished"))?;
-        let client_addr = "127.0.0.1:0".parse().expect("a literal address");
+        let client_addr = self.client_addr;
         let (upstream_request, upstream_body) = match simulated.upstream_request {
             Some(received) => {
                 let slot = Arc::new(Mutex::new(Some(received.head)));

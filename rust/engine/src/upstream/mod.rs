@@ -86,7 +86,11 @@ impl UpstreamClient {
     }
 
     async fn open(&self, peer: &Peer) -> Result<UpstreamConnection> {
-        let conn = connect::connect(peer, self.pool.idle_timeout_for(peer)).await?;
+        // Boxed: a connect's future (TCP, timeout, either handshake) is kilobytes, and held
+        // inline it would grow every request's future, which hyper moves per request. Most
+        // requests reuse a pooled connection and never come here.
+        let opening = Box::pin(connect::connect(peer, self.pool.idle_timeout_for(peer)));
+        let conn = opening.await?;
         if conn.is_shared() {
             self.pool.put_back(conn.clone_shared());
         }

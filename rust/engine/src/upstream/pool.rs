@@ -64,21 +64,26 @@ impl ConnectionPool {
     /// freshest idle HTTP/1.1 one (taken out of the pool until it is put back).
     pub fn checkout(&self, peer: &Peer) -> Option<UpstreamConnection> {
         let now = Instant::now();
+        // Idle time is the asking peer's: it is not part of the key, so the connection may
+        // have been opened for a peer with another.
+        let idle_timeout = self.idle_timeout_for(peer);
         let mut peers = self.peers.lock();
         let conns = peers.get_mut(peer.key())?;
         conns
             .shared
             .retain(|s| s.expires > now && !s.conn.is_closed());
         if let Some(shared) = conns.shared.last_mut() {
-            shared.expires = now + shared.conn.idle_timeout;
+            shared.expires = now + idle_timeout;
             let mut conn = shared.conn.clone_shared();
             conn.digest.reused = true;
+            conn.idle_timeout = idle_timeout;
             return Some(conn);
         }
         while let Some(idle) = conns.idle.pop_back() {
             if idle.expires > now && !idle.conn.is_closed() {
                 let mut conn = idle.conn;
                 conn.digest.reused = true;
+                conn.idle_timeout = idle_timeout;
                 return Some(conn);
             }
         }
@@ -267,6 +272,23 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(pool.checkout(&peer).is_none(), "kept past its idle timeout");
         filed.remove(0).1.closed_by_us().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_is_the_last_users() {
+        // Idle timeouts are not part of the key: a connection opened for a patient peer
+        // and used by a hasty one idles as the hasty one says.
+        let pool = pool_keeping(8);
+        let patient = peer_with(idling_for(Duration::from_secs(60)));
+        let hasty = peer_with(idling_for(Duration::from_secs(1)));
+        let _filed = fill(&pool, &patient, 1).await;
+        let conn = pool.checkout(&hasty).expect("the same key");
+        pool.release(conn, true);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            pool.checkout(&patient).is_none(),
+            "kept past the last user's idle timeout"
+        );
     }
 
     #[tokio::test(start_paused = true)]
