@@ -84,12 +84,25 @@ impl UpstreamConnection {
     /// Send `req` over a real connection. When the connection turns out closed before any
     /// of the request was written, the error hands the request back (see hyper's
     /// `TrySendError`).
-    pub(crate) async fn send(&mut self, req: http::Request<ProxyBody>) -> Sent {
-        match &mut self.sender {
-            Sender::Http1(s) => s.try_send_request(req).await,
-            Sender::Http2(s) => s.try_send_request(req).await,
+    ///
+    /// Not an `async fn`: hyper takes the request at once, so the future returned holds only
+    /// the wait for the answer, not the request (it sits in every request's future).
+    pub(crate) fn send(
+        &mut self,
+        req: http::Request<ProxyBody>,
+    ) -> impl std::future::Future<Output = Sent> + Send + 'static {
+        let (http1, http2) = match &mut self.sender {
+            Sender::Http1(s) => (Some(s.try_send_request(req)), None),
+            Sender::Http2(s) => (None, Some(s.try_send_request(req))),
             Sender::Canned(_) => {
                 unreachable!("UpstreamClient::send answers canned requests itself")
+            }
+        };
+        async move {
+            match (http1, http2) {
+                (Some(sending), _) => sending.await,
+                (None, Some(sending)) => sending.await,
+                (None, None) => unreachable!("one of the two was sent"),
             }
         }
     }
