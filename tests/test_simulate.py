@@ -5,28 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
-from ferroxy import Peer, Proxy, ProxyError, RequestHeader, Response, ResponseHeader, Session
+from ferroxy import Proxy, ProxyError, RequestHeader, Response, ResponseHeader, Session
+from ferroxy.__main__ import load_target
 from ferroxy.testing import request, simulate
 
 UPSTREAM = "127.0.0.1:8081"
 
-
-class App(Proxy):
-    def upstream_peer(self, session: Session, ctx: Any) -> Peer:
-        return Peer(UPSTREAM)
-
-    async def request_filter(self, session: Session, ctx: Any) -> Response | None:
-        if session.req.path == "/blocked":
-            return Response(403, body=b"blocked\n")
-        return None
-
-    def response_filter(
-        self, session: Session, upstream_response: ResponseHeader, ctx: Any
-    ) -> None:
-        upstream_response.headers["x-served-by"] = "ferroxy"
+# The README's example app, as the README's simulate examples test it.
+App = load_target(str(Path(__file__).resolve().parent.parent / "examples" / "hello.py") + ":App")
 
 
 def test_blocked() -> None:
