@@ -396,6 +396,8 @@ fn echo_json(
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "query": parts.uri.query().unwrap_or(""),
+        // HTTP/2's :authority (HTTP/1.1 requests carry a Host header instead).
+        "authority": parts.uri.authority().map(|a| a.as_str()),
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "header_list": header_list,

@@ -5,6 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
 use crate::digest::Scheme;
+use crate::peer::UpstreamProtocol;
 
 /// Headers that describe one connection, never forwarded, whatever Connection says.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -131,6 +132,31 @@ fn append_forwarded_for(headers: &mut HeaderMap, client_ip: std::net::IpAddr) {
     }
 }
 
+/// Shape a head built for HTTP/1.1 (see [`upstream_request`]) for the protocol the peer
+/// speaks. HTTP/2 carries the target as `:scheme`, `:authority` and `:path` (RFC 9113
+/// section 8.3.1): the Host header becomes the authority.
+pub fn for_upstream_protocol(head: &mut http::request::Parts, protocol: UpstreamProtocol) {
+    if protocol != UpstreamProtocol::Http2 {
+        return;
+    }
+    head.version = Version::HTTP_2;
+    let Some(host) = head.headers.remove(header::HOST) else {
+        return;
+    };
+    let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    match host
+        .to_str()
+        .ok()
+        .and_then(|host| format!("http://{host}{target}").parse::<Uri>().ok())
+    {
+        Some(uri) => head.uri = uri,
+        // Not an authority: keep it as a header, as it came.
+        None => {
+            head.headers.insert(header::HOST, host);
+        }
+    }
+}
+
 /// `/path?query` from whatever form the client used (absolute-form, or h2's full URI).
 fn origin_form(uri: &Uri) -> Uri {
     if uri.scheme().is_none() && uri.authority().is_none() {
@@ -226,6 +252,25 @@ mod tests {
         );
         let up = upstream_request(&req, "3.3.3.3".parse().unwrap(), Scheme::Http);
         assert_eq!(up.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+    }
+
+    #[test]
+    fn an_http2_peer_gets_the_host_as_authority() {
+        let req = request("/a?b=c", &[("host", "example.com:8080"), ("x-kept", "1")]);
+        let mut up = upstream_request(&req, "127.0.0.1".parse().unwrap(), Scheme::Http);
+        for_upstream_protocol(&mut up, UpstreamProtocol::Http1);
+        assert_eq!(
+            (up.version, up.uri.to_string()),
+            (Version::HTTP_11, "/a?b=c".into())
+        );
+        for_upstream_protocol(&mut up, UpstreamProtocol::Http2);
+        assert_eq!(up.version, Version::HTTP_2);
+        assert_eq!(up.uri, "http://example.com:8080/a?b=c");
+        assert!(
+            !up.headers.contains_key("host"),
+            "the authority replaces Host"
+        );
+        assert_eq!(up.headers["x-kept"], "1");
     }
 
     #[test]

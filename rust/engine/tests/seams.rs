@@ -271,7 +271,16 @@ fn concurrent_requests_share_one_http2_upstream_connection() {
     let (proxy, probe) = SeamProxy::to(echo_peer(&echo).with_protocol(UpstreamProtocol::Http2));
     let server = start(proxy);
     let addr = server.local_addr();
-    assert_eq!(get(addr, "/"), 200);
+    let (status, body) = request(&connect(addr), "/first?q=1");
+    assert_eq!(status, 200);
+    // Sent as HTTP/2 proper: the Host the client sent became the :authority.
+    let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echoed["version"], "HTTP/2.0", "{echoed}");
+    assert_eq!(echoed["authority"], "example.test", "{echoed}");
+    assert_eq!(
+        (echoed["path"].as_str(), echoed["query"].as_str()),
+        (Some("/first"), Some("q=1"))
+    );
     // Slow responses, so that the requests are in flight upstream at the same time.
     let clients: Vec<_> = (0..CONCURRENT)
         .map(|_| std::thread::spawn(move || get(addr, "/delay/300")))
