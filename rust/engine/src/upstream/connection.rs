@@ -2,7 +2,10 @@
 //! carries one request at a time and is held exclusively while in use; an HTTP/2 one
 //! multiplexes, so every request to its peer shares it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -28,6 +31,30 @@ pub struct UpstreamConnection {
     pub(crate) digest: UpstreamDigest,
     /// How long it may idle in the pool before it is closed.
     pub(crate) idle_timeout: Duration,
+}
+
+pin_project_lite::pin_project! {
+    /// The wait for an answer on one protocol or the other.
+    #[project = SendingProjection]
+    enum Sending<H1, H2> {
+        Http1 { #[pin] sending: H1 },
+        Http2 { #[pin] sending: H2 },
+    }
+}
+
+impl<H1, H2> Future for Sending<H1, H2>
+where
+    H1: Future<Output = Sent>,
+    H2: Future<Output = Sent>,
+{
+    type Output = Sent;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        match self.project() {
+            SendingProjection::Http1 { sending } => sending.poll(cx),
+            SendingProjection::Http2 { sending } => sending.poll(cx),
+        }
+    }
 }
 
 type Sent = Result<http::Response<Incoming>, TrySendError<http::Request<ProxyBody>>>;
@@ -86,23 +113,21 @@ impl UpstreamConnection {
     /// `TrySendError`).
     ///
     /// Not an `async fn`: hyper takes the request at once, so the future returned holds only
-    /// the wait for the answer, not the request (it sits in every request's future).
+    /// the wait for the answer (one protocol's), not the request: it sits in every request's
+    /// future.
     pub(crate) fn send(
         &mut self,
         req: http::Request<ProxyBody>,
-    ) -> impl std::future::Future<Output = Sent> + Send + 'static {
-        let (http1, http2) = match &mut self.sender {
-            Sender::Http1(s) => (Some(s.try_send_request(req)), None),
-            Sender::Http2(s) => (None, Some(s.try_send_request(req))),
+    ) -> impl Future<Output = Sent> + Send + 'static {
+        match &mut self.sender {
+            Sender::Http1(s) => Sending::Http1 {
+                sending: s.try_send_request(req),
+            },
+            Sender::Http2(s) => Sending::Http2 {
+                sending: s.try_send_request(req),
+            },
             Sender::Canned(_) => {
                 unreachable!("UpstreamClient::send answers canned requests itself")
-            }
-        };
-        async move {
-            match (http1, http2) {
-                (Some(sending), _) => sending.await,
-                (None, Some(sending)) => sending.await,
-                (None, None) => unreachable!("one of the two was sent"),
             }
         }
     }

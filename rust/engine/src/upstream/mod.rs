@@ -114,7 +114,8 @@ impl UpstreamClient {
     ) -> Result<Exchange> {
         let read_timeout = peer.timeouts().read;
         if let Sender::Canned(canned) = &conn.sender {
-            let (head, body) = canned.exchange(req).await?;
+            // Boxed: simulations only, kept out of the real exchange's future.
+            let (head, body) = Box::pin(canned.exchange(req)).await?;
             return Ok(Exchange {
                 head,
                 body,
@@ -126,7 +127,9 @@ impl UpstreamClient {
                 conn = self.connect(peer).await?;
                 continue;
             }
-            let sent = within_read_timeout(conn.send(req), read_timeout, upload).await;
+            let sending = conn.send(req);
+            tokio::pin!(sending);
+            let sent = within_read_timeout(sending, read_timeout, upload).await;
             let Some(sent) = sent else {
                 let message = format!("no response within {read_timeout:?}");
                 return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
@@ -162,17 +165,16 @@ impl UpstreamClient {
 
 /// `response` if it resolves within `read_timeout` after the request body has finished.
 async fn within_read_timeout<F: Future>(
-    response: F,
+    mut response: std::pin::Pin<&mut F>,
     read_timeout: Duration,
     upload: &BodyProgress,
 ) -> Option<F::Output> {
-    tokio::pin!(response);
     // A window counts only if the body had finished when it began, so the wait after the
     // upload is never shorter than the read timeout. Stalls while uploading are the write
     // timeout's business.
     let mut window_after_upload = upload.is_finished();
     loop {
-        match tokio::time::timeout(read_timeout, &mut response).await {
+        match tokio::time::timeout(read_timeout, response.as_mut()).await {
             Ok(output) => return Some(output),
             Err(_) if window_after_upload => return None,
             Err(_) => window_after_upload = upload.is_finished(),
@@ -215,7 +217,8 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(done.is_finished());
         let started = Instant::now();
-        let waited = within_read_timeout(std::future::pending::<()>(), READ, &done).await;
+        let waited =
+            within_read_timeout(std::pin::pin!(std::future::pending::<()>()), READ, &done).await;
         assert!(waited.is_none());
         let elapsed = started.elapsed();
         assert!(
@@ -223,9 +226,11 @@ mod tests {
             "{elapsed:?}"
         );
 
-        let answer =
-            within_read_timeout(response_after(READ - Duration::from_millis(1)), READ, &done);
-        assert_eq!(answer.await, Some("response"));
+        let response = std::pin::pin!(response_after(READ - Duration::from_millis(1)));
+        assert_eq!(
+            within_read_timeout(response, READ, &done).await,
+            Some("response")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -233,7 +238,8 @@ mod tests {
         let uploading_for = READ * 3 / 2;
         let (upload, _) = upload_lasting(uploading_for);
         let started = Instant::now();
-        let waited = within_read_timeout(std::future::pending::<()>(), READ, &upload).await;
+        let waited =
+            within_read_timeout(std::pin::pin!(std::future::pending::<()>()), READ, &upload).await;
         assert!(waited.is_none());
         let elapsed = started.elapsed();
         assert!(
@@ -251,7 +257,7 @@ mod tests {
         // Later than the read timeout after the request began, sooner after the upload ended.
         let response = response_after(uploading_for + READ - Duration::from_millis(1));
         assert_eq!(
-            within_read_timeout(response, READ, &upload).await,
+            within_read_timeout(std::pin::pin!(response), READ, &upload).await,
             Some("response")
         );
     }
