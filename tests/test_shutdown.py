@@ -148,3 +148,117 @@ def test_connections_past_the_grace_period_are_closed(ferroxy_upstream, ferroxy_
     client.join(6)
     assert "error" in outcome, outcome
     assert time.monotonic() - started < 2.5
+
+
+def _keep_alive_client(port: int, stop: threading.Event, tally: dict[str, int]) -> None:
+    """Send requests one after another on keep-alive connections until the proxy stops
+    taking them. A request counts as lost if it was sent and its connection ended without an
+    answer; a refused connect is not (nothing was sent)."""
+    import http.client
+
+    while not stop.is_set():
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            conn.connect()
+        except OSError:
+            return  # refused: the proxy has stopped listening
+        try:
+            while True:
+                try:
+                    conn.request("GET", "/delay/100")
+                except OSError:
+                    break  # closed before we could send: nothing lost, reconnect
+                try:
+                    response = conn.getresponse()
+                    response.read()
+                except (http.client.HTTPException, OSError):
+                    tally["lost"] += 1
+                    return
+                tally["answered"] += 1
+                if response.getheader("connection", "").lower() == "close" or stop.is_set():
+                    break
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def patient_proxy(ferroxy_upstream, ferroxy_proxy):
+    """A proxy in front of the echo upstream with a grace period longer than any test."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    return ferroxy_proxy(App, grace_period=10.0)
+
+
+def test_shutdown_under_keep_alive_load_loses_no_request(patient_proxy) -> None:
+    """Clients that send their next request the moment the last answer arrives (as wrk does)
+    are the hard case: a connection is idle to the proxy only for that moment."""
+
+    proxy = patient_proxy
+    stop = threading.Event()
+    tallies = [{"answered": 0, "lost": 0} for _ in range(16)]
+    clients = [
+        threading.Thread(target=_keep_alive_client, args=(proxy.port, stop, tally))
+        for tally in tallies
+    ]
+    for client in clients:
+        client.start()
+    assert wait_until(lambda: sum(t["answered"] for t in tallies) >= 48, timeout=10)
+    started = time.monotonic()
+    proxy.stop()
+    stopped_in = time.monotonic() - started
+    stop.set()
+    for client in clients:
+        client.join(15)
+    assert sum(t["lost"] for t in tallies) == 0, tallies
+    assert stopped_in < 5.0, f"stop took {stopped_in:.1f}s: connections were not closed"
+
+
+def test_idle_keep_alive_connections_are_closed_at_shutdown(patient_proxy) -> None:
+    proxy = patient_proxy
+    idle = socket.create_connection((HOST, proxy.port), timeout=5)
+    with idle:
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        stopper = threading.Thread(target=proxy.stop)
+        stopper.start()
+        idle.settimeout(5)
+        assert idle.recv(65536) == b"", "an idle connection got data at shutdown"
+        closed_in = time.monotonic() - started
+        stopper.join(10)
+    assert closed_in < 1.5, f"the idle connection was closed after {closed_in:.1f}s"
+
+
+def test_a_request_arriving_during_shutdown_is_answered_and_closes(
+    patient_proxy, ferroxy_upstream
+) -> None:
+    proxy = patient_proxy
+    busy = socket.create_connection((HOST, proxy.port), timeout=5)
+    slow = socket.create_connection((HOST, proxy.port), timeout=5)
+    with busy, slow:
+        # One request in flight keeps the server in its grace period; on the other
+        # connection, a second request's head has begun to arrive when shutdown begins, and
+        # the rest comes a byte at a time.
+        busy.sendall(b"GET /delay/1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _reached_upstream(ferroxy_upstream)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+        late = b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n"
+        slow.sendall(late[:6])
+        stopper = threading.Thread(target=proxy.stop)
+        stopper.start()
+        assert wait_until(lambda: _refused(proxy.port), timeout=2)
+        for byte in late[6:]:
+            slow.sendall(bytes([byte]))
+            time.sleep(0.02)
+        answer = slow.makefile("rb")
+        status_line = answer.readline()
+        assert status_line.startswith(b"HTTP/1.1 200"), status_line
+        headers = []
+        while (line := answer.readline()) not in (b"\r\n", b""):
+            headers.append(line.lower())
+        assert b"connection: close\r\n" in headers, headers
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        stopper.join(10)

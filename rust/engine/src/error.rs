@@ -275,6 +275,9 @@ impl BodyError {
     pub fn kind(&self) -> ErrorKind {
         match (&self.side, &self.reason) {
             (ErrorSide::Client, BodyFailure::Idle(_)) => ErrorKind::ClientTimeout,
+            (ErrorSide::Client, BodyFailure::Stream(e)) if is_malformed(e.as_ref()) => {
+                ErrorKind::InvalidRequest
+            }
             (ErrorSide::Client, BodyFailure::Stream(_)) => ErrorKind::DownstreamClosed,
             (_, BodyFailure::Idle(_)) => ErrorKind::ReadTimeout,
             (_, BodyFailure::Stream(e)) => match e.downcast_ref::<hyper::Error>() {
@@ -283,6 +286,23 @@ impl BodyError {
             },
         }
     }
+}
+
+/// Whether a stream failed on bytes that break its framing (a bad chunk size, an overflow, a
+/// missing CRLF: hyper's decoder says InvalidData or InvalidInput) rather than on the sender
+/// going away (reset, or closed mid-body: UnexpectedEof).
+fn is_malformed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        current = e.source();
+    }
+    false
 }
 
 impl fmt::Display for BodyError {
@@ -330,6 +350,24 @@ mod tests {
         assert_eq!(error.side, ErrorSide::Client);
         assert!(error.message.contains("reset by peer"), "{}", error.message);
         assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn a_client_body_with_broken_framing_is_a_bad_request() {
+        let framing = |kind, text| BodyError {
+            side: ErrorSide::Client,
+            reason: BodyFailure::Stream(boxed(std::io::Error::new(kind, text))),
+        };
+        for kind in [std::io::ErrorKind::InvalidData, std::io::ErrorKind::InvalidInput] {
+            let error = Error::from_upstream(boxed(framing(kind, "invalid chunk size line")));
+            assert_eq!(
+                (error.kind, error.side, error.status),
+                (ErrorKind::InvalidRequest, ErrorSide::Client, 400)
+            );
+        }
+        // Cut off mid-body is the client leaving, not a malformed body.
+        let cut = Error::from_upstream(boxed(framing(std::io::ErrorKind::UnexpectedEof, "eof")));
+        assert_eq!(cut.kind, ErrorKind::DownstreamClosed);
     }
 
     #[test]

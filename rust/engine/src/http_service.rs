@@ -2,13 +2,19 @@
 //! run through a [`ProxyService`].
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::HeaderValue;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_io_timeout::TimeoutStream;
 
@@ -74,12 +80,23 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
             // and per body frame.
             let mut io = TimeoutStream::new(stream);
             io.set_write_timeout(Some(self.config.client_write_timeout));
+            let watch = Arc::new(ConnectionWatch::default());
+            let io = Watched {
+                inner: Box::pin(io),
+                watch: watch.clone(),
+            };
             let client_addr = downstream.client_addr;
             let service = self.clone();
+            let requests_watch = watch.clone();
             let handler = service_fn(move |req: http::Request<Incoming>| {
                 let service = service.clone();
                 let downstream = downstream.clone();
+                let watch = requests_watch.clone();
                 async move {
+                    let version = req.version();
+                    if version == http::Version::HTTP_2 {
+                        watch.http2.store(true, Ordering::Relaxed);
+                    }
                     let req = req.map(|body| {
                         ProxyBody::streamed(
                             body,
@@ -87,19 +104,49 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
                             ErrorSide::Client,
                         )
                     });
-                    Ok::<_, Infallible>(service.proxy.handle(req, downstream).await)
+                    let mut response = service.proxy.handle(req, downstream).await;
+                    if version != http::Version::HTTP_2 && watch.closing.load(Ordering::Relaxed) {
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
                 }
             });
-            let conn = self
-                .builder
-                .serve_connection(TokioIo::new(Box::pin(io)), handler);
+            let conn = self.builder.serve_connection(TokioIo::new(io), handler);
             tokio::pin!(conn);
             let served = tokio::select! {
                 served = conn.as_mut() => served,
                 () = shutdown.begun() => {
-                    // Finish the request in flight, take no more.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+                    // Lose no request. HTTP/2 gets GOAWAY at once (the client learns which
+                    // streams were taken). HTTP/1 responses from now on say `Connection:
+                    // close`, and hyper closes after them; hyper would also close a
+                    // connection it thinks idle, a request whose head is still arriving
+                    // included, so we ask it to only once the client's last bytes have been
+                    // answered and nothing has moved for a while.
+                    watch.closing.store(true, Ordering::Relaxed);
+                    let mut idle = watch.http2.load(Ordering::Relaxed);
+                    let mut served = None;
+                    while !idle {
+                        let seen = watch.io_events.load(Ordering::Relaxed);
+                        tokio::select! {
+                            done = conn.as_mut() => {
+                                served = Some(done);
+                                break;
+                            }
+                            () = tokio::time::sleep(QUIET_BEFORE_CLOSE) => {
+                                idle = watch.io_events.load(Ordering::Relaxed) == seen
+                                    && !watch.last_was_read.load(Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    match served {
+                        Some(served) => served,
+                        None => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
                 }
             };
             if let Err(error) = served {
@@ -122,6 +169,91 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
                 );
             }
         }
+    }
+}
+
+/// How long a client connection whose last bytes were our answer must stay quiet, once
+/// shutdown has begun, before it is closed as idle. A keep-alive client sends its next request
+/// right after the last response: closing in that gap would lose the request.
+const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
+
+/// What a client connection's requests and its shutdown share.
+#[derive(Default)]
+struct ConnectionWatch {
+    /// Reads and writes that moved bytes: unchanged over a while means quiet.
+    io_events: AtomicU64,
+    /// The last bytes moved were the client's: a request is arriving or being answered.
+    last_was_read: AtomicBool,
+    /// Shutdown has begun: responses close the connection.
+    closing: AtomicBool,
+    http2: AtomicBool,
+}
+
+/// A client stream that counts its reads and writes into a [`ConnectionWatch`].
+struct Watched<S> {
+    inner: Pin<Box<S>>,
+    watch: Arc<ConnectionWatch>,
+}
+
+impl<S> Watched<S> {
+    fn moved(&self, bytes: usize, read: bool) {
+        if bytes > 0 {
+            self.watch.io_events.fetch_add(1, Ordering::Relaxed);
+            self.watch.last_was_read.store(read, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.moved(buf.filled().len() - before, true);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = self.inner.as_mut().poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.moved(n, false);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = self.inner.as_mut().poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.moved(n, false);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
     }
 }
 

@@ -4,7 +4,7 @@
 //! of the trait.
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
-//! request and its connections), `forward` (proxy header semantics), `body` (streaming),
+//! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
 //! `upstream` (peer connections and the pool), `peer`, `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens).
 
@@ -24,6 +24,7 @@ pub mod service;
 pub mod session;
 pub mod simulate;
 pub mod upstream;
+pub mod validate;
 
 pub use access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
 pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};

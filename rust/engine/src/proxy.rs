@@ -12,16 +12,19 @@ use http_body::{Body, Frame, SizeHint};
 use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, ErrorSide, Result};
 use crate::forward;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
 use crate::session::Session;
 use crate::upstream::{ConnectionPool, UpstreamClient, UpstreamConnection};
+use crate::validate::{self, Admission};
 
 /// More connect attempts than this for one request means an implementation that keeps
 /// asking for retries: stop there.
 const MAX_CONNECT_ATTEMPTS: usize = 16;
+
+static CLOSE: http::HeaderValue = http::HeaderValue::from_static("close");
 
 /// How the proxy service treats every request, whatever its phases decide.
 #[derive(Debug, Clone)]
@@ -78,7 +81,13 @@ impl<P: ProxyHttp> ProxyService<P> {
             .state
             .as_mut()
             .expect("state is taken only at the end");
-        let (response, upstream, error) = self.respond(session, ctx).await;
+        let (mut response, upstream, error) = self.respond(session, ctx).await;
+        if !session.keepalive && session.req.version <= http::Version::HTTP_11 {
+            // hyper reads this header of ours and closes the connection once it is sent.
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, CLOSE.clone());
+        }
         let state = request.state.take().expect("state is still here");
         let status = response.status().as_u16();
         let finish = self.finish(state, status, error);
@@ -115,6 +124,11 @@ impl<P: ProxyHttp> ProxyService<P> {
             Ok(Proxied::Local(response)) => return (response.into_http(), None, None),
             Err(error) => error,
         };
+        if error.side == ErrorSide::Client {
+            // What follows on a connection whose client erred cannot be trusted to be framed
+            // as we think.
+            session.keepalive = false;
+        }
         if error.kind != ErrorKind::HookError {
             tracing::warn!(client = %session.client_addr(), side = error.side.as_str(), "{error}");
         }
@@ -132,6 +146,9 @@ impl<P: ProxyHttp> ProxyService<P> {
                 "CONNECT is not supported by a reverse proxy",
             )
             .with_status(405));
+        }
+        if validate::check(&session.req)? == Admission::ProxyThenClose {
+            session.keepalive = false;
         }
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));

@@ -238,13 +238,19 @@ async fn accept_loop(
         return;
     };
     let mut connections = tokio::task::JoinSet::new();
+    let connection_shutdown = shutdown.clone();
+    let serve = |connections: &mut tokio::task::JoinSet<()>, stream, client_addr| {
+        let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
+        let serving =
+            service
+                .clone()
+                .serve_connection(stream, downstream, connection_shutdown.clone());
+        connections.spawn(serving);
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, client_addr)) => {
-                    let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
-                    connections.spawn(service.clone().serve_connection(stream, downstream, shutdown.clone()));
-                }
+                Ok((stream, client_addr)) => serve(&mut connections, stream, client_addr),
                 Err(error) => {
                     // Typically EMFILE: back off instead of spinning on the error.
                     tracing::warn!(%error, "accept failed");
@@ -256,7 +262,14 @@ async fn accept_loop(
             () = shutdown.begun() => break,
         }
     }
-    // Closing the listener makes new connections fail at once instead of queueing.
+    // Connections the kernel has already accepted for us may carry a request: closing the
+    // listener would reset them. Take them (they are served as closing, see the service),
+    // then close it, so that new ones fail at once instead of queueing.
+    while let Ok(Ok((stream, client_addr))) =
+        tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        serve(&mut connections, stream, client_addr);
+    }
     drop(listener);
     while connections.join_next().await.is_some() {}
 }

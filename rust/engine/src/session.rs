@@ -21,6 +21,11 @@ pub struct Session {
     pub started: Instant,
     /// From sending the request upstream to its response head, once it has come.
     pub upstream_time: Option<std::time::Duration>,
+    /// Whether the client's connection may carry another request after this one. The proxy
+    /// clears it for requests it refused or found unusual; a phase may clear it too (HTTP/1
+    /// clients are then told `Connection: close`, and the connection closes after the
+    /// response).
+    pub keepalive: bool,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
     body: Option<ProxyBody>,
@@ -44,6 +49,7 @@ impl Session {
             upstream_digest: None,
             started: Instant::now(),
             upstream_time: None,
+            keepalive: true,
             upstream_request: None,
             body: None,
         }
