@@ -358,7 +358,10 @@ mod tests {
             side: ErrorSide::Client,
             reason: BodyFailure::Stream(boxed(std::io::Error::new(kind, text))),
         };
-        for kind in [std::io::ErrorKind::InvalidData, std::io::ErrorKind::InvalidInput] {
+        for kind in [
+            std::io::ErrorKind::InvalidData,
+            std::io::ErrorKind::InvalidInput,
+        ] {
             let error = Error::from_upstream(boxed(framing(kind, "invalid chunk size line")));
             assert_eq!(
                 (error.kind, error.side, error.status),

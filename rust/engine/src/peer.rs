@@ -41,19 +41,73 @@ pub enum UpstreamProtocol {
 /// only if their keys are equal. Timeouts that are not baked into the connection (connect,
 /// read, idle) are not part of it. TLS (verification, SNI, client certificate, ALPN) will
 /// join the address and protocol here.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerKey {
     addr: Arc<str>,
     protocol: UpstreamProtocol,
     /// Set on the socket when it is opened (see `upstream::connect`).
     write_timeout: Duration,
+    /// Of the fields above, computed once: the pool looks a key up twice per request.
+    hash: u64,
 }
 
 impl PeerKey {
+    fn new(addr: Arc<str>, protocol: UpstreamProtocol, write_timeout: Duration) -> Self {
+        // Seeded once per process, as HashMap's own hasher is: peers may come from requests.
+        static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let hash = std::hash::BuildHasher::hash_one(
+            SEED.get_or_init(Default::default),
+            (&addr, protocol, write_timeout),
+        );
+        PeerKey {
+            addr,
+            protocol,
+            write_timeout,
+            hash,
+        }
+    }
+
     pub fn addr(&self) -> &str {
         &self.addr
     }
+
+    /// The key's hash, as [`PeerKeyHasher`] hands it to a map.
+    pub fn precomputed_hash(&self) -> u64 {
+        self.hash
+    }
 }
+
+impl std::hash::Hash for PeerKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// For maps keyed by [`PeerKey`]: its hash is computed already, so hashing is passing it on.
+#[derive(Default)]
+pub struct PeerKeyHasher(u64);
+
+impl std::hash::Hasher for PeerKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only write_u64 is ever called (see PeerKey's Hash); fold anything else in anyway.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+/// A map from peer keys, hashing each by its precomputed hash.
+pub type PeerKeyMap<V> =
+    std::collections::HashMap<Arc<PeerKey>, V, std::hash::BuildHasherDefault<PeerKeyHasher>>;
 
 /// Where to send a request. Cheap to clone: the address and key are shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,11 +162,7 @@ impl Peer {
         protocol: UpstreamProtocol,
         timeouts: &PeerTimeouts,
     ) -> Arc<PeerKey> {
-        Arc::new(PeerKey {
-            addr: addr.clone(),
-            protocol,
-            write_timeout: timeouts.write,
-        })
+        Arc::new(PeerKey::new(addr.clone(), protocol, timeouts.write))
     }
 
     pub fn protocol(&self) -> UpstreamProtocol {

@@ -3,7 +3,7 @@
 //! (a steady load keeps few connections warm and the rest age out); an HTTP/2 connection is
 //! shared by every request to its peer for as long as it stays open.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::connection::UpstreamConnection;
-use crate::peer::{Peer, PeerKey};
+use crate::peer::{Peer, PeerKeyMap};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
@@ -45,18 +45,18 @@ struct PeerConnections {
 
 pub struct ConnectionPool {
     config: PoolConfig,
-    peers: Mutex<HashMap<Arc<PeerKey>, PeerConnections>>,
+    peers: Mutex<PeerKeyMap<PeerConnections>>,
     /// One connect at a time per shared-connection peer, so that a burst of first requests
     /// opens one HTTP/2 connection and the rest of the burst shares it.
-    opening: Mutex<HashMap<Arc<PeerKey>, Arc<tokio::sync::Mutex<()>>>>,
+    opening: Mutex<PeerKeyMap<Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ConnectionPool {
     pub fn new(config: PoolConfig) -> Self {
         ConnectionPool {
             config,
-            peers: Mutex::new(HashMap::new()),
-            opening: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerKeyMap::default()),
+            opening: Mutex::new(PeerKeyMap::default()),
         }
     }
 
