@@ -74,6 +74,7 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
             // and per body frame.
             let mut io = TimeoutStream::new(stream);
             io.set_write_timeout(Some(self.config.client_write_timeout));
+            let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
             let client_addr = downstream.client_addr;
             let service = self.clone();
             let handler = service_fn(move |req: http::Request<Incoming>| {
