@@ -80,6 +80,7 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
             // and per body frame.
             let mut io = TimeoutStream::new(stream);
             io.set_write_timeout(Some(self.config.client_write_timeout));
+            let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
             let watch = Arc::new(ConnectionWatch::default());
             let io = Watched {
                 inner: Box::pin(io),
