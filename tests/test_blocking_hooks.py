@@ -156,7 +156,7 @@ def test_blocking_refuses_async_hooks_naming_them(ferroxy_upstream, ferroxy_prox
     with pytest.raises(TypeError, match=r"request_filter is `async def`"):
 
         class Decorated(Proxy):
-            @ferroxy.blocking  # type: ignore[type-var]
+            @ferroxy.blocking
             async def request_filter(self, session: Session, ctx: None) -> None:
                 return None
 

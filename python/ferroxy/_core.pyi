@@ -231,7 +231,7 @@ class Session:
 @final
 class ProxyError:
     """Why a request could not be proxied: ``kind`` is a short code such as
-    ``"connect_refused"``, ``"read_timeout"`` or ``"hook_error"``."""
+    ``"connect_refused"``, ``"read_timeout"``, ``"hook_error"`` or ``"hook_timeout"``."""
 
     @property
     def kind(self) -> str: ...
