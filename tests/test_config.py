@@ -9,7 +9,7 @@ import httpx
 import pytest
 from ferroxy import Peer, Proxy, Response, ServerOptions, _core
 from ferroxy.proxy import HOOK_NAMES
-from ferroxy.server import DEFAULT_GRACE_PERIOD
+from ferroxy.server import DEFAULT_GRACE_PERIOD, PYTHON_OPTIONS
 from ferroxy.testing import start_proxy
 
 
@@ -31,6 +31,9 @@ def test_unknown_server_option_is_a_type_error_naming_it(ferroxy_upstream) -> No
         ("pool_idle_timeout", float("inf")),
         ("pool_max_idle_per_peer", -1),
         ("threads", 5000),
+        ("blocking_threads", 0),
+        ("slow_hook_threshold", -1.0),
+        ("hook_timeout", float("nan")),
     ],
 )
 def test_bad_server_option_value_names_it(ferroxy_upstream, option: str, value: float) -> None:
@@ -43,9 +46,10 @@ def test_bad_server_option_value_names_it(ferroxy_upstream, option: str, value: 
 
 def test_server_options_lists_every_server_keyword() -> None:
     """ServerOptions is the typed face of _core.Server's options (hooks and the dispatcher
-    are not options)."""
+    are not options) and of the few that Python carries out."""
     engine = set(inspect.signature(_core.Server).parameters) - {"dispatcher", "hooks"}
-    assert engine == ServerOptions.__optional_keys__
+    assert not engine & PYTHON_OPTIONS
+    assert engine | PYTHON_OPTIONS == ServerOptions.__optional_keys__
 
 
 def test_peer_defaults_are_the_engines() -> None:

@@ -1,7 +1,7 @@
 """ferroxy: a programmable HTTP proxy. A Rust engine does the I/O; Python hooks decide.
 
-Subclass :class:`Proxy`, override the hooks you need, and serve it with :func:`run` or
-``python -m ferroxy path/to/app.py:App``.
+Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook that blocks with
+:func:`blocking`), and serve it with :func:`run` or ``python -m ferroxy path/to/app.py:App``.
 """
 
 from ._core import (
@@ -16,7 +16,7 @@ from ._core import (
     Session,
     __version__,
 )
-from .proxy import Proxy
+from .proxy import Proxy, blocking
 from .server import ProxyServer, ServerOptions, run
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "ServerOptions",
     "Session",
     "__version__",
+    "blocking",
     "run",
 ]

@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 from . import _core
 from .proxy import Proxy
-from .server import DEFAULT_GRACE_PERIOD, run
+from .server import (
+    DEFAULT_BLOCKING_THREADS,
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_SLOW_HOOK_THRESHOLD,
+    run,
+)
 
 __all__ = ["main"]
 
@@ -74,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace_period=args.grace_period,
             access_log=args.access_log,
             access_log_format=args.access_log_format,
+            blocking_threads=args.blocking_threads,
+            slow_hook_threshold=args.slow_hook_threshold,
+            hook_timeout=args.hook_timeout,
         )
     except (OSError, TypeError, ValueError) as error:
         # Everything run() raises is about start-up: binding or the configuration.
@@ -118,6 +127,29 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE_PERIOD,
         metavar="S",
         help="seconds in-flight requests may run on after SIGINT/SIGTERM (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--blocking-threads",
+        type=int,
+        default=DEFAULT_BLOCKING_THREADS,
+        metavar="N",
+        help="threads that run @ferroxy.blocking hooks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--slow-hook-threshold",
+        type=float,
+        default=DEFAULT_SLOW_HOOK_THRESHOLD,
+        metavar="S",
+        help="warn about a hook that holds the Python thread longer than this many seconds "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=DEFAULT_HOOK_TIMEOUT,
+        metavar="S",
+        help="answer 504 when a hook is still waiting after this many seconds, cancelling an "
+        "async one (default: no limit)",
     )
     parser.add_argument(
         "--demo-upstream",

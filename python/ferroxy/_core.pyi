@@ -231,7 +231,7 @@ class Session:
 @final
 class ProxyError:
     """Why a request could not be proxied: ``kind`` is a short code such as
-    ``"connect_refused"``, ``"read_timeout"`` or ``"hook_error"``."""
+    ``"connect_refused"``, ``"read_timeout"``, ``"hook_error"`` or ``"hook_timeout"``."""
 
     @property
     def kind(self) -> str: ...
@@ -268,6 +268,9 @@ class Call:
     def respond(self, response: Response) -> None: ...
     def fail(self, hook: str, message: str) -> None:
         """``hook`` failed; the engine picks the status (502 for upstream_peer, else 500)."""
+    def time_out(self, hook: str, seconds: float) -> None:
+        """``hook`` was still running after ``seconds`` (the hook timeout) and was abandoned:
+        a 504, and later hooks see ``error.kind == "hook_timeout"``."""
 
 class Dispatcher(Protocol):
     """What Server.run_pending calls, on the thread that runs it."""

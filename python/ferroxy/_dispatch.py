@@ -27,23 +27,40 @@ still None (``new_ctx`` returned None).
 Request trips: the engine calls every phase itself, and hands Python the consecutive
 request-side hooks it overrides in one trip (``Call.steps`` says which); the hooks that the
 app does not override never run.
+
+Hooks that hold the thread: every hook is bound once through ``_Hooks.bind``. A
+``@ferroxy.blocking`` hook becomes a coroutine that awaits it on the thread pool. A ``def``
+hook is timed around its call; a phase with an ``async def`` hook has each of its steps timed
+by its driver (``_drive_timed``, ``_resume``), and a slow step is charged to the hook the phase
+was in when the step ended. A hook holding the loop thread longer than
+``slow_hook_threshold`` is reported once per hook per ``_SLOW_HOOK_REPORT_INTERVAL``. With
+``hook_timeout`` set, a phase that suspends gets a timer when it becomes a Task; when it fires
+the Task is cancelled and the call fails as ``hook_timeout`` (a thread-pool hook cannot be
+stopped: its thread runs on and its result is dropped). Hook failures are logged through
+``_FailureLog``: a traceback for the first, then a line per ``_FAILURE_LOG_INTERVAL`` counting
+the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 import sys
+import time
 import types
 from collections.abc import Callable, Coroutine, Generator
+from concurrent.futures import ThreadPoolExecutor
 from inspect import isawaitable, iscoroutinefunction
+from time import perf_counter
 from typing import Any, Final
 
 from . import _core
 from ._core import Call, Peer, ProxyError, Response, Session
-from .proxy import Proxy
+from .proxy import Proxy, is_blocking
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "HookSettings"]
 
 _log: Final = logging.getLogger("ferroxy")
 
@@ -62,7 +79,36 @@ _EAGER_TASKS: Final = sys.version_info >= (3, 12)
 # Passed as **kwargs: the argument only exists on 3.12+, and mypy checks against 3.10.
 _EAGER: Final[dict[str, Any]] = {"eager_start": True}
 
-_Phase = Coroutine[Any, Any, None]
+#: A phase: returns the hook it ended in (named when its last step held the thread).
+_Phase = Coroutine[Any, Any, str]
+
+# The first step of the phase _resume is given is still to be taken.
+_UNSTARTED: Final = object()
+
+#: A hook held the loop thread too long: said again for the same hook after this long.
+_SLOW_HOOK_REPORT_INTERVAL: Final = 60.0
+
+#: A hook that keeps failing logs its first traceback, then one line per this many seconds
+#: with the count of the failures since (10,000 tracebacks would be megabytes of log).
+_FAILURE_LOG_INTERVAL: Final = 10.0
+
+# The message a Task cancelled by the hook timeout is cancelled with: tells that cancellation
+# from the server's own at shutdown.
+_HOOK_TIMED_OUT: Final = "ferroxy: hook_timeout"
+
+
+@dataclasses.dataclass(frozen=True)
+class HookSettings:
+    """How hooks are run: the server options that Python carries out (``ServerOptions``;
+    their defaults are in ``ferroxy.server``)."""
+
+    #: Threads running ``@ferroxy.blocking`` hooks.
+    blocking_threads: int
+    #: Seconds a hook may hold the loop thread before it is reported.
+    slow_hook_threshold: float
+    #: Seconds a phase may wait before it is cancelled and answered 504; None: no limit.
+    hook_timeout: float | None
+
 
 # Call.steps bits: which request-side hooks a request trip runs.
 _REQUEST_FILTER, _UPSTREAM_PEER, _UPSTREAM_REQUEST_FILTER = (
@@ -85,34 +131,40 @@ class Dispatcher:
         *,
         loop: asyncio.AbstractEventLoop,
         on_stopped: Callable[[], object],
+        settings: HookSettings,
     ) -> None:
         self._loop = loop
         self._on_stopped = on_stopped
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._hook_timeout = settings.hook_timeout
+        # Each phase that waits, with its hook_timeout timer (None without one).
+        self._tasks: dict[asyncio.Task[None], asyncio.TimerHandle | None] = {}
         self._peers: dict[str, Peer] = {}
         self._loggers: dict[str, logging.Logger] = {}
+        self._failures = _FailureLog(loop)
+        hooks = _Hooks(app, overridden, loop, settings)
+        self._hooks = hooks
 
-        self._new_ctx = app.new_ctx if "new_ctx" in overridden else None
+        bound_new_ctx = hooks.bind("new_ctx")
+        self._new_ctx = bound_new_ctx if "new_ctx" in overridden else None
         # The engine asks only for the request-side hooks the app overrides (Call.steps).
-        self._request_filter = app.request_filter
-        self._upstream_peer = app.upstream_peer
-        self._upstream_request_filter = app.upstream_request_filter
-        self._response_filter = app.response_filter
-        self._fail_to_proxy = app.fail_to_proxy
-        self._logging = app.logging
+        self._request_filter = hooks.bind("request_filter")
+        self._upstream_peer = hooks.bind("upstream_peer")
+        self._upstream_request_filter = hooks.bind("upstream_request_filter")
+        self._response_filter = hooks.bind("response_filter")
+        self._fail_to_proxy = hooks.bind("fail_to_proxy")
+        self._logging = hooks.bind("logging")
 
-        def runner(*hooks: Callable[..., object] | None) -> Callable[[_Phase], None]:
-            # Chosen once per phase: see the module docstring.
-            if _EAGER_TASKS and any(iscoroutinefunction(h) for h in (self._new_ctx, *hooks)):
-                return self._start_eager_task
+        def runner(*names: str) -> Callable[[_Phase], None]:
+            # Chosen once per phase: see the module docstring. A `def` hook times itself,
+            # an `async def` hook's steps are the phase's.
+            if any(hooks.is_async(h) for h in ("new_ctx", *names)):
+                return self._start_eager_task if _EAGER_TASKS else self._drive_timed
             return self._drive
 
-        self._run_request = runner(
-            *(getattr(app, h) for h in _REQUEST_HOOKS if h in overridden),
-        )
-        self._run_response = runner(self._response_filter)
-        self._run_fail = runner(self._fail_to_proxy)
-        self._run_logging = runner(self._logging)
+        self._run_request = runner(*(h for h in _REQUEST_HOOKS if h in overridden))
+        self._run_response = runner("response_filter")
+        self._run_fail = runner("fail_to_proxy")
+        self._run_logging = runner("logging")
 
     # -- the Dispatcher protocol, called by Server.run_pending --------------------------
 
@@ -137,7 +189,12 @@ class Dispatcher:
             logger.log(level, message)
 
     def stopped(self) -> None:
+        self._failures.flush()
         self._on_stopped()
+
+    def close(self) -> None:
+        """Let go of the blocking hooks' threads (a hook still running finishes on its own)."""
+        self._hooks.close()
 
     async def cancel_pending(self) -> None:
         """Cancel the phases still waiting on something and wait until they have ended."""
@@ -154,7 +211,7 @@ class Dispatcher:
 
     # -- phases -------------------------------------------------------------------------
 
-    async def _request(self, call: Call) -> None:
+    async def _request(self, call: Call) -> str:
         session = call.session
         # Which of the request-side hooks this trip runs: the engine batches consecutive
         # ones into one trip (bit 0 request_filter, 1 upstream_peer, 2 upstream_request_filter).
@@ -200,15 +257,16 @@ class Dispatcher:
                     if result is not None and isawaitable(result):
                         await result
         except BaseException as error:
-            _hook_failed(call, hook, error)
-            return
+            self._hook_failed(call, hook, error)
+            return hook
         # Completing the call stays outside the try: an engine error here is not the hook's.
         if response is not None:
             call.respond(response)
         else:
             call.proceed(peer)
+        return hook
 
-    async def _response(self, call: Call) -> None:
+    async def _response(self, call: Call) -> str:
         session = call.session
         hook = "new_ctx"
         try:
@@ -222,11 +280,12 @@ class Dispatcher:
             if result is not None and isawaitable(result):
                 await result
         except BaseException as error:
-            _hook_failed(call, hook, error)
-            return
+            self._hook_failed(call, hook, error)
+            return hook
         call.proceed()
+        return hook
 
-    async def _fail(self, call: Call) -> None:
+    async def _fail(self, call: Call) -> str:
         session = call.session
         hook = "new_ctx"
         try:
@@ -240,21 +299,23 @@ class Dispatcher:
             if type(response) not in _PLAIN_RESULT_TYPES and isawaitable(response):
                 response = await response
         except BaseException as error:
-            _hook_failed(call, hook, error)
-            return
+            self._hook_failed(call, hook, error)
+            return hook
         if type(response) is Response:
             call.respond(response)
-            return
+            return hook
         if response is not None:
             # The request has failed already: the engine's error page beats a second error.
-            _log.error(
-                "hook fail_to_proxy returned %s, expected Response or None; "
-                "sending the default error page",
-                type(response).__name__,
+            self._failures.failed(
+                "fail_to_proxy",
+                f"fail_to_proxy returned {type(response).__name__}, expected Response or "
+                "None; sending the default error page",
+                None,
             )
         call.proceed()
+        return hook
 
-    async def _log_request(self, session: Session, error: ProxyError | None) -> None:
+    async def _log_request(self, session: Session, error: ProxyError | None) -> str:
         hook = "new_ctx"
         try:
             ctx = session.ctx
@@ -266,9 +327,17 @@ class Dispatcher:
                 await result
         except BaseException as failure:
             # The response is gone: there is nothing to complete, only to report.
-            _report(hook, failure)
+            if _timed_out(failure):
+                _log.warning(
+                    "hook %s was still running after hook_timeout (%ss): cancelled",
+                    hook,
+                    self._hook_timeout,
+                )
+            else:
+                self._report(hook, failure)
             if _must_propagate(failure):
                 raise
+        return hook
 
     async def _late_ctx(self, session: Session) -> Any:
         """Make the ctx when no earlier trip made one (see the module docstring). Callers
@@ -279,6 +348,33 @@ class Dispatcher:
             ctx = await ctx
         session.ctx = ctx
         return ctx
+
+    def _hook_failed(self, call: Call, hook: str, error: BaseException) -> None:
+        """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
+        if _timed_out(error):
+            # The engine logs it, as it does an upstream's timeout.
+            assert self._hook_timeout is not None, "only the hook timeout cancels so"
+            call.time_out(hook, self._hook_timeout)
+            return
+        # The engine picks the status (502 for upstream_peer, else 500).
+        call.fail(hook, self._report(hook, error))
+        if _must_propagate(error):
+            raise error
+
+    def _report(self, hook: str, error: BaseException) -> str:
+        """Log why ``hook`` failed (rate-limited per hook); returns the message for
+        ``Call.fail``."""
+        if isinstance(error, _WrongResult):
+            message = f"{hook} returned {type(error.value).__name__}, expected {error.expected}"
+            self._failures.failed(hook, message, None)
+            return message
+        message = f"{type(error).__name__}: {error}"
+        if isinstance(error, asyncio.CancelledError):
+            # Expected when the server stops with the hook still waiting: no traceback.
+            _log.warning("hook %s was cancelled", hook)
+        else:
+            self._failures.failed(hook, message, error)
+        return message
 
     def _peer_for(self, addr: str) -> Peer:
         peer = self._peers.get(addr)
@@ -296,53 +392,249 @@ class Dispatcher:
             pending = phase.send(None)
         except StopIteration:
             return
-        self._track(self._loop.create_task(_carry_on(phase, pending)))
+        self._track(self._loop.create_task(_carry_on(phase, pending, self._hooks.stepped)))
+
+    def _drive_timed(self, phase: _Phase) -> None:
+        """``_drive``, timing the first step too: for a phase with an ``async def`` hook."""
+        start = perf_counter()
+        try:
+            pending = phase.send(None)
+        except StopIteration as done:
+            self._hooks.stepped(start, done.value)
+            return
+        self._hooks.stepped(start, phase)
+        self._track(self._loop.create_task(_carry_on(phase, pending, self._hooks.stepped)))
 
     def _start_eager_task(self, phase: _Phase) -> None:
         # eager_start runs the first step now, inside the Task; a phase that finishes in it
         # never reaches the loop's queue.
-        task = asyncio.Task(phase, loop=self._loop, **_EAGER)
+        stepped = _carry_on(phase, _UNSTARTED, self._hooks.stepped)
+        task = asyncio.Task(stepped, loop=self._loop, **_EAGER)
         if not task.done():
             self._track(task)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         # The loop keeps only weak references to tasks: hold them until they finish.
-        self._tasks.add(task)
+        timer = None
+        if self._hook_timeout is not None:
+            timer = self._loop.call_later(self._hook_timeout, task.cancel, _HOOK_TIMED_OUT)
+        self._tasks[task] = timer
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        timer = self._tasks.pop(task, None)
+        if timer is not None:
+            timer.cancel()
         # Phases handle hook errors themselves; what arrives here is an engine error from
         # completing the call, which nobody awaits: log it instead of losing it.
         if not task.cancelled() and (error := task.exception()) is not None:
             _log.error("completing a phase failed", exc_info=error)
 
 
-async def _carry_on(phase: _Phase, pending: Any) -> None:
-    """Finish a phase whose first step, already taken, yielded ``pending``."""
-    await _resume(phase, pending)
+_Stepped = Callable[[float, "str | _Phase"], None]
+
+
+async def _carry_on(phase: _Phase, pending: Any, stepped: _Stepped) -> None:
+    """Finish a phase whose first step, already taken, yielded ``pending`` (or take it:
+    ``_UNSTARTED``), timing each step."""
+    await _resume(phase, pending, stepped)
 
 
 @types.coroutine
-def _resume(phase: _Phase, pending: Any) -> Generator[Any, Any, None]:
+def _resume(phase: _Phase, pending: Any, stepped: _Stepped) -> Generator[Any, Any, None]:
     """``yield from phase`` for a coroutine that was already started and yielded ``pending``:
-    re-yield what it waits on to the Task and forward what comes back."""
+    re-yield what it waits on to the Task and forward what comes back. Each step is timed:
+    ``stepped(start, phase)``, or ``stepped(start, hook)`` for the last one."""
+    sent: Any = None
+    thrown: BaseException | None = None
+    started = pending is not _UNSTARTED
     while True:
+        if started:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                phase.close()
+                raise
+            except BaseException as error:
+                thrown = error
+        started = True
+        start = perf_counter()
         try:
-            sent = yield pending
-        except GeneratorExit:
-            phase.close()
-            raise
-        except BaseException as thrown:
+            pending = phase.send(sent) if thrown is None else phase.throw(thrown)
+        except StopIteration as done:
+            stepped(start, done.value)
+            return
+        thrown = None
+        stepped(start, phase)
+
+
+class _Hooks:
+    """The app's hooks as the phases call them (see the module docstring): blocking ones on
+    the thread pool, the others timed while they hold the loop thread."""
+
+    def __init__(
+        self,
+        app: Proxy[Any],
+        overridden: frozenset[str],
+        loop: asyncio.AbstractEventLoop,
+        settings: HookSettings,
+    ) -> None:
+        self._app = app
+        self._loop = loop
+        self._threshold = settings.slow_hook_threshold
+        self._reported: dict[str, float] = {}
+        # When a `def` hook was last found slow: the step it ran in is not reported again.
+        self._last_slow = float("-inf")
+        blocking = [name for name in overridden if is_blocking(getattr(app, name))]
+        for name in blocking:
+            if iscoroutinefunction(getattr(app, name)):
+                # @blocking refuses an async def; this one was wrapped into one afterwards.
+                raise TypeError(
+                    f"{_hook_label(app, name)} is `async def` and marked @ferroxy.blocking: "
+                    "an async hook already yields the loop, remove the decorator"
+                )
+        # Threads start on first use, up to the limit.
+        self._pool = (
+            ThreadPoolExecutor(settings.blocking_threads, thread_name_prefix="ferroxy-blocking")
+            if blocking
+            else None
+        )
+
+    def is_async(self, name: str) -> bool:
+        """Whether hook ``name`` is an ``async def`` (blocking hooks are not: they suspend
+        at once, so a hand-stepped start suits them)."""
+        return iscoroutinefunction(getattr(self._app, name))
+
+    def bind(self, name: str) -> Callable[..., Any]:
+        """Hook ``name`` of the app, to call as the app's own."""
+        hook: Callable[..., Any] = getattr(self._app, name)
+        label = _hook_label(self._app, name)
+        if is_blocking(hook):
+            return self._on_pool(hook)
+        if iscoroutinefunction(hook):
+            return hook  # its steps are timed by the phase's driver: see `stepped`
+        return self._timed(hook, label)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_pool(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        loop, pool = self._loop, self._pool
+
+        async def on_pool(*args: Any) -> Any:
+            # The hook sees the caller's context variables, as asyncio.to_thread gives it.
+            context = contextvars.copy_context()
+            return await loop.run_in_executor(pool, context.run, hook, *args)
+
+        return on_pool
+
+    def _timed(self, hook: Callable[..., Any], label: str) -> Callable[..., Any]:
+        threshold, slow = self._threshold, self._slow
+
+        def timed(*args: Any) -> Any:
+            start = perf_counter()
             try:
-                pending = phase.throw(thrown)
-            except StopIteration:
-                return
+                return hook(*args)
+            finally:
+                if (held := perf_counter() - start) > threshold:
+                    slow(label, held)
+
+        return timed
+
+    def stepped(self, start: float, phase: str | _Phase) -> None:
+        """A step of a phase, begun at ``start`` (perf_counter), has ended: report it if it
+        held the thread too long. ``phase`` is the hook it ended in, or the suspended phase
+        (its ``hook`` says which hook waits)."""
+        held = perf_counter() - start
+        if held <= self._threshold or self._last_slow >= start:
+            return
+        if isinstance(phase, str):
+            hook = phase
         else:
-            try:
-                pending = phase.send(sent)
-            except StopIteration:
-                return
+            frame = getattr(phase, "cr_frame", None)  # a native coroutine's, while suspended
+            hook = frame.f_locals.get("hook", "?") if frame is not None else "?"
+        self._slow(_hook_label(self._app, hook), held)
+
+    def _slow(self, label: str, held: float) -> None:
+        self._last_slow = perf_counter()
+        now = time.monotonic()
+        last = self._reported.get(label)
+        if last is not None and now - last < _SLOW_HOOK_REPORT_INTERVAL:
+            return
+        self._reported[label] = now
+        _log.warning(
+            "hook %s held the Python thread for %.3fs (slow_hook_threshold: %ss): every "
+            "request that needs Python waited meanwhile. Make it `async def` and await what "
+            "it waits for, or decorate it with @ferroxy.blocking to run it on a thread "
+            "(said at most once a minute per hook)",
+            label,
+            held,
+            self._threshold,
+        )
+
+
+def _hook_label(app: Proxy[Any], name: str) -> str:
+    """``App.request_filter``: the hook as its author wrote it."""
+    return f"{type(app).__qualname__}.{name}"
+
+
+@dataclasses.dataclass
+class _Failures:
+    """A hook's failures since its last traceback or count line."""
+
+    count: int = 0
+    last: str = ""
+
+
+class _FailureLog:
+    """Logs hook failures, rate-limited per hook: the first with its traceback, then every
+    ``_FAILURE_LOG_INTERVAL`` seconds one line counting those since, with the last one's
+    text. After a quiet interval the next failure shows its traceback again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: dict[str, _Failures] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def failed(self, hook: str, message: str, error: BaseException | None) -> None:
+        failures = self._pending.get(hook)
+        if failures is not None:
+            failures.count += 1
+            failures.last = message
+            return
+        if error is None:
+            _log.error("hook %s failed: %s", hook, message)
+        else:
+            _log.error("hook %s raised", hook, exc_info=error)
+        self._pending[hook] = _Failures()
+        self._timers[hook] = self._loop.call_later(_FAILURE_LOG_INTERVAL, self._tick, hook)
+
+    def flush(self) -> None:
+        """Count the failures not yet counted (the server is stopping)."""
+        for hook in list(self._pending):
+            self._timers.pop(hook).cancel()
+            self._count(hook, self._pending.pop(hook))
+
+    def _tick(self, hook: str) -> None:
+        failures = self._pending[hook]
+        if failures.count == 0:
+            del self._pending[hook], self._timers[hook]
+            return
+        self._count(hook, failures)
+        self._pending[hook] = _Failures()
+        self._timers[hook] = self._loop.call_later(_FAILURE_LOG_INTERVAL, self._tick, hook)
+
+    def _count(self, hook: str, failures: _Failures) -> None:
+        if failures.count:
+            _log.error(
+                "hook %s failed %d more time(s) since (a traceback at most once per %ss per "
+                "hook); last: %s",
+                hook,
+                failures.count,
+                _FAILURE_LOG_INTERVAL,
+                failures.last,
+            )
 
 
 class _WrongResult(Exception):
@@ -354,26 +646,9 @@ class _WrongResult(Exception):
         self.expected = expected
 
 
-def _hook_failed(call: Call, hook: str, error: BaseException) -> None:
-    """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
-    # The engine picks the status (502 for upstream_peer, else 500).
-    call.fail(hook, _report(hook, error))
-    if _must_propagate(error):
-        raise error
-
-
-def _report(hook: str, error: BaseException) -> str:
-    """Log why ``hook`` failed; returns the message for ``Call.fail``."""
-    if isinstance(error, _WrongResult):
-        message = f"{hook} returned {type(error.value).__name__}, expected {error.expected}"
-        _log.error("hook %s failed: %s", hook, message)
-        return message
-    if isinstance(error, asyncio.CancelledError):
-        # Expected when the server stops with the hook still waiting: no traceback.
-        _log.warning("hook %s was cancelled", hook)
-    else:
-        _log.error("hook %s raised", hook, exc_info=error)
-    return f"{type(error).__name__}: {error}"
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is the hook timeout's cancellation (see ``Dispatcher._track``)."""
+    return isinstance(error, asyncio.CancelledError) and error.args == (_HOOK_TIMED_OUT,)
 
 
 def _must_propagate(error: BaseException) -> bool:

@@ -12,20 +12,27 @@ Hooks run in this order for every request, each receiving the per-request ``ctx`
 7. ``logging(session, error, ctx)`` always runs last.
 
 Any hook may be written as ``def`` or ``async def``. Only the hooks a subclass overrides are
-ever called: the engine skips a phase entirely when its hook is the base class's.
+ever called: the engine skips a phase entirely when its hook is the base class's. A ``def``
+hook that blocks (a synchronous HTTP client, a database driver) is decorated with
+:func:`blocking` so that it runs on a thread of its own rather than the event loop's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from . import _core
 from ._core import Peer, ProxyError, RequestHeader, Response, ResponseHeader, Session
 
-__all__ = ["HOOK_NAMES", "MaybeAwaitable", "Proxy"]
+__all__ = ["HOOK_NAMES", "MaybeAwaitable", "Proxy", "blocking", "is_blocking"]
 
 _T = TypeVar("_T")
+_Hook = TypeVar("_Hook", bound=Callable[..., object])
+
+# Set on a hook function by @blocking; a bound method reads it through to its function.
+_BLOCKING_MARK: Final = "__ferroxy_blocking__"
 
 if TYPE_CHECKING:
     # A default (PEP 696) lets a bare ``Proxy`` mean ``Proxy[Any]``, also under mypy --strict.
@@ -100,6 +107,38 @@ class Proxy(Generic[CtxT]):
         """Runs last for every request, after the response was sent; ``error`` is None on
         success. Exceptions raised here are logged and otherwise ignored."""
         return None
+
+
+def blocking(hook: _Hook) -> _Hook:
+    """Run this ``def`` hook on the server's thread pool (``blocking_threads`` threads), off
+    the event loop, so that while it blocks only its own request waits.
+
+    For hooks that call blocking code: a synchronous HTTP client, a database driver,
+    ``time.sleep``. The hook gets the same arguments and its result is used as a plain
+    hook's; it must not touch the event loop. An ``async def`` hook never needs this (it
+    already yields the loop while it waits): decorating one raises TypeError.
+    """
+    if iscoroutinefunction(hook):
+        raise TypeError(
+            f"@ferroxy.blocking is for `def` hooks, and {_hook_name(hook)} is `async def` "
+            "(it already yields the loop while it awaits): remove the decorator"
+        )
+    try:
+        setattr(hook, _BLOCKING_MARK, True)
+    except AttributeError:
+        raise TypeError(
+            f"@ferroxy.blocking takes a hook function, not {type(hook).__name__}"
+        ) from None
+    return hook
+
+
+def is_blocking(hook: object) -> bool:
+    """Whether ``hook`` (a function or a bound method) was decorated with :func:`blocking`."""
+    return getattr(hook, _BLOCKING_MARK, False) is True
+
+
+def _hook_name(hook: object) -> str:
+    return str(getattr(hook, "__qualname__", hook))
 
 
 def overridden_hooks(cls: type[Proxy[Any]]) -> frozenset[str]:

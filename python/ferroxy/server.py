@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -21,19 +22,38 @@ from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from . import _core
 from ._core import Peer
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, HookSettings
 from .proxy import Proxy, as_peer, overridden_hooks, resolve_upstream
 
 if TYPE_CHECKING:
     # Both in typing from 3.11; type checkers know typing_extensions without it installed.
     from typing_extensions import Self, Unpack
 
-__all__ = ["DEFAULT_GRACE_PERIOD", "ProxyServer", "ServerOptions", "run"]
+__all__ = [
+    "DEFAULT_BLOCKING_THREADS",
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_HOOK_TIMEOUT",
+    "DEFAULT_SLOW_HOOK_THRESHOLD",
+    "ProxyServer",
+    "ServerOptions",
+    "run",
+]
 
 _log: Final = logging.getLogger("ferroxy")
 
 #: The engine's default (``ServerConfig::default()``), as ``_core.DEFAULTS`` reports it.
 DEFAULT_GRACE_PERIOD: Final[float] = _core.DEFAULTS["grace_period"]
+
+# The options Python carries out (the hooks run here, the engine never sees them), and the one
+# place their defaults are stated.
+#: Threads for ``@ferroxy.blocking`` hooks; started on first use.
+DEFAULT_BLOCKING_THREADS: Final[int] = 32
+#: Seconds a hook may hold the Python thread before a warning names it.
+DEFAULT_SLOW_HOOK_THRESHOLD: Final[float] = 0.1
+#: No limit on how long a hook may wait.
+DEFAULT_HOOK_TIMEOUT: Final[float | None] = None
+
+_MAX_BLOCKING_THREADS: Final = 1024
 
 
 class ServerOptions(TypedDict, total=False):
@@ -66,6 +86,18 @@ class ServerOptions(TypedDict, total=False):
     access_log_format: str
     #: The upstream, overriding the app's ``upstream`` attribute.
     upstream: Peer | str
+    #: Threads that run ``@ferroxy.blocking`` hooks (at most this many block at once).
+    blocking_threads: int
+    #: Seconds a hook may hold the Python thread before a warning names it.
+    slow_hook_threshold: float
+    #: Seconds a phase's hooks may wait (an async hook awaiting, a blocking hook on its
+    #: thread) before the client gets a 504 and later hooks see ``"hook_timeout"``; None
+    #: for no limit.
+    hook_timeout: float | None
+
+
+#: The ServerOptions that Python, not ``_core.Server``, carries out.
+PYTHON_OPTIONS: Final = frozenset({"blocking_threads", "slow_hook_threshold", "hook_timeout"})
 
 
 # How often the engine learns the "ferroxy" logger's level, so that raising or lowering it at
@@ -114,10 +146,17 @@ class _LoopServer:
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._log_level_timer: asyncio.TimerHandle | None = None
         self._started = False
-        self.dispatcher = Dispatcher(proxy, hooks, loop=loop, on_stopped=self._on_stopped)
-        self.server = _core.Server(
-            self.dispatcher, hooks=hooks, upstream=upstream, **engine_options
+        settings = _hook_settings(engine_options)
+        self.dispatcher = Dispatcher(
+            proxy, hooks, loop=loop, on_stopped=self._on_stopped, settings=settings
         )
+        try:
+            self.server = _core.Server(
+                self.dispatcher, hooks=hooks, upstream=upstream, **engine_options
+            )
+        except BaseException:
+            self.dispatcher.close()
+            raise
 
     def start(self) -> None:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
@@ -146,6 +185,7 @@ class _LoopServer:
         if self._log_level_timer is not None:
             self._log_level_timer.cancel()
             self._log_level_timer = None
+        self.dispatcher.close()
         if not self._started:
             return
         if not self.server.stopped:
@@ -161,6 +201,35 @@ class _LoopServer:
         self._log_level_timer = self.loop.call_later(
             _LOG_LEVEL_REFRESH_SECONDS, self._refresh_log_level
         )
+
+
+def _hook_settings(options: dict[str, Any]) -> HookSettings:
+    """Take Python's own options out of ``options`` (ValueError naming a bad one)."""
+    threads = options.pop("blocking_threads", DEFAULT_BLOCKING_THREADS)
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise TypeError(f"blocking_threads must be an int, not {type(threads).__name__}")
+    if not 1 <= threads <= _MAX_BLOCKING_THREADS:
+        raise ValueError(
+            f"blocking_threads must be between 1 and {_MAX_BLOCKING_THREADS}, got {threads}"
+        )
+    threshold = _seconds(
+        "slow_hook_threshold", options.pop("slow_hook_threshold", DEFAULT_SLOW_HOOK_THRESHOLD)
+    )
+    timeout = options.pop("hook_timeout", DEFAULT_HOOK_TIMEOUT)
+    return HookSettings(
+        blocking_threads=threads,
+        slow_hook_threshold=threshold,
+        hook_timeout=None if timeout is None else _seconds("hook_timeout", timeout),
+    )
+
+
+def _seconds(field: str, value: object) -> float:
+    """``value`` as a positive, finite number of seconds; else an error naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{field} must be a positive number of seconds, got {value}")
+    return float(value)
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:

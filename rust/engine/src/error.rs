@@ -25,6 +25,8 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// A phase hook failed (raised, or returned the wrong type).
     HookError,
+    /// A phase hook was still running after the server's hook timeout, and was abandoned.
+    HookTimeout,
     /// The downstream request cannot be forwarded as it is.
     InvalidRequest,
     /// The client stopped sending its request body for longer than client_read_timeout.
@@ -46,6 +48,7 @@ impl ErrorKind {
             ErrorKind::UpstreamClosed => "upstream_closed",
             ErrorKind::UpstreamProtocol => "upstream_protocol",
             ErrorKind::HookError => "hook_error",
+            ErrorKind::HookTimeout => "hook_timeout",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::ClientTimeout => "client_timeout",
             ErrorKind::DownstreamClosed => "downstream_closed",
@@ -66,7 +69,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest | ErrorKind::ClientTimeout | ErrorKind::DownstreamClosed => {
                 ErrorSide::Client
             }
-            ErrorKind::HookError | ErrorKind::Internal => ErrorSide::Proxy,
+            ErrorKind::HookError | ErrorKind::HookTimeout | ErrorKind::Internal => ErrorSide::Proxy,
         }
     }
 
@@ -74,7 +77,10 @@ impl ErrorKind {
     /// failures (as nginx does), 400 for requests we cannot forward, 500 for the rest.
     pub fn default_status(self) -> u16 {
         match self {
-            ErrorKind::ConnectTimeout | ErrorKind::ReadTimeout | ErrorKind::WriteTimeout => 504,
+            ErrorKind::ConnectTimeout
+            | ErrorKind::ReadTimeout
+            | ErrorKind::WriteTimeout
+            | ErrorKind::HookTimeout => 504,
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectError
             | ErrorKind::UpstreamClosed
@@ -144,6 +150,15 @@ impl Error {
     pub fn hook(phase: &str, message: impl std::fmt::Display) -> Self {
         let status = if phase == "upstream_peer" { 502 } else { 500 };
         Error::new(ErrorKind::HookError, format!("{phase}: {message}")).with_status(status)
+    }
+
+    /// A phase hook was still running `after` its start and was abandoned: a 504, whatever
+    /// the phase (the proxy, not the upstream, is the gateway that timed out).
+    pub fn hook_timeout(phase: &str, after: Duration) -> Self {
+        Error::new(
+            ErrorKind::HookTimeout,
+            format!("{phase}: still running after {:.3}s", after.as_secs_f64()),
+        )
     }
 
     pub fn with_status(mut self, status: u16) -> Self {
@@ -440,6 +455,16 @@ mod tests {
         let error = Error::hook("request_filter", "ValueError: boom");
         assert_eq!((error.status, error.side), (500, ErrorSide::Proxy));
         assert_eq!(error.message, "request_filter: ValueError: boom");
+    }
+
+    #[test]
+    fn a_hook_that_overruns_is_a_gateway_timeout() {
+        let error = Error::hook_timeout("request_filter", Duration::from_millis(250));
+        assert_eq!(
+            (error.kind.as_str(), error.status, error.side),
+            ("hook_timeout", 504, ErrorSide::Proxy)
+        );
+        assert_eq!(error.message, "request_filter: still running after 0.250s");
     }
 
     #[test]

@@ -266,4 +266,12 @@ impl Call {
     fn fail(&self, py: Python<'_>, hook: &str, message: &str) -> PyResult<()> {
         self.complete(py, Outcome::Fail(Error::hook(hook, message)))
     }
+
+    /// `hook` was still running after `seconds` (the server's hook_timeout) and was
+    /// abandoned: the client gets a 504, later hooks see `error.kind == "hook_timeout"`.
+    fn time_out(&self, py: Python<'_>, hook: &str, seconds: f64) -> PyResult<()> {
+        let after =
+            crate::types::non_negative_seconds("hook_timeout", Some(seconds))?.unwrap_or_default();
+        self.complete(py, Outcome::Fail(Error::hook_timeout(hook, after)))
+    }
 }
