@@ -127,38 +127,39 @@ impl UpstreamClient {
                 conn = self.connect(peer).await?;
                 continue;
             }
-            let sending = conn.send(req);
-            tokio::pin!(sending);
-            let sent = within_read_timeout(sending, read_timeout, upload).await;
-            let Some(sent) = sent else {
-                let message = format!("no response within {read_timeout:?}");
-                return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
-            };
-            match sent {
-                Ok(response) => {
-                    let (head, body) = response.into_parts();
-                    return Ok(Exchange {
-                        head,
-                        body: ProxyBody::streamed(body, read_timeout, ErrorSide::Upstream),
-                        connection: conn,
-                    });
+            // The attempt's wait, its answer and its failure end in this block: the wait
+            // for a fresh connection below would otherwise hold them all (they were most of
+            // this future's size).
+            let unsent = {
+                let sending = conn.send(req);
+                tokio::pin!(sending);
+                let sent = within_read_timeout(sending, read_timeout, upload).await;
+                let Some(sent) = sent else {
+                    let message = format!("no response within {read_timeout:?}");
+                    return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
+                };
+                match sent {
+                    Ok(response) => {
+                        let (head, body) = response.into_parts();
+                        return Ok(Exchange {
+                            head,
+                            body: ProxyBody::streamed(body, read_timeout, ErrorSide::Upstream),
+                            connection: conn,
+                        });
+                    }
+                    Err(mut failed) => match failed.take_message() {
+                        Some(unsent) if conn.digest.reused => unsent,
+                        _ => {
+                            return Err(
+                                Error::from_upstream(Box::new(failed.into_error())).with_peer(peer)
+                            )
+                        }
+                    },
                 }
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if conn.digest.reused => {
-                        tracing::debug!(
-                            peer = peer.addr(),
-                            "pooled connection was closed; retrying"
-                        );
-                        req = unsent;
-                        conn = self.connect(peer).await?;
-                    }
-                    _ => {
-                        return Err(
-                            Error::from_upstream(Box::new(failed.into_error())).with_peer(peer)
-                        )
-                    }
-                },
-            }
+            };
+            tracing::debug!(peer = peer.addr(), "pooled connection was closed; retrying");
+            req = unsent;
+            conn = self.connect(peer).await?;
         }
     }
 }
