@@ -2,6 +2,8 @@
 //! run through a [`ProxyService`].
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,10 @@ pub struct HttpConfig {
 pub struct HttpProxy<P: ProxyHttp> {
     proxy: ProxyService<P>,
     builder: auto::Builder<TokioExecutor>,
+    /// `builder` for connections whose first bytes are not the HTTP/2 preface: it skips
+    /// the auto builder's version read, whose 24 bytes, handed back to hyper as a read of
+    /// their own, grow hyper's 8 KiB read buffer to 16 KiB on every connection.
+    http1: auto::Builder<TokioExecutor>,
     config: HttpConfig,
 }
 
@@ -53,6 +59,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
         builder.http2().timer(TokioTimer::new());
         HttpProxy {
             proxy,
+            http1: builder.clone().http1_only(),
             builder,
             config,
         }
@@ -68,6 +75,10 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     ) -> BoxFuture {
         Box::pin(async move {
             let _ = stream.set_nodelay(true);
+            let builder = tokio::select! {
+                h2 = may_be_h2(&stream) => if h2 { &self.builder } else { &self.http1 },
+                () = shutdown.begun() => return,
+            };
             // Only writes are timed on the socket (a client that stops reading its
             // response): hyper keeps a read pending for the whole life of a connection, so a
             // socket read timeout would cut long responses. Reads are timed per request head
@@ -79,7 +90,9 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
             let handler = service_fn(move |req: http::Request<Incoming>| {
                 let service = service.clone();
                 let downstream = downstream.clone();
-                async move {
+                // Boxed: hyper keeps a slot the size of this future for the whole life of
+                // a connection, idle or not (2.6 KB unboxed).
+                let handling: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
                     let req = req.map(|body| {
                         ProxyBody::streamed(
                             body,
@@ -88,11 +101,10 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
                         )
                     });
                     Ok::<_, Infallible>(service.proxy.handle(req, downstream).await)
-                }
+                });
+                handling
             });
-            let conn = self
-                .builder
-                .serve_connection(TokioIo::new(Box::pin(io)), handler);
+            let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), handler);
             tokio::pin!(conn);
             let served = tokio::select! {
                 served = conn.as_mut() => served,
@@ -122,6 +134,18 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
                 );
             }
         }
+    }
+}
+
+/// Whether a new connection's first bytes may be the HTTP/2 preface (h2c with prior
+/// knowledge): peeked, not read, so an HTTP/1 connection reaches hyper untouched. True also
+/// on EOF or an error, which the auto builder then reports as it always has.
+async fn may_be_h2(stream: &TcpStream) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = [0; H2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(n) => H2_PREFACE.starts_with(&first[..n]),
+        Err(_) => true,
     }
 }
 
