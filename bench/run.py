@@ -109,14 +109,18 @@ class Server:
                 total += int(fields[11]) + int(fields[12])  # utime + stime
         return total / CLK_TCK
 
-    def peak_rss_mib(self) -> float:
+    def memory_kib(self, field: str) -> int:
+        """A /proc/PID/status memory figure (VmRSS, VmHWM ...) summed over the processes."""
         total = 0
         for pid in self.pids():
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1])
-        return total / 1024
+        return total
+
+    def peak_rss_mib(self) -> float:
+        return self.memory_kib("VmHWM") / 1024
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -168,14 +172,14 @@ class Fleet:
 # ------------------------------------------------------------------------- the servers
 
 
-def nginx_conf(workdir: Path, body: str) -> Path:
+def nginx_conf(workdir: Path, body: str, worker_connections: int = 8192) -> Path:
     conf = workdir / f"nginx-{abs(hash(body))}.conf"
     conf.write_text(f"""
 worker_processes 1;
 daemon off;
 pid {conf}.pid;
 error_log {workdir}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
@@ -201,7 +205,7 @@ def start_upstream(fleet: Fleet) -> Server:
     return fleet.start("upstream nginx", ["nginx", "-c", str(conf), "-e", "stderr"], port)
 
 
-def start_nginx(fleet: Fleet, upstream: int) -> Server:
+def start_nginx(fleet: Fleet, upstream: int, worker_connections: int = 8192) -> Server:
     port, h2_port = free_port(), free_port()
     location = """
         location / {
@@ -215,6 +219,7 @@ def start_nginx(fleet: Fleet, upstream: int) -> Server:
     upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
     server {{ listen 127.0.0.1:{port}; {location} }}
     server {{ listen 127.0.0.1:{h2_port} http2; {location} }}""",
+        worker_connections,
     )
     return fleet.start("nginx", ["nginx", "-c", str(conf), "-e", "stderr"], port, h2_port)
 
@@ -316,7 +321,7 @@ print(json.dumps({"version": ferroxy.__version__, "module": ferroxy.__file__,
 
 
 def start_ferroxy(
-    fleet: Fleet, upstream: int, name: str, mode: Mode, ferroxy: Ferroxy
+    fleet: Fleet, upstream: int, name: str, mode: Mode, ferroxy: Ferroxy, threads: int = 1
 ) -> tuple[Server, Path | None]:
     """Start one ferroxy row; also returns the file its access log goes to, if it has one."""
     port = free_port()
@@ -328,7 +333,7 @@ def start_ferroxy(
         "--listen",
         f"127.0.0.1:{port}",
         "--threads",
-        "1",
+        str(threads),
     ]
     access_log = None
     if not mode.access_log:

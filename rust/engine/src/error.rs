@@ -254,7 +254,12 @@ fn chain_message(err: &(dyn std::error::Error + 'static)) -> String {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.kind.as_str(), self.message)?;
-        if let Some(peer) = &self.peer {
+        // A client's failure names no upstream: it would read as the upstream's.
+        if let Some(peer) = self
+            .peer
+            .as_ref()
+            .filter(|_| self.side != ErrorSide::Client)
+        {
             write!(f, " (upstream {})", peer.addr())?;
         }
         Ok(())

@@ -1,28 +1,33 @@
 //! The HTTP proxy service: HTTP/1.1 and h2c (prior knowledge) on the same port, each request
 //! run through a [`ProxyService`].
+//!
+//! A connection is told apart by its first bytes, peeked: HTTP/2 goes to hyper-util's auto
+//! builder behind the flood guard; HTTP/1 to hyper's own HTTP/1 builder, whose connection can
+//! hand its socket back. That is how an idle HTTP/1 connection gives up hyper's buffers
+//! (8 KiB to read, 8 KiB to write, the request's slot): once it has been quiet a while, hyper
+//! is asked to stop, and the socket waits for the next request's bytes holding no buffer,
+//! as nginx's keep-alive connections do.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use http::HeaderValue;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_io_timeout::TimeoutStream;
 
 use crate::body::ProxyBody;
+use crate::client_conn::{ConnectionWatch, Tracked, Watched};
 use crate::digest::DownstreamDigest;
 use crate::error::ErrorSide;
 use crate::phase::ProxyHttp;
-use crate::proxy::ProxyService;
+use crate::proxy::{ProxyService, ResponseBody};
 use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
 use crate::upstream::ConnectionPool;
 
@@ -38,29 +43,193 @@ pub struct HttpConfig {
     pub keepalive_timeout: Duration,
 }
 
+/// How long an HTTP/1 connection must have been idle (answered, quiet) before hyper gives its
+/// buffers back. Checked this often, so a connection is released 1-2 periods into its idle
+/// time; a busy connection never is, and pays one timer tick per period.
+const RELEASE_IDLE_AFTER: Duration = Duration::from_millis(250);
+
+/// How long a client connection whose last bytes were our answer must stay quiet, once
+/// shutdown has begun, before it is closed as idle. A keep-alive client sends its next request
+/// right after the last response: closing in that gap would lose the request.
+const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
+
+type Io = TimeoutStream<TcpStream>;
+type Handling<P> = Pin<Box<dyn Future<Output = Result<Response<P>, Infallible>> + Send>>;
+type Response<P> = http::Response<Tracked<ResponseBody<P>>>;
+
 pub struct HttpProxy<P: ProxyHttp> {
     proxy: ProxyService<P>,
-    builder: auto::Builder<TokioExecutor>,
+    /// For connections that begin with the HTTP/2 preface (or may yet).
+    auto: auto::Builder<TokioExecutor>,
+    /// For the others. Not the auto builder: its version check reads 24 bytes and hands them
+    /// back to hyper as a read of their own, which doubles hyper's read buffer to 16 KiB.
+    http1: hyper::server::conn::http1::Builder,
     config: HttpConfig,
 }
 
 impl<P: ProxyHttp> HttpProxy<P> {
     pub fn new(proxy: ProxyService<P>, config: HttpConfig) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        // hyper starts this timer whenever it waits for a request head, idle time included:
+        // it is both the keep-alive timeout and the head's read timeout. No pipeline_flush:
+        // with unparsed bytes still buffered it holds back hyper's automatic 400 for a
+        // malformed request, which then never reaches the client.
+        let head_timeout = config.keepalive_timeout.min(config.client_read_timeout);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .keep_alive(true)
-            // hyper starts this timer whenever it waits for a request head, idle time
-            // included: it is both the keep-alive timeout and the head's read timeout. No
-            // pipeline_flush: with unparsed bytes still buffered it holds back hyper's
-            // automatic 400 for a malformed request, which then never reaches the client.
-            .header_read_timeout(config.keepalive_timeout.min(config.client_read_timeout));
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(head_timeout);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(head_timeout);
+        auto.http2().timer(TokioTimer::new());
         HttpProxy {
             proxy,
-            builder,
+            auto,
+            http1,
             config,
+        }
+    }
+
+    /// hyper's service for one connection: each request through the proxy, its response
+    /// counted in flight until sent, and closing the connection once shutdown has begun.
+    fn handler(
+        self: &Arc<Self>,
+        downstream: &Arc<DownstreamDigest>,
+        watch: &Arc<ConnectionWatch>,
+    ) -> impl hyper::service::Service<
+        http::Request<Incoming>,
+        Response = Response<P>,
+        Error = Infallible,
+        Future = Handling<P>,
+    > + Unpin {
+        let service = self.clone();
+        let downstream = downstream.clone();
+        let watch = watch.clone();
+        service_fn(move |req: http::Request<Incoming>| -> Handling<P> {
+            let service = service.clone();
+            let downstream = downstream.clone();
+            let in_flight = watch.request_started();
+            let closing = watch.clone();
+            // Boxed: hyper keeps a slot the size of this future while the connection lives,
+            // and an HTTP/1 connection must be Unpin to hand its socket back.
+            Box::pin(async move {
+                let req = req.map(|body| {
+                    ProxyBody::streamed(body, service.config.client_read_timeout, ErrorSide::Client)
+                });
+                let version = req.version();
+                let mut response = service.proxy.handle(req, downstream).await;
+                if closing.is_closing() {
+                    crate::proxy::close_after(&mut response, version);
+                }
+                Ok(response.map(|body| Tracked::new(body, in_flight)))
+            })
+        })
+    }
+
+    /// Serve an HTTP/1 connection; while it is idle, without hyper's buffers.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        io: Io,
+        downstream: &Arc<DownstreamDigest>,
+        shutdown: &mut ShutdownSignal,
+    ) -> hyper::Result<()> {
+        let watch = Arc::new(ConnectionWatch::default());
+        let mut io = Watched::new(io, watch.clone());
+        let idle_limit = self
+            .config
+            .keepalive_timeout
+            .min(self.config.client_read_timeout);
+        loop {
+            let mut conn = self
+                .http1
+                .serve_connection(TokioIo::new(io), self.handler(downstream, &watch));
+            let mut asked_to_stop = false;
+            let mut seen = watch.activity();
+            let mut idle_from = Instant::now();
+            loop {
+                let period = if watch.is_closing() {
+                    QUIET_BEFORE_CLOSE
+                } else {
+                    RELEASE_IDLE_AFTER
+                };
+                tokio::select! {
+                    served = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                        served?;
+                        break;
+                    }
+                    () = shutdown.begun(), if !watch.is_closing() => watch.close_after_responses(),
+                    () = tokio::time::sleep(period), if !asked_to_stop => {
+                        if watch.idle_since(seen) {
+                            // Idle: hyper closes at once (or after what is in flight), and
+                            // hands back the socket with any bytes it read ahead.
+                            Pin::new(&mut conn).graceful_shutdown();
+                            asked_to_stop = true;
+                        } else {
+                            seen = watch.activity();
+                            idle_from = Instant::now();
+                        }
+                    }
+                }
+            }
+            if !asked_to_stop || watch.is_closing() {
+                // hyper ended it (the client closed or asked to, an error), or it is idle at
+                // shutdown: the socket closes here.
+                return Ok(());
+            }
+            let parts = conn.into_parts();
+            io = parts.io.into_inner();
+            io.set_unread(parts.read_buf);
+            if io.has_unread() {
+                continue;
+            }
+            // Nothing buffered for this connection now but the socket.
+            let deadline = idle_from + idle_limit;
+            tokio::select! {
+                readable = io.get_ref().get_ref().readable() => readable.map_err(|_| ()).ok(),
+                () = tokio::time::sleep_until(deadline) => return Ok(()),
+                () = shutdown.begun() => return Ok(()),
+            };
+        }
+    }
+
+    /// Serve a connection that began like HTTP/2 (hyper-util tells for sure).
+    async fn serve_h2(
+        self: &Arc<Self>,
+        io: Io,
+        downstream: &Arc<DownstreamDigest>,
+        shutdown: &mut ShutdownSignal,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let watch = Arc::new(ConnectionWatch::default());
+        let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
+        let io = Watched::new(io, watch.clone());
+        let conn = self
+            .auto
+            .serve_connection(TokioIo::new(io), self.handler(downstream, &watch));
+        tokio::pin!(conn);
+        tokio::select! {
+            served = conn.as_mut() => return served,
+            () = shutdown.begun() => {}
+        }
+        // GOAWAY at once: the client learns which streams were taken. hyper then waits for
+        // the streams in flight, and for the client to acknowledge a PING: a client that does
+        // not read would hold the connection to the end of the grace period, so once nothing
+        // is in flight and nothing has moved for a while, it is closed.
+        watch.close_after_responses();
+        conn.as_mut().graceful_shutdown();
+        let mut seen = watch.activity();
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => return served,
+                () = tokio::time::sleep(QUIET_BEFORE_CLOSE) => {
+                    if watch.idle_since(seen) {
+                        return Ok(());
+                    }
+                    seen = watch.activity();
+                }
+            }
         }
     }
 }
@@ -74,84 +243,25 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     ) -> BoxFuture {
         Box::pin(async move {
             let _ = stream.set_nodelay(true);
+            let Some(h2) = first_bytes(&stream, &mut shutdown).await else {
+                return;
+            };
             // Only writes are timed on the socket (a client that stops reading its
             // response): hyper keeps a read pending for the whole life of a connection, so a
             // socket read timeout would cut long responses. Reads are timed per request head
             // and per body frame.
             let mut io = TimeoutStream::new(stream);
             io.set_write_timeout(Some(self.config.client_write_timeout));
-            let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
-            let watch = Arc::new(ConnectionWatch::default());
-            let io = Watched {
-                inner: Box::pin(io),
-                watch: watch.clone(),
-            };
-            let client_addr = downstream.client_addr;
-            let service = self.clone();
-            let requests_watch = watch.clone();
-            let handler = service_fn(move |req: http::Request<Incoming>| {
-                let service = service.clone();
-                let downstream = downstream.clone();
-                let watch = requests_watch.clone();
-                async move {
-                    let version = req.version();
-                    if version == http::Version::HTTP_2 {
-                        watch.http2.store(true, Ordering::Relaxed);
-                    }
-                    let req = req.map(|body| {
-                        ProxyBody::streamed(
-                            body,
-                            service.config.client_read_timeout,
-                            ErrorSide::Client,
-                        )
-                    });
-                    let mut response = service.proxy.handle(req, downstream).await;
-                    if version != http::Version::HTTP_2 && watch.closing.load(Ordering::Relaxed) {
-                        response
-                            .headers_mut()
-                            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let conn = self.builder.serve_connection(TokioIo::new(io), handler);
-            tokio::pin!(conn);
-            let served = tokio::select! {
-                served = conn.as_mut() => served,
-                () = shutdown.begun() => {
-                    // Lose no request. HTTP/2 gets GOAWAY at once (the client learns which
-                    // streams were taken). HTTP/1 responses from now on say `Connection:
-                    // close`, and hyper closes after them; hyper would also close a
-                    // connection it thinks idle, a request whose head is still arriving
-                    // included, so we ask it to only once the client's last bytes have been
-                    // answered and nothing has moved for a while.
-                    watch.closing.store(true, Ordering::Relaxed);
-                    let mut idle = watch.http2.load(Ordering::Relaxed);
-                    let mut served = None;
-                    while !idle {
-                        let seen = watch.io_events.load(Ordering::Relaxed);
-                        tokio::select! {
-                            done = conn.as_mut() => {
-                                served = Some(done);
-                                break;
-                            }
-                            () = tokio::time::sleep(QUIET_BEFORE_CLOSE) => {
-                                idle = watch.io_events.load(Ordering::Relaxed) == seen
-                                    && !watch.last_was_read.load(Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    match served {
-                        Some(served) => served,
-                        None => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
-                }
+            let served = if h2 {
+                self.serve_h2(io, &downstream, &mut shutdown).await
+            } else {
+                self.serve_http1(io, &downstream, &mut shutdown)
+                    .await
+                    .map_err(Into::into)
             };
             if let Err(error) = served {
-                tracing::debug!(client = %client_addr, %error, "downstream connection ended");
+                let client = downstream.client_addr;
+                tracing::debug!(%client, %error, "downstream connection ended");
             }
         })
     }
@@ -173,89 +283,27 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     }
 }
 
-/// How long a client connection whose last bytes were our answer must stay quiet, once
-/// shutdown has begun, before it is closed as idle. A keep-alive client sends its next request
-/// right after the last response: closing in that gap would lose the request.
-const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
-
-/// What a client connection's requests and its shutdown share.
-#[derive(Default)]
-struct ConnectionWatch {
-    /// Reads and writes that moved bytes: unchanged over a while means quiet.
-    io_events: AtomicU64,
-    /// The last bytes moved were the client's: a request is arriving or being answered.
-    last_was_read: AtomicBool,
-    /// Shutdown has begun: responses close the connection.
-    closing: AtomicBool,
-    http2: AtomicBool,
-}
-
-/// A client stream that counts its reads and writes into a [`ConnectionWatch`].
-struct Watched<S> {
-    inner: Pin<Box<S>>,
-    watch: Arc<ConnectionWatch>,
-}
-
-impl<S> Watched<S> {
-    fn moved(&self, bytes: usize, read: bool) {
-        if bytes > 0 {
-            self.watch.io_events.fetch_add(1, Ordering::Relaxed);
-            self.watch.last_was_read.store(read, Ordering::Relaxed);
+/// Whether a new connection's first bytes may be the HTTP/2 preface (h2c with prior
+/// knowledge): `None` if shutdown began and the client sent nothing soon after. Peeked, not
+/// read, so an HTTP/1 connection reaches hyper untouched. True also on EOF or an error, which
+/// the auto builder then reports as it always has.
+async fn first_bytes(stream: &TcpStream, shutdown: &mut ShutdownSignal) -> Option<bool> {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let peek = async {
+        let mut first = [0; H2_PREFACE.len()];
+        match stream.peek(&mut first).await {
+            Ok(n) => H2_PREFACE.starts_with(&first[..n]),
+            Err(_) => true,
         }
+    };
+    tokio::pin!(peek);
+    tokio::select! {
+        h2 = peek.as_mut() => return Some(h2),
+        () = shutdown.begun() => {}
     }
-}
-
-impl<S: AsyncRead> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = self.inner.as_mut().poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            self.moved(buf.filled().len() - before, true);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = self.inner.as_mut().poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.moved(n, false);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = self.inner.as_mut().poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.moved(n, false);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.inner.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.inner.as_mut().poll_shutdown(cx)
-    }
+    // Accepted just before shutdown (or drained from the accept queue after it): a request
+    // may be on its way.
+    tokio::time::timeout(QUIET_BEFORE_CLOSE, peek).await.ok()
 }
 
 /// Closes expired idle upstream connections now and then, so an unused peer's connections

@@ -11,6 +11,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod client_conn;
 pub mod digest;
 pub mod error;
 pub mod flood;

@@ -24,7 +24,17 @@ use crate::validate::{self, Admission};
 /// asking for retries: stop there.
 const MAX_CONNECT_ATTEMPTS: usize = 16;
 
-static CLOSE: http::HeaderValue = http::HeaderValue::from_static("close");
+/// Have the client's connection close once `response` is sent. HTTP/1 only: hyper reads
+/// this header of ours and closes after the response (HTTP/2 has no such header; its
+/// connection ends with GOAWAY).
+pub fn close_after<B>(response: &mut http::Response<B>, request_version: http::Version) {
+    static CLOSE: http::HeaderValue = http::HeaderValue::from_static("close");
+    if request_version <= http::Version::HTTP_11 {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, CLOSE.clone());
+    }
+}
 
 /// How the proxy service treats every request, whatever its phases decide.
 #[derive(Debug, Clone)]
@@ -82,11 +92,8 @@ impl<P: ProxyHttp> ProxyService<P> {
             .as_mut()
             .expect("state is taken only at the end");
         let (mut response, upstream, error) = self.respond(session, ctx).await;
-        if !session.keepalive && session.req.version <= http::Version::HTTP_11 {
-            // hyper reads this header of ours and closes the connection once it is sent.
-            response
-                .headers_mut()
-                .insert(http::header::CONNECTION, CLOSE.clone());
+        if !session.keepalive {
+            close_after(&mut response, session.req.version);
         }
         let state = request.state.take().expect("state is still here");
         let status = response.status().as_u16();
@@ -129,8 +136,13 @@ impl<P: ProxyHttp> ProxyService<P> {
             // as we think.
             session.keepalive = false;
         }
-        if error.kind != ErrorKind::HookError {
-            tracing::warn!(client = %session.client_addr(), side = error.side.as_str(), "{error}");
+        let client = session.client_addr();
+        if error.side == ErrorSide::Client {
+            // Any client can send these at will: at warn, they would be a way to fill the
+            // disk (nginx logs them at info). The access log still names the error.
+            tracing::debug!(%client, side = error.side.as_str(), "{error}");
+        } else if error.kind != ErrorKind::HookError {
+            tracing::warn!(%client, side = error.side.as_str(), "{error}");
         }
         let page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
             Some(page) => page,

@@ -263,14 +263,19 @@ async fn accept_loop(
         }
     }
     // Connections the kernel has already accepted for us may carry a request: closing the
-    // listener would reset them. Take them (they are served as closing, see the service),
-    // then close it, so that new ones fail at once instead of queueing.
-    while let Ok(Ok((stream, client_addr))) =
-        tokio::time::timeout(Duration::ZERO, listener.accept()).await
-    {
-        serve(&mut connections, stream, client_addr);
+    // listener would reset them. Take them all (they are served as closing, see the service),
+    // asking the socket itself rather than tokio, whose readiness may not have seen the
+    // latest; then close it, so that new ones fail at once instead of queueing.
+    if let Ok(listener) = listener.into_std() {
+        while let Ok((stream, client_addr)) = listener.accept() {
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream));
+            if let Ok(stream) = stream {
+                serve(&mut connections, stream, client_addr);
+            }
+        }
     }
-    drop(listener);
     while connections.join_next().await.is_some() {}
 }
 

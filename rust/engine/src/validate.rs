@@ -8,7 +8,7 @@
 //! target, header names that look like a framing header to a lenient reader, codings we
 //! would silently drop.
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Version};
 
 use crate::error::{Error, ErrorKind};
@@ -73,56 +73,89 @@ fn unsupported(message: String) -> Refusal {
 }
 
 /// One Host, well formed, agreeing with the target's authority if it has one (an
-/// absolute-form target in HTTP/1.1, `:authority` in HTTP/2); HTTP/1.1 needs one of the two.
+/// absolute-form target in HTTP/1.1, `:authority` in HTTP/2). HTTP/1.1 needs it even with
+/// an absolute-form target (RFC 9112 section 3.2).
 fn check_host(req: &http::request::Parts) -> Result<()> {
     let mut hosts = req.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(refuse("more than one Host header"));
     }
-    let target = req.uri.authority();
-    match (host, target) {
-        (None, None) if req.version == Version::HTTP_11 => {
-            Err(refuse("HTTP/1.1 request without a Host header"))
+    let Some(host) = host else {
+        if req.version == Version::HTTP_11 {
+            return Err(refuse("HTTP/1.1 request without a Host header"));
         }
-        (None, _) => Ok(()),
-        (Some(host), target) => {
-            let host = parse_host(host).ok_or_else(|| refuse("malformed Host header"))?;
-            match target {
-                Some(target) if !same_authority(&host, target, req.uri.scheme_str()) => {
-                    Err(refuse(format!(
-                        "Host {host} differs from the target's authority {target}"
-                    )))
-                }
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
-/// A Host value as an authority, without userinfo (`user@host` names a different host to
-/// different readers).
-fn parse_host(value: &HeaderValue) -> Option<http::uri::Authority> {
-    let text = value.to_str().ok()?;
-    if text.is_empty() || text.contains('@') {
-        return None;
-    }
-    text.parse().ok()
-}
-
-/// Whether two authorities name the same origin: hosts equal ignoring case, ports equal once
-/// the scheme's default port is filled in.
-fn same_authority(
-    host: &http::uri::Authority,
-    target: &http::uri::Authority,
-    scheme: Option<&str>,
-) -> bool {
-    let default_port = match scheme {
+        return Ok(());
+    };
+    let (name, port) =
+        split_host(host.as_bytes()).ok_or_else(|| refuse("malformed Host header"))?;
+    let Some(target) = req.uri.authority() else {
+        return Ok(());
+    };
+    let default_port = match req.uri.scheme_str() {
         Some("https") => 443,
         _ => 80,
     };
-    host.host().eq_ignore_ascii_case(target.host())
-        && host.port_u16().unwrap_or(default_port) == target.port_u16().unwrap_or(default_port)
+    let same = name.eq_ignore_ascii_case(target.host().as_bytes())
+        && port.unwrap_or(default_port) == target.port_u16().unwrap_or(default_port);
+    if !same {
+        let host = String::from_utf8_lossy(host.as_bytes());
+        return Err(refuse(format!(
+            "Host {host} differs from the target's authority {target}"
+        )));
+    }
+    Ok(())
+}
+
+/// A Host value's name and port (RFC 3986 section 3.2.2: a reg-name or a bracketed IP
+/// literal, then `:port`), checked in place. No userinfo: `user@host` names a different host
+/// to different readers.
+fn split_host(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
+    let (name, rest) = if value.first() == Some(&b'[') {
+        let end = value.iter().position(|&b| b == b']')? + 1;
+        let literal = &value[1..end - 1];
+        let ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+        (ok.then_some(&value[..end])?, &value[end..])
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let name = &value[..end];
+        let ok = !name.is_empty() && name.iter().all(|&b| is_reg_name_byte(b));
+        (ok.then_some(name)?, &value[end..])
+    };
+    let port = match rest {
+        [] | [b':'] => None,
+        [b':', digits @ ..] if digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit) => {
+            Some(std::str::from_utf8(digits).ok()?.parse().ok()?)
+        }
+        _ => return None,
+    };
+    Some((name, port))
+}
+
+/// unreserved, pct-encoded's `%` and hex digits, or sub-delims.
+fn is_reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        )
 }
 
 /// The framing headers a lenient reader might find under another spelling, by their
@@ -132,13 +165,39 @@ const FRAMING_LETTERS: [(&str, &str); 2] = [
     ("transferencoding", "transfer-encoding"),
 ];
 
-/// Refuse names such as `Content_Length` or `Transfer---Encoding`: CGI-style servers read
-/// `_` as `-`, and would frame the request by a header we forwarded as an unknown one.
+/// Headers the proxy reads, sets or strips: a CGI-style server (which reads `_` as `-`) must
+/// not find another of them under a name with `_` that we forwarded as an unknown one.
+const INTERPRETED: [&str; 15] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-connection",
+    "proxy-authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// Refuse names such as `Content_Length`, `Transfer---Encoding` or `X_Forwarded_For`: a
+/// server behind us that reads `_` as `-` would frame the request, or trust a client address,
+/// by a header we forwarded as an unknown one.
 fn check_header_names(headers: &HeaderMap) -> Result<()> {
     for name in headers.keys() {
         let name = name.as_str();
-        // Every lookalike is at least as long as the shorter name's letters; the others
-        // are told apart by their first letter or two.
+        if name.contains('_') {
+            let dashed = name.replace('_', "-");
+            if let Some(real) = INTERPRETED.iter().find(|real| **real == dashed) {
+                return Err(refuse(format!("header {name:?} imitates {real}")));
+            }
+        }
+        // Every framing lookalike is at least as long as the shorter name's letters.
         if name.len() < "contentlength".len() {
             continue;
         }
@@ -238,8 +297,31 @@ mod tests {
             assert_eq!(check(&head(req)).unwrap(), Admission::Proxy, "{agreeing}");
         }
         let absolute_only = get("http://public.example/");
-        assert_eq!(check(&head(absolute_only)).unwrap(), Admission::Proxy);
-        for malformed in ["user@admin.internal", "a b", ""] {
+        assert_eq!(refused(absolute_only), 400, "HTTP/1.1 needs Host even so");
+        let h2 = http::Request::get("http://public.example/").version(Version::HTTP_2);
+        assert_eq!(
+            check(&head(h2)).unwrap(),
+            Admission::Proxy,
+            "HTTP/2 has :authority"
+        );
+        for fine in [
+            "a.example:8080",
+            "[::1]:80",
+            "a.example:",
+            "xn--bcher-kva.example",
+        ] {
+            let req = get("/").header("host", fine);
+            assert_eq!(check(&head(req)).unwrap(), Admission::Proxy, "{fine:?}");
+        }
+        for malformed in [
+            "user@admin.internal",
+            "a b",
+            "",
+            "a.example:abc",
+            "a.example:99999",
+            "[::1",
+            "a/b",
+        ] {
             assert_eq!(
                 refused(get("/").header("host", malformed)),
                 400,
@@ -256,6 +338,8 @@ mod tests {
             "transfer---encoding",
             "content.length",
             "_transfer_encoding",
+            "x_forwarded_for",
+            "proxy_connection",
         ] {
             let req = get("/").header("host", "x").header(name, "5");
             assert_eq!(refused(req), 400, "{name}");
