@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import ferroxy
 import httpx
 import pytest
-from conftest import LogCapture
+from conftest import LogCapture, run_cli, write_app
 from ferroxy import Proxy, ProxyError, Response, Session
 from ferroxy.__main__ import _parser
 from ferroxy.server import (
@@ -81,12 +82,12 @@ def test_blocking_hooks_sleep_on_threads_while_other_requests_flow(
         started = time.monotonic()
         sleepers = [clients.submit(_get, f"{proxy.url}/sleep/{i}") for i in range(SLEEPERS)]
         assert asleep.wait(SLEEP_SECONDS), "the hooks ran one after another"
-        others = [_get(f"{proxy.url}/other/{i}") for i in range(20)]
+        others = [_get(f"{proxy.url}/other/{i}") for i in range(10)]
         assert not any(future.done() for future in sleepers), "others waited for the sleepers"
         slept = [future.result() for future in sleepers]
         all_done = time.monotonic() - started
 
-    assert [status for status, _ in others] == [200] * 20
+    assert [status for status, _ in others] == [200] * 10
     assert max(took for _, took in others) < 0.5
     assert [status for status, _ in slept] == [200] * SLEEPERS
     # Together, not one after another (5 s).
@@ -202,7 +203,7 @@ def test_a_hook_holding_the_thread_is_reported_once_naming_it_and_the_fix(
         )
         assert len(records) == 1, ferroxy_logs.dump()
         message = records[0].getMessage()
-        assert "held the Python thread for 0.0" in message
+        assert re.search(r"held the Python thread for \d+\.\d{3}s", message), message
         assert "`async def`" in message and "@ferroxy.blocking" in message
 
 
@@ -325,9 +326,9 @@ def test_requests_needing_no_python_flow_while_the_python_thread_is_blocked(
     try:
         assert _get(f"{proxy.url}/first")[0] == 200
         assert blocked.wait(5)
-        others = [_get(f"{proxy.url}/other/{i}") for i in range(20)]
+        others = [_get(f"{proxy.url}/other/{i}") for i in range(10)]
         assert not release.is_set()
-        assert [status for status, _ in others] == [200] * 20
+        assert [status for status, _ in others] == [200] * 10
         assert max(took for _, took in others) < 0.5
     finally:
         release.set()
@@ -351,3 +352,34 @@ def test_cli_flags_set_the_hook_options() -> None:
         0.25,
         2.5,
     )
+
+
+def test_a_timed_out_blocking_hook_does_not_hold_the_process_at_exit(
+    ferroxy_upstream, tmp_path
+) -> None:
+    """Its thread cannot be cancelled, but it must not keep a stopped server's process alive
+    (a supervisor would have to kill it)."""
+    import signal
+
+    spec = write_app(
+        tmp_path,
+        f"""
+        import time
+        import ferroxy
+
+        class App(ferroxy.Proxy):
+            upstream = {ferroxy_upstream.addr!r}
+
+            @ferroxy.blocking
+            def request_filter(self, session, ctx):
+                time.sleep(30)
+        """,
+    )
+    with run_cli(spec, "--hook-timeout", "0.3", "--grace-period", "1") as cli:
+        assert httpx.get(cli.url + "/", timeout=10).status_code == 504
+        started = time.monotonic()
+        cli.proc.send_signal(signal.SIGTERM)
+        rc = cli.proc.wait(timeout=15)
+        took = time.monotonic() - started
+    assert rc == 0, cli.describe()
+    assert took < 5, f"the process took {took:.1f}s to exit behind a sleeping hook"

@@ -38,6 +38,22 @@ def test_keep_alive_serves_many_requests_on_one_connection(proxy) -> None:
             assert (resp.header("connection") or "").lower() != "close"
 
 
+def test_keep_alive_survives_an_idle_pause(proxy) -> None:
+    """An idle connection gives its buffers back (after 250-500 ms) and keeps its socket: the
+    next request on it is served as if nothing happened, pipelined ones included."""
+    import time
+
+    sock = raw_connect(proxy.port)
+    with sock:
+        rfile = sock.makefile("rb")
+        sock.sendall(simple_request("GET", "/first"))
+        assert read_response(rfile).status == 200
+        time.sleep(0.8)  # the idle time is what is under test
+        sock.sendall(simple_request("GET", "/second") + simple_request("GET", "/third"))
+        assert read_response(rfile).json()["path"] == "/second"
+        assert read_response(rfile).json()["path"] == "/third"
+
+
 def test_connection_close_is_honoured(proxy) -> None:
     sock = raw_connect(proxy.port)
     with sock, sock.makefile("rb") as rfile:

@@ -11,6 +11,7 @@ import contextlib
 import select
 import socket
 import struct
+import threading
 import time
 
 import httpx
@@ -277,3 +278,28 @@ def test_an_h2c_client_is_unaffected(proxy) -> None:
         responses = [client.get(f"/n/{i}") for i in range(50)]
     assert {r.status_code for r in responses} == {200}
     assert {r.http_version for r in responses} == {"HTTP/2"}
+
+
+def test_shutdown_sends_goaway_and_closes_an_idle_h2_connection(
+    ferroxy_upstream, ferroxy_proxy
+) -> None:
+    """An idle HTTP/2 client that does not answer hyper's shutdown PING does not hold the
+    server for its grace period."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, grace_period=5.0)
+    sock = h2_connect(proxy.port)
+    with sock:
+        # The server's SETTINGS: the connection is up, and nothing more is sent.
+        read_until(sock, lambda data: any(k == SETTINGS for k, *_ in parse_frames(data)))
+        started = time.monotonic()
+        stopper = threading.Thread(target=proxy.stop)
+        stopper.start()
+        closed, data = wait_closed(sock, timeout=4)
+        took = time.monotonic() - started
+        stopper.join(10)
+    assert closed, "the idle HTTP/2 connection was kept through shutdown"
+    assert took < 2.0, f"closed {took:.1f}s after shutdown began"
+    assert [code for _, code in goaways(data)][:1] == [0], goaways(data)

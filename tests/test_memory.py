@@ -9,13 +9,20 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from conftest import fixed_upstream_app, raw_connect, read_response, run_cli, simple_request
+from conftest import (
+    fixed_upstream_app,
+    raw_connect,
+    read_response,
+    run_cli,
+    simple_request,
+    wait_until,
+)
 
 CONNECTIONS = 2_000
-# Generous beside the benchmark's 10 KiB target: RSS per connection depends on how the
-# allocator lays the connections out, and 2,000 is a small sample. Before hyper's read
-# buffer stopped doubling and the per-request future was boxed it was about 30 KiB.
-BUDGET_KIB = 16
+# Generous beside the benchmark's 10 KiB target (7.6 KiB measured): RSS per connection
+# depends on how the allocator lays the connections out, and 2,000 is a small sample. Before
+# idle connections gave hyper's buffers back it was about 14 KiB; before that, 30.
+BUDGET_KIB = 12
 
 
 def rss_kib(pid: int) -> int:
@@ -48,7 +55,13 @@ def test_idle_keepalive_connections_stay_small(ferroxy_upstream: Any, tmp_path: 
                 sock.close()
             before = rss_kib(proxy.pid)
             conns = [idle_connection(proxy.port) for _ in range(CONNECTIONS)]
-            per_connection = (rss_kib(proxy.pid) - before) / CONNECTIONS
+
+            def per_connection_kib() -> float:
+                return (rss_kib(proxy.pid) - before) / CONNECTIONS
+
+            # Idle connections give their buffers back once quiet for 250-500 ms.
+            wait_until(lambda: per_connection_kib() < BUDGET_KIB, timeout=5)
+            per_connection = per_connection_kib()
             assert per_connection < BUDGET_KIB, (
                 f"{per_connection:.1f} KiB per idle keep-alive connection (budget {BUDGET_KIB} KiB)"
             )

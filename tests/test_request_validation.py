@@ -66,8 +66,16 @@ def test_a_second_host_header_cannot_bypass_a_host_check(proxy, ferroxy_upstream
         b"GET http://public.example/ HTTP/1.1\r\nHost: admin.internal\r\n\r\n",
         b"GET / HTTP/1.1\r\nUser-Agent: no-host\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: user@admin.internal\r\n\r\n",
+        b"GET http://public.example/ HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: public.example:99999\r\n\r\n",
     ],
-    ids=["host-disagrees-with-target", "http11-without-host", "userinfo-in-host"],
+    ids=[
+        "host-disagrees-with-target",
+        "http11-without-host",
+        "userinfo-in-host",
+        "absolute-target-without-host",
+        "port-out-of-range",
+    ],
 )
 def test_hosts_that_leave_two_answers_are_refused(proxy, ferroxy_upstream, seen, raw) -> None:
     assert_refused(proxy, ferroxy_upstream, seen, raw)
@@ -91,10 +99,18 @@ def test_http10_needs_no_host(proxy, ferroxy_upstream) -> None:
         b"Content_Length: 5",
         b"Transfer_Encoding: chunked",
         b"Transfer---Encoding: chunked",
+        b"X_Forwarded_For: 6.6.6.6",
         b"\xa0Content-Length: 5",
         b" Content-Length: 5",
     ],
-    ids=["content_length", "transfer_encoding", "transfer---encoding", "nbsp", "folded"],
+    ids=[
+        "content_length",
+        "transfer_encoding",
+        "transfer---encoding",
+        "x_forwarded_for",
+        "nbsp",
+        "folded",
+    ],
 )
 def test_framing_header_lookalikes_are_refused(
     proxy, ferroxy_upstream, seen, header: bytes

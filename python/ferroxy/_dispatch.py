@@ -51,13 +51,13 @@ import sys
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator
-from concurrent.futures import ThreadPoolExecutor
 from inspect import isawaitable, iscoroutinefunction
 from time import perf_counter
 from typing import Any, Final
 
 from . import _core
 from ._core import Call, Peer, ProxyError, Response, Session
+from ._pool import DaemonPool
 from .proxy import Proxy, is_blocking
 
 __all__ = ["Dispatcher", "HookSettings"]
@@ -138,6 +138,8 @@ class Dispatcher:
         self._hook_timeout = settings.hook_timeout
         # Each phase that waits, with its hook_timeout timer (None without one).
         self._tasks: dict[asyncio.Task[None], asyncio.TimerHandle | None] = {}
+        # Phases the hook timeout cancelled, until they end.
+        self._timed_out_tasks: set[asyncio.Task[None]] = set()
         self._peers: dict[str, Peer] = {}
         self._loggers: dict[str, logging.Logger] = {}
         self._failures = _FailureLog(loop)
@@ -327,7 +329,7 @@ class Dispatcher:
                 await result
         except BaseException as failure:
             # The response is gone: there is nothing to complete, only to report.
-            if _timed_out(failure):
+            if self._timed_out(failure):
                 _log.warning(
                     "hook %s was still running after hook_timeout (%ss): cancelled",
                     hook,
@@ -351,7 +353,7 @@ class Dispatcher:
 
     def _hook_failed(self, call: Call, hook: str, error: BaseException) -> None:
         """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
-        if _timed_out(error):
+        if self._timed_out(error):
             # The engine logs it, as it does an upstream's timeout.
             assert self._hook_timeout is not None, "only the hook timeout cancels so"
             call.time_out(hook, self._hook_timeout)
@@ -417,11 +419,25 @@ class Dispatcher:
         # The loop keeps only weak references to tasks: hold them until they finish.
         timer = None
         if self._hook_timeout is not None:
-            timer = self._loop.call_later(self._hook_timeout, task.cancel, _HOOK_TIMED_OUT)
+            timer = self._loop.call_later(self._hook_timeout, self._time_out, task)
         self._tasks[task] = timer
         task.add_done_callback(self._task_done)
 
+    def _time_out(self, task: asyncio.Task[None]) -> None:
+        # Marked before it is cancelled: a hook may catch the CancelledError and raise
+        # another, so its message cannot tell.
+        self._timed_out_tasks.add(task)
+        task.cancel(_HOOK_TIMED_OUT)
+
+    def _timed_out(self, error: BaseException) -> bool:
+        """Whether ``error`` ends a phase the hook timeout cancelled (see ``_track``)."""
+        return (
+            isinstance(error, asyncio.CancelledError)
+            and asyncio.current_task(self._loop) in self._timed_out_tasks
+        )
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._timed_out_tasks.discard(task)
         timer = self._tasks.pop(task, None)
         if timer is not None:
             timer.cancel()
@@ -495,7 +511,7 @@ class _Hooks:
                 )
         # Threads start on first use, up to the limit.
         self._pool = (
-            ThreadPoolExecutor(settings.blocking_threads, thread_name_prefix="ferroxy-blocking")
+            DaemonPool(settings.blocking_threads, thread_name_prefix="ferroxy-blocking")
             if blocking
             else None
         )
@@ -644,11 +660,6 @@ class _WrongResult(Exception):
         super().__init__(value, expected)
         self.value = value
         self.expected = expected
-
-
-def _timed_out(error: BaseException) -> bool:
-    """Whether ``error`` is the hook timeout's cancellation (see ``Dispatcher._track``)."""
-    return isinstance(error, asyncio.CancelledError) and error.args == (_HOOK_TIMED_OUT,)
 
 
 def _must_propagate(error: BaseException) -> bool:

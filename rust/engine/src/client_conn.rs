@@ -130,8 +130,13 @@ impl<S> Watched<S> {
     }
 
     /// Bytes to read before the stream's own (what hyper had buffered but not parsed).
+    /// Copied: hyper's are a view of its whole read buffer, which would stay allocated.
     pub(crate) fn set_unread(&mut self, unread: Bytes) {
-        self.unread = unread;
+        self.unread = if unread.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&unread)
+        };
     }
 
     pub(crate) fn has_unread(&self) -> bool {

@@ -143,9 +143,12 @@ impl<P: ProxyHttp> HttpProxy<P> {
             .keepalive_timeout
             .min(self.config.client_read_timeout);
         loop {
-            let mut conn = self
-                .http1
-                .serve_connection(TokioIo::new(io), self.handler(downstream, &watch));
+            // Boxed: released with the buffers, where inline it would weigh on this future,
+            // which lives as long as the connection.
+            let mut conn = Box::new(
+                self.http1
+                    .serve_connection(TokioIo::new(io), self.handler(downstream, &watch)),
+            );
             let mut asked_to_stop = false;
             let mut seen = watch.activity();
             let mut idle_from = Instant::now();
@@ -165,7 +168,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                         if watch.idle_since(seen) {
                             // Idle: hyper closes at once (or after what is in flight), and
                             // hands back the socket with any bytes it read ahead.
-                            Pin::new(&mut conn).graceful_shutdown();
+                            Pin::new(&mut *conn).graceful_shutdown();
                             asked_to_stop = true;
                         } else {
                             seen = watch.activity();
@@ -205,10 +208,12 @@ impl<P: ProxyHttp> HttpProxy<P> {
         let watch = Arc::new(ConnectionWatch::default());
         let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
         let io = Watched::new(io, watch.clone());
-        let conn = self
-            .auto
-            .serve_connection(TokioIo::new(io), self.handler(downstream, &watch));
-        tokio::pin!(conn);
+        // Boxed: inline, the auto builder's connection (HTTP/1 and HTTP/2 states) would size
+        // every connection's future, HTTP/1 ones included.
+        let mut conn = Box::pin(
+            self.auto
+                .serve_connection(TokioIo::new(io), self.handler(downstream, &watch)),
+        );
         tokio::select! {
             served = conn.as_mut() => return served,
             () = shutdown.begun() => {}

@@ -22,7 +22,7 @@ pub struct Session {
     /// From sending the request upstream to its response head, once it has come.
     pub upstream_time: Option<std::time::Duration>,
     /// Whether the client's connection may carry another request after this one. The proxy
-    /// clears it for requests it refused or found unusual; a phase may clear it too (HTTP/1
+    /// clears it for requests it refused or found unusual; a Rust phase may clear it too (HTTP/1
     /// clients are then told `Connection: close`, and the connection closes after the
     /// response).
     pub keepalive: bool,
