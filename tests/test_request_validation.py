@@ -5,6 +5,7 @@ upstream sees it, and the connection closes after the answer."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -153,6 +154,30 @@ def test_a_get_with_a_body_is_forwarded_cleanly_then_the_connection_closes(proxy
         closed, rest = wait_closed(sock, timeout=3)
     assert closed, "the connection stayed open after a GET with a body"
     assert rest == b"", "the request after the GET was answered too"
+
+
+@pytest.mark.parametrize("split", [None, 40], ids=["one-read", "split-mid-line"])
+def test_two_equal_content_lengths_are_framed_once_then_the_connection_closes(
+    proxy, split: int | None
+) -> None:
+    head = b"POST /twice HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n"
+    sock = raw_connect(proxy.port)
+    with sock:
+        if split is None:
+            sock.sendall(head + b"hello")
+        else:
+            # The second Content-Length line arrives in two reads.
+            sock.sendall(head[:split])
+            time.sleep(0.05)
+            sock.sendall(head[split:] + b"hello")
+        response = read_response(sock.makefile("rb"))
+        assert response.status == 200
+        echoed = response.json()
+        assert echoed["body_length"] == 5
+        assert echoed["headers"]["content-length"] == "5", "the upstream got one length"
+        assert response.header("connection") == "close"
+        closed, _ = wait_closed(sock, timeout=3)
+    assert closed, "the connection stayed open after two Content-Length lines"
 
 
 @pytest.mark.parametrize(

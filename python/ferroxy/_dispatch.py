@@ -29,16 +29,16 @@ request-side hooks it overrides in one trip (``Call.steps`` says which); the hoo
 app does not override never run.
 
 Hooks that hold the thread: every hook is bound once through ``_Hooks.bind``. A
-``@ferroxy.blocking`` hook becomes a coroutine that awaits it on the thread pool. A ``def``
-hook is timed around its call; a phase with an ``async def`` hook has each of its steps timed
-by its driver (``_drive_timed``, ``_resume``), and a slow step is charged to the hook the phase
-was in when the step ended. A hook holding the loop thread longer than
-``slow_hook_threshold`` is reported once per hook per ``_SLOW_HOOK_REPORT_INTERVAL``. With
-``hook_timeout`` set, a phase that suspends gets a timer when it becomes a Task; when it fires
-the Task is cancelled and the call fails as ``hook_timeout`` (a thread-pool hook cannot be
-stopped: its thread runs on and its result is dropped). Hook failures are logged through
-``_FailureLog``: a traceback for the first, then a line per ``_FAILURE_LOG_INTERVAL`` counting
-the rest.
+``@ferroxy.blocking`` hook becomes a coroutine that awaits it on the thread pool. Every step
+of a phase is timed by its driver (``_drive``, ``_resume``), one clock read before and after
+rather than around each hook, and a slow step is charged to the hook the phase was in when
+the step ended (of `def` hooks run back to back in one trip, the last). A hook holding the
+loop thread longer than ``slow_hook_threshold`` is reported once per hook per
+``_SLOW_HOOK_REPORT_INTERVAL``. With ``hook_timeout`` set, a phase that suspends gets a timer
+when it becomes a Task; when it fires the Task is cancelled and the call fails as
+``hook_timeout`` (a thread-pool hook cannot be stopped: its thread runs on and its result is
+dropped). Hook failures are logged through ``_FailureLog``: a traceback for the first, then
+a line per ``_FAILURE_LOG_INTERVAL`` counting the rest.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ class Dispatcher:
         self._loop = loop
         self._on_stopped = on_stopped
         self._hook_timeout = settings.hook_timeout
+        self._slow_threshold = settings.slow_hook_threshold
         # Each phase that waits, with its hook_timeout timer (None without one).
         self._tasks: dict[asyncio.Task[None], asyncio.TimerHandle | None] = {}
         # Phases the hook timeout cancelled, until they end.
@@ -157,10 +158,9 @@ class Dispatcher:
         self._logging = hooks.bind("logging")
 
         def runner(*names: str) -> Callable[[_Phase], None]:
-            # Chosen once per phase: see the module docstring. A `def` hook times itself,
-            # an `async def` hook's steps are the phase's.
-            if any(hooks.is_async(h) for h in ("new_ctx", *names)):
-                return self._start_eager_task if _EAGER_TASKS else self._drive_timed
+            # Chosen once per phase: see the module docstring.
+            if _EAGER_TASKS and any(hooks.is_async(h) for h in ("new_ctx", *names)):
+                return self._start_eager_task
             return self._drive
 
         self._run_request = runner(*(h for h in _REQUEST_HOOKS if h in overridden))
@@ -389,22 +389,18 @@ class Dispatcher:
     # -- running a phase ----------------------------------------------------------------
 
     def _drive(self, phase: _Phase) -> None:
-        """Step ``phase`` by hand; only if it suspends does it become a Task on the loop."""
-        try:
-            pending = phase.send(None)
-        except StopIteration:
-            return
-        self._track(self._loop.create_task(_carry_on(phase, pending, self._hooks.stepped)))
-
-    def _drive_timed(self, phase: _Phase) -> None:
-        """``_drive``, timing the first step too: for a phase with an ``async def`` hook."""
+        """Step ``phase`` by hand; only if it suspends does it become a Task on the loop.
+        The step is timed: a slow one is charged to the hook the phase was in when it
+        ended (a trip that runs several `def` hooks back to back, to the last of them)."""
         start = perf_counter()
         try:
             pending = phase.send(None)
         except StopIteration as done:
-            self._hooks.stepped(start, done.value)
+            if perf_counter() - start > self._slow_threshold:
+                self._hooks.stepped(start, done.value)
             return
-        self._hooks.stepped(start, phase)
+        if perf_counter() - start > self._slow_threshold:
+            self._hooks.stepped(start, phase)
         self._track(self._loop.create_task(_carry_on(phase, pending, self._hooks.stepped)))
 
     def _start_eager_task(self, phase: _Phase) -> None:
@@ -524,12 +520,11 @@ class _Hooks:
     def bind(self, name: str) -> Callable[..., Any]:
         """Hook ``name`` of the app, to call as the app's own."""
         hook: Callable[..., Any] = getattr(self._app, name)
-        label = _hook_label(self._app, name)
         if is_blocking(hook):
             return self._on_pool(hook)
-        if iscoroutinefunction(hook):
-            return hook  # its steps are timed by the phase's driver: see `stepped`
-        return self._timed(hook, label)
+        # Not wrapped: a phase's driver times each of its steps (see `stepped`). A wrapper
+        # per hook call cost more than the rest of the bridge's Python side together.
+        return hook
 
     def close(self) -> None:
         if self._pool is not None:
@@ -544,19 +539,6 @@ class _Hooks:
             return await loop.run_in_executor(pool, context.run, hook, *args)
 
         return on_pool
-
-    def _timed(self, hook: Callable[..., Any], label: str) -> Callable[..., Any]:
-        threshold, slow = self._threshold, self._slow
-
-        def timed(*args: Any) -> Any:
-            start = perf_counter()
-            try:
-                return hook(*args)
-            finally:
-                if (held := perf_counter() - start) > threshold:
-                    slow(label, held)
-
-        return timed
 
     def stepped(self, start: float, phase: str | _Phase) -> None:
         """A step of a phase, begun at ``start`` (perf_counter), has ended: report it if it

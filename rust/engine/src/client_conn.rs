@@ -11,6 +11,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::validate::RepeatedLengthScan;
+
 /// Shared by a connection's stream, its requests and the loop that serves it.
 #[derive(Default)]
 pub(crate) struct ConnectionWatch {
@@ -22,6 +24,9 @@ pub(crate) struct ConnectionWatch {
     in_flight: AtomicUsize,
     /// Shutdown has begun: HTTP/1 responses close the connection.
     closing: AtomicBool,
+    /// A request head the client sent had two Content-Length lines (which hyper merges):
+    /// the next response closes the connection.
+    close_next: AtomicBool,
 }
 
 /// A sample of [`ConnectionWatch`]'s activity, to compare with a later one.
@@ -54,6 +59,12 @@ impl ConnectionWatch {
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the response being sent must close the connection: shutdown has begun, or its
+    /// request was one to take nothing after (see [`RepeatedLengthScan`]).
+    pub(crate) fn closes_after_response(&self) -> bool {
+        self.is_closing() || self.close_next.swap(false, Ordering::Relaxed)
     }
 
     /// Count a request as in flight until the returned guard (kept by its response body) is
@@ -114,6 +125,8 @@ pub(crate) struct Watched<S> {
     inner: Pin<Box<S>>,
     watch: Arc<ConnectionWatch>,
     unread: Bytes,
+    /// HTTP/1 only: HTTP/2 carries no header lines to look at.
+    lengths: Option<RepeatedLengthScan>,
 }
 
 impl<S> Watched<S> {
@@ -122,7 +135,14 @@ impl<S> Watched<S> {
             inner: Box::pin(inner),
             watch,
             unread: Bytes::new(),
+            lengths: None,
         }
+    }
+
+    /// Watch the client's bytes for repeated Content-Length lines (HTTP/1).
+    pub(crate) fn scan_lengths(mut self) -> Self {
+        self.lengths = Some(RepeatedLengthScan::default());
+        self
     }
 
     pub(crate) fn get_ref(&self) -> &S {
@@ -161,6 +181,12 @@ impl<S: AsyncRead> AsyncRead for Watched<S> {
         if let Poll::Ready(Ok(())) = polled {
             if buf.filled().len() > before {
                 self.watch.moved(true);
+                let this = &mut *self;
+                if let Some(lengths) = &mut this.lengths {
+                    if lengths.scan(&buf.filled()[before..]) {
+                        this.watch.close_next.store(true, Ordering::Relaxed);
+                    }
+                }
             }
         }
         polled

@@ -121,7 +121,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 });
                 let version = req.version();
                 let mut response = service.proxy.handle(req, downstream).await;
-                if closing.is_closing() {
+                if closing.closes_after_response() {
                     crate::proxy::close_after(&mut response, version);
                 }
                 Ok(response.map(|body| Tracked::new(body, in_flight)))
@@ -137,7 +137,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
         shutdown: &mut ShutdownSignal,
     ) -> hyper::Result<()> {
         let watch = Arc::new(ConnectionWatch::default());
-        let mut io = Watched::new(io, watch.clone());
+        let mut io = Watched::new(io, watch.clone()).scan_lengths();
         let idle_limit = self
             .config
             .keepalive_timeout

@@ -247,6 +247,70 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<()> {
     Ok(())
 }
 
+/// Watches a client's raw bytes for a request head with two `Content-Length` lines. hyper
+/// merges two equal ones before any head reaches us, so they can only be seen here; such a
+/// request is framed by its one length, but a server in front of us may have read it
+/// otherwise, so the connection closes after its response.
+///
+/// Looks only at line starts (after each `\n`, found with a byte search), so it costs little
+/// per read. Body bytes are scanned too: a body that holds two such lines before a blank one
+/// (a request smuggled inside another) also closes the connection, which is no harm.
+#[derive(Default)]
+pub struct RepeatedLengthScan {
+    /// Content-Length lines in the head being read.
+    lines: u8,
+    /// The start of a line the last read cut short (the bytes after its `\n`, maybe none),
+    /// when it may yet turn out to be a Content-Length line or the blank line.
+    partial: [u8; LINE_START],
+    partial_len: Option<u8>,
+}
+
+const CONTENT_LENGTH_LINE: &[u8] = b"content-length:";
+/// Bytes of a line start that decide what it is.
+const LINE_START: usize = CONTENT_LENGTH_LINE.len();
+
+impl RepeatedLengthScan {
+    /// Scan the next bytes read; true when a head with two Content-Length lines just ended.
+    pub fn scan(&mut self, data: &[u8]) -> bool {
+        let mut repeated = false;
+        if let Some(have) = self.partial_len.take() {
+            let have = usize::from(have);
+            let take = (LINE_START - have).min(data.len());
+            let mut start = [0; LINE_START];
+            start[..have].copy_from_slice(&self.partial[..have]);
+            start[have..have + take].copy_from_slice(&data[..take]);
+            repeated |= self.line_start(&start[..have + take]);
+        }
+        for newline in memchr::memchr_iter(b'\n', data) {
+            let rest = &data[newline + 1..];
+            repeated |= self.line_start(&rest[..rest.len().min(LINE_START)]);
+        }
+        repeated
+    }
+
+    /// Classify a line by its first bytes (fewer when the line or the read ended sooner).
+    fn line_start(&mut self, start: &[u8]) -> bool {
+        if start.starts_with(b"\r\n") || start.starts_with(b"\n") {
+            // A blank line ends a head.
+            return std::mem::take(&mut self.lines) >= 2;
+        }
+        if start.len() == LINE_START {
+            if start.eq_ignore_ascii_case(CONTENT_LENGTH_LINE) {
+                self.lines = self.lines.saturating_add(1);
+            }
+            return false;
+        }
+        // Short: the line ended inside (not ours, then), or the read did.
+        let may_be_ours = !start.contains(&b'\n')
+            && (start == b"\r" || start.eq_ignore_ascii_case(&CONTENT_LENGTH_LINE[..start.len()]));
+        if may_be_ours {
+            self.partial[..start.len()].copy_from_slice(start);
+            self.partial_len = Some(start.len() as u8);
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +425,31 @@ mod tests {
         assert_eq!(refused(te("chunked, chunked")), 400);
         let twice = te("chunked").header("transfer-encoding", "chunked");
         assert_eq!(refused(twice), 400);
+    }
+
+    #[test]
+    fn two_content_length_lines_are_seen_however_the_reads_fall() {
+        let repeated: &[u8] =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello";
+        let single: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        for split in 0..repeated.len() {
+            let mut scan = RepeatedLengthScan::default();
+            let seen = scan.scan(&repeated[..split]) | scan.scan(&repeated[split..]);
+            assert!(seen, "missed when the read split at {split}");
+        }
+        for split in 0..single.len() {
+            let mut scan = RepeatedLengthScan::default();
+            let seen = scan.scan(&single[..split]) | scan.scan(&single[split..]);
+            assert!(!seen, "false alarm when the read split at {split}");
+        }
+        // One byte at a time, and the next request on the connection starts afresh.
+        let mut scan = RepeatedLengthScan::default();
+        let seen: Vec<bool> = [repeated, single]
+            .concat()
+            .iter()
+            .map(|b| scan.scan(&[*b]))
+            .collect();
+        assert_eq!(seen.iter().filter(|s| **s).count(), 1);
     }
 
     #[test]
