@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 
 import httpx
 import pytest
@@ -52,6 +53,22 @@ def test_keep_alive_survives_an_idle_pause(proxy) -> None:
         sock.sendall(simple_request("GET", "/second") + simple_request("GET", "/third"))
         assert read_response(rfile).json()["path"] == "/second"
         assert read_response(rfile).json()["path"] == "/third"
+
+
+def test_a_closing_response_to_a_client_that_pauses_is_not_cut(proxy) -> None:
+    """While a slow reader leaves our writes waiting, the connection is not idle, however
+    quiet: the rest of a Connection: close response is still sent, byte for byte."""
+    import time
+
+    size = 3_000_000
+    sock = raw_connect(proxy.port, timeout=10)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(simple_request("GET", f"/bytes/{size}", extra="Connection: close\r\n"))
+        time.sleep(1.5)  # not reading: the pause is what is under test
+        response = read_response(sock.makefile("rb"))
+    assert response.status == 200
+    assert response.body == expected_pattern(size)
 
 
 def test_connection_close_is_honoured(proxy) -> None:

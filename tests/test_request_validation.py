@@ -156,7 +156,9 @@ def test_a_get_with_a_body_is_forwarded_cleanly_then_the_connection_closes(proxy
     assert rest == b"", "the request after the GET was answered too"
 
 
-@pytest.mark.parametrize("split", [None, 40], ids=["one-read", "split-mid-line"])
+@pytest.mark.parametrize(
+    "split", [None, 40, 1], ids=["one-read", "split-mid-line", "first-byte-alone"]
+)
 def test_two_equal_content_lengths_are_framed_once_then_the_connection_closes(
     proxy, split: int | None
 ) -> None:

@@ -39,13 +39,15 @@ class DaemonPool(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot run a blocking hook after the server has stopped")
-            self._work.put((future, fn, args))
             if self._idle == 0 and self._threads < self._max_workers:
-                self._threads += 1
-                name = f"{self._prefix}_{self._threads}"
+                # Started before the work is queued: if it cannot start, nothing is left
+                # queued with no thread counted to run it.
+                name = f"{self._prefix}_{self._threads + 1}"
                 threading.Thread(target=self._run, name=name, daemon=True).start()
+                self._threads += 1
             else:
                 self._idle -= 1 if self._idle else 0
+            self._work.put((future, fn, args))
         return future
 
     def _run(self) -> None:

@@ -22,6 +22,9 @@ pub(crate) struct ConnectionWatch {
     activity: AtomicU64,
     /// Requests whose response has not been sent to its end.
     in_flight: AtomicUsize,
+    /// The last write could not go out (the client is not reading): bytes are still waiting
+    /// in hyper's buffer, whatever the requests' count says.
+    write_blocked: AtomicBool,
     /// Shutdown has begun: HTTP/1 responses close the connection.
     closing: AtomicBool,
     /// A request head the client sent had two Content-Length lines (which hyper merges):
@@ -50,7 +53,10 @@ impl ConnectionWatch {
     /// to arrive.
     pub(crate) fn idle_since(&self, before: Activity) -> bool {
         let now = self.activity();
-        now == before && now.0 & 1 == 0 && self.in_flight.load(Ordering::Acquire) == 0
+        now == before
+            && now.0 & 1 == 0
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && !self.write_blocked.load(Ordering::Relaxed)
     }
 
     pub(crate) fn close_after_responses(&self) {
@@ -59,6 +65,11 @@ impl ConnectionWatch {
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    fn wrote<T>(&self, polled: &Poll<std::io::Result<T>>) {
+        self.write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
     }
 
     /// Whether the response being sent must close the connection: shutdown has begun, or its
@@ -174,6 +185,8 @@ impl<S: AsyncRead> AsyncRead for Watched<S> {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread[..n]);
             self.unread.advance(n);
+            // The client's bytes all the same: a request has begun to arrive.
+            self.watch.moved(true);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -200,6 +213,7 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = self.inner.as_mut().poll_write(cx, data);
+        self.watch.wrote(&polled);
         if let Poll::Ready(Ok(n)) = polled {
             if n > 0 {
                 self.watch.moved(false);
@@ -214,6 +228,7 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = self.inner.as_mut().poll_write_vectored(cx, bufs);
+        self.watch.wrote(&polled);
         if let Poll::Ready(Ok(n)) = polled {
             if n > 0 {
                 self.watch.moved(false);
@@ -227,7 +242,9 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.inner.as_mut().poll_flush(cx)
+        let polled = self.inner.as_mut().poll_flush(cx);
+        self.watch.wrote(&polled);
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

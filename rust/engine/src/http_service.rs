@@ -191,6 +191,8 @@ impl<P: ProxyHttp> HttpProxy<P> {
             // Nothing buffered for this connection now but the socket.
             let deadline = idle_from + idle_limit;
             tokio::select! {
+                // A request already on its way wins over shutdown: it is answered, and closes.
+                biased;
                 readable = io.get_ref().get_ref().readable() => readable.map_err(|_| ()).ok(),
                 () = tokio::time::sleep_until(deadline) => return Ok(()),
                 () = shutdown.begun() => return Ok(()),
@@ -207,7 +209,8 @@ impl<P: ProxyHttp> HttpProxy<P> {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let watch = Arc::new(ConnectionWatch::default());
         let io = crate::flood::FloodGuard::new(io, downstream.client_addr);
-        let io = Watched::new(io, watch.clone());
+        // Scanned too: a client that sends its first byte alone lands here whatever it speaks.
+        let io = Watched::new(io, watch.clone()).scan_lengths();
         // Boxed: inline, the auto builder's connection (HTTP/1 and HTTP/2 states) would size
         // every connection's future, HTTP/1 ones included.
         let mut conn = Box::pin(
@@ -248,7 +251,11 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
     ) -> BoxFuture {
         Box::pin(async move {
             let _ = stream.set_nodelay(true);
-            let Some(h2) = first_bytes(&stream, &mut shutdown).await else {
+            let head_timeout = self
+                .config
+                .keepalive_timeout
+                .min(self.config.client_read_timeout);
+            let Some(h2) = first_bytes(&stream, &mut shutdown, head_timeout).await else {
                 return;
             };
             // Only writes are timed on the socket (a client that stops reading its
@@ -292,23 +299,42 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
 /// knowledge): `None` if shutdown began and the client sent nothing soon after. Peeked, not
 /// read, so an HTTP/1 connection reaches hyper untouched. True also on EOF or an error, which
 /// the auto builder then reports as it always has.
-async fn first_bytes(stream: &TcpStream, shutdown: &mut ShutdownSignal) -> Option<bool> {
+async fn first_bytes(
+    stream: &TcpStream,
+    shutdown: &mut ShutdownSignal,
+    within: Duration,
+) -> Option<bool> {
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // Three bytes tell "PRI" from "POST", "PUT" and "PATCH".
+    const DECIDES: usize = 3;
     let peek = async {
         let mut first = [0; H2_PREFACE.len()];
-        match stream.peek(&mut first).await {
-            Ok(n) => H2_PREFACE.starts_with(&first[..n]),
-            Err(_) => true,
+        loop {
+            match stream.peek(&mut first).await {
+                Ok(n) if n < DECIDES && n > 0 && H2_PREFACE.starts_with(&first[..n]) => {
+                    // A first segment too short to tell (rare, or sent so on purpose): peek
+                    // returns at once while bytes wait, so look again a little later.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(n) => return H2_PREFACE.starts_with(&first[..n]),
+                Err(_) => return true,
+            }
         }
     };
+    // A client that connects and sends nothing is held no longer than one that stops
+    // mid-head.
+    let peek = tokio::time::timeout(within, peek);
     tokio::pin!(peek);
     tokio::select! {
-        h2 = peek.as_mut() => return Some(h2),
+        h2 = peek.as_mut() => return h2.ok(),
         () = shutdown.begun() => {}
     }
     // Accepted just before shutdown (or drained from the accept queue after it): a request
     // may be on its way.
-    tokio::time::timeout(QUIET_BEFORE_CLOSE, peek).await.ok()
+    tokio::time::timeout(QUIET_BEFORE_CLOSE, peek)
+        .await
+        .ok()
+        .and_then(Result::ok)
 }
 
 /// Closes expired idle upstream connections now and then, so an unused peer's connections

@@ -283,7 +283,13 @@ impl RepeatedLengthScan {
         }
         for newline in memchr::memchr_iter(b'\n', data) {
             let rest = &data[newline + 1..];
-            repeated |= self.line_start(&rest[..rest.len().min(LINE_START)]);
+            // Most line starts are decided by their first byte, without a call.
+            match rest.first() {
+                Some(b'\r' | b'\n' | b'c' | b'C') | None => {
+                    repeated |= self.line_start(&rest[..rest.len().min(LINE_START)]);
+                }
+                Some(_) => {}
+            }
         }
         repeated
     }
