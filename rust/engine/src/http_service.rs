@@ -99,6 +99,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
         self: &Arc<Self>,
         downstream: &Arc<DownstreamDigest>,
         watch: &Arc<ConnectionWatch>,
+        shutdown: &ShutdownSignal,
     ) -> impl hyper::service::Service<
         http::Request<Incoming>,
         Response = Response<P>,
@@ -108,11 +109,13 @@ impl<P: ProxyHttp> HttpProxy<P> {
         let service = self.clone();
         let downstream = downstream.clone();
         let watch = watch.clone();
+        let shutdown = shutdown.clone();
         service_fn(move |req: http::Request<Incoming>| -> Handling<P> {
             let service = service.clone();
             let downstream = downstream.clone();
             let in_flight = watch.request_started();
             let closing = watch.clone();
+            let shutdown = shutdown.clone();
             // Boxed: hyper keeps a slot the size of this future while the connection lives,
             // and an HTTP/1 connection must be Unpin to hand its socket back.
             Box::pin(async move {
@@ -121,6 +124,9 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 });
                 let version = req.version();
                 let mut response = service.proxy.handle(req, downstream).await;
+                if shutdown.is_shutting_down() {
+                    closing.close_after_responses();
+                }
                 if closing.closes_after_response() {
                     crate::proxy::close_after(&mut response, version);
                 }
@@ -147,7 +153,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
             // which lives as long as the connection.
             let mut conn = Box::new(
                 self.http1
-                    .serve_connection(TokioIo::new(io), self.handler(downstream, &watch)),
+                    .serve_connection(TokioIo::new(io), self.handler(downstream, &watch, shutdown)),
             );
             let mut asked_to_stop = false;
             let mut seen = watch.activity();
@@ -158,13 +164,20 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 } else {
                     RELEASE_IDLE_AFTER
                 };
+                // Two branches, the connection first: select! polls every branch on every
+                // wake-up, and this one wakes for each read and write. Shutdown is noticed at
+                // the next tick (responses say `Connection: close` from its start: see
+                // `handler`).
                 tokio::select! {
+                    biased;
                     served = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                         served?;
                         break;
                     }
-                    () = shutdown.begun(), if !watch.is_closing() => watch.close_after_responses(),
                     () = tokio::time::sleep(period), if !asked_to_stop => {
+                        if !watch.is_closing() && shutdown.is_shutting_down() {
+                            watch.close_after_responses();
+                        }
                         if watch.idle_since(seen) {
                             // Idle: hyper closes at once (or after what is in flight), and
                             // hands back the socket with any bytes it read ahead.
@@ -215,7 +228,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
         // every connection's future, HTTP/1 ones included.
         let mut conn = Box::pin(
             self.auto
-                .serve_connection(TokioIo::new(io), self.handler(downstream, &watch)),
+                .serve_connection(TokioIo::new(io), self.handler(downstream, &watch, shutdown)),
         );
         tokio::select! {
             served = conn.as_mut() => return served,
