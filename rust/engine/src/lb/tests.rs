@@ -203,3 +203,26 @@ fn bad_configs_name_the_field() {
         Ok(Strategy::LeastConnections)
     );
 }
+
+#[test]
+fn consistent_hashing_maps_keys_as_nginx_does() {
+    // Mappings nginx's `hash $uri consistent` gives over these two upstreams (pingora-ketama
+    // checks the same sample).
+    let lb = balancer(
+        Strategy::Consistent,
+        &[("127.0.0.1:7777", 1), ("127.0.0.1:7778", 1)],
+    );
+    for (uri, upstream) in [
+        ("/some/path", "127.0.0.1:7778"),
+        ("/some/longer/path", "127.0.0.1:7777"),
+        ("/sad/zaidoon", "127.0.0.1:7778"),
+        ("/g", "127.0.0.1:7777"),
+        (
+            "/pingora/team/is/cool/and/this/is/a/long/uri",
+            "127.0.0.1:7778",
+        ),
+        ("/i/am/not/confident/in/this/code", "127.0.0.1:7777"),
+    ] {
+        assert_eq!(pick(&lb, Some(uri.as_bytes())), upstream, "{uri}");
+    }
+}
