@@ -5,7 +5,7 @@
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
-//! `upstream` (peer connections and the pool), `peer`, `error`, `server` with `listener`,
+//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
@@ -17,6 +17,7 @@ pub mod error;
 pub mod flood;
 pub mod forward;
 pub mod http_service;
+pub mod lb;
 pub mod listener;
 pub mod peer;
 pub mod phase;

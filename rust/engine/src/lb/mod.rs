@@ -1,0 +1,329 @@
+//! Load balancing: a list of [`Backend`]s and a [`Strategy`] that picks one per request,
+//! skipping unhealthy backends. The list can be replaced at run time ([`LoadBalancer::set_backends`])
+//! without stopping selection: requests already picked keep their backend and its count.
+
+mod backend;
+mod ketama;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+pub use backend::{Backend, ConfigError};
+
+/// How a [`LoadBalancer`] picks a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Each healthy backend in turn, ignoring weights.
+    RoundRobin,
+    /// nginx's smooth weighted round robin: weights 5, 1, 1 give a a b a c a a.
+    WeightedRoundRobin,
+    /// A random backend, each chosen in proportion to its weight.
+    Random,
+    /// The backend with the fewest requests in flight; ties go round robin.
+    LeastConnections,
+    /// Ketama consistent hashing of the key; without a key, round robin.
+    Consistent,
+}
+
+impl Strategy {
+    /// The names the Python layer accepts (`strategy="round_robin"`, ...).
+    pub fn parse(name: &str) -> Result<Self, ConfigError> {
+        Ok(match name {
+            "round_robin" => Strategy::RoundRobin,
+            "weighted_round_robin" => Strategy::WeightedRoundRobin,
+            "random" => Strategy::Random,
+            "least_connections" => Strategy::LeastConnections,
+            "consistent" => Strategy::Consistent,
+            _ => {
+                return Err(ConfigError::new(
+                    "strategy",
+                    format!(
+                        "unknown strategy {name:?}: expected \"round_robin\", \"weighted_round_robin\", \
+                         \"random\", \"least_connections\" or \"consistent\""
+                    ),
+                ))
+            }
+        })
+    }
+}
+
+/// A backend picked for one request. It counts as in flight on that backend until this is
+/// dropped, which is what least connections balances on.
+#[derive(Debug)]
+pub struct Selected {
+    backend: Arc<Backend>,
+}
+
+impl Selected {
+    fn new(backend: &Arc<Backend>) -> Self {
+        backend.begin_request();
+        Selected {
+            backend: backend.clone(),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl std::ops::Deref for Selected {
+    type Target = Backend;
+
+    fn deref(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+impl Drop for Selected {
+    fn drop(&mut self) {
+        self.backend.end_request();
+    }
+}
+
+/// One backend list with what each strategy derives from it, swapped as a whole so a
+/// selection never sees a list and a ring that disagree.
+#[derive(Debug)]
+struct Pool {
+    backends: Arc<[Arc<Backend>]>,
+    /// Round robin's position; also where least connections starts looking, so ties rotate.
+    next: AtomicUsize,
+    derived: Derived,
+}
+
+#[derive(Debug)]
+enum Derived {
+    None,
+    /// Smooth weighted round robin's current weight per backend.
+    Smooth(Mutex<Box<[i64]>>),
+    /// Running sums of the weights, for drawing in proportion to them.
+    Cumulative(Box<[u64]>),
+    Ring(ketama::Ring),
+}
+
+impl Pool {
+    fn new(strategy: Strategy, backends: Arc<[Arc<Backend>]>) -> Self {
+        let derived = match strategy {
+            Strategy::RoundRobin | Strategy::LeastConnections => Derived::None,
+            Strategy::WeightedRoundRobin => {
+                Derived::Smooth(Mutex::new(vec![0; backends.len()].into_boxed_slice()))
+            }
+            Strategy::Random => Derived::Cumulative(
+                backends
+                    .iter()
+                    .scan(0u64, |sum, backend| {
+                        *sum += u64::from(backend.weight());
+                        Some(*sum)
+                    })
+                    .collect(),
+            ),
+            Strategy::Consistent => Derived::Ring(ketama::Ring::new(&backends)),
+        };
+        Pool {
+            backends,
+            next: AtomicUsize::new(0),
+            derived,
+        }
+    }
+
+    /// Advancing the shared position past unhealthy backends too is what keeps the rotation
+    /// exact over the healthy ones.
+    fn round_robin(&self) -> Option<usize> {
+        let count = self.backends.len();
+        (0..count)
+            .map(|_| self.next.fetch_add(1, Ordering::Relaxed) % count)
+            .find(|&index| self.backends[index].is_healthy())
+    }
+
+    fn least_connections(&self) -> Option<usize> {
+        let count = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..count)
+            .map(|offset| (start + offset) % count)
+            .filter(|&index| self.backends[index].is_healthy())
+            // min_by_key keeps the first of equals: the one nearest the rotating start.
+            .min_by_key(|&index| self.backends[index].in_flight())
+    }
+
+    /// nginx's `ngx_http_upstream_get_peer`: every healthy backend gains its weight, the
+    /// highest (first among equals) is picked and loses the total.
+    fn smooth_weighted(&self, current: &Mutex<Box<[i64]>>) -> Option<usize> {
+        let mut current = current.lock();
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (index, backend) in self.backends.iter().enumerate() {
+            if !backend.is_healthy() {
+                continue;
+            }
+            let weight = i64::from(backend.weight());
+            current[index] += weight;
+            total += weight;
+            if best.is_none_or(|best| current[index] > current[best]) {
+                best = Some(index);
+            }
+        }
+        let best = best?;
+        current[best] -= total;
+        Some(best)
+    }
+
+    /// Draws over all weights and redraws among the healthy ones only when the first draw
+    /// lands on an unhealthy backend: still in proportion to weight, and one binary search
+    /// while all are healthy.
+    fn random(&self, cumulative: &[u64], random: &Random) -> Option<usize> {
+        let total = *cumulative.last()?;
+        let draw = random.below(total);
+        let index = cumulative.partition_point(|&sum| sum <= draw);
+        if self.backends[index].is_healthy() {
+            return Some(index);
+        }
+        let healthy_total: u64 = self
+            .backends
+            .iter()
+            .filter(|backend| backend.is_healthy())
+            .map(|backend| u64::from(backend.weight()))
+            .sum();
+        if healthy_total == 0 {
+            return None;
+        }
+        let mut draw = random.below(healthy_total);
+        self.backends.iter().position(|backend| {
+            if !backend.is_healthy() {
+                return false;
+            }
+            let weight = u64::from(backend.weight());
+            if draw < weight {
+                return true;
+            }
+            draw -= weight;
+            false
+        })
+    }
+}
+
+/// splitmix64: one `fetch_add` per draw, so threads share it without a lock, and a seed
+/// makes a test's draws repeatable.
+#[derive(Debug)]
+struct Random(AtomicU64);
+
+impl Random {
+    fn below(&self, bound: u64) -> u64 {
+        let mut z = self
+            .0
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // Lemire's multiply-shift: maps to [0, bound) without a division.
+        ((u128::from(z) * u128::from(bound)) >> 64) as u64
+    }
+}
+
+/// Picks a backend per request by its [`Strategy`]. Shared by every request (`&self`
+/// throughout); the backend list is swapped atomically by [`set_backends`](Self::set_backends).
+#[derive(Debug)]
+pub struct LoadBalancer {
+    strategy: Strategy,
+    pool: RwLock<Arc<Pool>>,
+    random: Random,
+}
+
+impl LoadBalancer {
+    /// `backends` are `(address, weight)` pairs. Errors name the field: `backends` when
+    /// empty, `backends[i].address` or `backends[i].weight`.
+    pub fn new<A: AsRef<str>>(
+        strategy: Strategy,
+        backends: impl IntoIterator<Item = (A, u32)>,
+    ) -> Result<Self, ConfigError> {
+        // Each RandomState is keyed afresh, so each balancer draws its own sequence.
+        let seed =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ());
+        Self::with_seed(strategy, backends, seed)
+    }
+
+    /// As [`new`](Self::new), with the random strategy's draws fixed by `seed`.
+    pub fn with_seed<A: AsRef<str>>(
+        strategy: Strategy,
+        backends: impl IntoIterator<Item = (A, u32)>,
+        seed: u64,
+    ) -> Result<Self, ConfigError> {
+        let backends = build_backends(backends, &HashMap::new())?;
+        Ok(LoadBalancer {
+            strategy,
+            pool: RwLock::new(Arc::new(Pool::new(strategy, backends))),
+            random: Random(AtomicU64::new(seed)),
+        })
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The current backend list, in the order given.
+    pub fn backends(&self) -> Arc<[Arc<Backend>]> {
+        self.pool.read().backends.clone()
+    }
+
+    /// Replaces the backend list in one step; a selection sees the old list or the new one.
+    /// A backend whose address and weight are unchanged is kept, with its health and
+    /// in-flight count. On error the list is left as it was.
+    pub fn set_backends<A: AsRef<str>>(
+        &self,
+        backends: impl IntoIterator<Item = (A, u32)>,
+    ) -> Result<(), ConfigError> {
+        let current = self.backends();
+        let kept: HashMap<(&str, u32), &Arc<Backend>> = current
+            .iter()
+            .map(|backend| ((backend.addr(), backend.weight()), backend))
+            .collect();
+        let backends = build_backends(backends, &kept)?;
+        *self.pool.write() = Arc::new(Pool::new(self.strategy, backends));
+        Ok(())
+    }
+
+    /// A healthy backend for one request, or `None` when none is healthy. `key` is what
+    /// consistent hashing hashes (other strategies ignore it).
+    pub fn select(&self, key: Option<&[u8]>) -> Option<Selected> {
+        let pool = self.pool.read();
+        let index = match (&pool.derived, self.strategy, key) {
+            (Derived::Ring(ring), _, Some(key)) => ring.lookup(key, &pool.backends),
+            (Derived::Smooth(current), _, _) => pool.smooth_weighted(current),
+            (Derived::Cumulative(cumulative), _, _) => pool.random(cumulative, &self.random),
+            (_, Strategy::LeastConnections, _) => pool.least_connections(),
+            _ => pool.round_robin(),
+        }?;
+        Some(Selected::new(&pool.backends[index]))
+    }
+}
+
+fn build_backends<A: AsRef<str>>(
+    specs: impl IntoIterator<Item = (A, u32)>,
+    kept: &HashMap<(&str, u32), &Arc<Backend>>,
+) -> Result<Arc<[Arc<Backend>]>, ConfigError> {
+    let backends = specs
+        .into_iter()
+        .enumerate()
+        .map(|(index, (addr, weight))| {
+            let addr = addr.as_ref();
+            match kept.get(&(addr, weight)) {
+                Some(backend) => Ok(Arc::clone(backend)),
+                None => Backend::new(addr, weight)
+                    .map(Arc::new)
+                    .map_err(|err| err.within(&format!("backends[{index}]"))),
+            }
+        })
+        .collect::<Result<Arc<[_]>, _>>()?;
+    if backends.is_empty() {
+        return Err(ConfigError::new(
+            "backends",
+            "at least one backend is needed",
+        ));
+    }
+    Ok(backends)
+}
