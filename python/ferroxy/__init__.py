@@ -7,6 +7,7 @@ Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook th
 from ._core import (
     ClientConn,
     Headers,
+    LoadBalancer,
     Peer,
     ProxyError,
     RequestHeader,
@@ -22,6 +23,7 @@ from .server import ProxyServer, ServerOptions, run
 __all__ = [
     "ClientConn",
     "Headers",
+    "LoadBalancer",
     "Peer",
     "Proxy",
     "ProxyError",

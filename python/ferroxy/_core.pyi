@@ -101,6 +101,30 @@ class Headers(MutableMapping[str, str]):
     def update(self, other: _HeadersInput | None = None, /, **names: str | bytes) -> None: ...
 
 @final
+class LoadBalancer:
+    """Backends and a strategy, chosen among in Rust. ``backends`` are ``"host:port"`` or
+    ``("host:port", weight)``; ``strategy`` is ``"round_robin"``, ``"weighted_round_robin"``,
+    ``"random"``, ``"least_connections"`` or ``"consistent"`` (Ketama, as nginx hashes).
+    A bad list or strategy raises ValueError naming the field."""
+
+    def __new__(
+        cls,
+        backends: Sequence[str | tuple[str, int]],
+        *,
+        strategy: str = "round_robin",
+        seed: int | None = None,
+    ) -> LoadBalancer: ...
+    @property
+    def strategy(self) -> str: ...
+    def select(self, key: str | bytes | None = None) -> Peer:
+        """A healthy backend's peer (``key`` is what "consistent" hashes); RuntimeError if
+        none is healthy."""
+    def backends(self) -> list[dict[str, Any]]:
+        """Each backend's ``addr``, ``weight``, ``healthy`` and ``in_flight``."""
+    def set_backends(self, backends: Sequence[str | tuple[str, int]]) -> None:
+        """Replace the backends at once; a bad list changes nothing (ValueError)."""
+
+@final
 class Peer:
     """An upstream to connect to: ``"host:port"`` plus per-peer timeouts in seconds."""
 

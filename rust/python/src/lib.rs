@@ -7,6 +7,7 @@ mod bridge;
 mod call;
 mod echo;
 mod headers;
+mod lb;
 mod logs;
 mod proxy;
 mod server;
@@ -77,6 +78,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .getattr("MutableMapping")?
         .call_method1("register", (m.py().get_type::<headers::Headers>(),))?;
     m.add_class::<types::PyPeer>()?;
+    m.add_class::<lb::PyLoadBalancer>()?;
     m.add_class::<types::PyResponse>()?;
     m.add_class::<types::PyProxyError>()?;
     m.add_class::<session::PyRequestHeader>()?;
