@@ -1,6 +1,6 @@
 //! What the HTTP service knows of one client connection beyond hyper: whether bytes are still
 //! moving and whose they were last, how many of its requests are still being answered, and
-//! whether it is closing. Graceful shutdown and idle-buffer release decide by it.
+//! whether its writes wait on the client. Graceful shutdown and idle-buffer release decide by it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,8 +25,6 @@ pub(crate) struct ConnectionWatch {
     /// The last write could not go out (the client is not reading): bytes are still waiting
     /// in hyper's buffer, whatever the requests' count says.
     write_blocked: AtomicBool,
-    /// Shutdown has begun: HTTP/1 responses close the connection.
-    closing: AtomicBool,
     /// A request head the client sent had two Content-Length lines (which hyper merges):
     /// the next response closes the connection.
     close_next: AtomicBool,
@@ -59,23 +57,18 @@ impl ConnectionWatch {
             && !self.write_blocked.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn close_after_responses(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+    /// After a write or a flush: blocked if it could not go out; activity if bytes went.
+    fn wrote(&self, pending: bool, bytes: usize) {
+        self.write_blocked.store(pending, Ordering::Relaxed);
+        if bytes > 0 {
+            self.moved(false);
+        }
     }
 
-    pub(crate) fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
-    }
-
-    fn wrote<T>(&self, polled: &Poll<std::io::Result<T>>) {
-        self.write_blocked
-            .store(polled.is_pending(), Ordering::Relaxed);
-    }
-
-    /// Whether the response being sent must close the connection: shutdown has begun, or its
-    /// request was one to take nothing after (see [`RepeatedLengthScan`]).
-    pub(crate) fn closes_after_response(&self) -> bool {
-        self.is_closing() || self.close_next.swap(false, Ordering::Relaxed)
+    /// Whether the response being sent must close the connection because its request was
+    /// one to take nothing after (see [`RepeatedLengthScan`]); asking clears it.
+    pub(crate) fn take_close_next(&self) -> bool {
+        self.close_next.swap(false, Ordering::Relaxed)
     }
 
     /// Count a request as in flight until the returned guard (kept by its response body) is
@@ -213,12 +206,11 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = self.inner.as_mut().poll_write(cx, data);
-        self.watch.wrote(&polled);
-        if let Poll::Ready(Ok(n)) = polled {
-            if n > 0 {
-                self.watch.moved(false);
-            }
-        }
+        let written = match polled {
+            Poll::Ready(Ok(n)) => n,
+            _ => 0,
+        };
+        self.watch.wrote(polled.is_pending(), written);
         polled
     }
 
@@ -228,12 +220,11 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = self.inner.as_mut().poll_write_vectored(cx, bufs);
-        self.watch.wrote(&polled);
-        if let Poll::Ready(Ok(n)) = polled {
-            if n > 0 {
-                self.watch.moved(false);
-            }
-        }
+        let written = match polled {
+            Poll::Ready(Ok(n)) => n,
+            _ => 0,
+        };
+        self.watch.wrote(polled.is_pending(), written);
         polled
     }
 
@@ -243,7 +234,7 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let polled = self.inner.as_mut().poll_flush(cx);
-        self.watch.wrote(&polled);
+        self.watch.wrote(polled.is_pending(), 0);
         polled
     }
 

@@ -114,7 +114,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
             let service = service.clone();
             let downstream = downstream.clone();
             let in_flight = watch.request_started();
-            let closing = watch.clone();
+            let watch = watch.clone();
             let shutdown = shutdown.clone();
             // Boxed: hyper keeps a slot the size of this future while the connection lives,
             // and an HTTP/1 connection must be Unpin to hand its socket back.
@@ -124,10 +124,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 });
                 let version = req.version();
                 let mut response = service.proxy.handle(req, downstream).await;
-                if shutdown.is_shutting_down() {
-                    closing.close_after_responses();
-                }
-                if closing.closes_after_response() {
+                if shutdown.is_shutting_down() || watch.take_close_next() {
                     crate::proxy::close_after(&mut response, version);
                 }
                 Ok(response.map(|body| Tracked::new(body, in_flight)))
@@ -159,7 +156,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
             let mut seen = watch.activity();
             let mut idle_from = Instant::now();
             loop {
-                let period = if watch.is_closing() {
+                let period = if shutdown.is_shutting_down() {
                     QUIET_BEFORE_CLOSE
                 } else {
                     RELEASE_IDLE_AFTER
@@ -175,9 +172,6 @@ impl<P: ProxyHttp> HttpProxy<P> {
                         break;
                     }
                     () = tokio::time::sleep(period), if !asked_to_stop => {
-                        if !watch.is_closing() && shutdown.is_shutting_down() {
-                            watch.close_after_responses();
-                        }
                         if watch.idle_since(seen) {
                             // Idle: hyper closes at once (or after what is in flight), and
                             // hands back the socket with any bytes it read ahead.
@@ -190,7 +184,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                     }
                 }
             }
-            if !asked_to_stop || watch.is_closing() {
+            if !asked_to_stop || shutdown.is_shutting_down() {
                 // hyper ended it (the client closed or asked to, an error), or it is idle at
                 // shutdown: the socket closes here.
                 return Ok(());
@@ -238,7 +232,6 @@ impl<P: ProxyHttp> HttpProxy<P> {
         // the streams in flight, and for the client to acknowledge a PING: a client that does
         // not read would hold the connection to the end of the grace period, so once nothing
         // is in flight and nothing has moved for a while, it is closed.
-        watch.close_after_responses();
         conn.as_mut().graceful_shutdown();
         let mut seen = watch.activity();
         loop {
