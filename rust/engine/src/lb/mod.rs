@@ -3,6 +3,7 @@
 //! without stopping selection: requests already picked keep their backend and its count.
 
 mod backend;
+mod health;
 mod ketama;
 #[cfg(test)]
 mod tests;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 pub use backend::{Backend, ConfigError};
+pub use health::Observation;
 
 /// How a [`LoadBalancer`] picks a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
