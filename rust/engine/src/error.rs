@@ -15,6 +15,8 @@ pub enum ErrorKind {
     ConnectTimeout,
     /// Any other failure to connect (DNS, unreachable, handshake).
     ConnectError,
+    /// A load balancer had no healthy backend to pick.
+    NoHealthyUpstream,
     /// The upstream sent nothing for longer than the peer's read timeout.
     ReadTimeout,
     /// Writing to the upstream stalled for longer than the peer's write timeout.
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::ConnectRefused => "connect_refused",
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::ConnectError => "connect_error",
+            ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::ReadTimeout => "read_timeout",
             ErrorKind::WriteTimeout => "write_timeout",
             ErrorKind::UpstreamClosed => "upstream_closed",
@@ -62,6 +65,7 @@ impl ErrorKind {
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectTimeout
             | ErrorKind::ConnectError
+            | ErrorKind::NoHealthyUpstream
             | ErrorKind::ReadTimeout
             | ErrorKind::WriteTimeout
             | ErrorKind::UpstreamClosed
@@ -83,6 +87,7 @@ impl ErrorKind {
             | ErrorKind::HookTimeout => 504,
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectError
+            | ErrorKind::NoHealthyUpstream
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => 502,
             ErrorKind::InvalidRequest => 400,
@@ -122,11 +127,34 @@ pub struct Error {
     pub kind: ErrorKind,
     pub side: ErrorSide,
     pub message: String,
-    pub peer: Option<Peer>,
+    /// Boxed: an error travels in every `Result` of the request path, and a peer is big.
+    pub peer: Option<Box<Peer>>,
     pub status: u16,
-    /// Set by `fail_to_connect` to have the proxy ask `upstream_peer` again.
+    /// Whether the proxy asks `upstream_peer` again after this failure: set by the proxy
+    /// when the request's retry policy allows it, and `fail_to_connect` may change it.
     pub retry: bool,
+    /// Every try of the request that failed, in order (the last is this error's own), when
+    /// it was tried more than once or through a load balancer; empty otherwise.
+    pub tries: Box<[FailedTry]>,
     cause: Option<Cause>,
+}
+
+/// One failed try of a request: where it went and how it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedTry {
+    pub peer: Arc<str>,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl FailedTry {
+    pub fn new(peer: &Peer, error: &Error) -> Self {
+        FailedTry {
+            peer: peer.addr().into(),
+            kind: error.kind,
+            message: error.message.clone(),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -140,6 +168,7 @@ impl Error {
             peer: None,
             status: kind.default_status(),
             retry: false,
+            tries: Box::default(),
             cause: None,
         }
     }
@@ -167,7 +196,7 @@ impl Error {
     }
 
     pub fn with_peer(mut self, peer: &Peer) -> Self {
-        self.peer = Some(peer.clone());
+        self.peer = Some(Box::new(peer.clone()));
         self
     }
 
@@ -450,7 +479,7 @@ mod tests {
         for (io, kind, status) in cases {
             let error = Error::from_connect(std::io::Error::new(io, "x"), &peer);
             assert_eq!((error.kind, error.status), (kind, status));
-            assert_eq!(error.peer.as_ref().map(Peer::addr), Some("127.0.0.1:9"));
+            assert_eq!(error.peer.as_deref().map(Peer::addr), Some("127.0.0.1:9"));
         }
     }
 

@@ -23,6 +23,7 @@ pub mod peer;
 pub mod phase;
 pub mod proxy;
 pub mod response;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod session;

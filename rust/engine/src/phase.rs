@@ -65,18 +65,19 @@ pub trait ProxyHttp: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Connecting to `peer` failed, before any of the request was sent. Return the error,
-    /// with `retry` set to have the proxy ask `upstream_peer` again (the implementation
-    /// counts its retries; the engine stops at 16 attempts whatever it says). Default: no
-    /// retry.
+    /// Connecting to `peer` failed, before any of the request was sent. `error.retry` says
+    /// whether the proxy will ask `upstream_peer` again: set when the request's retry policy
+    /// (a load balancer's `max_retries`, deadline) allows another try. Return the error with
+    /// `retry` changed to veto or force a retry (the engine stops at 16 tries whatever it
+    /// says; `session.tries` lists the ones before). Default: the policy's decision.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
         _peer: &Peer,
         _ctx: &mut Self::Ctx,
         error: Error,
-    ) -> Error {
-        error
+    ) -> impl Future<Output = Error> + Send {
+        async { error }
     }
 
     /// Edits the upstream's response head before it goes to the client. Default: nothing.

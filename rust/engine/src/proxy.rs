@@ -12,17 +12,89 @@ use http_body::{Body, Frame, SizeHint};
 use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
-use crate::error::{Error, ErrorKind, ErrorSide, Result};
+use crate::error::{Error, ErrorKind, ErrorSide, FailedTry, Result};
 use crate::forward;
+use crate::lb::Observation;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
+use crate::retry::{self, RetryPolicy};
 use crate::session::Session;
-use crate::upstream::{ConnectionPool, UpstreamClient, UpstreamConnection};
+use crate::upstream::{ConnectionPool, Exchange, UpstreamClient, UpstreamConnection};
 use crate::validate::{self, Admission};
 
-/// More connect attempts than this for one request means an implementation that keeps
-/// asking for retries: stop there.
+/// More tries than this for one request means an implementation that keeps asking for
+/// retries: stop there.
 const MAX_CONNECT_ATTEMPTS: usize = 16;
+
+/// Whether the request's retry policy allows another try after the one that just failed
+/// (not yet in `session.tries`).
+fn retries_left(session: &Session) -> bool {
+    let policy = &session.retry;
+    session.tries.len() < policy.max_retries
+        && policy
+            .deadline
+            .is_none_or(|deadline| session.started.elapsed() < deadline)
+}
+
+/// When the current try must end: its own timeout or the request's deadline, whichever is
+/// first; `None` (no timer at all) for requests without either, as to a fixed peer.
+fn try_limit(session: &Session) -> Option<std::time::Instant> {
+    let policy = &session.retry;
+    let own = policy.try_timeout.map(|t| std::time::Instant::now() + t);
+    let overall = policy.deadline.map(|d| session.started + d);
+    match (own, overall) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn try_timed_out(kind: ErrorKind, peer: &crate::Peer) -> Error {
+    Error::new(
+        kind,
+        "the try's time limit (try_timeout or deadline) passed",
+    )
+    .with_peer(peer)
+}
+
+/// The request body for this try: the client's, streamed as it comes, unless a failure
+/// after sending could be retried: then it is read whole (up to [`retry::REPLAY_LIMIT`]) and
+/// kept in `kept` for the tries after. Only requests that can be resent at all (retries
+/// left, an idempotent method, a known small length) wait for their whole body.
+async fn body_for_try(session: &mut Session, kept: &mut Option<Bytes>) -> Result<ProxyBody> {
+    if let Some(bytes) = kept {
+        return Ok(ProxyBody::full(bytes.clone()));
+    }
+    // Only a kept body is sent twice (`may_resend`): this is the first send.
+    let body = session.take_body().unwrap_or_else(ProxyBody::empty);
+    let keep = retries_left(session)
+        && retry::is_idempotent(&session.req.method)
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= retry::REPLAY_LIMIT);
+    if !keep {
+        return Ok(body);
+    }
+    let bytes = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        // Boxed: rare, and inline it would grow every request's future.
+        Box::pin(read_whole(body)).await?
+    };
+    *kept = Some(bytes.clone());
+    Ok(ProxyBody::full(bytes))
+}
+
+/// A body of known, small length, read to its end (a body with a length has no trailers).
+async fn read_whole(mut body: ProxyBody) -> Result<Bytes> {
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        if let Ok(data) = frame.map_err(Error::from_upstream)?.into_data() {
+            whole.extend_from_slice(&data);
+        }
+    }
+    Ok(whole.freeze())
+}
 
 /// Have the client's connection close once `response` is sent. HTTP/1 only: hyper reads
 /// this header of ours and closes after the response (HTTP/2 has no such header; its
@@ -129,7 +201,10 @@ impl<P: ProxyHttp> ProxyService<P> {
                 return (http::Response::from_parts(head, body), Some(pooled), None);
             }
             Ok(Proxied::Local(response)) => return (response.into_http(), None, None),
-            Err(error) => error,
+            Err(mut error) => {
+                error.tries = std::mem::take(&mut session.tries).into_boxed_slice();
+                error
+            }
         };
         if error.side == ErrorSide::Client {
             // What follows on a connection whose client erred cannot be trusted to be framed
@@ -165,34 +240,85 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
-        let (peer, connection) = self.connect(session, ctx).await?;
-        let mut head = session
-            .take_upstream_request()
-            .expect("connect() built the upstream request");
-        forward::for_upstream_protocol(&mut head, peer.protocol());
-        let mut body = session.take_body().unwrap_or_else(ProxyBody::empty);
-        let upload = body.progress();
-        let request = http::Request::from_parts(head, body);
-        let sent = std::time::Instant::now();
-        // Boxed: the exchange's future (the request, hyper's send, the read timer) is the
-        // bulk of a request's; inline, every future above it would carry it and be moved with
-        // it (see the size test below).
-        let exchange = Box::pin(self.upstream.send(&peer, connection, request, &upload)).await?;
-        session.upstream_time = Some(sent.elapsed());
+        let mut kept: Option<Bytes> = None;
+        let (exchange, progress) = loop {
+            let (peer, connection) = self.connect(session, ctx).await?;
+            if let Some(exchanged) = self.exchange(session, peer, connection, &mut kept).await? {
+                break exchanged;
+            }
+        };
         session.upstream_digest = Some(*exchange.connection.digest());
         let mut head = exchange.head;
+        if let Some(backend) = &session.backend {
+            backend.observe(Observation::Status(head.status.as_u16()));
+        }
         forward::response_headers(&mut head.headers);
         self.proxy.response_filter(session, &mut head, ctx).await?;
         Ok(Proxied::Upstream {
             head,
             body: exchange.body,
             connection: exchange.connection,
-            upload,
+            upload: progress,
         })
     }
 
+    /// Send the request over `connection` and wait for the response head. `None` when it
+    /// failed in a way that allows sending it again (see [`retry::may_resend`]): the caller
+    /// then picks a peer again.
+    async fn exchange(
+        &self,
+        session: &mut Session,
+        peer: crate::Peer,
+        connection: UpstreamConnection,
+        kept: &mut Option<Bytes>,
+    ) -> Result<Option<(Exchange, BodyProgress)>> {
+        let mut head = session
+            .take_upstream_request()
+            .expect("connect() built the upstream request");
+        forward::for_upstream_protocol(&mut head, peer.protocol());
+        let mut body = body_for_try(session, kept).await?;
+        let progress = body.progress();
+        let reused = connection.digest().reused;
+        let request = http::Request::from_parts(head, body);
+        let sent = std::time::Instant::now();
+        // Boxed: the exchange's future (the request, hyper's send, the read timer) is the
+        // bulk of a request's; inline, every future above it would carry it and be moved
+        // with it (see the size test below).
+        let exchanging = Box::pin(self.upstream.send(&peer, connection, request, &progress));
+        let exchanged = match try_limit(session) {
+            None => exchanging.await,
+            Some(limit) => Box::pin(tokio::time::timeout_at(limit.into(), exchanging))
+                .await
+                .unwrap_or_else(|_| Err(try_timed_out(ErrorKind::ReadTimeout, &peer))),
+        };
+        match exchanged {
+            Ok(exchange) => {
+                session.upstream_time = Some(sent.elapsed());
+                Ok(Some((exchange, progress)))
+            }
+            Err(error) => {
+                if let Some(backend) = &session.backend {
+                    backend.observe(Observation::ExchangeFailed);
+                }
+                let resend =
+                    retry::may_resend(&session.req.method, kept.is_some(), reused, error.kind)
+                        && retries_left(session);
+                if session.retry != RetryPolicy::default() {
+                    session.tries.push(FailedTry::new(&peer, &error));
+                }
+                if !resend {
+                    return Err(error);
+                }
+                tracing::debug!(peer = peer.addr(), "{error}; sending the request again");
+                // The next try picks its backend again.
+                session.backend = None;
+                Ok(None)
+            }
+        }
+    }
+
     /// Choose a peer, prepare the request for it and connect; a failed connect goes
-    /// through `fail_to_connect`, which may have us choose again. Each attempt filters a head
+    /// through `fail_to_connect`, which may have us choose again. Each try filters a head
     /// built afresh from `session.req` for its own peer, before connecting (a failing filter
     /// opens no connection).
     async fn connect(
@@ -200,16 +326,12 @@ impl<P: ProxyHttp> ProxyService<P> {
         session: &mut Session,
         ctx: &mut P::Ctx,
     ) -> Result<(crate::Peer, UpstreamConnection)> {
-        let mut attempts = 0;
         loop {
-            attempts += 1;
-            if attempts > 1 {
-                // The last attempt's head was filtered for the peer that failed.
-                session.take_upstream_request();
-            }
+            // A previous try's head was filtered for the peer that failed.
+            session.take_upstream_request();
             let peer = self.proxy.upstream_peer(session, ctx).await?;
             session.upstream = Some(peer.clone());
-            // Built here unless the implementation built it ahead, in this attempt (see
+            // Built here unless the implementation built it ahead, in this try (see
             // Session::upstream_request).
             session.upstream_request();
             let mut head = session.take_upstream_request().expect("just built");
@@ -219,16 +341,31 @@ impl<P: ProxyHttp> ProxyService<P> {
                 .await;
             session.set_upstream_request(head);
             filtered?;
-            match self.upstream.connect(&peer).await {
+            let connecting = self.upstream.connect(&peer);
+            let connected = match try_limit(session) {
+                None => connecting.await,
+                Some(limit) => Box::pin(tokio::time::timeout_at(limit.into(), connecting))
+                    .await
+                    .unwrap_or_else(|_| Err(try_timed_out(ErrorKind::ConnectTimeout, &peer))),
+            };
+            let mut error = match connected {
                 Ok(connection) => return Ok((peer, connection)),
-                Err(error) => {
-                    let error = self.proxy.fail_to_connect(session, &peer, ctx, error);
-                    if !error.retry || attempts >= MAX_CONNECT_ATTEMPTS {
-                        return Err(error);
-                    }
-                    tracing::debug!(peer = peer.addr(), "{error}; retrying");
-                }
+                Err(error) => error,
+            };
+            if let Some(backend) = &session.backend {
+                backend.observe(Observation::ConnectFailed);
             }
+            error.retry = retries_left(session);
+            // Boxed: rare, and inline it would grow every request's future.
+            let error = Box::pin(self.proxy.fail_to_connect(session, &peer, ctx, error)).await;
+            if error.retry || session.retry != RetryPolicy::default() {
+                session.tries.push(FailedTry::new(&peer, &error));
+            }
+            if !error.retry || session.tries.len() >= MAX_CONNECT_ATTEMPTS {
+                return Err(error);
+            }
+            tracing::debug!(peer = peer.addr(), "{error}; trying again");
+            session.backend = None;
         }
     }
 
@@ -299,7 +436,7 @@ impl<P: ProxyHttp> Finish<P> {
             access,
         } = &mut *self.state;
         if let Some(error) = error.as_mut().filter(|e| e.peer.is_none()) {
-            error.peer = session.upstream.clone();
+            error.peer = session.upstream.clone().map(Box::new);
         }
         if let Some(access) = access {
             access.log_line(session, self.status, bytes, error.as_deref());

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::digest::{DownstreamDigest, UpstreamDigest};
+use crate::error::FailedTry;
+use crate::lb::Selected;
 use crate::peer::Peer;
+use crate::retry::RetryPolicy;
 
 pub struct Session {
     /// The request line and headers as the client sent them (filters may change them).
@@ -26,6 +29,14 @@ pub struct Session {
     /// clients are then told `Connection: close`, and the connection closes after the
     /// response).
     pub keepalive: bool,
+    /// The load balancer's pick for the current try, counted in flight on its backend until
+    /// the response ends (or the next try picks again).
+    pub backend: Option<Selected>,
+    /// How this request may be tried again: a load balancer's policy, set when it picks
+    /// (none for a fixed peer).
+    pub retry: RetryPolicy,
+    /// The failed tries so far, in order.
+    pub tries: Vec<FailedTry>,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
     body: Option<ProxyBody>,
@@ -50,6 +61,9 @@ impl Session {
             started: Instant::now(),
             upstream_time: None,
             keepalive: true,
+            backend: None,
+            retry: RetryPolicy::default(),
+            tries: Vec::new(),
             upstream_request: None,
             body: None,
         }

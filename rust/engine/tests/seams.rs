@@ -108,7 +108,13 @@ impl ProxyHttp for SeamProxy {
         Ok(())
     }
 
-    fn fail_to_connect(&self, _: &mut Session, _: &Peer, _: &mut usize, mut error: Error) -> Error {
+    async fn fail_to_connect(
+        &self,
+        _: &mut Session,
+        _: &Peer,
+        _: &mut usize,
+        mut error: Error,
+    ) -> Error {
         error.retry = self.retry_connect;
         error
     }

@@ -3,10 +3,12 @@
 //! without stopping selection: requests already picked keep their backend and its count.
 
 mod backend;
+mod hash_key;
 mod health;
 mod ketama;
 #[cfg(test)]
 mod tests;
+mod upstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,8 +16,12 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::retry::RetryPolicy;
+
 pub use backend::{Backend, ConfigError};
+pub use hash_key::HashKey;
 pub use health::Observation;
+pub use upstream::Upstream;
 
 /// How a [`LoadBalancer`] picks a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,31 +141,35 @@ impl Pool {
 
     /// Advancing the shared position past unhealthy backends too is what keeps the rotation
     /// exact over the healthy ones.
-    fn round_robin(&self) -> Option<usize> {
+    fn round_robin(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let count = self.backends.len();
         (0..count)
             .map(|_| self.next.fetch_add(1, Ordering::Relaxed) % count)
-            .find(|&index| self.backends[index].is_healthy())
+            .find(|&index| usable(index))
     }
 
-    fn least_connections(&self) -> Option<usize> {
+    fn least_connections(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let count = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..count)
             .map(|offset| (start + offset) % count)
-            .filter(|&index| self.backends[index].is_healthy())
+            .filter(|&index| usable(index))
             // min_by_key keeps the first of equals: the one nearest the rotating start.
             .min_by_key(|&index| self.backends[index].in_flight())
     }
 
     /// nginx's `ngx_http_upstream_get_peer`: every healthy backend gains its weight, the
     /// highest (first among equals) is picked and loses the total.
-    fn smooth_weighted(&self, current: &Mutex<Box<[i64]>>) -> Option<usize> {
+    fn smooth_weighted(
+        &self,
+        current: &Mutex<Box<[i64]>>,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let mut current = current.lock();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (index, backend) in self.backends.iter().enumerate() {
-            if !backend.is_healthy() {
+            if !usable(index) {
                 continue;
             }
             let weight = i64::from(backend.weight());
@@ -174,37 +184,43 @@ impl Pool {
         Some(best)
     }
 
-    /// Draws over all weights and redraws among the healthy ones only when the first draw
-    /// lands on an unhealthy backend: still in proportion to weight, and one binary search
-    /// while all are healthy.
-    fn random(&self, cumulative: &[u64], random: &Random) -> Option<usize> {
+    /// Draws over all weights and redraws among the usable ones only when the first draw
+    /// lands on one that is not: still in proportion to weight, and one binary search while
+    /// all are healthy.
+    fn random(
+        &self,
+        cumulative: &[u64],
+        random: &Random,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let total = *cumulative.last()?;
         let draw = random.below(total);
         let index = cumulative.partition_point(|&sum| sum <= draw);
-        if self.backends[index].is_healthy() {
+        if usable(index) {
             return Some(index);
         }
-        let healthy_total: u64 = self
-            .backends
-            .iter()
-            .filter(|backend| backend.is_healthy())
-            .map(|backend| u64::from(backend.weight()))
+        let usable_total: u64 = (0..self.backends.len())
+            .filter(|&index| usable(index))
+            .map(|index| u64::from(self.backends[index].weight()))
             .sum();
-        if healthy_total == 0 {
+        if usable_total == 0 {
             return None;
         }
-        let mut draw = random.below(healthy_total);
-        self.backends.iter().position(|backend| {
-            if !backend.is_healthy() {
-                return false;
-            }
-            let weight = u64::from(backend.weight());
-            if draw < weight {
-                return true;
-            }
-            draw -= weight;
-            false
-        })
+        let mut draw = random.below(usable_total);
+        self.backends
+            .iter()
+            .enumerate()
+            .position(|(index, backend)| {
+                if !usable(index) {
+                    return false;
+                }
+                let weight = u64::from(backend.weight());
+                if draw < weight {
+                    return true;
+                }
+                draw -= weight;
+                false
+            })
     }
 }
 
@@ -227,6 +243,10 @@ impl Random {
     }
 }
 
+/// Tries after a failed one, unless configured otherwise: enough to get past one or two
+/// dead backends, as nginx's `proxy_next_upstream` does by default.
+pub const DEFAULT_MAX_RETRIES: usize = 2;
+
 /// Picks a backend per request by its [`Strategy`]. Shared by every request (`&self`
 /// throughout); the backend list is swapped atomically by [`set_backends`](Self::set_backends).
 #[derive(Debug)]
@@ -234,6 +254,8 @@ pub struct LoadBalancer {
     strategy: Strategy,
     pool: RwLock<Arc<Pool>>,
     random: Random,
+    hash_key: Option<HashKey>,
+    retry: RetryPolicy,
 }
 
 impl LoadBalancer {
@@ -260,7 +282,33 @@ impl LoadBalancer {
             strategy,
             pool: RwLock::new(Arc::new(Pool::new(strategy, backends))),
             random: Random(AtomicU64::new(seed)),
+            hash_key: None,
+            retry: RetryPolicy {
+                max_retries: DEFAULT_MAX_RETRIES,
+                ..RetryPolicy::default()
+            },
         })
+    }
+
+    /// What consistent hashing hashes of each request (without one, requests picked through
+    /// [`select_for`](Self::select_for) are spread round robin).
+    pub fn with_hash_key(mut self, hash_key: Option<HashKey>) -> Self {
+        self.hash_key = hash_key;
+        self
+    }
+
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        self.hash_key.as_ref()
+    }
+
+    /// The retries and time limits of requests sent to this balancer's backends.
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -292,15 +340,37 @@ impl LoadBalancer {
     /// A healthy backend for one request, or `None` when none is healthy. `key` is what
     /// consistent hashing hashes (other strategies ignore it).
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selected> {
+        self.select_where(key, |_| true)
+    }
+
+    /// As [`select`](Self::select), preferring a backend whose address is not in `tried` (a
+    /// retry goes elsewhere); when every healthy backend has been tried, any healthy one.
+    pub fn select_untried(&self, key: Option<&[u8]>, tried: &[&str]) -> Option<Selected> {
+        if tried.is_empty() {
+            return self.select(key);
+        }
+        self.select_where(key, |backend| !tried.contains(&backend.addr()))
+            .or_else(|| self.select(key))
+    }
+
+    fn select_where(
+        &self,
+        key: Option<&[u8]>,
+        accept: impl Fn(&Backend) -> bool,
+    ) -> Option<Selected> {
         let pool = self.pool.read();
+        let backends = &pool.backends;
+        let usable = |index: usize| backends[index].is_healthy() && accept(&backends[index]);
         let index = match (&pool.derived, self.strategy, key) {
-            (Derived::Ring(ring), _, Some(key)) => ring.lookup(key, &pool.backends),
-            (Derived::Smooth(current), _, _) => pool.smooth_weighted(current),
-            (Derived::Cumulative(cumulative), _, _) => pool.random(cumulative, &self.random),
-            (_, Strategy::LeastConnections, _) => pool.least_connections(),
-            _ => pool.round_robin(),
+            (Derived::Ring(ring), _, Some(key)) => ring.lookup(key, usable),
+            (Derived::Smooth(current), _, _) => pool.smooth_weighted(current, usable),
+            (Derived::Cumulative(cumulative), _, _) => {
+                pool.random(cumulative, &self.random, usable)
+            }
+            (_, Strategy::LeastConnections, _) => pool.least_connections(usable),
+            _ => pool.round_robin(usable),
         }?;
-        Some(Selected::new(&pool.backends[index]))
+        Some(Selected::new(&backends[index]))
     }
 }
 
