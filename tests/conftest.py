@@ -361,6 +361,21 @@ def ferroxy_logs() -> Iterator[LogCapture]:
 
 # --------------------------------------------------------------------------- echo helpers
 
+
+@pytest.fixture
+def upstreams() -> Iterator[list[Any]]:
+    """Three echo upstreams (``ferroxy.testing.EchoServer``), for load balancing over them."""
+    from ferroxy.testing import start_upstream
+
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(start_upstream()) for _ in range(3)]
+
+
+def served_by(upstreams: list[Any]) -> list[int]:
+    """How many requests each echo upstream has served so far."""
+    return [upstream.requests for upstream in upstreams]
+
+
 BYTES_PATTERN_PERIOD = 251
 
 

@@ -118,6 +118,7 @@ def test_hook_names_are_the_engines_and_the_proxy_methods() -> None:
         "request_filter",
         "upstream_peer",
         "upstream_request_filter",
+        "fail_to_connect",
         "response_filter",
         "fail_to_proxy",
         "logging",

@@ -3,25 +3,13 @@ choice made in Rust. Real backends: several echo upstreams on loopback."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from conftest import served_by
 from ferroxy import LoadBalancer, Peer, Proxy, Session
-from ferroxy.testing import EchoServer, start_upstream
-
-
-@pytest.fixture
-def upstreams() -> Iterator[list[EchoServer]]:
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(start_upstream()) for _ in range(3)]
-
-
-def served_by(upstreams: list[EchoServer]) -> list[int]:
-    return [upstream.requests for upstream in upstreams]
 
 
 def test_round_robin_through_a_hook_is_an_exact_rotation(upstreams, ferroxy_proxy) -> None:

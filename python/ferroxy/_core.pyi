@@ -105,17 +105,28 @@ class LoadBalancer:
     """Backends and a strategy, chosen among in Rust. ``backends`` are ``"host:port"`` or
     ``("host:port", weight)``; ``strategy`` is ``"round_robin"``, ``"weighted_round_robin"``,
     ``"random"``, ``"least_connections"`` or ``"consistent"`` (Ketama, as nginx hashes).
-    A bad list or strategy raises ValueError naming the field."""
+    ``hash_key`` is what "consistent" hashes of each request when the balancer is a Proxy's
+    ``upstream``: ``"client_ip"``, ``"path"``, ``"header:NAME"``, ``"cookie:NAME"`` or
+    ``"query:NAME"``. ``max_retries`` (default 2) more tries go to other backends after a
+    failed connect, and after a reset on a reused connection for idempotent requests whose
+    body was kept; ``try_timeout`` bounds each try and ``deadline`` all of them (seconds,
+    from the request's arrival). A bad value raises ValueError naming the field."""
 
     def __new__(
         cls,
         backends: Sequence[str | tuple[str, int]],
         *,
         strategy: str = "round_robin",
+        hash_key: str | None = None,
+        max_retries: int | None = None,
+        try_timeout: float | None = None,
+        deadline: float | None = None,
         seed: int | None = None,
     ) -> LoadBalancer: ...
     @property
     def strategy(self) -> str: ...
+    @property
+    def max_retries(self) -> int: ...
     def select(self, key: str | bytes | None = None) -> Peer:
         """A healthy backend's peer (``key`` is what "consistent" hashes); RuntimeError if
         none is healthy."""
@@ -268,6 +279,12 @@ class ProxyError:
     def peer(self) -> Peer | None: ...
     @property
     def status(self) -> int: ...
+    @property
+    def tries(self) -> list[dict[str, str]]:
+        """Every failed try, in order: ``peer``, ``kind`` and ``message`` of each."""
+    @property
+    def retry(self) -> bool:
+        """Whether the proxy tries again after this failure (see ``fail_to_connect``)."""
 
 @final
 class Call:
@@ -290,6 +307,8 @@ class Call:
         """Go on proxying (to ``peer`` when this trip chose one), with ``upstream_request``
         as the trip left it."""
     def respond(self, response: Response) -> None: ...
+    def retry(self, retry: bool) -> None:
+        """fail_to_connect's answer: try again (True) or fail (False)."""
     def fail(self, hook: str, message: str) -> None:
         """``hook`` failed; the engine picks the status (502 for upstream_peer, else 500)."""
     def time_out(self, hook: str, seconds: float) -> None:
@@ -301,6 +320,7 @@ class Dispatcher(Protocol):
 
     def request_phase(self, call: Call, /) -> None: ...
     def response_phase(self, call: Call, /) -> None: ...
+    def connect_fail_phase(self, call: Call, /) -> None: ...
     def fail_phase(self, call: Call, /) -> None: ...
     def logging_phase(self, session: Session, error: ProxyError | None, /) -> None: ...
     def emit_logs(self, records: list[tuple[str, int, str]], /) -> None: ...
@@ -313,7 +333,7 @@ class Server:
         dispatcher: Dispatcher,
         *,
         hooks: Iterable[str] | None = None,
-        upstream: Peer | None = None,
+        upstream: Peer | LoadBalancer | None = None,
         listen: str | Sequence[str] | None = ...,
         threads: int | None = ...,
         grace_period: float | None = ...,

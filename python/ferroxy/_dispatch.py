@@ -154,6 +154,7 @@ class Dispatcher:
         self._upstream_peer = hooks.bind("upstream_peer")
         self._upstream_request_filter = hooks.bind("upstream_request_filter")
         self._response_filter = hooks.bind("response_filter")
+        self._fail_to_connect = hooks.bind("fail_to_connect")
         self._fail_to_proxy = hooks.bind("fail_to_proxy")
         self._logging = hooks.bind("logging")
 
@@ -165,6 +166,7 @@ class Dispatcher:
 
         self._run_request = runner(*(h for h in _REQUEST_HOOKS if h in overridden))
         self._run_response = runner("response_filter")
+        self._run_connect_fail = runner("fail_to_connect")
         self._run_fail = runner("fail_to_proxy")
         self._run_logging = runner("logging")
 
@@ -175,6 +177,9 @@ class Dispatcher:
 
     def response_phase(self, call: Call, /) -> None:
         self._run_response(self._response(call))
+
+    def connect_fail_phase(self, call: Call, /) -> None:
+        self._run_connect_fail(self._connect_fail(call))
 
     def fail_phase(self, call: Call, /) -> None:
         self._run_fail(self._fail(call))
@@ -285,6 +290,37 @@ class Dispatcher:
             self._hook_failed(call, hook, error)
             return hook
         call.proceed()
+        return hook
+
+    async def _connect_fail(self, call: Call) -> str:
+        session = call.session
+        hook = "new_ctx"
+        try:
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                ctx = await self._late_ctx(session)
+            hook = "fail_to_connect"
+            proxy_error = call.error
+            assert proxy_error is not None, "a connect-fail phase carries the error"
+            retry = self._fail_to_connect(session, proxy_error.peer, proxy_error, ctx)
+            if type(retry) not in _PLAIN_RESULT_TYPES and isawaitable(retry):
+                retry = await retry
+        except BaseException as error:
+            self._hook_failed(call, hook, error)
+            return hook
+        if retry is None:
+            call.proceed()
+        elif type(retry) is bool:
+            call.retry(retry)
+        else:
+            self._hook_failed(
+                call,
+                hook,
+                TypeError(
+                    f"fail_to_connect returned {type(retry).__name__}, expected True (retry), "
+                    "False (don't) or None (as the retry policy says)"
+                ),
+            )
         return hook
 
     async def _fail(self, call: Call) -> str:

@@ -5,11 +5,13 @@ Hooks run in this order for every request, each receiving the per-request ``ctx`
 1. ``new_ctx()`` builds ``ctx`` (stored on ``session.ctx``).
 2. ``request_filter(session, ctx)`` may answer the client itself with a ``Response``.
 3. ``upstream_peer(session, ctx)`` picks the upstream (or set the class attribute
-   ``upstream`` and no Python runs for this step at all).
+   ``upstream`` to a ``Peer`` or ``LoadBalancer`` and no Python runs for this step at all).
 4. ``upstream_request_filter(session, upstream_request, ctx)`` edits the request sent upstream.
-5. ``response_filter(session, upstream_response, ctx)`` edits the response head.
-6. ``fail_to_proxy(session, error, ctx)`` runs instead of 4-5 when anything failed.
-7. ``logging(session, error, ctx)`` always runs last.
+5. ``fail_to_connect(session, peer, error, ctx)`` runs when connecting failed; it may veto or
+   force another try, which starts again at 3.
+6. ``response_filter(session, upstream_response, ctx)`` edits the response head.
+7. ``fail_to_proxy(session, error, ctx)`` runs instead of 4-6 when anything failed.
+8. ``logging(session, error, ctx)`` always runs last.
 
 Any hook may be written as ``def`` or ``async def``. Only the hooks a subclass overrides are
 ever called: the engine skips a phase entirely when its hook is the base class's. A ``def``
@@ -24,7 +26,15 @@ from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from . import _core
-from ._core import Peer, ProxyError, RequestHeader, Response, ResponseHeader, Session
+from ._core import (
+    LoadBalancer,
+    Peer,
+    ProxyError,
+    RequestHeader,
+    Response,
+    ResponseHeader,
+    Session,
+)
 
 __all__ = ["HOOK_NAMES", "MaybeAwaitable", "Proxy", "blocking", "is_blocking"]
 
@@ -61,10 +71,11 @@ class Proxy(Generic[CtxT]):
     ``new_ctx`` return one; a bare ``class App(Proxy)`` leaves ``ctx`` untyped (``Any``).
     """
 
-    #: A fixed upstream (``Peer`` or ``"host:port"``), used when ``upstream_peer`` is not
-    #: overridden. Requests then need no Python call to be routed. Set on the class or on
-    #: the instance that is served.
-    upstream: Peer | str | None = None
+    #: Where requests go when ``upstream_peer`` is not overridden: a ``Peer``, a
+    #: ``"host:port"``, or a ``LoadBalancer`` that picks a backend per request (with its
+    #: retries). Either way no Python runs to route a request. Set on the class or on the
+    #: instance that is served.
+    upstream: Peer | LoadBalancer | str | None = None
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.
@@ -93,6 +104,15 @@ class Proxy(Generic[CtxT]):
         self, session: Session, upstream_response: ResponseHeader, ctx: CtxT
     ) -> MaybeAwaitable[None]:
         """Edit the upstream's response head in place before it reaches the client."""
+        return None
+
+    def fail_to_connect(
+        self, session: Session, peer: Peer | None, error: ProxyError, ctx: CtxT
+    ) -> MaybeAwaitable[bool | None]:
+        """Connecting to ``peer`` failed, before anything was sent. ``error.retry`` says
+        whether the proxy will ask ``upstream_peer`` (or the balancer) again, as the retry
+        policy allows; return True to retry anyway, False to fail now, None to leave it.
+        ``error.tries`` lists the failed tries before this one."""
         return None
 
     def fail_to_proxy(
@@ -146,17 +166,19 @@ def overridden_hooks(cls: type[Proxy[Any]]) -> frozenset[str]:
     return frozenset(name for name in HOOK_NAMES if getattr(cls, name) is not getattr(Proxy, name))
 
 
-def resolve_upstream(app: Proxy[Any]) -> Peer | None:
-    """``app.upstream`` (the instance's own, else its class's) as a ``Peer`` (a
-    ``"host:port"`` str is converted), or None when it is not set."""
-    return as_peer(app.upstream, f"{type(app).__name__}.upstream")
+def resolve_upstream(app: Proxy[Any]) -> Peer | LoadBalancer | None:
+    """``app.upstream`` (the instance's own, else its class's) as a ``Peer`` or
+    ``LoadBalancer`` (a ``"host:port"`` str is converted), or None when it is not set."""
+    return as_upstream(app.upstream, f"{type(app).__name__}.upstream")
 
 
-def as_peer(value: object, name: str) -> Peer | None:
-    """``value`` (a Peer, ``"host:port"`` or None) as a Peer or None; TypeError naming
-    ``name`` for anything else."""
-    if value is None or isinstance(value, Peer):
+def as_upstream(value: object, name: str) -> Peer | LoadBalancer | None:
+    """``value`` (a Peer, a LoadBalancer, ``"host:port"`` or None) as a Peer, a LoadBalancer
+    or None; TypeError naming ``name`` for anything else."""
+    if value is None or isinstance(value, (Peer, LoadBalancer)):
         return value
     if isinstance(value, str):
         return Peer(value)
-    raise TypeError(f"{name} must be a Peer or a 'host:port' str, not {type(value).__name__}")
+    raise TypeError(
+        f"{name} must be a Peer, a LoadBalancer or a 'host:port' str, not {type(value).__name__}"
+    )

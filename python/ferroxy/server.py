@@ -21,9 +21,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from . import _core
-from ._core import Peer
+from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
-from .proxy import Proxy, as_peer, overridden_hooks, resolve_upstream
+from .proxy import Proxy, as_upstream, overridden_hooks, resolve_upstream
 
 if TYPE_CHECKING:
     # Both in typing from 3.11; type checkers know typing_extensions without it installed.
@@ -85,7 +85,7 @@ class ServerOptions(TypedDict, total=False):
     #: ``"{client} {method} {path} {status} {duration}"``.
     access_log_format: str
     #: The upstream, overriding the app's ``upstream`` attribute.
-    upstream: Peer | str
+    upstream: Peer | LoadBalancer | str
     #: Threads that run ``@ferroxy.blocking`` hooks (at most this many block at once).
     blocking_threads: int
     #: Seconds a hook may hold the Python thread before a warning names it.
@@ -137,7 +137,7 @@ class _LoopServer:
         hooks = overridden_hooks(cls)
         engine_options: dict[str, Any] = dict(options)
         if "upstream" in engine_options:
-            upstream = as_peer(engine_options.pop("upstream"), "upstream")
+            upstream = as_upstream(engine_options.pop("upstream"), "upstream")
         else:
             upstream = resolve_upstream(proxy)
         if upstream is None and "upstream_peer" not in hooks:

@@ -16,14 +16,14 @@ use crate::response::Response;
 use crate::session::Session;
 
 /// The phases a Python application can override as hooks, in the order the engine runs them
-/// (`fail_to_proxy` instead of the ones after a failure). `fail_to_connect` is not among
-/// them yet: retries come with load balancing, in Rust. The bindings derive their hook
-/// names from this list.
+/// (`fail_to_connect` only after a failed connect, `fail_to_proxy` instead of the ones after a
+/// failure). The bindings derive their hook names from this list.
 pub const HOOK_NAMES: &[&str] = &[
     "new_ctx",
     "request_filter",
     "upstream_peer",
     "upstream_request_filter",
+    "fail_to_connect",
     "response_filter",
     "fail_to_proxy",
     "logging",

@@ -17,7 +17,7 @@ use crate::forward;
 use crate::lb::Observation;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
-use crate::retry::{self, RetryPolicy};
+use crate::retry;
 use crate::session::Session;
 use crate::upstream::{ConnectionPool, Exchange, UpstreamClient, UpstreamConnection};
 use crate::validate::{self, Admission};
@@ -34,6 +34,14 @@ fn retries_left(session: &Session) -> bool {
         && policy
             .deadline
             .is_none_or(|deadline| session.started.elapsed() < deadline)
+}
+
+/// Keeps a failed try for the request's final error: when it was picked by a balancer or
+/// is retried (a lone request to a fixed peer has its one error, and no list to allocate).
+fn record_try(session: &mut Session, peer: &crate::Peer, error: &Error) {
+    if session.backend.is_some() || error.retry || !session.tries.is_empty() {
+        session.tries.push(FailedTry::new(peer, error));
+    }
 }
 
 /// When the current try must end: its own timeout or the request's deadline, whichever is
@@ -303,9 +311,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 let resend =
                     retry::may_resend(&session.req.method, kept.is_some(), reused, error.kind)
                         && retries_left(session);
-                if session.retry != RetryPolicy::default() {
-                    session.tries.push(FailedTry::new(&peer, &error));
-                }
+                record_try(session, &peer, &error);
                 if !resend {
                     return Err(error);
                 }
@@ -326,9 +332,13 @@ impl<P: ProxyHttp> ProxyService<P> {
         session: &mut Session,
         ctx: &mut P::Ctx,
     ) -> Result<(crate::Peer, UpstreamConnection)> {
+        let mut first = true;
         loop {
-            // A previous try's head was filtered for the peer that failed.
-            session.take_upstream_request();
+            if !std::mem::take(&mut first) {
+                // The last try's head was filtered for the peer that failed. (The first try's
+                // may have been built and filtered ahead, in request_filter's trip.)
+                session.take_upstream_request();
+            }
             let peer = self.proxy.upstream_peer(session, ctx).await?;
             session.upstream = Some(peer.clone());
             // Built here unless the implementation built it ahead, in this try (see
@@ -358,9 +368,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             error.retry = retries_left(session);
             // Boxed: rare, and inline it would grow every request's future.
             let error = Box::pin(self.proxy.fail_to_connect(session, &peer, ctx, error)).await;
-            if error.retry || session.retry != RetryPolicy::default() {
-                session.tries.push(FailedTry::new(&peer, &error));
-            }
+            record_try(session, &peer, &error);
             if !error.retry || session.tries.len() >= MAX_CONNECT_ATTEMPTS {
                 return Err(error);
             }

@@ -18,6 +18,8 @@ pub enum PhaseKind {
     /// Consecutive request-side hooks ([`RequestSteps`]), in one trip.
     Request(RequestSteps),
     Response,
+    /// `fail_to_connect`, with the connect error.
+    ConnectFail,
     Fail,
 }
 
@@ -57,6 +59,8 @@ pub enum Outcome {
     },
     Respond(Response),
     Fail(Error),
+    /// `fail_to_connect` decided: try again (true) or not (false).
+    Retry(bool),
 }
 
 /// The answer to a phase, with the session object so later phases reuse it (and its ctx).
@@ -256,6 +260,11 @@ impl Call {
                 upstream_request,
             },
         )
+    }
+
+    /// `fail_to_connect`'s answer: ask upstream_peer again (True) or fail (False).
+    fn retry(&self, py: Python<'_>, retry: bool) -> PyResult<()> {
+        self.complete(py, Outcome::Retry(retry))
     }
 
     fn respond(&self, py: Python<'_>, response: &Bound<'_, PyAny>) -> PyResult<()> {

@@ -8,9 +8,10 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
-use ferroxy_engine::lb::{ConfigError, LoadBalancer, Strategy};
+use ferroxy_engine::lb::{ConfigError, HashKey, LoadBalancer, Strategy, DEFAULT_MAX_RETRIES};
+use ferroxy_engine::retry::RetryPolicy;
 
-use crate::types::PyPeer;
+use crate::types::{positive_seconds, PyPeer};
 
 #[pyclass(name = "LoadBalancer", module = "ferroxy", frozen)]
 pub struct PyLoadBalancer {
@@ -55,19 +56,53 @@ fn backends_from(backends: &Bound<'_, PyAny>) -> PyResult<Vec<(String, u32)>> {
 #[pymethods]
 impl PyLoadBalancer {
     #[new]
-    #[pyo3(signature = (backends, *, strategy="round_robin", seed=None))]
-    fn new(backends: &Bound<'_, PyAny>, strategy: &str, seed: Option<u64>) -> PyResult<Self> {
+    #[pyo3(signature = (
+        backends, *, strategy="round_robin", hash_key=None, max_retries=None, try_timeout=None,
+        deadline=None, seed=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        backends: &Bound<'_, PyAny>,
+        strategy: &str,
+        hash_key: Option<&str>,
+        max_retries: Option<i64>,
+        try_timeout: Option<f64>,
+        deadline: Option<f64>,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
         let parsed = Strategy::parse(strategy).map_err(config_error)?;
+        let hash_key = hash_key
+            .map(HashKey::parse)
+            .transpose()
+            .map_err(config_error)?;
+        let max_retries = match max_retries {
+            None => DEFAULT_MAX_RETRIES,
+            Some(n) => usize::try_from(n).map_err(|_| {
+                PyValueError::new_err(format!("max_retries: must be 0 or more, got {n}"))
+            })?,
+        };
+        let retry = RetryPolicy {
+            max_retries,
+            try_timeout: positive_seconds("try_timeout", try_timeout)?,
+            deadline: positive_seconds("deadline", deadline)?,
+        };
         let backends = backends_from(backends)?;
         let inner = match seed {
             Some(seed) => LoadBalancer::with_seed(parsed, backends, seed),
             None => LoadBalancer::new(parsed, backends),
         }
-        .map_err(config_error)?;
+        .map_err(config_error)?
+        .with_hash_key(hash_key)
+        .with_retry_policy(retry);
         Ok(PyLoadBalancer {
             inner: Arc::new(inner),
             strategy: strategy.to_owned(),
         })
+    }
+
+    #[getter]
+    fn max_retries(&self) -> usize {
+        self.inner.retry_policy().max_retries
     }
 
     #[getter]

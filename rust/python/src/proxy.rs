@@ -12,6 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
@@ -26,6 +27,7 @@ pub struct Hooks {
     pub request_filter: bool,
     pub upstream_peer: bool,
     pub upstream_request_filter: bool,
+    pub fail_to_connect: bool,
     pub response_filter: bool,
     pub fail_to_proxy: bool,
     pub logging: bool,
@@ -42,6 +44,7 @@ impl Hooks {
                 "request_filter" => hooks.request_filter = true,
                 "upstream_peer" => hooks.upstream_peer = true,
                 "upstream_request_filter" => hooks.upstream_request_filter = true,
+                "fail_to_connect" => hooks.fail_to_connect = true,
                 "response_filter" => hooks.response_filter = true,
                 "fail_to_proxy" => hooks.fail_to_proxy = true,
                 "logging" => hooks.logging = true,
@@ -79,7 +82,7 @@ impl Hooks {
 pub struct PyProxy {
     pub bridge: Arc<Bridge>,
     pub hooks: Hooks,
-    pub upstream: Option<Peer>,
+    pub upstream: Option<Upstream>,
 }
 
 #[derive(Default)]
@@ -189,6 +192,10 @@ impl PyProxy {
                 Ok(None)
             }
             Outcome::Fail(error) => Err(error),
+            Outcome::Retry(_) => Err(Error::new(
+                ErrorKind::Internal,
+                "a request phase answered as fail_to_connect",
+            )),
         }
     }
 }
@@ -228,12 +235,13 @@ impl ProxyHttp for PyProxy {
                 .take()
                 .ok_or_else(|| Error::new(ErrorKind::Internal, "upstream_peer chose no peer"));
         }
-        self.upstream.clone().ok_or_else(|| {
-            Error::new(
+        match &self.upstream {
+            Some(upstream) => upstream.select(session),
+            None => Err(Error::new(
                 ErrorKind::Internal,
                 "no upstream: set `upstream` or override upstream_peer()",
-            )
-        })
+            )),
+        }
     }
 
     async fn upstream_request_filter(
@@ -261,6 +269,35 @@ impl ProxyHttp for PyProxy {
             *upstream_request = filtered;
         }
         Ok(())
+    }
+
+    async fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &Peer,
+        ctx: &mut PyCtx,
+        mut error: Error,
+    ) -> Error {
+        if !self.hooks.fail_to_connect {
+            return error;
+        }
+        let outcome = self
+            .trip(
+                PhaseKind::ConnectFail,
+                session,
+                ctx,
+                None,
+                None,
+                Some(error.clone()),
+            )
+            .await;
+        match outcome {
+            Outcome::Retry(retry) => error.retry = retry,
+            // The hook raised: its error is the request's (a 500), not retried.
+            Outcome::Fail(failed) => return failed,
+            Outcome::Proceed { .. } | Outcome::Respond(_) => {}
+        }
+        error
     }
 
     async fn response_filter(
@@ -292,7 +329,7 @@ impl ProxyHttp for PyProxy {
         }
         match outcome {
             Outcome::Fail(error) => Err(error),
-            Outcome::Proceed { .. } | Outcome::Respond(_) => Ok(()),
+            Outcome::Proceed { .. } | Outcome::Respond(_) | Outcome::Retry(_) => Ok(()),
         }
     }
 
@@ -317,7 +354,7 @@ impl ProxyHttp for PyProxy {
             .await
         {
             Outcome::Respond(response) => Some(response),
-            Outcome::Proceed { .. } | Outcome::Fail(_) => None,
+            Outcome::Proceed { .. } | Outcome::Fail(_) | Outcome::Retry(_) => None,
         }
     }
 

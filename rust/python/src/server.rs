@@ -9,6 +9,7 @@ use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyVa
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::upstream::PoolConfig;
 use ferroxy_engine::{
     AccessLog, AccessLogFormat, AccessLogTarget, Listener, Server, ServerConfig, ServerHandle,
@@ -16,6 +17,7 @@ use ferroxy_engine::{
 
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
+use crate::lb::PyLoadBalancer;
 use crate::logs;
 use crate::proxy::{Hooks, PyProxy};
 use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
@@ -24,6 +26,7 @@ use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
 struct Dispatcher {
     request_phase: Py<PyAny>,
     response_phase: Py<PyAny>,
+    connect_fail_phase: Py<PyAny>,
     fail_phase: Py<PyAny>,
     logging_phase: Py<PyAny>,
     emit_logs: Py<PyAny>,
@@ -36,7 +39,7 @@ pub struct PyServer {
     dispatcher: Dispatcher,
     config: ServerConfig,
     hooks: Hooks,
-    upstream: Option<ferroxy_engine::Peer>,
+    upstream: Option<Upstream>,
     handle: Mutex<Option<ServerHandle>>,
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
@@ -95,13 +98,7 @@ impl PyServer {
         let hooks = Hooks::from_names(hook_names.iter().map(String::as_str))
             .map_err(PyValueError::new_err)?;
         let upstream = match upstream {
-            Some(peer) if !peer.is_none() => Some(
-                peer.cast::<PyPeer>()
-                    .map_err(|_| PyTypeError::new_err("upstream must be a Peer"))?
-                    .get()
-                    .inner
-                    .clone(),
-            ),
+            Some(value) if !value.is_none() => Some(upstream_from(value)?),
             _ => None,
         };
         if let Some(threads) = threads.filter(|n| !(0..=1024).contains(n)) {
@@ -150,6 +147,7 @@ impl PyServer {
         let dispatcher = Dispatcher {
             request_phase: method("request_phase")?,
             response_phase: method("response_phase")?,
+            connect_fail_phase: method("connect_fail_phase")?,
             fail_phase: method("fail_phase")?,
             logging_phase: method("logging_phase")?,
             emit_logs: method("emit_logs")?,
@@ -330,6 +328,20 @@ impl PyServer {
     }
 }
 
+/// A fixed `upstream`: a `Peer`, or a `LoadBalancer` that picks per request in Rust.
+pub fn upstream_from(value: &Bound<'_, PyAny>) -> PyResult<Upstream> {
+    if let Ok(peer) = value.cast::<PyPeer>() {
+        return Ok(Upstream::Peer(peer.get().inner.clone()));
+    }
+    if let Ok(balancer) = value.cast::<PyLoadBalancer>() {
+        return Ok(Upstream::Balanced(balancer.get().inner.clone()));
+    }
+    Err(PyTypeError::new_err(format!(
+        "upstream must be a Peer or a LoadBalancer, not {}",
+        value.get_type().name()?
+    )))
+}
+
 impl PyServer {
     fn proxy(&self) -> PyProxy {
         PyProxy {
@@ -357,6 +369,7 @@ impl PyServer {
                 let method = match kind {
                     PhaseKind::Request(_) => &self.dispatcher.request_phase,
                     PhaseKind::Response => &self.dispatcher.response_phase,
+                    PhaseKind::ConnectFail => &self.dispatcher.connect_fail_phase,
                     PhaseKind::Fail => &self.dispatcher.fail_phase,
                 };
                 if let Err(error) = method.call1(py, (&call,)) {

@@ -233,6 +233,27 @@ impl PyProxyError {
             .map(|p| peer_object(py, p))
             .transpose()
     }
+    /// Every failed try of the request, in order (the last is this error's own), each a
+    /// dict with `peer` ("host:port"), `kind` and `message`; empty when the request was not
+    /// sent through a load balancer and not retried.
+    #[getter]
+    fn tries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        let tries = pyo3::types::PyList::empty(py);
+        for failed in &self.inner.tries {
+            let entry = pyo3::types::PyDict::new(py);
+            entry.set_item("peer", &*failed.peer)?;
+            entry.set_item("kind", failed.kind.as_str())?;
+            entry.set_item("message", &failed.message)?;
+            tries.append(entry)?;
+        }
+        Ok(tries)
+    }
+    /// Whether the proxy will try again after this failure (what `fail_to_connect` sees, and
+    /// may overrule by returning True or False).
+    #[getter]
+    fn retry(&self) -> bool {
+        self.inner.retry
+    }
     fn __repr__(&self) -> String {
         format!(
             "ProxyError(kind={:?}, message={:?})",

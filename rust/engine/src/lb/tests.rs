@@ -12,6 +12,14 @@ fn picks(lb: &LoadBalancer, count: usize) -> Vec<String> {
     (0..count).map(|_| pick(lb, None)).collect()
 }
 
+const EVERY_STRATEGY: [Strategy; 5] = [
+    Strategy::RoundRobin,
+    Strategy::WeightedRoundRobin,
+    Strategy::Random,
+    Strategy::LeastConnections,
+    Strategy::Consistent,
+];
+
 const A: &str = "10.0.0.1:80";
 const B: &str = "10.0.0.2:80";
 const C: &str = "10.0.0.3:80";
@@ -133,13 +141,7 @@ fn consistent_hashing_spreads_keys_by_weight() {
 
 #[test]
 fn every_strategy_skips_unhealthy_backends() {
-    for strategy in [
-        Strategy::RoundRobin,
-        Strategy::WeightedRoundRobin,
-        Strategy::Random,
-        Strategy::LeastConnections,
-        Strategy::Consistent,
-    ] {
+    for strategy in EVERY_STRATEGY {
         let lb = balancer(strategy, &[(A, 1), (B, 4), (C, 1)]);
         lb.backends()[1].set_healthy(false);
         for i in 0..200 {
@@ -224,5 +226,25 @@ fn consistent_hashing_maps_keys_as_nginx_does() {
         ("/i/am/not/confident/in/this/code", "127.0.0.1:7777"),
     ] {
         assert_eq!(pick(&lb, Some(uri.as_bytes())), upstream, "{uri}");
+    }
+}
+
+#[test]
+fn a_retry_prefers_backends_not_tried_yet_under_every_strategy() {
+    for strategy in EVERY_STRATEGY {
+        let lb = balancer(strategy, &[(A, 1), (B, 2), (C, 1)]);
+        for _ in 0..20 {
+            let picked = lb.select_untried(Some(b"key"), &[A, B]).unwrap();
+            assert_eq!(picked.addr(), C, "{strategy:?}");
+        }
+        // Every backend tried: any healthy one again (a fresh connection may work).
+        assert!(lb.select_untried(Some(b"key"), &[A, B, C]).is_some());
+        lb.backends()[2].set_healthy(false);
+        let picked = lb.select_untried(Some(b"key"), &[A, B]).unwrap();
+        assert_ne!(
+            picked.addr(),
+            C,
+            "{strategy:?}: an unhealthy backend is never picked"
+        );
     }
 }
