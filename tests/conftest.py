@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,7 +166,8 @@ def run_cli(
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)
-    tmp = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="ferroxy-cli-"))
+    own_dir = log_dir is None
+    tmp = Path(tempfile.mkdtemp(prefix="ferroxy-cli-")) if own_dir else Path(log_dir)
     out_path, err_path = tmp / f"stdout-{port}.txt", tmp / f"stderr-{port}.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
@@ -181,6 +183,9 @@ def run_cli(
             proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+        if own_dir:
+            # The captured output is read through the handle inside the block only.
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- raw HTTP/1.1
