@@ -4,6 +4,7 @@
 #
 #   bench/instructions.sh [PYTHON] [APP]      # defaults: python, RustPath (see bench/apps.py)
 #   bench/instructions.sh /tmp/ferroxy-base/.venv/bin/python SyncHook   # a baseline build
+#   bench/instructions.sh python Pool100    # a load-balanced app (bench/lb_apps.py)
 #
 # Runs the proxy (one worker, access log off) under `valgrind --tool=callgrind` in front of an
 # nginx upstream, warms it up, zeroes the counters, loads it with `wrk -t1 -c10 -d15s`, and
@@ -27,7 +28,18 @@ wait_port() {
     return 1
 }
 
-upstream=$(free_port)
+# The upstream listens on 100 ports: the first is the static peer, all are the backends of the
+# load-balanced apps (bench/lb_apps.py).
+ports=$("$python" -c '
+import socket
+socks = [socket.socket() for _ in range(100)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+upstream=${ports%% *}
+listens=$(for p in $ports; do printf 'listen 127.0.0.1:%s; ' "$p"; done)
+pool=$(for p in $ports; do printf '127.0.0.1:%s,' "$p"; done)
+module=apps
+case $app in Pool*|Consistent*) module=lb_apps ;; esac
 cat > "$work/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -39,15 +51,16 @@ http {
     keepalive_requests 1000000;
     client_body_temp_path $work/body;
     proxy_temp_path $work/proxy;
-    server { listen 127.0.0.1:$upstream; location / { return 200 "hello"; } }
+    server { $listens location / { return 200 "hello"; } }
 }
 EOF
 nginx -c "$work/nginx.conf" -e stderr 2>"$work/nginx.log" &
 wait_port "$upstream"
 
 port=$(free_port)
-(cd "$bench" && FERROXY_BENCH_UPSTREAM=127.0.0.1:$upstream exec valgrind --tool=callgrind \
-    --callgrind-out-file="$work/callgrind.out" "$python" -m ferroxy "apps:$app" \
+(cd "$bench" && FERROXY_BENCH_UPSTREAM=127.0.0.1:$upstream FERROXY_BENCH_POOL=${pool%,} \
+    exec valgrind --tool=callgrind \
+    --callgrind-out-file="$work/callgrind.out" "$python" -m ferroxy "$module:$app" \
     --listen "127.0.0.1:$port" --threads 1 --no-access-log --log-level warning \
     >"$work/proxy.log" 2>&1) &
 proxy=$!

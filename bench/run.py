@@ -44,6 +44,13 @@ class Mode:
 
     app: str
     access_log: bool = False
+    #: A load-balanced app (bench/lb_apps.py): run on the current build only, as a baseline
+    #: from before issue 8 has no LoadBalancer.
+    balanced: bool = False
+
+    @property
+    def spec(self) -> str:
+        return f"bench/{'lb_apps' if self.balanced else 'apps'}.py:{self.app}"
 
 
 ACCESS_LOG_ROW, NO_ACCESS_LOG_ROW = "ferroxy-1 rust path", "ferroxy-1 rust path, no access log"
@@ -55,7 +62,13 @@ FERROXY_MODES = {
     "ferroxy-2 sync hook": Mode("SyncHook"),
     "ferroxy-3 async hook": Mode("AsyncHook"),
     "ferroxy-4 all hooks": Mode("AllHooks"),
+    # Beside NO_ACCESS_LOG_ROW, the same app with a static Peer: what picking costs.
+    "ferroxy-5 pool of 2, round robin": Mode("Pool2", balanced=True),
+    "ferroxy-6 pool of 100, round robin": Mode("Pool100", balanced=True),
+    "ferroxy-7 pool of 2, consistent hash": Mode("Consistent2", balanced=True),
 }
+#: Listeners of the upstream nginx, the backends of the load-balanced rows.
+POOL_SIZE = 100
 BASELINE_SUFFIX = " (baseline)"
 
 
@@ -192,17 +205,21 @@ http {{
     return conf
 
 
-def start_upstream(fleet: Fleet) -> Server:
-    port = free_port()
+def start_upstream(fleet: Fleet) -> tuple[Server, list[int]]:
+    """The upstream nginx, and the ports it listens on (the first is the static peer's; all
+    of them are the load-balanced rows' backends)."""
+    ports = [free_port() for _ in range(POOL_SIZE)]
+    listens = "\n        ".join(f"listen 127.0.0.1:{port};" for port in ports)
     conf = nginx_conf(
         fleet.workdir,
         f"""
     server {{
-        listen 127.0.0.1:{port};
+        {listens}
         location / {{ return 200 "hello"; }}
     }}""",
     )
-    return fleet.start("upstream nginx", ["nginx", "-c", str(conf), "-e", "stderr"], port)
+    server = fleet.start("upstream nginx", ["nginx", "-c", str(conf), "-e", "stderr"], ports[0])
+    return server, ports
 
 
 def start_nginx(fleet: Fleet, upstream: int, worker_connections: int = 8192) -> Server:
@@ -321,7 +338,12 @@ print(json.dumps({"version": ferroxy.__version__, "module": ferroxy.__file__,
 
 
 def start_ferroxy(
-    fleet: Fleet, upstream: int, name: str, mode: Mode, ferroxy: Ferroxy, threads: int = 1
+    fleet: Fleet,
+    upstreams: list[int],
+    name: str,
+    mode: Mode,
+    ferroxy: Ferroxy,
+    threads: int = 1,
 ) -> tuple[Server, Path | None]:
     """Start one ferroxy row; also returns the file its access log goes to, if it has one."""
     port = free_port()
@@ -329,7 +351,7 @@ def start_ferroxy(
         ferroxy.python,
         "-m",
         "ferroxy",
-        f"bench/apps.py:{mode.app}",
+        mode.spec,
         "--listen",
         f"127.0.0.1:{port}",
         "--threads",
@@ -348,7 +370,10 @@ def start_ferroxy(
         # An older ferroxy logs each request through Python logging, at info (the default
         # level), to stderr: the server's log file.
         access_log = fleet.file(name, ".log")
-    env = {"FERROXY_BENCH_UPSTREAM": f"127.0.0.1:{upstream}"}
+    env = {
+        "FERROXY_BENCH_UPSTREAM": f"127.0.0.1:{upstreams[0]}",
+        "FERROXY_BENCH_POOL": ",".join(f"127.0.0.1:{p}" for p in upstreams),
+    }
     return fleet.start(name, argv, port, port, env=env), access_log
 
 
@@ -479,6 +504,28 @@ def table(results: dict[str, list[Sample]], base: str) -> list[str]:
             f" | {fmt(m.rss_mib, '.1f')} | {fmt(m.steal_pct)} | {len(results[name])} |"
         )
     return rows
+
+
+def balancing_table(results: dict[str, list[Sample]]) -> list[str]:
+    """Each load-balanced row against the static-peer row (both with the access log off)."""
+    static = results.get(NO_ACCESS_LOG_ROW)
+    rows = [name for name, mode in FERROXY_MODES.items() if mode.balanced and name in results]
+    if not static or not rows:
+        return []
+    out = [
+        f"| row | req/s | req/s vs `{NO_ACCESS_LOG_ROW}` | CPU us/req | CPU vs static peer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    static_rps = median([s.rps for s in static])
+    static_cpu = median([s.cpu_us_per_req for s in static])
+    for name in rows:
+        rps = median([s.rps for s in results[name]])
+        cpu = median([s.cpu_us_per_req for s in results[name]])
+        out.append(
+            f"| {name} | {fmt(rps, ',.0f')} | {ratio(rps, static_rps)} | {fmt(cpu, '.1f')} | "
+            f"{ratio(cpu, static_cpu)} |"
+        )
+    return out
 
 
 def ab_table(results: dict[str, list[Sample]], modes: list[str]) -> list[str]:
@@ -631,7 +678,7 @@ def main() -> int:
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ferroxy-bench-") as tmp:
         with fleet_in(Path(tmp)) as fleet:
-            upstream = start_upstream(fleet)
+            upstream, pool_ports = start_upstream(fleet)
             targets: dict[str, Server] = {"direct to upstream": upstream}
             if selected("nginx"):
                 targets["nginx"] = start_nginx(fleet, upstream.port)
@@ -644,13 +691,16 @@ def main() -> int:
                     continue
                 group = []
                 for ferroxy, suffix in sides:
+                    if mode.balanced and ferroxy is baseline:
+                        continue
                     name = mode_name + suffix
-                    targets[name], log = start_ferroxy(fleet, upstream.port, name, mode, ferroxy)
+                    targets[name], log = start_ferroxy(fleet, pool_ports, name, mode, ferroxy)
                     if log is not None:
                         access_logs[name] = log
                     group.append(name)
                 groups.append(group)
-                ab_modes.append(mode_name)
+                if len(group) == len(sides):
+                    ab_modes.append(mode_name)
             mitm = None
             if selected("mitmproxy") and shutil.which("mitmdump") and not args.smoke:
                 mitm = start_mitmproxy(fleet, upstream.port)
@@ -730,6 +780,13 @@ def main() -> int:
             f"## A/B, HTTP/1.1: baseline {baseline.commit} against current {current.commit}",
             "",
             *ab_table(h1, ab_modes),
+        ]
+    if balancing := balancing_table(h1):
+        report += [
+            "",
+            "## Load balancing: picking in Rust, against the same app with a static Peer",
+            "",
+            *balancing,
         ]
     if any(h2.values()):
         report += [
