@@ -10,7 +10,8 @@
 # nginx upstream, warms it up, zeroes the counters, loads it with `wrk -t1 -c10 -d15s`, and
 # prints the instructions of the whole process (Python included) divided by the requests.
 # User space only: the kernel's share (most of the CPU on the Rust path) is not counted.
-# Needs valgrind, nginx and wrk (apt-get install -y valgrind nginx-light wrk).
+# Needs valgrind, nginx and wrk (apt-get install -y valgrind nginx-light wrk). With
+# KEEP_CALLGRIND=FILE, the callgrind output is kept there.
 set -euo pipefail
 
 python=${1:-python}
@@ -72,3 +73,8 @@ requests=$(wrk -t1 -c10 -d15s "http://127.0.0.1:$port/" | awk '/requests in/ {pr
 callgrind_control -d "$proxy" >/dev/null 2>&1
 total=$(awk '/^summary:/ {print $2}' "$work"/callgrind.out.*)
 echo "$app ($python): $((total / requests)) instructions per request ($requests requests)"
+if [ -n "${KEEP_CALLGRIND:-}" ]; then
+    # For callgrind_annotate (function by function; divide by the requests above).
+    cp "$work"/callgrind.out.* "$KEEP_CALLGRIND"
+    echo "callgrind output: $KEEP_CALLGRIND"
+fi

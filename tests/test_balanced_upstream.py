@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import free_port, served_by, wait_until
-from ferroxy import LoadBalancer, Peer, Proxy, ProxyError, Session
+from ferroxy import LoadBalancer, Peer, Proxy, ProxyError, RequestHeader, Session
 
 
 def balanced(pool: LoadBalancer, **hooks: Any) -> type[Proxy]:
@@ -329,3 +329,55 @@ def test_a_fail_to_connect_that_raises_is_a_500_and_the_proxy_keeps_serving(
         assert client.get("/").status_code == 500
         assert client.get("/").status_code == 200
     assert ferroxy_logs.wait_for(lambda r: "broken hook" in ferroxy_logs.text(r))
+
+
+def test_upstream_request_filter_runs_after_the_pick_once_per_try(upstreams, ferroxy_proxy) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    filtered: list[str] = []
+
+    def request_filter(self: Proxy, session: Session, ctx: Any) -> None:
+        session.req.headers["x-seen-by"] = "request_filter"
+
+    def upstream_request_filter(
+        self: Proxy, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> None:
+        filtered.append(upstream_request.headers["x-seen-by"])
+        upstream_request.headers["x-try"] = str(len(filtered))
+
+    pool = LoadBalancer([dead, upstreams[0].addr])
+    App = balanced(
+        pool, request_filter=request_filter, upstream_request_filter=upstream_request_filter
+    )
+    proxy = ferroxy_proxy(App, access_log=False)
+    response = httpx.get(proxy.url, timeout=10)
+    assert response.status_code == 200
+    # The pick sits between the hooks, so they take a trip each, and the filter runs again
+    # for the second try (the first went to the dead backend): three trips.
+    assert filtered == ["request_filter", "request_filter"]
+    assert response.json()["headers"]["x-try"] == "2"
+    assert proxy.python_calls == 3
+
+
+def test_set_backends_under_load_drops_nothing(upstreams, ferroxy_proxy) -> None:
+    pool = LoadBalancer([upstreams[0].addr])
+    proxy = ferroxy_proxy(balanced(pool), access_log=False)
+    lists = [[u.addr for u in upstreams[:2]], [upstreams[2].addr], [u.addr for u in upstreams]]
+    stop = threading.Event()
+
+    def load() -> Counter[int]:
+        statuses: Counter[int] = Counter()
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            while not stop.is_set():
+                statuses[client.get("/delay/5").status_code] += 1
+        return statuses
+
+    with ThreadPoolExecutor(8) as clients:
+        running = [clients.submit(load) for _ in range(8)]
+        for swap in range(60):
+            pool.set_backends(lists[swap % len(lists)])
+            time.sleep(0.01)  # let requests run on this list before the next swap
+        stop.set()
+        statuses = sum((r.result() for r in running), Counter())
+    assert set(statuses) == {200}, statuses
+    assert all(u.requests > 0 for u in upstreams), "every list served requests"
+    wait_until(lambda: all(b["in_flight"] == 0 for b in pool.backends()), timeout=5)

@@ -2,6 +2,7 @@
 //! back. Every phase is called here, for every implementation: Rust steps (routes, balancers,
 //! filters) slot in between them, and a failed connect can ask `upstream_peer` again.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +29,7 @@ const MAX_CONNECT_ATTEMPTS: usize = 16;
 
 /// Whether the request's retry policy allows another try after the one that just failed
 /// (not yet in `session.tries`).
+#[inline]
 fn retries_left(session: &Session) -> bool {
     let policy = &session.retry;
     session.tries.len() < policy.max_retries
@@ -46,6 +48,7 @@ fn record_try(session: &mut Session, peer: &crate::Peer, error: &Error) {
 
 /// When the current try must end: its own timeout or the request's deadline, whichever is
 /// first; `None` (no timer at all) for requests without either, as to a fixed peer.
+#[inline]
 fn try_limit(session: &Session) -> Option<std::time::Instant> {
     let policy = &session.retry;
     let own = policy.try_timeout.map(|t| std::time::Instant::now() + t);
@@ -53,6 +56,38 @@ fn try_limit(session: &Session) -> Option<std::time::Instant> {
     match (own, overall) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// `inner`'s output, or `None` once `limit` has passed. One future type whether or not there is
+/// a limit, awaited at one place: without a limit it is `inner` and a `None` (no timer, and
+/// the compiler keeps `inner` inlined in its caller as before there were limits).
+struct Limited<F> {
+    inner: F,
+    /// Boxed: rare, and kept out of every request's future.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: Future + Unpin> Limited<F> {
+    fn new(inner: F, limit: Option<std::time::Instant>) -> Self {
+        Limited {
+            inner,
+            sleep: limit.map(|at| Box::pin(tokio::time::sleep_until(at.into()))),
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Limited<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(output) = Pin::new(&mut self.inner).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        match self.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -249,12 +284,17 @@ impl<P: ProxyHttp> ProxyService<P> {
             return Ok(Proxied::Local(response));
         }
         let mut kept: Option<Bytes> = None;
-        let (exchange, progress) = loop {
+        // Filled by the try that gets a response head (an out-slot rather than a return value:
+        // the exchange is big, and each level it is returned through copies it).
+        let mut answer = None;
+        let progress = loop {
             let (peer, connection) = self.connect(session, ctx).await?;
-            if let Some(exchanged) = self.exchange(session, peer, connection, &mut kept).await? {
-                break exchanged;
+            let exchanging = self.exchange(session, &peer, connection, &mut kept, &mut answer);
+            if let Some(progress) = exchanging.await? {
+                break progress;
             }
         };
+        let exchange: Exchange = answer.expect("the try that succeeded left its exchange");
         session.upstream_digest = Some(*exchange.connection.digest());
         let mut head = exchange.head;
         if let Some(backend) = &session.backend {
@@ -270,16 +310,17 @@ impl<P: ProxyHttp> ProxyService<P> {
         })
     }
 
-    /// Send the request over `connection` and wait for the response head. `None` when it
-    /// failed in a way that allows sending it again (see [`retry::may_resend`]): the caller
-    /// then picks a peer again.
+    /// Send the request over `connection` and wait for the response head, left in `answer`
+    /// with the upload's progress returned. `None` when sending failed in a way that allows
+    /// sending it again (see [`retry::may_resend`]): the caller then picks a peer again.
     async fn exchange(
         &self,
         session: &mut Session,
-        peer: crate::Peer,
+        peer: &crate::Peer,
         connection: UpstreamConnection,
         kept: &mut Option<Bytes>,
-    ) -> Result<Option<(Exchange, BodyProgress)>> {
+        answer: &mut Option<Exchange>,
+    ) -> Result<Option<BodyProgress>> {
         let mut head = session
             .take_upstream_request()
             .expect("connect() built the upstream request");
@@ -292,35 +333,34 @@ impl<P: ProxyHttp> ProxyService<P> {
         // Boxed: the exchange's future (the request, hyper's send, the read timer) is the
         // bulk of a request's; inline, every future above it would carry it and be moved
         // with it (see the size test below).
-        let exchanging = Box::pin(self.upstream.send(&peer, connection, request, &progress));
-        let exchanged = match try_limit(session) {
-            None => exchanging.await,
-            Some(limit) => Box::pin(tokio::time::timeout_at(limit.into(), exchanging))
-                .await
-                .unwrap_or_else(|_| Err(try_timed_out(ErrorKind::ReadTimeout, &peer))),
-        };
-        match exchanged {
-            Ok(exchange) => {
-                session.upstream_time = Some(sent.elapsed());
-                Ok(Some((exchange, progress)))
-            }
+        let exchanging = Box::pin(self.upstream.send(peer, connection, request, &progress));
+        let exchanged = Limited::new(exchanging, try_limit(session))
+            .await
+            .unwrap_or_else(|| Err(try_timed_out(ErrorKind::ReadTimeout, peer)));
+        let exchange = match exchanged {
+            Ok(exchange) => exchange,
             Err(error) => {
-                if let Some(backend) = &session.backend {
+                // A client that failed mid-upload says nothing about the backend.
+                let backend = session.backend.as_ref();
+                if let Some(backend) = backend.filter(|_| error.side == ErrorSide::Upstream) {
                     backend.observe(Observation::ExchangeFailed);
                 }
                 let resend =
                     retry::may_resend(&session.req.method, kept.is_some(), reused, error.kind)
                         && retries_left(session);
-                record_try(session, &peer, &error);
+                record_try(session, peer, &error);
                 if !resend {
                     return Err(error);
                 }
                 tracing::debug!(peer = peer.addr(), "{error}; sending the request again");
                 // The next try picks its backend again.
                 session.backend = None;
-                Ok(None)
+                return Ok(None);
             }
-        }
+        };
+        session.upstream_time = Some(sent.elapsed());
+        *answer = Some(exchange);
+        Ok(Some(progress))
     }
 
     /// Choose a peer, prepare the request for it and connect; a failed connect goes
@@ -351,12 +391,11 @@ impl<P: ProxyHttp> ProxyService<P> {
                 .await;
             session.set_upstream_request(head);
             filtered?;
-            let connecting = self.upstream.connect(&peer);
-            let connected = match try_limit(session) {
-                None => connecting.await,
-                Some(limit) => Box::pin(tokio::time::timeout_at(limit.into(), connecting))
+            let connected = {
+                let connecting = std::pin::pin!(self.upstream.connect(&peer));
+                Limited::new(connecting, try_limit(session))
                     .await
-                    .unwrap_or_else(|_| Err(try_timed_out(ErrorKind::ConnectTimeout, &peer))),
+                    .unwrap_or_else(|| Err(try_timed_out(ErrorKind::ConnectTimeout, &peer)))
             };
             let mut error = match connected {
                 Ok(connection) => return Ok((peer, connection)),

@@ -56,15 +56,18 @@ impl Hooks {
     }
 
     /// The Python hooks that run in one trip from `request_filter` on: request_filter, then
-    /// as long as each next phase is Python's (or the fixed upstream), the next.
-    fn trip_at_request_filter(&self) -> RequestSteps {
+    /// as long as each next phase is Python's (or a fixed peer, which nothing can observe
+    /// being chosen), the next. A load balancer's pick is a Rust step: upstream_request_filter
+    /// waits for it, so it sees the backend picked.
+    fn trip_at_request_filter(&self, upstream: Option<&Upstream>) -> RequestSteps {
         if !self.request_filter {
             return RequestSteps::default();
         }
+        let peer_is_known = self.upstream_peer || matches!(upstream, Some(Upstream::Peer(_)));
         RequestSteps {
             request_filter: true,
             upstream_peer: self.upstream_peer,
-            upstream_request_filter: self.upstream_request_filter,
+            upstream_request_filter: self.upstream_request_filter && peer_is_known,
         }
     }
 
@@ -212,7 +215,7 @@ impl ProxyHttp for PyProxy {
         session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Option<Response>> {
-        let steps = self.hooks.trip_at_request_filter();
+        let steps = self.hooks.trip_at_request_filter(self.upstream.as_ref());
         if steps.is_empty() {
             return Ok(None);
         }
@@ -263,8 +266,10 @@ impl ProxyHttp for PyProxy {
             ..RequestSteps::default()
         };
         let head = std::mem::replace(upstream_request, placeholder_request());
-        self.request_trip(steps, session, ctx, Some(Box::new(head)))
-            .await?;
+        let trip = self.request_trip(steps, session, ctx, Some(Box::new(head)));
+        trip.await?;
+        // This trip ran it for this try only: a retry filters its own head.
+        ctx.upstream_request_filtered = false;
         if let Some(filtered) = session.take_upstream_request() {
             *upstream_request = filtered;
         }
