@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ferroxy.testing import EchoServer, start_upstream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -360,6 +361,14 @@ def ferroxy_logs() -> Iterator[LogCapture]:
 
 
 # --------------------------------------------------------------------------- echo helpers
+
+
+@pytest.fixture
+def upstreams() -> Iterator[list[EchoServer]]:
+    """Three echo upstreams, for load balancing."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(start_upstream()) for _ in range(3)]
+
 
 BYTES_PATTERN_PERIOD = 251
 

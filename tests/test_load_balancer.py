@@ -3,21 +3,13 @@ choice made in Rust. Real backends: several echo upstreams on loopback."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from ferroxy import LoadBalancer, Peer, Proxy, Session
-from ferroxy.testing import EchoServer, start_upstream
-
-
-@pytest.fixture
-def upstreams() -> Iterator[list[EchoServer]]:
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(start_upstream()) for _ in range(3)]
+from ferroxy.testing import EchoServer
 
 
 def served_by(upstreams: list[EchoServer]) -> list[int]:
@@ -60,8 +52,22 @@ def test_weights_and_backends_are_reported() -> None:
     picks = Counter(pool.select().addr for _ in range(400))
     assert picks == {"127.0.0.1:9001": 100, "127.0.0.1:9002": 300}
     assert pool.backends() == [
-        {"addr": "127.0.0.1:9001", "weight": 1, "healthy": True, "in_flight": 0},
-        {"addr": "127.0.0.1:9002", "weight": 3, "healthy": True, "in_flight": 0},
+        {
+            "addr": "127.0.0.1:9001",
+            "weight": 1,
+            "healthy": True,
+            "in_flight": 0,
+            "requests": 100,
+            "failures": 0,
+        },
+        {
+            "addr": "127.0.0.1:9002",
+            "weight": 3,
+            "healthy": True,
+            "in_flight": 0,
+            "requests": 300,
+            "failures": 0,
+        },
     ]
     assert pool.strategy == "weighted_round_robin"
 

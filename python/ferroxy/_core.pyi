@@ -5,7 +5,7 @@ plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
 import os
-from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
 from _typeshed import SupportsKeysAndGetItem
@@ -101,11 +101,61 @@ class Headers(MutableMapping[str, str]):
     def update(self, other: _HeadersInput | None = None, /, **names: str | bytes) -> None: ...
 
 @final
+class HealthCheck:
+    """Active health checks for a :class:`LoadBalancer`: each backend probed every
+    ``interval`` seconds (each on its own), marked unhealthy after ``unhealthy`` failed
+    probes in a row and healthy again after ``healthy`` passed ones. An option left out
+    keeps the engine's default (the properties show it). A bad value raises ValueError
+    naming the field (``health_check.interval``)."""
+
+    @staticmethod
+    def http(
+        path: str,
+        *,
+        interval: float | None = None,
+        timeout: float | None = None,
+        healthy: int | None = None,
+        unhealthy: int | None = None,
+        expect_status: int | Iterable[int] | None = None,
+        host: str | None = None,
+    ) -> HealthCheck:
+        """An HTTP/1.1 GET of ``path`` (``Host``: the backend's address unless ``host`` is
+        given), passing when the status is in ``expect_status`` (default 200-399)."""
+    @staticmethod
+    def tcp(
+        *,
+        interval: float | None = None,
+        timeout: float | None = None,
+        healthy: int | None = None,
+        unhealthy: int | None = None,
+    ) -> HealthCheck:
+        """A TCP connect, passing when it completes within ``timeout``."""
+    @property
+    def kind(self) -> str:
+        """``"http"`` or ``"tcp"``."""
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def healthy(self) -> int: ...
+    @property
+    def unhealthy(self) -> int: ...
+
+@final
 class LoadBalancer:
     """Backends and a strategy, chosen among in Rust. ``backends`` are ``"host:port"`` or
     ``("host:port", weight)``; ``strategy`` is ``"round_robin"``, ``"weighted_round_robin"``,
     ``"random"``, ``"least_connections"`` or ``"consistent"`` (Ketama, as nginx hashes).
-    A bad list or strategy raises ValueError naming the field."""
+
+    ``health_check`` probes the backends while a proxy server runs. Passive checks eject a
+    backend after ``max_fails`` failures in a row (connect failures, failed exchanges, 5xx;
+    0 turns them off) for ``fail_timeout`` seconds, doubling while it keeps failing up to
+    ``max_fail_timeout``. ``on_health_change(backend, healthy)`` is called (on a thread of
+    its own) for each change, ``backend`` as :meth:`backends` shows it. A bad option
+    raises ValueError naming the field."""
 
     def __new__(
         cls,
@@ -113,6 +163,11 @@ class LoadBalancer:
         *,
         strategy: str = "round_robin",
         seed: int | None = None,
+        health_check: HealthCheck | None = None,
+        on_health_change: Callable[[dict[str, Any], bool], object] | None = None,
+        max_fails: int | None = None,
+        fail_timeout: float | None = None,
+        max_fail_timeout: float | None = None,
     ) -> LoadBalancer: ...
     @property
     def strategy(self) -> str: ...
@@ -120,7 +175,8 @@ class LoadBalancer:
         """A healthy backend's peer (``key`` is what "consistent" hashes); RuntimeError if
         none is healthy."""
     def backends(self) -> list[dict[str, Any]]:
-        """Each backend's ``addr``, ``weight``, ``healthy`` and ``in_flight``."""
+        """Each backend's ``addr``, ``weight``, ``healthy``, ``in_flight`` and the totals
+        ``requests`` (times selected) and ``failures`` (observed on its requests)."""
     def set_backends(self, backends: Sequence[str | tuple[str, int]]) -> None:
         """Replace the backends at once; a bad list changes nothing (ValueError)."""
 

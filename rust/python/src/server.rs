@@ -175,9 +175,15 @@ impl PyServer {
         let proxy = self.proxy();
         let bridge = self.bridge.clone();
         let config = self.config.clone();
+        // Every live LoadBalancer's health checks run while this server does.
+        let balancer_services = crate::lb::background_services();
         // No lock held while detached: another thread holding the GIL may read our state.
         let started = py.detach(move || {
-            Server::proxy(config, proxy)
+            let mut server = Server::proxy(config, proxy);
+            for service in balancer_services {
+                server.add_background(service);
+            }
+            server
                 .on_stopped(move || bridge.submit(Job::Stopped))
                 .start()
         });

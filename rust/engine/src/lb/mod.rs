@@ -1,9 +1,18 @@
 //! Load balancing: a list of [`Backend`]s and a [`Strategy`] that picks one per request,
-//! skipping unhealthy backends. The list can be replaced at run time ([`LoadBalancer::set_backends`])
-//! without stopping selection: requests already picked keep their backend and its count.
+//! skipping unhealthy backends (see [`health`] for the checks). The list can be replaced at
+//! run time ([`LoadBalancer::set_backends`]) without stopping selection: requests already
+//! picked keep their backend and its count.
+//!
+//! When no backend is healthy, the ones out only by passive ejection are picked among as if
+//! healthy (nginx tries them all then): a pool that passive checks alone emptied, say when
+//! every backend answered 500 to one bad endpoint, keeps serving. Backends failing active
+//! checks are not: with none left, selection returns `None` (as Pingora does), so the proxy
+//! answers 502 at once instead of waiting on dead backends.
 
 mod backend;
-mod health;
+pub mod health;
+#[cfg(test)]
+mod health_tests;
 mod ketama;
 #[cfg(test)]
 mod tests;
@@ -13,9 +22,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Semaphore};
 
-pub use backend::{Backend, ConfigError};
-pub use health::Observation;
+use crate::service::BackgroundService;
+pub use backend::{Backend, BackendStatus, ConfigError};
+pub use health::{
+    ExpectStatus, HealthChange, HealthCheck, HealthConfig, HealthListener, Observation,
+    PassiveCheck, Probe,
+};
 
 /// How a [`LoadBalancer`] picks a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,31 +149,31 @@ impl Pool {
 
     /// Advancing the shared position past unhealthy backends too is what keeps the rotation
     /// exact over the healthy ones.
-    fn round_robin(&self) -> Option<usize> {
+    fn round_robin(&self, usable: Usable) -> Option<usize> {
         let count = self.backends.len();
         (0..count)
             .map(|_| self.next.fetch_add(1, Ordering::Relaxed) % count)
-            .find(|&index| self.backends[index].is_healthy())
+            .find(|&index| usable(&self.backends[index]))
     }
 
-    fn least_connections(&self) -> Option<usize> {
+    fn least_connections(&self, usable: Usable) -> Option<usize> {
         let count = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..count)
             .map(|offset| (start + offset) % count)
-            .filter(|&index| self.backends[index].is_healthy())
+            .filter(|&index| usable(&self.backends[index]))
             // min_by_key keeps the first of equals: the one nearest the rotating start.
             .min_by_key(|&index| self.backends[index].in_flight())
     }
 
     /// nginx's `ngx_http_upstream_get_peer`: every healthy backend gains its weight, the
     /// highest (first among equals) is picked and loses the total.
-    fn smooth_weighted(&self, current: &Mutex<Box<[i64]>>) -> Option<usize> {
+    fn smooth_weighted(&self, current: &Mutex<Box<[i64]>>, usable: Usable) -> Option<usize> {
         let mut current = current.lock();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (index, backend) in self.backends.iter().enumerate() {
-            if !backend.is_healthy() {
+            if !usable(backend) {
                 continue;
             }
             let weight = i64::from(backend.weight());
@@ -177,17 +191,17 @@ impl Pool {
     /// Draws over all weights and redraws among the healthy ones only when the first draw
     /// lands on an unhealthy backend: still in proportion to weight, and one binary search
     /// while all are healthy.
-    fn random(&self, cumulative: &[u64], random: &Random) -> Option<usize> {
+    fn random(&self, cumulative: &[u64], random: &Random, usable: Usable) -> Option<usize> {
         let total = *cumulative.last()?;
         let draw = random.below(total);
         let index = cumulative.partition_point(|&sum| sum <= draw);
-        if self.backends[index].is_healthy() {
+        if usable(&self.backends[index]) {
             return Some(index);
         }
         let healthy_total: u64 = self
             .backends
             .iter()
-            .filter(|backend| backend.is_healthy())
+            .filter(|backend| usable(backend))
             .map(|backend| u64::from(backend.weight()))
             .sum();
         if healthy_total == 0 {
@@ -195,7 +209,7 @@ impl Pool {
         }
         let mut draw = random.below(healthy_total);
         self.backends.iter().position(|backend| {
-            if !backend.is_healthy() {
+            if !usable(backend) {
                 return false;
             }
             let weight = u64::from(backend.weight());
@@ -207,6 +221,10 @@ impl Pool {
         })
     }
 }
+
+/// Which backends a selection may pick: [`Backend::is_healthy`], or, when none is,
+/// [`Backend::passes_active_checks`].
+type Usable = fn(&Backend) -> bool;
 
 /// splitmix64: one `fetch_add` per draw, so threads share it without a lock, and a seed
 /// makes a test's draws repeatable.
@@ -234,6 +252,11 @@ pub struct LoadBalancer {
     strategy: Strategy,
     pool: RwLock<Arc<Pool>>,
     random: Random,
+    health: Arc<HealthConfig>,
+    /// One permit: held by the health service that is checking this balancer.
+    checking: Arc<Semaphore>,
+    /// Sent on each [`set_backends`](Self::set_backends), so the checks follow the list.
+    changes: watch::Sender<()>,
 }
 
 impl LoadBalancer {
@@ -243,10 +266,7 @@ impl LoadBalancer {
         strategy: Strategy,
         backends: impl IntoIterator<Item = (A, u32)>,
     ) -> Result<Self, ConfigError> {
-        // Each RandomState is keyed afresh, so each balancer draws its own sequence.
-        let seed =
-            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ());
-        Self::with_seed(strategy, backends, seed)
+        Self::with_seed(strategy, backends, Self::random_seed())
     }
 
     /// As [`new`](Self::new), with the random strategy's draws fixed by `seed`.
@@ -255,12 +275,46 @@ impl LoadBalancer {
         backends: impl IntoIterator<Item = (A, u32)>,
         seed: u64,
     ) -> Result<Self, ConfigError> {
-        let backends = build_backends(backends, &HashMap::new())?;
+        Self::with_health(strategy, backends, HealthConfig::default(), seed)
+    }
+
+    /// As [`with_seed`](Self::with_seed), with backends checked as `health` says (see
+    /// [`health`]). Errors name the field, `health_check.interval` for one.
+    pub fn with_health<A: AsRef<str>>(
+        strategy: Strategy,
+        backends: impl IntoIterator<Item = (A, u32)>,
+        health: HealthConfig,
+        seed: u64,
+    ) -> Result<Self, ConfigError> {
+        health.validate()?;
+        let health = Arc::new(health);
+        let backends = build_backends(backends, &HashMap::new(), &health)?;
         Ok(LoadBalancer {
             strategy,
             pool: RwLock::new(Arc::new(Pool::new(strategy, backends))),
             random: Random(AtomicU64::new(seed)),
+            health,
+            checking: Arc::new(Semaphore::new(1)),
+            changes: watch::Sender::new(()),
         })
+    }
+
+    /// A seed for [`with_seed`](Self::with_seed) that differs from balancer to balancer.
+    pub fn random_seed() -> u64 {
+        // Each RandomState is keyed afresh, so each balancer draws its own sequence.
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ())
+    }
+
+    /// The background service that runs this balancer's active checks while a server runs
+    /// it (`Server::add_background`); `None` without active checks. A balancer is checked
+    /// by one running service at a time: a second waits for the first to stop, then takes
+    /// over. Checks stop with the server.
+    pub fn health_service(self: &Arc<Self>) -> Option<Box<dyn BackgroundService>> {
+        let check = self.health.active.clone()?;
+        Some(Box::new(health::HealthService {
+            balancer: self.clone(),
+            check: Arc::new(check),
+        }))
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -284,8 +338,9 @@ impl LoadBalancer {
             .iter()
             .map(|backend| ((backend.addr(), backend.weight()), backend))
             .collect();
-        let backends = build_backends(backends, &kept)?;
+        let backends = build_backends(backends, &kept, &self.health)?;
         *self.pool.write() = Arc::new(Pool::new(self.strategy, backends));
+        self.changes.send_modify(|()| {});
         Ok(())
     }
 
@@ -293,20 +348,29 @@ impl LoadBalancer {
     /// consistent hashing hashes (other strategies ignore it).
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selected> {
         let pool = self.pool.read();
-        let index = match (&pool.derived, self.strategy, key) {
-            (Derived::Ring(ring), _, Some(key)) => ring.lookup(key, &pool.backends),
-            (Derived::Smooth(current), _, _) => pool.smooth_weighted(current),
-            (Derived::Cumulative(cumulative), _, _) => pool.random(cumulative, &self.random),
-            (_, Strategy::LeastConnections, _) => pool.least_connections(),
-            _ => pool.round_robin(),
-        }?;
+        let index = self
+            .pick(&pool, key, Backend::is_healthy)
+            .or_else(|| self.pick(&pool, key, Backend::passes_active_checks))?;
         Some(Selected::new(&pool.backends[index]))
+    }
+
+    fn pick(&self, pool: &Pool, key: Option<&[u8]>, usable: Usable) -> Option<usize> {
+        match (&pool.derived, self.strategy, key) {
+            (Derived::Ring(ring), _, Some(key)) => ring.lookup(key, &pool.backends, usable),
+            (Derived::Smooth(current), _, _) => pool.smooth_weighted(current, usable),
+            (Derived::Cumulative(cumulative), _, _) => {
+                pool.random(cumulative, &self.random, usable)
+            }
+            (_, Strategy::LeastConnections, _) => pool.least_connections(usable),
+            _ => pool.round_robin(usable),
+        }
     }
 }
 
 fn build_backends<A: AsRef<str>>(
     specs: impl IntoIterator<Item = (A, u32)>,
     kept: &HashMap<(&str, u32), &Arc<Backend>>,
+    health: &Arc<HealthConfig>,
 ) -> Result<Arc<[Arc<Backend>]>, ConfigError> {
     let backends = specs
         .into_iter()
@@ -315,7 +379,7 @@ fn build_backends<A: AsRef<str>>(
             let addr = addr.as_ref();
             match kept.get(&(addr, weight)) {
                 Some(backend) => Ok(Arc::clone(backend)),
-                None => Backend::new(addr, weight)
+                None => Backend::checked(addr, weight, health.clone())
                     .map(Arc::new)
                     .map_err(|err| err.within(&format!("backends[{index}]"))),
             }
