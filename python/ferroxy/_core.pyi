@@ -154,8 +154,12 @@ class LoadBalancer:
     backend after ``max_fails`` failures in a row (connect failures, failed exchanges, 5xx;
     0 turns them off) for ``fail_timeout`` seconds, doubling while it keeps failing up to
     ``max_fail_timeout``. ``on_health_change(backend, healthy)`` is called (on a thread of
-    its own) for each change, ``backend`` as :meth:`backends` shows it. A bad option
-    raises ValueError naming the field."""
+    its own) for each change, ``backend`` as :meth:`backends` shows it.
+
+    A backend whose host is a name (``"api.internal:8080"``) stands for every address it
+    resolves to (A and AAAA, each a backend with its weight), resolved here and again every
+    ``dns_refresh`` seconds while a proxy server runs. A bad option, or a name that does not
+    resolve, raises ValueError naming the field (``backends[1]``)."""
 
     def __new__(
         cls,
@@ -168,6 +172,7 @@ class LoadBalancer:
         max_fails: int | None = None,
         fail_timeout: float | None = None,
         max_fail_timeout: float | None = None,
+        dns_refresh: float | None = None,
     ) -> LoadBalancer: ...
     @property
     def strategy(self) -> str: ...
@@ -178,7 +183,8 @@ class LoadBalancer:
         """Each backend's ``addr``, ``weight``, ``healthy``, ``in_flight`` and the totals
         ``requests`` (times selected) and ``failures`` (observed on its requests)."""
     def set_backends(self, backends: Sequence[str | tuple[str, int]]) -> None:
-        """Replace the backends at once; a bad list changes nothing (ValueError)."""
+        """Replace the backends at once, names resolved again; a bad list changes nothing
+        (ValueError)."""
 
 @final
 class Peer:

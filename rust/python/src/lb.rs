@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use ferroxy_engine::lb::{
     Backend, BackendStatus, ConfigError, ExpectStatus, HealthChange, HealthCheck, HealthConfig,
-    HealthListener, LoadBalancer, PassiveCheck, Probe, Strategy,
+    HealthListener, LoadBalancer, LoadBalancerConfig, PassiveCheck, Probe, Strategy,
 };
 use ferroxy_engine::service::BackgroundService;
 
@@ -24,13 +24,14 @@ use crate::types::{positive_seconds, PyPeer};
 /// hook.
 static LIVE: Mutex<Vec<Weak<LoadBalancer>>> = Mutex::new(Vec::new());
 
-/// The background services (health checks) of every live balancer, for a server to run.
+/// The background services (health checks, DNS refresh) of every live balancer, for a
+/// server to run.
 pub fn background_services() -> Vec<Box<dyn BackgroundService>> {
     let mut live = LIVE.lock();
     live.retain(|balancer| balancer.strong_count() > 0);
     live.iter()
         .filter_map(Weak::upgrade)
-        .filter_map(|balancer| balancer.health_service())
+        .flat_map(|balancer| balancer.background_services())
         .collect()
 }
 
@@ -319,10 +320,11 @@ impl PyLoadBalancer {
     #[new]
     #[pyo3(signature = (
         backends, *, strategy="round_robin", seed=None, health_check=None, on_health_change=None,
-        max_fails=None, fail_timeout=None, max_fail_timeout=None
+        max_fails=None, fail_timeout=None, max_fail_timeout=None, dns_refresh=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         backends: &Bound<'_, PyAny>,
         strategy: &str,
         seed: Option<u64>,
@@ -331,6 +333,7 @@ impl PyLoadBalancer {
         max_fails: Option<i64>,
         fail_timeout: Option<f64>,
         max_fail_timeout: Option<f64>,
+        dns_refresh: Option<f64>,
     ) -> PyResult<Self> {
         let parsed = Strategy::parse(strategy).map_err(config_error)?;
         let backends = backends_from(backends)?;
@@ -350,6 +353,9 @@ impl PyLoadBalancer {
             None => None,
         };
         let passive = passive_check(max_fails, fail_timeout, max_fail_timeout)?;
+        let defaults = LoadBalancerConfig::default();
+        let dns_refresh =
+            positive_seconds("dns_refresh", dns_refresh)?.unwrap_or(defaults.dns_refresh);
         let on_health_change = on_health_change.filter(|callback| !callback.is_none());
         if on_health_change.is_some_and(|callback| !callback.is_callable()) {
             return Err(PyTypeError::new_err(
@@ -366,13 +372,15 @@ impl PyLoadBalancer {
         health.listener = on_health_change
             .map(|callback| python_listener(callback.clone().unbind()))
             .transpose()?;
-        let inner = LoadBalancer::with_health(
-            parsed,
-            backends,
+        let config = LoadBalancerConfig {
             health,
-            seed.unwrap_or_else(LoadBalancer::random_seed),
-        )
-        .map_err(config_error)?;
+            dns_refresh,
+            seed,
+        };
+        // Names among the backends are resolved now, without holding the GIL.
+        let inner = py
+            .detach(|| LoadBalancer::with_config(parsed, backends, config))
+            .map_err(config_error)?;
         let inner = Arc::new(inner);
         LIVE.lock().push(Arc::downgrade(&inner));
         Ok(PyLoadBalancer {
@@ -428,18 +436,16 @@ impl PyLoadBalancer {
 
     /// Replace the backends at once (requests choosing meanwhile see the old list or the
     /// new one); a backend kept keeps its health and counts. A bad list changes nothing.
-    fn set_backends(&self, backends: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Names are resolved again (ValueError naming `backends[i]` for one that does not).
+    fn set_backends(&self, py: Python<'_>, backends: &Bound<'_, PyAny>) -> PyResult<()> {
         let backends = backends_from(backends)?;
-        self.inner.set_backends(backends).map_err(config_error)
+        py.detach(|| self.inner.set_backends(backends))
+            .map_err(config_error)
     }
 
     fn __repr__(&self) -> String {
-        let addrs: Vec<String> = self
-            .inner
-            .backends()
-            .iter()
-            .map(|b| b.addr().to_owned())
-            .collect();
+        let specs = self.inner.specs();
+        let addrs: Vec<&str> = specs.iter().map(|(addr, _)| addr.as_str()).collect();
         format!("LoadBalancer({addrs:?}, strategy={:?})", self.strategy)
     }
 }

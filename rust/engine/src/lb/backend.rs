@@ -56,6 +56,15 @@ pub struct Backend {
     health: Arc<HealthConfig>,
 }
 
+/// The peer for a backend spec; errors name the field (`address` or `weight`).
+pub(super) fn check_spec(addr: &str, weight: u32) -> Result<Peer, ConfigError> {
+    let peer = Peer::new(addr).map_err(|message| ConfigError::new("address", message))?;
+    if weight == 0 {
+        return Err(ConfigError::new("weight", "must be at least 1, got 0"));
+    }
+    Ok(peer)
+}
+
 /// A backend's numbers at one moment, for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendStatus {
@@ -82,10 +91,7 @@ impl Backend {
         weight: u32,
         health: Arc<HealthConfig>,
     ) -> Result<Self, ConfigError> {
-        let peer = Peer::new(addr).map_err(|message| ConfigError::new("address", message))?;
-        if weight == 0 {
-            return Err(ConfigError::new("weight", "must be at least 1, got 0"));
-        }
+        let peer = check_spec(addr, weight)?;
         Ok(Backend {
             peer,
             weight,

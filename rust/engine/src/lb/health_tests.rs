@@ -37,7 +37,15 @@ fn recorded(active: Option<HealthCheck>, passive: PassiveCheck) -> (HealthConfig
 
 fn balancer(backends: &[&str], health: HealthConfig) -> Arc<LoadBalancer> {
     let backends = backends.iter().map(|addr| (*addr, 1));
-    Arc::new(LoadBalancer::with_health(Strategy::RoundRobin, backends, health, 7).unwrap())
+    Arc::new(LoadBalancer::with_config(Strategy::RoundRobin, backends, checked_by(health)).unwrap())
+}
+
+fn checked_by(health: HealthConfig) -> LoadBalancerConfig {
+    LoadBalancerConfig {
+        health,
+        seed: Some(7),
+        ..LoadBalancerConfig::default()
+    }
 }
 
 fn picked(lb: &LoadBalancer, count: usize) -> Vec<String> {
@@ -193,7 +201,7 @@ fn set_backends_keeps_an_ejection_and_new_backends_are_checked_the_same_way() {
 #[test]
 fn bad_health_configs_name_the_field() {
     let field = |health: HealthConfig| {
-        LoadBalancer::with_health(Strategy::RoundRobin, [(A, 1)], health, 0)
+        LoadBalancer::with_config(Strategy::RoundRobin, [(A, 1)], checked_by(health))
             .unwrap_err()
             .field
     };

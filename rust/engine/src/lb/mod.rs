@@ -1,7 +1,7 @@
 //! Load balancing: a list of [`Backend`]s and a [`Strategy`] that picks one per request,
-//! skipping unhealthy backends (see [`health`] for the checks). The list can be replaced at
-//! run time ([`LoadBalancer::set_backends`]) without stopping selection: requests already
-//! picked keep their backend and its count.
+//! skipping unhealthy backends (see [`health`] for the checks; [`discovery`] for backends
+//! given by name). The list can be replaced at run time ([`LoadBalancer::set_backends`])
+//! without stopping selection: requests already picked keep their backend and its count.
 //!
 //! When no backend is healthy, the ones out only by passive ejection are picked among as if
 //! healthy (nginx tries them all then): a pool that passive checks alone emptied, say when
@@ -10,6 +10,9 @@
 //! answers 502 at once instead of waiting on dead backends.
 
 mod backend;
+pub mod discovery;
+#[cfg(test)]
+mod discovery_tests;
 pub mod health;
 #[cfg(test)]
 mod health_tests;
@@ -20,6 +23,7 @@ mod tests;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Semaphore};
@@ -226,6 +230,12 @@ impl Pool {
 /// [`Backend::passes_active_checks`].
 type Usable = fn(&Backend) -> bool;
 
+/// A seed that differs from balancer to balancer.
+fn random_seed() -> u64 {
+    // Each RandomState is keyed afresh, so each balancer draws its own sequence.
+    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ())
+}
+
 /// splitmix64: one `fetch_add` per draw, so threads share it without a lock, and a seed
 /// makes a test's draws repeatable.
 #[derive(Debug)]
@@ -245,28 +255,67 @@ impl Random {
     }
 }
 
+/// How a [`LoadBalancer`] checks and finds its backends, beside its strategy.
+#[derive(Debug, Clone)]
+pub struct LoadBalancerConfig {
+    pub health: HealthConfig,
+    /// How often backends given by name are resolved again (see [`discovery`]).
+    pub dns_refresh: Duration,
+    /// Fixes the random strategy's draws (tests); a different one per balancer when `None`.
+    pub seed: Option<u64>,
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        LoadBalancerConfig {
+            health: HealthConfig::default(),
+            dns_refresh: discovery::DEFAULT_DNS_REFRESH,
+            seed: None,
+        }
+    }
+}
+
 /// Picks a backend per request by its [`Strategy`]. Shared by every request (`&self`
 /// throughout); the backend list is swapped atomically by [`set_backends`](Self::set_backends).
-#[derive(Debug)]
 pub struct LoadBalancer {
     strategy: Strategy,
     pool: RwLock<Arc<Pool>>,
     random: Random,
     health: Arc<HealthConfig>,
-    /// One permit: held by the health service that is checking this balancer.
+    /// The backends as given, names unresolved; held while the pool is replaced, so a DNS
+    /// refresh never undoes a `set_backends` that overtook it.
+    specs: Mutex<discovery::Specs>,
+    dns_refresh: Duration,
+    resolver_factory: discovery::ResolverFactory,
+    /// One permit each: held by the service checking, or refreshing, this balancer.
     checking: Arc<Semaphore>,
-    /// Sent on each [`set_backends`](Self::set_backends), so the checks follow the list.
+    discovering: Arc<Semaphore>,
+    /// Sent on each change of the backend list, so the checks follow it.
     changes: watch::Sender<()>,
 }
 
+impl std::fmt::Debug for LoadBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadBalancer")
+            .field("strategy", &self.strategy)
+            .field("specs", &self.specs())
+            .field("backends", &self.backends())
+            .field("health", &self.health)
+            .field("dns_refresh", &self.dns_refresh)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LoadBalancer {
-    /// `backends` are `(address, weight)` pairs. Errors name the field: `backends` when
-    /// empty, `backends[i].address` or `backends[i].weight`.
+    /// `backends` are `(address, weight)` pairs; an address whose host is a name stands for
+    /// every address it resolves to (see [`discovery`]). Errors name the field: `backends`
+    /// when empty, `backends[i].address`, `backends[i].weight`, or `backends[i]` for a name
+    /// that does not resolve. Resolving names blocks the calling thread.
     pub fn new<A: AsRef<str>>(
         strategy: Strategy,
         backends: impl IntoIterator<Item = (A, u32)>,
     ) -> Result<Self, ConfigError> {
-        Self::with_seed(strategy, backends, Self::random_seed())
+        Self::with_config(strategy, backends, LoadBalancerConfig::default())
     }
 
     /// As [`new`](Self::new), with the random strategy's draws fixed by `seed`.
@@ -275,40 +324,65 @@ impl LoadBalancer {
         backends: impl IntoIterator<Item = (A, u32)>,
         seed: u64,
     ) -> Result<Self, ConfigError> {
-        Self::with_health(strategy, backends, HealthConfig::default(), seed)
+        let config = LoadBalancerConfig {
+            seed: Some(seed),
+            ..LoadBalancerConfig::default()
+        };
+        Self::with_config(strategy, backends, config)
     }
 
-    /// As [`with_seed`](Self::with_seed), with backends checked as `health` says (see
+    /// As [`new`](Self::new), configured: backends checked as `config.health` says (see
     /// [`health`]). Errors name the field, `health_check.interval` for one.
-    pub fn with_health<A: AsRef<str>>(
+    pub fn with_config<A: AsRef<str>>(
         strategy: Strategy,
         backends: impl IntoIterator<Item = (A, u32)>,
-        health: HealthConfig,
-        seed: u64,
+        config: LoadBalancerConfig,
     ) -> Result<Self, ConfigError> {
-        health.validate()?;
-        let health = Arc::new(health);
-        let backends = build_backends(backends, &HashMap::new(), &health)?;
+        Self::with_resolver(strategy, backends, config, discovery::system_resolver())
+    }
+
+    fn with_resolver<A: AsRef<str>>(
+        strategy: Strategy,
+        backends: impl IntoIterator<Item = (A, u32)>,
+        config: LoadBalancerConfig,
+        resolver_factory: discovery::ResolverFactory,
+    ) -> Result<Self, ConfigError> {
+        config.health.validate()?;
+        if config.dns_refresh.is_zero() {
+            return Err(ConfigError::new("dns_refresh", "must be positive"));
+        }
+        let specs = checked_specs(backends)?;
+        let resolved = discovery::resolve_blocking(&resolver_factory, &specs)?;
+        let health = Arc::new(config.health);
+        let backends = build_backends(resolved, &HashMap::new(), &health)?;
         Ok(LoadBalancer {
             strategy,
             pool: RwLock::new(Arc::new(Pool::new(strategy, backends))),
-            random: Random(AtomicU64::new(seed)),
+            random: Random(AtomicU64::new(config.seed.unwrap_or_else(random_seed))),
             health,
+            specs: Mutex::new(specs),
+            dns_refresh: config.dns_refresh,
+            resolver_factory,
             checking: Arc::new(Semaphore::new(1)),
+            discovering: Arc::new(Semaphore::new(1)),
             changes: watch::Sender::new(()),
         })
     }
 
-    /// A seed for [`with_seed`](Self::with_seed) that differs from balancer to balancer.
-    pub fn random_seed() -> u64 {
-        // Each RandomState is keyed afresh, so each balancer draws its own sequence.
-        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ())
+    /// The background services this balancer needs while a server runs it
+    /// (`Server::add_background`): its [health checks](Self::health_service), if any, and
+    /// its [DNS refresh](Self::discovery_service).
+    pub fn background_services(self: &Arc<Self>) -> Vec<Box<dyn BackgroundService>> {
+        self.health_service()
+            .into_iter()
+            .chain([self.discovery_service()])
+            .collect()
     }
 
     /// The background service that runs this balancer's active checks while a server runs
-    /// it (`Server::add_background`); `None` without active checks. A balancer is checked
-    /// by one running service at a time: a second waits for the first to stop, then takes
-    /// over. Checks stop with the server.
+    /// it; `None` without active checks. A balancer is checked by one running service at a
+    /// time: a second waits for the first to stop, then takes over. Checks stop with the
+    /// server.
     pub fn health_service(self: &Arc<Self>) -> Option<Box<dyn BackgroundService>> {
         let check = self.health.active.clone()?;
         Some(Box::new(health::HealthService {
@@ -317,22 +391,48 @@ impl LoadBalancer {
         }))
     }
 
+    /// The background service that resolves the names among the backends again every
+    /// `dns_refresh` (it idles while there are none, so names given later by
+    /// [`set_backends`](Self::set_backends) are refreshed too). One at a time per balancer,
+    /// as [`health_service`](Self::health_service).
+    pub fn discovery_service(self: &Arc<Self>) -> Box<dyn BackgroundService> {
+        Box::new(discovery::DiscoveryService {
+            balancer: self.clone(),
+        })
+    }
+
     pub fn strategy(&self) -> Strategy {
         self.strategy
     }
 
-    /// The current backend list, in the order given.
+    /// The current backend list, in the order given (a name's addresses in its place).
     pub fn backends(&self) -> Arc<[Arc<Backend>]> {
         self.pool.read().backends.clone()
     }
 
+    /// The backends as last given, names unresolved.
+    pub fn specs(&self) -> Arc<[(String, u32)]> {
+        self.specs.lock().clone()
+    }
+
     /// Replaces the backend list in one step; a selection sees the old list or the new one.
-    /// A backend whose address and weight are unchanged is kept, with its health and
-    /// in-flight count. On error the list is left as it was.
+    /// Names are resolved first (blocking the calling thread). A backend whose address and
+    /// weight are unchanged is kept, with its health and counts. On error the list is left
+    /// as it was.
     pub fn set_backends<A: AsRef<str>>(
         &self,
         backends: impl IntoIterator<Item = (A, u32)>,
     ) -> Result<(), ConfigError> {
+        let specs = checked_specs(backends)?;
+        let resolved = discovery::resolve_blocking(&self.resolver_factory, &specs)?;
+        let mut current = self.specs.lock();
+        self.replace(resolved)?;
+        *current = specs;
+        Ok(())
+    }
+
+    /// Swaps in `backends` (resolved), keeping the backends that stay.
+    fn replace(&self, backends: Vec<(String, u32)>) -> Result<(), ConfigError> {
         let current = self.backends();
         let kept: HashMap<(&str, u32), &Arc<Backend>> = current
             .iter()
@@ -367,6 +467,28 @@ impl LoadBalancer {
     }
 }
 
+/// The backends as given, each checked (errors name `backends[i].address` or `.weight`).
+fn checked_specs<A: AsRef<str>>(
+    specs: impl IntoIterator<Item = (A, u32)>,
+) -> Result<discovery::Specs, ConfigError> {
+    let specs: discovery::Specs = specs
+        .into_iter()
+        .map(|(addr, weight)| (addr.as_ref().to_owned(), weight))
+        .collect();
+    for (index, (addr, weight)) in specs.iter().enumerate() {
+        backend::check_spec(addr, *weight)
+            .map_err(|err| err.within(&format!("backends[{index}]")))?;
+    }
+    if specs.is_empty() {
+        return Err(ConfigError::new(
+            "backends",
+            "at least one backend is needed",
+        ));
+    }
+    Ok(specs)
+}
+
+/// Backends for `specs` (checked, names resolved), reusing those in `kept`.
 fn build_backends<A: AsRef<str>>(
     specs: impl IntoIterator<Item = (A, u32)>,
     kept: &HashMap<(&str, u32), &Arc<Backend>>,
@@ -385,11 +507,5 @@ fn build_backends<A: AsRef<str>>(
             }
         })
         .collect::<Result<Arc<[_]>, _>>()?;
-    if backends.is_empty() {
-        return Err(ConfigError::new(
-            "backends",
-            "at least one backend is needed",
-        ));
-    }
     Ok(backends)
 }
