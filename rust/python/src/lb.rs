@@ -27,12 +27,18 @@ static LIVE: Mutex<Vec<Weak<LoadBalancer>>> = Mutex::new(Vec::new());
 /// The background services (health checks, DNS refresh) of every live balancer, for a
 /// server to run.
 pub fn background_services() -> Vec<Box<dyn BackgroundService>> {
-    let mut live = LIVE.lock();
-    live.retain(|balancer| balancer.strong_count() > 0);
-    live.iter()
+    live_balancers()
+        .iter()
         .filter_map(Weak::upgrade)
         .flat_map(|balancer| balancer.background_services())
         .collect()
+}
+
+/// The registry, rid of the balancers that are gone.
+fn live_balancers() -> parking_lot::MutexGuard<'static, Vec<Weak<LoadBalancer>>> {
+    let mut live = LIVE.lock();
+    live.retain(|balancer| balancer.strong_count() > 0);
+    live
 }
 
 #[pyclass(name = "HealthCheck", module = "ferroxy", frozen)]
@@ -382,7 +388,7 @@ impl PyLoadBalancer {
             .detach(|| LoadBalancer::with_config(parsed, backends, config))
             .map_err(config_error)?;
         let inner = Arc::new(inner);
-        LIVE.lock().push(Arc::downgrade(&inner));
+        live_balancers().push(Arc::downgrade(&inner));
         Ok(PyLoadBalancer {
             inner,
             strategy: strategy.to_owned(),
