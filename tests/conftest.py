@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ferroxy.testing import EchoServer, start_upstream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -368,15 +369,13 @@ def ferroxy_logs() -> Iterator[LogCapture]:
 
 
 @pytest.fixture
-def upstreams() -> Iterator[list[Any]]:
+def upstreams() -> Iterator[list[EchoServer]]:
     """Three echo upstreams (``ferroxy.testing.EchoServer``), for load balancing over them."""
-    from ferroxy.testing import start_upstream
-
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(start_upstream()) for _ in range(3)]
 
 
-def served_by(upstreams: list[Any]) -> list[int]:
+def served_by(upstreams: list[EchoServer]) -> list[int]:
     """How many requests each echo upstream has served so far."""
     return [upstream.requests for upstream in upstreams]
 

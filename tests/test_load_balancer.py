@@ -48,8 +48,22 @@ def test_weights_and_backends_are_reported() -> None:
     picks = Counter(pool.select().addr for _ in range(400))
     assert picks == {"127.0.0.1:9001": 100, "127.0.0.1:9002": 300}
     assert pool.backends() == [
-        {"addr": "127.0.0.1:9001", "weight": 1, "healthy": True, "in_flight": 0},
-        {"addr": "127.0.0.1:9002", "weight": 3, "healthy": True, "in_flight": 0},
+        {
+            "addr": "127.0.0.1:9001",
+            "weight": 1,
+            "healthy": True,
+            "in_flight": 0,
+            "requests": 100,
+            "failures": 0,
+        },
+        {
+            "addr": "127.0.0.1:9002",
+            "weight": 3,
+            "healthy": True,
+            "in_flight": 0,
+            "requests": 300,
+            "failures": 0,
+        },
     ]
     assert pool.strategy == "weighted_round_robin"
 

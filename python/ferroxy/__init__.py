@@ -7,6 +7,7 @@ Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook th
 from ._core import (
     ClientConn,
     Headers,
+    HealthCheck,
     LoadBalancer,
     Peer,
     ProxyError,
@@ -23,6 +24,7 @@ from .server import ProxyServer, ServerOptions, run
 __all__ = [
     "ClientConn",
     "Headers",
+    "HealthCheck",
     "LoadBalancer",
     "Peer",
     "Proxy",

@@ -5,7 +5,7 @@ plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
 import os
-from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
 from _typeshed import SupportsKeysAndGetItem
@@ -101,6 +101,50 @@ class Headers(MutableMapping[str, str]):
     def update(self, other: _HeadersInput | None = None, /, **names: str | bytes) -> None: ...
 
 @final
+class HealthCheck:
+    """Active health checks for a :class:`LoadBalancer`: each backend probed every
+    ``interval`` seconds (each on its own), marked unhealthy after ``unhealthy`` failed
+    probes in a row and healthy again after ``healthy`` passed ones. An option left out
+    keeps the engine's default (the properties show it). A bad value raises ValueError
+    naming the field (``health_check.interval``)."""
+
+    @staticmethod
+    def http(
+        path: str,
+        *,
+        interval: float | None = None,
+        timeout: float | None = None,
+        healthy: int | None = None,
+        unhealthy: int | None = None,
+        expect_status: int | Iterable[int] | None = None,
+        host: str | None = None,
+    ) -> HealthCheck:
+        """An HTTP/1.1 GET of ``path`` (``Host``: the backend's address unless ``host`` is
+        given), passing when the status is in ``expect_status`` (default 200-399)."""
+    @staticmethod
+    def tcp(
+        *,
+        interval: float | None = None,
+        timeout: float | None = None,
+        healthy: int | None = None,
+        unhealthy: int | None = None,
+    ) -> HealthCheck:
+        """A TCP connect, passing when it completes within ``timeout``."""
+    @property
+    def kind(self) -> str:
+        """``"http"`` or ``"tcp"``."""
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def healthy(self) -> int: ...
+    @property
+    def unhealthy(self) -> int: ...
+
+@final
 class LoadBalancer:
     """Backends and a strategy, chosen among in Rust. ``backends`` are ``"host:port"`` or
     ``("host:port", weight)``; ``strategy`` is ``"round_robin"``, ``"weighted_round_robin"``,
@@ -110,7 +154,18 @@ class LoadBalancer:
     ``"query:NAME"``. ``max_retries`` (default 2) more tries go to other backends after a
     failed connect, and after a reset on a reused connection for idempotent requests whose
     body was kept; ``try_timeout`` bounds each try and ``deadline`` all of them (seconds,
-    from the request's arrival). A bad value raises ValueError naming the field."""
+    from the request's arrival). A bad value raises ValueError naming the field.
+
+    ``health_check`` probes the backends while a proxy server runs. Passive checks eject a
+    backend after ``max_fails`` failures in a row (connect failures, failed exchanges, 5xx;
+    0 turns them off) for ``fail_timeout`` seconds, doubling while it keeps failing up to
+    ``max_fail_timeout``. ``on_health_change(backend, healthy)`` is called (on a thread of
+    its own) for each change, ``backend`` as :meth:`backends` shows it.
+
+    A backend whose host is a name (``"api.internal:8080"``) stands for every address it
+    resolves to (A and AAAA, each a backend with its weight), resolved here and again every
+    ``dns_refresh`` seconds while a proxy server runs. A bad option, or a name that does not
+    resolve, raises ValueError naming the field (``backends[1]``)."""
 
     def __new__(
         cls,
@@ -118,9 +173,15 @@ class LoadBalancer:
         *,
         strategy: str = "round_robin",
         hash_key: str | None = None,
+        health_check: HealthCheck | None = None,
         max_retries: int | None = None,
         try_timeout: float | None = None,
         deadline: float | None = None,
+        on_health_change: Callable[[dict[str, Any], bool], object] | None = None,
+        max_fails: int | None = None,
+        fail_timeout: float | None = None,
+        max_fail_timeout: float | None = None,
+        dns_refresh: float | None = None,
         seed: int | None = None,
     ) -> LoadBalancer: ...
     @property
@@ -131,9 +192,11 @@ class LoadBalancer:
         """A healthy backend's peer (``key`` is what "consistent" hashes); RuntimeError if
         none is healthy."""
     def backends(self) -> list[dict[str, Any]]:
-        """Each backend's ``addr``, ``weight``, ``healthy`` and ``in_flight``."""
+        """Each backend's ``addr``, ``weight``, ``healthy``, ``in_flight`` and the totals
+        ``requests`` (times selected) and ``failures`` (observed on its requests)."""
     def set_backends(self, backends: Sequence[str | tuple[str, int]]) -> None:
-        """Replace the backends at once; a bad list changes nothing (ValueError)."""
+        """Replace the backends at once, names resolved again; a bad list changes nothing
+        (ValueError)."""
 
 @final
 class Peer:

@@ -79,6 +79,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .call_method1("register", (m.py().get_type::<headers::Headers>(),))?;
     m.add_class::<types::PyPeer>()?;
     m.add_class::<lb::PyLoadBalancer>()?;
+    m.add_class::<lb::PyHealthCheck>()?;
     m.add_class::<types::PyResponse>()?;
     m.add_class::<types::PyProxyError>()?;
     m.add_class::<session::PyRequestHeader>()?;

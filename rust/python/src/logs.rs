@@ -161,3 +161,18 @@ impl Visit for MessageVisitor {
         }
     }
 }
+
+/// Report a Python exception through Python's logging (the `ferroxy` logger), traceback
+/// included.
+pub fn log_python_error(py: pyo3::Python<'_>, error: &pyo3::PyErr, what: &str) {
+    use pyo3::prelude::*;
+    let logged = py.import("logging").and_then(|logging| {
+        let logger = logging.call_method1("getLogger", ("ferroxy",))?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("exc_info", error.value(py))?;
+        logger.call_method("error", (what,), Some(&kwargs))
+    });
+    if logged.is_err() {
+        error.print(py);
+    }
+}

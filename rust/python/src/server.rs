@@ -18,7 +18,7 @@ use ferroxy_engine::{
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
 use crate::lb::PyLoadBalancer;
-use crate::logs;
+use crate::logs::{self, log_python_error};
 use crate::proxy::{Hooks, PyProxy};
 use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
 
@@ -173,9 +173,15 @@ impl PyServer {
         let proxy = self.proxy();
         let bridge = self.bridge.clone();
         let config = self.config.clone();
+        // Every live LoadBalancer's health checks run while this server does.
+        let balancer_services = crate::lb::background_services();
         // No lock held while detached: another thread holding the GIL may read our state.
         let started = py.detach(move || {
-            Server::proxy(config, proxy)
+            let mut server = Server::proxy(config, proxy);
+            for service in balancer_services {
+                server.add_background(service);
+            }
+            server
                 .on_stopped(move || bridge.submit(Job::Stopped))
                 .start()
         });
@@ -422,17 +428,4 @@ fn listen_specs(listen: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Listener>> {
             Listener::parse(spec).map_err(|e| PyValueError::new_err(format!("listen: {e}")))
         })
         .collect()
-}
-
-/// Report a Python exception through Python's logging, traceback included.
-fn log_python_error(py: Python<'_>, error: &PyErr, what: &str) {
-    let logged = py.import("logging").and_then(|logging| {
-        let logger = logging.call_method1("getLogger", ("ferroxy",))?;
-        let kwargs = pyo3::types::PyDict::new(py);
-        kwargs.set_item("exc_info", error.value(py))?;
-        logger.call_method("error", (what,), Some(&kwargs))
-    });
-    if logged.is_err() {
-        error.print(py);
-    }
 }

@@ -55,8 +55,13 @@ impl Ring {
     }
 
     /// The backend owning `key`: the first point at or after the key's hash (wrapping),
-    /// walking on past points of backends `usable` refuses (unhealthy, or already tried).
-    pub(super) fn lookup(&self, key: &[u8], usable: impl Fn(usize) -> bool) -> Option<usize> {
+    /// walking on past points of backends it may not pick.
+    pub(super) fn lookup(
+        &self,
+        key: &[u8],
+        backends: &[Arc<Backend>],
+        usable: impl Fn(&Backend) -> bool,
+    ) -> Option<usize> {
         let hash = crc32fast::hash(key);
         let start = self.points.partition_point(|point| point.hash < hash);
         let (wrapped, from_key) = self.points.split_at(start);
@@ -64,6 +69,6 @@ impl Ring {
             .iter()
             .chain(wrapped)
             .map(|point| point.backend as usize)
-            .find(|&index| usable(index))
+            .find(|&index| usable(&backends[index]))
     }
 }
