@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +379,47 @@ def upstreams() -> Iterator[list[EchoServer]]:
 def served_by(upstreams: list[EchoServer]) -> list[int]:
     """How many requests each echo upstream has served so far."""
     return [upstream.requests for upstream in upstreams]
+
+
+class StatusServer(ThreadingHTTPServer):
+    """Answers every GET with ``status`` and records the path and Host it was sent."""
+
+    status = 200
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StatusHandler)
+        self.seen: list[tuple[str, str | None]] = []
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    server: StatusServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, self.headers.get("Host")))
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[StatusServer]:
+    server = StatusServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 BYTES_PATTERN_PERIOD = 251

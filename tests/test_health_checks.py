@@ -7,14 +7,11 @@ rust/engine/src/lb/health_tests.rs.)"""
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
-from conftest import LogCapture, wait_until
+from conftest import LogCapture, StatusServer, wait_until
 from ferroxy import HealthCheck, LoadBalancer, Peer, Proxy, Session
 from ferroxy.testing import EchoServer, start_upstream
 
@@ -72,47 +69,6 @@ def test_a_stopped_backend_is_ejected_and_comes_back_when_restarted(
     assert ferroxy_logs.wait_for(
         lambda r: r.name == "ferroxy.health" and "healthy again" in r.getMessage()
     )
-
-
-class StatusServer(ThreadingHTTPServer):
-    """Answers every GET with ``status`` and records the path and Host it was sent."""
-
-    status = 200
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _StatusHandler)
-        self.seen: list[tuple[str, str | None]] = []
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-
-class _StatusHandler(BaseHTTPRequestHandler):
-    server: StatusServer
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.server.seen.append((self.path, self.headers.get("Host")))
-        self.send_response(self.server.status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def status_server() -> Iterator[StatusServer]:
-    server = StatusServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_an_http_check_ejects_a_backend_answering_an_unexpected_status(
