@@ -91,3 +91,16 @@ def test_set_backends_swaps_the_list_and_a_bad_one_changes_nothing() -> None:
 def test_bad_config_names_the_field(backends, options, field) -> None:
     with pytest.raises(ValueError, match=field):
         LoadBalancer(backends, **options)
+
+
+def test_removing_one_of_ten_backends_moves_only_its_keys() -> None:
+    backends = [f"10.0.0.{i}:8080" for i in range(1, 11)]
+    pool = LoadBalancer(backends, strategy="consistent")
+    keys = [f"user-{i}" for i in range(10_000)]
+    before = {key: pool.select(key=key).addr for key in keys}
+    removed = backends[3]
+    pool.set_backends([b for b in backends if b != removed])
+    after = {key: pool.select(key=key).addr for key in keys}
+    moved = {key for key in keys if before[key] != after[key]}
+    assert moved == {key for key in keys if before[key] == removed}, "only the removed one's keys"
+    assert len(moved) <= 10_000 * (1 / 10 + 0.05)
