@@ -381,3 +381,28 @@ def test_set_backends_under_load_drops_nothing(upstreams, ferroxy_proxy) -> None
     assert set(statuses) == {200}, statuses
     assert all(u.requests > 0 for u in upstreams), "every list served requests"
     wait_until(lambda: all(b["in_flight"] == 0 for b in pool.backends()), timeout=5)
+
+
+def test_a_pick_returned_from_a_hook_is_tracked_and_retried(upstreams, ferroxy_proxy) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    pool = LoadBalancer([dead, upstreams[0].addr, upstreams[1].addr])
+
+    class App(Proxy):
+        def upstream_peer(self, session: Session, ctx: Any) -> Peer:
+            return pool.select(key=session.req.headers.get("x-user"))
+
+    proxy = ferroxy_proxy(App, access_log=False)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        # The pool's retry policy comes with its pick: the dead backend costs no request.
+        assert all(client.get(f"/{i}").status_code == 200 for i in range(30))
+    assert status_of(pool, dead)["failures"] >= 1, "the failed connect was counted against it"
+    with ThreadPoolExecutor(1) as slow:
+        hold = slow.submit(httpx.get, f"{proxy.url}/delay/800", timeout=10)
+        # In flight on its backend while the response is pending, as with upstream = pool.
+        wait_until(lambda: sum(b["in_flight"] for b in pool.backends()) == 1, timeout=5)
+        assert hold.result().status_code == 200
+    wait_until(lambda: all(b["in_flight"] == 0 for b in pool.backends()), timeout=5)
+
+
+def status_of(pool: LoadBalancer, addr: str) -> dict[str, Any]:
+    return next(b for b in pool.backends() if b["addr"] == addr)

@@ -7,11 +7,11 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use tokio::sync::oneshot;
 
-use ferroxy_engine::{Error, Peer, Response};
+use ferroxy_engine::{Error, Response};
 
 use crate::headers::ResponseSlot;
 use crate::session::{PyRequestHeader, PyResponseHeader, PySession, SessionRef};
-use crate::types::{error_object, PyPeer, PyProxyError, PyResponse};
+use crate::types::{error_object, Chosen, PyPeer, PyProxyError, PyResponse};
 
 #[derive(Clone, Copy, Debug)]
 pub enum PhaseKind {
@@ -54,7 +54,7 @@ impl RequestSteps {
 #[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     Proceed {
-        peer: Option<Peer>,
+        peer: Option<Chosen>,
         upstream_request: Option<http::request::Parts>,
     },
     Respond(Response),
@@ -238,8 +238,7 @@ impl Call {
                 p.cast::<PyPeer>()
                     .map_err(|_| PyTypeError::new_err("peer must be a Peer"))?
                     .get()
-                    .inner
-                    .clone(),
+                    .chosen(),
             ),
             _ => None,
         };

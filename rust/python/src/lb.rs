@@ -278,6 +278,13 @@ fn passive_check(
     })
 }
 
+/// A backend `pool.select()` picked, and the retry policy of its balancer: what the request
+/// that goes to it takes over.
+pub struct Pick {
+    pub selected: ferroxy_engine::lb::Selected,
+    pub retry: RetryPolicy,
+}
+
 #[pyclass(name = "LoadBalancer", module = "ferroxy", frozen)]
 pub struct PyLoadBalancer {
     pub inner: Arc<LoadBalancer>,
@@ -454,9 +461,12 @@ impl PyLoadBalancer {
             .inner
             .select(key)
             .ok_or_else(|| PyRuntimeError::new_err("no healthy backend to choose from"))?;
-        Ok(PyPeer {
-            inner: selected.backend().peer().clone(),
-        })
+        let peer = PyPeer::of(selected.backend().peer().clone());
+        *peer.pick.lock() = Some(Pick {
+            selected,
+            retry: *self.inner.retry_policy(),
+        });
+        Ok(peer)
     }
 
     /// Each backend: `addr`, `weight`, `healthy`, `in_flight`, and the totals `requests`

@@ -20,6 +20,7 @@ use crate::bridge::{Bridge, Job};
 use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
 use crate::session::{PySession, SessionRef};
+use crate::types::Chosen;
 
 /// Which hooks the Python app overrides; the rest never cross into Python.
 #[derive(Debug, Default, Clone, Copy)]
@@ -93,7 +94,7 @@ pub struct PyCtx {
     session: Option<pyo3::Py<PySession>>,
     req: Option<RequestSlot>,
     /// Chosen by an earlier trip, for `upstream_peer` to return.
-    peer: Option<Peer>,
+    peer: Option<Chosen>,
     /// upstream_request_filter has run for this attempt in an earlier trip; the engine holds
     /// its result.
     upstream_request_filtered: bool,
@@ -227,16 +228,22 @@ impl ProxyHttp for PyProxy {
         session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Peer> {
-        if let Some(peer) = ctx.peer.take() {
-            return Ok(peer);
-        }
-        if self.hooks.upstream_peer {
+        if ctx.peer.is_none() && self.hooks.upstream_peer {
             let steps = self.hooks.trip_at_upstream_peer();
             self.request_trip(steps, session, ctx, None).await?;
-            return ctx
-                .peer
-                .take()
-                .ok_or_else(|| Error::new(ErrorKind::Internal, "upstream_peer chose no peer"));
+            if ctx.peer.is_none() {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "upstream_peer chose no peer",
+                ));
+            }
+        }
+        if let Some(chosen) = ctx.peer.take() {
+            if let Some(pick) = chosen.pick {
+                session.backend = Some(pick.selected);
+                session.retry = pick.retry;
+            }
+            return Ok(chosen.peer);
         }
         match &self.upstream {
             Some(upstream) => upstream.select(session),

@@ -17,6 +17,33 @@ use crate::headers::{HeaderSource, Headers};
 #[pyclass(name = "Peer", module = "ferroxy", frozen)]
 pub struct PyPeer {
     pub inner: Peer,
+    /// The load balancer's pick this peer stands for, when `pool.select()` made it: the
+    /// request that returns it from `upstream_peer` takes it over (counted in flight until
+    /// its response ends, and told how its try went).
+    pub pick: parking_lot::Mutex<Option<crate::lb::Pick>>,
+}
+
+impl PyPeer {
+    pub fn of(inner: Peer) -> Self {
+        PyPeer {
+            inner,
+            pick: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The peer, and its pick for the first request that asks.
+    pub fn chosen(&self) -> Chosen {
+        Chosen {
+            peer: self.inner.clone(),
+            pick: self.pick.lock().take(),
+        }
+    }
+}
+
+/// A peer an `upstream_peer` hook returned, with the balancer's pick behind it, if any.
+pub struct Chosen {
+    pub peer: Peer,
+    pub pick: Option<crate::lb::Pick>,
 }
 
 /// Seconds from Python, if given, as a Duration; ValueError naming `field` unless finite and
@@ -72,9 +99,7 @@ impl PyPeer {
             write: positive_seconds("Peer.write_timeout", write_timeout)?.unwrap_or(defaults.write),
             idle: positive_seconds("Peer.idle_timeout", idle_timeout)?.unwrap_or(defaults.idle),
         };
-        Ok(PyPeer {
-            inner: peer.with_timeouts(timeouts),
-        })
+        Ok(PyPeer::of(peer.with_timeouts(timeouts)))
     }
 
     #[getter]
@@ -117,12 +142,7 @@ impl PyPeer {
 }
 
 pub fn peer_object(py: Python<'_>, peer: &Peer) -> PyResult<Py<PyPeer>> {
-    Py::new(
-        py,
-        PyPeer {
-            inner: peer.clone(),
-        },
-    )
+    Py::new(py, PyPeer::of(peer.clone()))
 }
 
 #[pyclass(name = "Response", module = "ferroxy", frozen)]

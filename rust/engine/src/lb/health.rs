@@ -387,6 +387,16 @@ impl PassiveState {
     pub(super) fn is_ejected(&self) -> bool {
         self.state.load(Ordering::Relaxed) == EJECTED
     }
+
+    /// Forgets past failures and any ejection: active checks have just seen the backend
+    /// come back, which is better evidence than the failures that ejected it (a restarted
+    /// backend would otherwise sit out a cool-down that grew while it was down).
+    fn clear(&self) {
+        let mut ejection = self.ejection.lock();
+        *ejection = Ejection::default();
+        self.failing.store(0, Ordering::Relaxed);
+        self.state.store(AVAILABLE, Ordering::Relaxed);
+    }
 }
 
 impl PassiveState {
@@ -506,6 +516,9 @@ async fn check_backend(backend: Arc<Backend>, check: Arc<HealthCheck>) {
             ),
         };
         if backend.set_healthy(!up) {
+            if !up {
+                backend.passive_state().clear();
+            }
             backend.health_changed(HealthChange {
                 healthy: !up,
                 reason,

@@ -381,6 +381,30 @@ async fn tcp_checks_mark_a_dead_backend_down_and_bring_it_back_when_it_listens()
 }
 
 #[tokio::test]
+async fn coming_back_by_active_checks_ends_a_passive_ejection() {
+    let down = refusing_addr();
+    let (health, _changes) = recorded(Some(quick(Probe::Tcp)), passive(1, 3600, 3600));
+    let lb = balancer(&[&down], health);
+    let backend = lb.backends()[0].clone();
+    // Requests failed while it was down: passively out for an hour.
+    backend.observe(Observation::ConnectFailed);
+    assert!(backend.is_ejected());
+    let running = Running::start(&lb);
+    eventually("active checks see it down", || {
+        !backend.passes_active_checks()
+    })
+    .await;
+    let restarted = TestBackend::start(&down).await;
+    eventually("it is back at once, not in an hour", || {
+        backend.is_healthy()
+    })
+    .await;
+    assert!(!backend.is_ejected());
+    assert!(restarted.connections() >= 2);
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn http_checks_get_the_path_and_expect_the_statuses() {
     let backend = TestBackend::start("127.0.0.1:0").await;
     let probe = Probe::Http {
