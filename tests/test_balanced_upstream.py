@@ -28,8 +28,10 @@ def test_round_robin_as_the_upstream_is_an_exact_rotation(upstreams, ferroxy_pro
     proxy = ferroxy_proxy(balanced(LoadBalancer([u.addr for u in upstreams])), access_log=False)
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         for i in range(30):
+            before = served_by(upstreams)
             assert client.get(f"/{i}").status_code == 200
-    assert served_by(upstreams) == [10, 10, 10]
+            moved = [a - b for a, b in zip(served_by(upstreams), before, strict=True)]
+            assert moved.index(1) == i % 3, f"request {i} went to backend {moved.index(1)}"
 
 
 def test_weighted_shares_over_10000_requests(upstreams, ferroxy_proxy) -> None:
@@ -92,11 +94,17 @@ def test_least_connections_sends_new_requests_away_from_a_busy_backend(
 def test_in_flight_counts_last_until_the_response_ends(upstreams, ferroxy_proxy) -> None:
     pool = LoadBalancer([upstreams[0].addr])
     proxy = ferroxy_proxy(balanced(pool), access_log=False)
-    with ThreadPoolExecutor(1) as slow:
-        hold = slow.submit(httpx.get, f"{proxy.url}/delay/800", timeout=10)
-        wait_until(lambda: pool.backends()[0]["in_flight"] == 1, timeout=5)
-        assert hold.result().status_code == 200
-    wait_until(lambda: pool.backends()[0]["in_flight"] == 0, timeout=5)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        # Larger than the sockets' buffers can hold, so the response is still being sent.
+        size = 64 * 1024 * 1024
+        with client.stream("GET", f"/bytes/{size}") as response:
+            chunks = response.iter_bytes()
+            first = next(chunks)
+            # The head and the first bytes have come; the body has not ended.
+            assert first and pool.backends()[0]["in_flight"] == 1
+            rest = sum(len(chunk) for chunk in chunks)
+        assert len(first) + rest == size
+    assert wait_until(lambda: pool.backends()[0]["in_flight"] == 0, timeout=5)
 
 
 def test_a_stopped_backend_costs_no_request(upstreams, ferroxy_proxy) -> None:
@@ -148,6 +156,7 @@ class ResettingBackend:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.seen: Counter[str] = Counter()
+        self.bodies: list[bytes] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -163,15 +172,25 @@ class ResettingBackend:
         line = rfile.readline()
         if not line:
             return None
-        length = 0
+        length, chunked = 0, False
         while (header := rfile.readline()) not in (b"\r\n", b""):
             name, _, value = header.decode().partition(":")
             if name.strip().lower() == "content-length":
                 length = int(value)
-        rfile.read(length)
+            if name.strip().lower() == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        if chunked:
+            body = b""
+            while size := int(rfile.readline().split(b";")[0], 16):
+                body += rfile.read(size)
+                rfile.readline()
+            rfile.readline()
+        else:
+            body = rfile.read(length)
         method = line.split()[0].decode()
         with self._lock:
             self.seen[method] += 1
+            self.bodies.append(body)
         return method
 
     def _serve(self, conn: socket.socket) -> None:
@@ -217,10 +236,27 @@ def test_a_post_is_never_resent_after_it_was_sent(resetting, ferroxy_proxy) -> N
 
 def test_a_put_with_a_small_body_is_resent_whole(resetting, ferroxy_proxy) -> None:
     proxy = ferroxy_proxy(balanced(LoadBalancer([resetting.addr])), access_log=False)
+    body = bytes(range(256)) * 200  # 51,200 bytes: under the 64 KiB kept for resending
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         assert client.put("/one", content=b"x" * 1000).status_code == 200
-        assert client.put("/two", content=b"y" * 30_000).status_code == 200
+        assert client.put("/two", content=body).status_code == 200
     assert resetting.seen["PUT"] == 3
+    assert resetting.bodies == [b"x" * 1000, body, body], "sent again byte for byte"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"z" * (64 * 1024 + 1), id="over 64 KiB"),
+        pytest.param(iter([b"chunk one, ", b"chunk two"]), id="chunked, length unknown"),
+    ],
+)
+def test_a_put_whose_body_was_not_kept_is_never_resent(resetting, ferroxy_proxy, body: Any) -> None:
+    proxy = ferroxy_proxy(balanced(LoadBalancer([resetting.addr])), access_log=False)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        assert client.put("/one", content=b"x").status_code == 200
+        assert client.put("/two", content=body).status_code == 502
+    assert resetting.seen["PUT"] == 2, "the second PUT reached the backend exactly once"
 
 
 def test_try_timeout_bounds_a_try(ferroxy_proxy) -> None:
@@ -275,22 +311,24 @@ def test_a_peer_chosen_in_a_hook_still_works_beside_a_balancer(upstreams, ferrox
 
 
 def test_fail_to_connect_can_veto_a_retry(upstreams, ferroxy_proxy) -> None:
-    dead = f"127.0.0.1:{free_port()}"
-    seen: list[tuple[str | None, bool, int]] = []
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    seen: list[tuple[str | None, bool, list[str]]] = []
 
     def fail_to_connect(
         self: Proxy, session: Session, peer: Peer | None, error: ProxyError, ctx: Any
-    ) -> bool:
-        seen.append((peer.addr if peer else None, error.retry, len(error.tries)))
-        return False
+    ) -> bool | None:
+        seen.append((peer.addr if peer else None, error.retry, [t["peer"] for t in error.tries]))
+        # Let the first failure retry as the policy says; stop at the second.
+        return None if len(seen) == 1 else False
 
-    pool = LoadBalancer([dead, upstreams[0].addr])
+    pool = LoadBalancer([*dead, upstreams[0].addr])
     proxy = ferroxy_proxy(balanced(pool, fail_to_connect=fail_to_connect), access_log=False)
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         statuses = [client.get("/").status_code for _ in range(2)]
-    # Round robin: the first request meets the dead backend, and the hook keeps it from retrying.
+    # Round robin: the first request meets both dead backends, and the hook stops it at the
+    # second, though the policy would have tried the live one.
     assert statuses == [502, 200]
-    assert seen == [(dead, True, 0)], "the policy would have retried; the hook said no"
+    assert seen == [(dead[0], True, []), (dead[1], True, [dead[0]])], "tries before this one"
 
 
 def test_async_fail_to_connect_can_force_a_retry_to_a_fixed_peer(upstreams, ferroxy_proxy) -> None:
@@ -374,8 +412,11 @@ def test_set_backends_under_load_drops_nothing(upstreams, ferroxy_proxy) -> None
     with ThreadPoolExecutor(8) as clients:
         running = [clients.submit(load) for _ in range(8)]
         for swap in range(60):
-            pool.set_backends(lists[swap % len(lists)])
-            time.sleep(0.01)  # let requests run on this list before the next swap
+            listed = lists[swap % len(lists)]
+            pool.set_backends(listed)
+            # Let requests run on this list before the next swap.
+            served = sum(u.requests for u in upstreams)
+            assert wait_until(lambda s=served: sum(u.requests for u in upstreams) > s + 8)
         stop.set()
         statuses = sum((r.result() for r in running), Counter())
     assert set(statuses) == {200}, statuses
@@ -406,3 +447,37 @@ def test_a_pick_returned_from_a_hook_is_tracked_and_retried(upstreams, ferroxy_p
 
 def status_of(pool: LoadBalancer, addr: str) -> dict[str, Any]:
     return next(b for b in pool.backends() if b["addr"] == addr)
+
+
+def test_a_deadline_bounds_all_tries(ferroxy_proxy) -> None:
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # accept, never answer
+    try:
+        addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+        seen: list[ProxyError] = []
+
+        def fail_to_proxy(self: Proxy, session: Session, error: ProxyError, ctx: Any) -> None:
+            seen.append(error)
+
+        # A try may take 5 s, but the request only 0.4 s from its arrival.
+        pool = LoadBalancer(addrs, try_timeout=5, deadline=0.4)
+        proxy = ferroxy_proxy(balanced(pool, fail_to_proxy=fail_to_proxy), access_log=False)
+        started = time.monotonic()
+        assert httpx.get(proxy.url, timeout=10).status_code == 504
+        assert time.monotonic() - started < 3
+        assert "deadline" in seen[0].message
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_a_backend_that_dies_with_pooled_connections_costs_no_request(
+    upstreams, ferroxy_proxy
+) -> None:
+    pool = LoadBalancer([u.addr for u in upstreams])
+    proxy = ferroxy_proxy(balanced(pool), access_log=False)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        # Every backend has served, so the proxy holds a pooled connection to each.
+        assert all(client.get(f"/{i}").status_code == 200 for i in range(30))
+        upstreams[2].stop()
+        statuses = Counter(client.get(f"/{i}").status_code for i in range(1000))
+    assert statuses == {200: 1000}, "its pooled connections fail; reconnecting fails; retried"

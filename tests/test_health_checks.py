@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LogCapture, StatusServer, wait_until
+from conftest import LogCapture, StatusServer, free_port, wait_until
 from ferroxy import HealthCheck, LoadBalancer, Peer, Proxy, Session
 from ferroxy.testing import EchoServer, start_upstream
 
@@ -200,3 +200,18 @@ def test_health_options_of_the_wrong_type_are_refused() -> None:
         LoadBalancer(["127.0.0.1:9001"], health_check="tcp")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="on_health_change must be callable"):
         LoadBalancer(["127.0.0.1:9001"], on_health_change=5)  # type: ignore[arg-type]
+
+
+def test_a_server_checks_the_balancers_its_app_uses_and_those_it_is_given(
+    upstreams: list[EchoServer], ferroxy_proxy: Any
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    check = HealthCheck.tcp(interval=INTERVAL, timeout=0.5, healthy=1, unhealthy=1)
+    used = LoadBalancer([upstreams[0].addr, dead], health_check=check)
+    unused = LoadBalancer([dead], health_check=check)
+    ferroxy_proxy(selecting_from(used), access_log=False)
+    assert wait_until(lambda: not healthy(used)[dead], timeout=CHANGE_WITHIN)
+    # A balancer the app does not use is none of this server's business.
+    assert healthy(unused)[dead]
+    ferroxy_proxy(selecting_from(used), access_log=False, balancers=[unused])
+    assert wait_until(lambda: not healthy(unused)[dead], timeout=CHANGE_WITHIN)

@@ -407,6 +407,7 @@ class Server:
         pool_max_idle_per_peer: int | None = ...,
         access_log: str | os.PathLike[str] | bool | None = ...,
         access_log_format: str | None = ...,
+        balancers: Sequence[LoadBalancer] | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is

@@ -305,22 +305,17 @@ class Dispatcher:
             retry = self._fail_to_connect(session, proxy_error.peer, proxy_error, ctx)
             if type(retry) not in _PLAIN_RESULT_TYPES and isawaitable(retry):
                 retry = await retry
+            if retry is not None and type(retry) is not bool:
+                raise _WrongResult(
+                    retry, "True (retry), False (don't) or None (as the policy says)"
+                )
         except BaseException as error:
             self._hook_failed(call, hook, error)
             return hook
         if retry is None:
             call.proceed()
-        elif type(retry) is bool:
-            call.retry(retry)
         else:
-            self._hook_failed(
-                call,
-                hook,
-                TypeError(
-                    f"fail_to_connect returned {type(retry).__name__}, expected True (retry), "
-                    "False (don't) or None (as the retry policy says)"
-                ),
-            )
+            call.retry(retry)
         return hook
 
     async def _fail(self, call: Call) -> str:

@@ -86,6 +86,10 @@ class ServerOptions(TypedDict, total=False):
     access_log_format: str
     #: The upstream, overriding the app's ``upstream`` attribute.
     upstream: Peer | LoadBalancer | str
+    #: Load balancers whose health checks and DNS refresh run with this server, beside the
+    #: ones found on their own: the app's ``upstream``, and balancers that are attributes of
+    #: the app (class or instance) or globals of the module that defines it.
+    balancers: Sequence[LoadBalancer]
     #: Threads that run ``@ferroxy.blocking`` hooks (at most this many block at once).
     blocking_threads: int
     #: Seconds a hook may hold the Python thread before a warning names it.
@@ -142,6 +146,9 @@ class _LoopServer:
             upstream = resolve_upstream(proxy)
         if upstream is None and "upstream_peer" not in hooks:
             raise TypeError(f"{cls.__name__} must set `upstream` or override upstream_peer()")
+        engine_options["balancers"] = balancers_of(
+            proxy, upstream, engine_options.pop("balancers", ())
+        )
         self.loop = loop
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._log_level_timer: asyncio.TimerHandle | None = None
@@ -297,6 +304,33 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
         else:
             installed.append(signum)
     return installed
+
+
+def balancers_of(
+    app: Proxy[Any], upstream: object, given: Sequence[LoadBalancer]
+) -> list[LoadBalancer]:
+    """The load balancers ``app`` uses, whose background services (health checks, DNS
+    refresh) its server runs: ``given``, ``upstream``, the balancers among the app's
+    attributes (its class's, its bases', its own), the variables its hooks close over, and
+    the globals of its class's module (where a pool picked from in ``upstream_peer`` usually
+    lives). Each once."""
+    cls = type(app)
+    module = sys.modules.get(cls.__module__)
+    namespaces = [*(vars(c) for c in cls.__mro__), getattr(app, "__dict__", {})]
+    places: list[object] = [*given, upstream]
+    for namespace in namespaces:
+        for value in namespace.values():
+            places.append(value)
+            for cell in getattr(value, "__closure__", None) or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    places.append(cell.cell_contents)
+    if module is not None:
+        places.extend(vars(module).values())
+    found: dict[int, LoadBalancer] = {}
+    for value in places:
+        if isinstance(value, LoadBalancer):
+            found.setdefault(id(value), value)
+    return list(found.values())
 
 
 class ProxyServer:

@@ -59,6 +59,14 @@ impl ErrorKind {
         }
     }
 
+    /// A failure to open a connection: nothing of the request was sent.
+    pub fn is_connect_failure(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::ConnectError
+        )
+    }
+
     /// Whose fault a failure of this kind is.
     pub fn side(self) -> ErrorSide {
         match self {

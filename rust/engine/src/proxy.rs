@@ -46,16 +46,39 @@ fn record_try(session: &mut Session, peer: &crate::Peer, error: &Error) {
     }
 }
 
-/// When the current try must end: its own timeout or the request's deadline, whichever is
-/// first; `None` (no timer at all) for requests without either, as to a fixed peer.
-#[inline]
-fn try_limit(session: &Session) -> Option<std::time::Instant> {
-    let policy = &session.retry;
-    let own = policy.try_timeout.map(|t| std::time::Instant::now() + t);
-    let overall = policy.deadline.map(|d| session.started + d);
-    match (own, overall) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// When a try must end: its own timeout from when its peer was chosen, or the request's
+/// deadline, whichever comes first.
+#[derive(Clone, Copy)]
+struct TryLimit {
+    at: std::time::Instant,
+    /// The request's deadline, not the try's own timeout: running out of it says nothing
+    /// about the backend.
+    by_deadline: bool,
+}
+
+impl TryLimit {
+    /// The limit of a try starting now; `None` (no timer at all) for requests with neither,
+    /// as to a fixed peer.
+    #[inline]
+    fn starting_now(session: &Session) -> Option<TryLimit> {
+        let policy = &session.retry;
+        let own = policy.try_timeout.map(|t| std::time::Instant::now() + t);
+        let overall = policy.deadline.map(|d| session.started + d);
+        match (own, overall) {
+            (Some(own), Some(overall)) if overall < own => Some(TryLimit {
+                at: overall,
+                by_deadline: true,
+            }),
+            (Some(at), _) => Some(TryLimit {
+                at,
+                by_deadline: false,
+            }),
+            (None, Some(at)) => Some(TryLimit {
+                at,
+                by_deadline: true,
+            }),
+            (None, None) => None,
+        }
     }
 }
 
@@ -69,10 +92,10 @@ struct Limited<F> {
 }
 
 impl<F: Future + Unpin> Limited<F> {
-    fn new(inner: F, limit: Option<std::time::Instant>) -> Self {
+    fn new(inner: F, limit: Option<TryLimit>) -> Self {
         Limited {
             inner,
-            sleep: limit.map(|at| Box::pin(tokio::time::sleep_until(at.into()))),
+            sleep: limit.map(|limit| Box::pin(tokio::time::sleep_until(limit.at.into()))),
         }
     }
 }
@@ -91,41 +114,57 @@ impl<F: Future + Unpin> Future for Limited<F> {
     }
 }
 
-fn try_timed_out(kind: ErrorKind, peer: &crate::Peer) -> Error {
-    Error::new(
-        kind,
-        "the try's time limit (try_timeout or deadline) passed",
-    )
-    .with_peer(peer)
+fn try_timed_out(kind: ErrorKind, peer: &crate::Peer, limit: Option<TryLimit>) -> Error {
+    let what = match limit {
+        Some(TryLimit {
+            by_deadline: true, ..
+        }) => "the request's deadline passed",
+        _ => "the try's time limit (try_timeout) passed",
+    };
+    Error::new(kind, what).with_peer(peer)
 }
 
-/// The request body for this try: the client's, streamed as it comes, unless a failure
-/// after sending could be retried: then it is read whole (up to [`retry::REPLAY_LIMIT`]) and
-/// kept in `kept` for the tries after. Only requests that can be resent at all (retries
-/// left, an idempotent method, a known small length) wait for their whole body.
-async fn body_for_try(session: &mut Session, kept: &mut Option<Bytes>) -> Result<ProxyBody> {
-    if let Some(bytes) = kept {
-        return Ok(ProxyBody::full(bytes.clone()));
-    }
-    // Only a kept body is sent twice (`may_resend`): this is the first send.
-    let body = session.take_body().unwrap_or_else(ProxyBody::empty);
-    let keep = retries_left(session)
+/// Before a try connects: whether to read the request body whole (up to
+/// [`retry::REPLAY_LIMIT`]) into `kept`, because a failure after sending could be retried and
+/// the tries after must send it again. Only requests that can be resent at all (retries left,
+/// an idempotent method, a known small length) wait for their whole body, and they do before
+/// any upstream connection is taken (a pooled one would sit idle meanwhile).
+fn must_keep(session: &Session, kept: &Option<Bytes>) -> bool {
+    kept.is_none()
+        && retries_left(session)
         && retry::is_idempotent(&session.req.method)
-        && body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= retry::REPLAY_LIMIT);
-    if !keep {
-        return Ok(body);
-    }
-    let bytes = if body.is_end_stream() {
-        Bytes::new()
-    } else {
-        // Boxed: rare, and inline it would grow every request's future.
-        Box::pin(read_whole(body)).await?
+        && session
+            .body_size()
+            .is_some_and(|n| n <= retry::REPLAY_LIMIT)
+}
+
+/// Reads the request body into `kept` (see [`must_keep`]).
+async fn keep_for_resend(session: &mut Session, kept: &mut Option<Bytes>) -> Result<()> {
+    let bytes = match session.take_body() {
+        Some(body) if !body.is_end_stream() => read_whole(body).await?,
+        _ => Bytes::new(),
     };
-    *kept = Some(bytes.clone());
-    Ok(ProxyBody::full(bytes))
+    *kept = Some(bytes);
+    Ok(())
+}
+
+/// The body this try sends: the kept one, else the client's (streamed; sent only once).
+fn body_to_send(session: &mut Session, kept: &Option<Bytes>) -> ProxyBody {
+    match kept {
+        Some(bytes) => ProxyBody::full(bytes.clone()),
+        None => session.take_body().unwrap_or_else(ProxyBody::empty),
+    }
+}
+
+/// How a try's exchange ended, short of an error for the client.
+enum Tried {
+    /// The response head came (it is in the caller's slot); the upload's progress.
+    Answered(BodyProgress),
+    /// Sending failed, in a way that allows sending the request again.
+    Again,
+    /// A pooled connection turned out closed and opening a new one failed: nothing was
+    /// sent, so this is a failed connect (the flag: the request's deadline ran out).
+    ConnectFailed(Error, bool),
 }
 
 /// A body of known, small length, read to its end (a body with a length has no trailers).
@@ -288,10 +327,16 @@ impl<P: ProxyHttp> ProxyService<P> {
         // the exchange is big, and each level it is returned through copies it).
         let mut answer = None;
         let progress = loop {
-            let (peer, connection) = self.connect(session, ctx).await?;
-            let exchanging = self.exchange(session, &peer, connection, &mut kept, &mut answer);
-            if let Some(progress) = exchanging.await? {
-                break progress;
+            let (peer, connection, limit) = self.connect(session, ctx, &mut kept).await?;
+            let exchanging = self.exchange(session, &peer, connection, limit, &kept, &mut answer);
+            match exchanging.await? {
+                Tried::Answered(progress) => break progress,
+                Tried::Again => {}
+                Tried::ConnectFailed(error, by_deadline) => {
+                    // Boxed: rare, and inline it would grow every request's future.
+                    let failed = self.connect_failed(session, ctx, &peer, error, by_deadline);
+                    Box::pin(failed).await?;
+                }
             }
         };
         let exchange: Exchange = answer.expect("the try that succeeded left its exchange");
@@ -311,21 +356,22 @@ impl<P: ProxyHttp> ProxyService<P> {
     }
 
     /// Send the request over `connection` and wait for the response head, left in `answer`
-    /// with the upload's progress returned. `None` when sending failed in a way that allows
+    /// with the upload's progress returned. `Again` when sending failed in a way that allows
     /// sending it again (see [`retry::may_resend`]): the caller then picks a peer again.
     async fn exchange(
         &self,
         session: &mut Session,
         peer: &crate::Peer,
         connection: UpstreamConnection,
-        kept: &mut Option<Bytes>,
+        limit: Option<TryLimit>,
+        kept: &Option<Bytes>,
         answer: &mut Option<Exchange>,
-    ) -> Result<Option<BodyProgress>> {
+    ) -> Result<Tried> {
         let mut head = session
             .take_upstream_request()
             .expect("connect() built the upstream request");
         forward::for_upstream_protocol(&mut head, peer.protocol());
-        let mut body = body_for_try(session, kept).await?;
+        let mut body = body_to_send(session, kept);
         let progress = body.progress();
         let reused = connection.digest().reused;
         let request = http::Request::from_parts(head, body);
@@ -334,44 +380,57 @@ impl<P: ProxyHttp> ProxyService<P> {
         // bulk of a request's; inline, every future above it would carry it and be moved
         // with it (see the size test below).
         let exchanging = Box::pin(self.upstream.send(peer, connection, request, &progress));
-        let exchanged = Limited::new(exchanging, try_limit(session))
-            .await
-            .unwrap_or_else(|| Err(try_timed_out(ErrorKind::ReadTimeout, peer)));
-        let exchange = match exchanged {
-            Ok(exchange) => exchange,
-            Err(error) => {
-                // A client that failed mid-upload says nothing about the backend.
-                let backend = session.backend.as_ref();
-                if let Some(backend) = backend.filter(|_| error.side == ErrorSide::Upstream) {
-                    backend.observe(Observation::ExchangeFailed);
+        // In a block of its own: the exchange's result is big, and what follows awaits.
+        let (error, by_deadline) = {
+            let exchanged = Limited::new(exchanging, limit).await;
+            let by_deadline = exchanged.is_none() && limit.is_some_and(|l| l.by_deadline);
+            match exchanged
+                .unwrap_or_else(|| Err(try_timed_out(ErrorKind::ReadTimeout, peer, limit)))
+            {
+                Ok(exchange) => {
+                    session.upstream_time = Some(sent.elapsed());
+                    *answer = Some(exchange);
+                    return Ok(Tried::Answered(progress));
                 }
-                let resend =
-                    retry::may_resend(&session.req.method, kept.is_some(), reused, error.kind)
-                        && retries_left(session);
-                record_try(session, peer, &error);
-                if !resend {
-                    return Err(error);
-                }
-                tracing::debug!(peer = peer.addr(), "{error}; sending the request again");
-                // The next try picks its backend again.
-                session.backend = None;
-                return Ok(None);
+                Err(error) => (error, by_deadline),
             }
         };
-        session.upstream_time = Some(sent.elapsed());
-        *answer = Some(exchange);
-        Ok(Some(progress))
+        if error.kind.is_connect_failure() {
+            // A pooled connection turned out closed, and opening a new one failed: nothing
+            // was sent, so this is a failed connect, retried as one.
+            return Ok(Tried::ConnectFailed(error, by_deadline));
+        }
+        // What says nothing about the backend: a client that failed mid-upload, the
+        // keep-alive race (a reused connection closed as the request arrived), the request's
+        // deadline running out.
+        let race = reused && error.kind == ErrorKind::UpstreamClosed;
+        let blame = error.side == ErrorSide::Upstream && !race && !by_deadline;
+        if let Some(backend) = session.backend.as_ref().filter(|_| blame) {
+            backend.observe(Observation::ExchangeFailed);
+        }
+        let resend = retry::may_resend(&session.req.method, kept.is_some(), reused, error.kind)
+            && retries_left(session);
+        record_try(session, peer, &error);
+        if !resend {
+            return Err(error);
+        }
+        tracing::debug!(peer = peer.addr(), "{error}; sending the request again");
+        // The next try picks its backend again.
+        session.backend = None;
+        Ok(Tried::Again)
     }
 
     /// Choose a peer, prepare the request for it and connect; a failed connect goes
     /// through `fail_to_connect`, which may have us choose again. Each try filters a head
     /// built afresh from `session.req` for its own peer, before connecting (a failing filter
-    /// opens no connection).
+    /// opens no connection). Returns the try's time limit too, counted from its choice of
+    /// peer, for the exchange to keep to.
     async fn connect(
         &self,
         session: &mut Session,
         ctx: &mut P::Ctx,
-    ) -> Result<(crate::Peer, UpstreamConnection)> {
+        kept: &mut Option<Bytes>,
+    ) -> Result<(crate::Peer, UpstreamConnection, Option<TryLimit>)> {
         let mut first = true;
         loop {
             if !std::mem::take(&mut first) {
@@ -380,6 +439,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 session.take_upstream_request();
             }
             let peer = self.proxy.upstream_peer(session, ctx).await?;
+            let limit = TryLimit::starting_now(session);
             session.upstream = Some(peer.clone());
             // Built here unless the implementation built it ahead, in this try (see
             // Session::upstream_request).
@@ -391,29 +451,60 @@ impl<P: ProxyHttp> ProxyService<P> {
                 .await;
             session.set_upstream_request(head);
             filtered?;
-            let connected = {
-                let connecting = std::pin::pin!(self.upstream.connect(&peer));
-                Limited::new(connecting, try_limit(session))
-                    .await
-                    .unwrap_or_else(|| Err(try_timed_out(ErrorKind::ConnectTimeout, &peer)))
-            };
-            let mut error = match connected {
-                Ok(connection) => return Ok((peer, connection)),
-                Err(error) => error,
-            };
-            if let Some(backend) = &session.backend {
-                backend.observe(Observation::ConnectFailed);
+            if must_keep(session, kept) {
+                // Boxed: rare, and inline it would grow every request's future.
+                Box::pin(keep_for_resend(session, kept)).await?;
             }
-            error.retry = retries_left(session);
+            // The failure's locals end in this block, before the (rare) wait below.
+            let failed = {
+                let (error, by_deadline) = {
+                    let connected = {
+                        let connecting = std::pin::pin!(self.upstream.connect(&peer));
+                        Limited::new(connecting, limit).await
+                    };
+                    let by_deadline = connected.is_none() && limit.is_some_and(|l| l.by_deadline);
+                    match connected.unwrap_or_else(|| {
+                        Err(try_timed_out(ErrorKind::ConnectTimeout, &peer, limit))
+                    }) {
+                        Ok(connection) => return Ok((peer, connection, limit)),
+                        Err(error) => (error, by_deadline),
+                    }
+                };
+                self.connect_failed(session, ctx, &peer, error, by_deadline)
+            };
             // Boxed: rare, and inline it would grow every request's future.
-            let error = Box::pin(self.proxy.fail_to_connect(session, &peer, ctx, error)).await;
-            record_try(session, &peer, &error);
-            if !error.retry || session.tries.len() >= MAX_CONNECT_ATTEMPTS {
-                return Err(error);
-            }
-            tracing::debug!(peer = peer.addr(), "{error}; trying again");
-            session.backend = None;
+            Box::pin(failed).await?;
         }
+    }
+
+    /// Connecting to `peer` failed: tell its backend (unless the request's deadline was
+    /// what ran out), let `fail_to_connect` decide on the retry the policy allows, and
+    /// return the error unless another try is to be made.
+    async fn connect_failed(
+        &self,
+        session: &mut Session,
+        ctx: &mut P::Ctx,
+        peer: &crate::Peer,
+        mut error: Error,
+        by_deadline: bool,
+    ) -> Result<()> {
+        if let Some(backend) = session.backend.as_ref().filter(|_| !by_deadline) {
+            backend.observe(Observation::ConnectFailed);
+        }
+        error.retry = retries_left(session);
+        // The hook sees the tries before this one.
+        error.tries = session.tries.clone().into_boxed_slice();
+        let mut error = self.proxy.fail_to_connect(session, peer, ctx, error).await;
+        if session.tries.len() + 1 >= MAX_CONNECT_ATTEMPTS {
+            error.retry = false;
+        }
+        record_try(session, peer, &error);
+        if !error.retry {
+            return Err(error);
+        }
+        tracing::debug!(peer = peer.addr(), "{error}; trying again");
+        session.backend = None;
+        Ok(())
     }
 
     fn finish(&self, state: Box<RequestState<P>>, status: u16, error: Option<Error>) -> Finish<P> {
@@ -651,8 +742,9 @@ mod tests {
         let future = std::mem::size_of_val(&handling);
         let response = std::mem::size_of::<http::Response<ResponseBody<Fixed>>>();
         // About 2.1-2.3 KB and 400 bytes when written (at 6081b96: a 472-byte response; before
-        // the boxing here, a 4.6 KB future and a 736-byte response).
-        assert!(future <= 2560, "a request's future is {future} bytes");
+        // the boxing here, a 4.6 KB future and a 736-byte response); 2.6 KB with the tries of
+        // load balancing (a try's limit, the kept body, the answer's slot).
+        assert!(future <= 2688, "a request's future is {future} bytes");
         assert!(response <= 512, "a response is {response} bytes");
     }
 }

@@ -97,6 +97,13 @@ impl Session {
         self.upstream_request.take()
     }
 
+    /// The request body's length when it is known (a Content-Length, or no body); `None`
+    /// for a streamed body of unknown length, or once the body has been taken.
+    pub fn body_size(&self) -> Option<u64> {
+        use http_body::Body;
+        self.body.as_ref()?.size_hint().exact()
+    }
+
     /// The downstream request body, for the proxy to forward; `None` once taken.
     pub fn take_body(&mut self) -> Option<ProxyBody> {
         self.body.take()

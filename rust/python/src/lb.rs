@@ -1,11 +1,10 @@
 //! `ferroxy.LoadBalancer`: the engine's balancer (`ferroxy_engine::lb`), made from Python once
 //! and asked from hooks (`pool.select(key=...)` in `upstream_peer`). The selection runs in
 //! Rust; only the answer, a `Peer`, crosses back. `ferroxy.HealthCheck` configures its
-//! active checks, which run while a proxy server runs ([`background_services`]).
+//! active checks, which run while a proxy server that uses the balancer runs.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
@@ -16,32 +15,9 @@ use ferroxy_engine::lb::{
     DEFAULT_MAX_RETRIES,
 };
 use ferroxy_engine::retry::RetryPolicy;
-use ferroxy_engine::service::BackgroundService;
 
 use crate::logs::log_python_error;
 use crate::types::{positive_seconds, PyPeer};
-
-/// Every balancer made from Python and still alive: a server starting runs their background
-/// services, whether its app names the balancer (`upstream = pool`) or only calls it from a
-/// hook.
-static LIVE: Mutex<Vec<Weak<LoadBalancer>>> = Mutex::new(Vec::new());
-
-/// The background services (health checks, DNS refresh) of every live balancer, for a
-/// server to run.
-pub fn background_services() -> Vec<Box<dyn BackgroundService>> {
-    live_balancers()
-        .iter()
-        .filter_map(Weak::upgrade)
-        .flat_map(|balancer| balancer.background_services())
-        .collect()
-}
-
-/// The registry, rid of the balancers that are gone.
-fn live_balancers() -> parking_lot::MutexGuard<'static, Vec<Weak<LoadBalancer>>> {
-    let mut live = LIVE.lock();
-    live.retain(|balancer| balancer.strong_count() > 0);
-    live
-}
 
 #[pyclass(name = "HealthCheck", module = "ferroxy", frozen)]
 pub struct PyHealthCheck {
@@ -322,7 +298,8 @@ fn backends_from(backends: &Bound<'_, PyAny>) -> PyResult<Vec<(String, u32)>> {
         };
         let weight = u32::try_from(weight).map_err(|_| {
             PyValueError::new_err(format!(
-                "backends[{i}].weight: must be a whole number of at least 1, got {weight}"
+                "backends[{i}].weight: must be 1 to {}, got {weight}",
+                ferroxy_engine::lb::MAX_WEIGHT
             ))
         })?;
         out.push((addr, weight));
@@ -360,6 +337,11 @@ impl PyLoadBalancer {
             .map(HashKey::parse)
             .transpose()
             .map_err(config_error)?;
+        if hash_key.is_some() && parsed != Strategy::Consistent {
+            return Err(PyValueError::new_err(format!(
+                "hash_key: only strategy=\"consistent\" hashes a key, and strategy is {strategy:?}"
+            )));
+        }
         let max_retries = match max_retries {
             None => DEFAULT_MAX_RETRIES,
             Some(n) => usize::try_from(n).map_err(|_| {
@@ -419,7 +401,6 @@ impl PyLoadBalancer {
             .with_hash_key(hash_key)
             .with_retry_policy(retry);
         let inner = Arc::new(inner);
-        live_balancers().push(Arc::downgrade(&inner));
         Ok(PyLoadBalancer {
             inner,
             strategy: strategy.to_owned(),

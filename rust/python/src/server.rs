@@ -40,6 +40,8 @@ pub struct PyServer {
     config: ServerConfig,
     hooks: Hooks,
     upstream: Option<Upstream>,
+    /// The load balancers the app uses, whose background services run with the server.
+    balancers: Vec<Arc<ferroxy_engine::lb::LoadBalancer>>,
     handle: Mutex<Option<ServerHandle>>,
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
@@ -70,7 +72,7 @@ impl PyServer {
         dispatcher, *, hooks=None, upstream=None, listen=None, threads=None, grace_period=None,
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
-        access_log_format=None
+        access_log_format=None, balancers=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -87,6 +89,7 @@ impl PyServer {
         pool_max_idle_per_peer: Option<i64>,
         access_log: Option<AccessLogOption>,
         access_log_format: Option<String>,
+        balancers: Option<Vec<PyRef<'_, PyLoadBalancer>>>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -161,6 +164,11 @@ impl PyServer {
             config,
             hooks,
             upstream,
+            balancers: balancers
+                .unwrap_or_default()
+                .iter()
+                .map(|balancer| balancer.inner.clone())
+                .collect(),
             handle: Mutex::new(None),
             addrs: OnceLock::new(),
         })
@@ -173,8 +181,13 @@ impl PyServer {
         let proxy = self.proxy();
         let bridge = self.bridge.clone();
         let config = self.config.clone();
-        // Every live LoadBalancer's health checks run while this server does.
-        let balancer_services = crate::lb::background_services();
+        // The health checks and DNS refresh of the balancers the app uses run while this
+        // server does.
+        let balancer_services: Vec<_> = self
+            .balancers
+            .iter()
+            .flat_map(|balancer| balancer.background_services())
+            .collect();
         // No lock held while detached: another thread holding the GIL may read our state.
         let started = py.detach(move || {
             let mut server = Server::proxy(config, proxy);

@@ -59,11 +59,18 @@ pub struct Backend {
 /// The peer for a backend spec; errors name the field (`address` or `weight`).
 pub(super) fn check_spec(addr: &str, weight: u32) -> Result<Peer, ConfigError> {
     let peer = Peer::new(addr).map_err(|message| ConfigError::new("address", message))?;
-    if weight == 0 {
-        return Err(ConfigError::new("weight", "must be at least 1, got 0"));
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err(ConfigError::new(
+            "weight",
+            format!("must be 1 to {MAX_WEIGHT}, got {weight}"),
+        ));
     }
     Ok(peer)
 }
+
+/// The largest weight: consistent hashing puts 160 points on its ring per unit of weight,
+/// so a weight in the millions would cost gigabytes (nginx caps weights too).
+pub const MAX_WEIGHT: u32 = 10_000;
 
 /// A backend's numbers at one moment, for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +166,8 @@ impl Backend {
         BackendStatus {
             addr: self.addr().to_owned(),
             weight: self.weight,
-            healthy: self.is_healthy(),
+            // Without ending a cool-down (what a selection does): a report changes nothing.
+            healthy: self.passes_active_checks() && !self.passive.keeps_out(),
             in_flight: self.in_flight(),
             requests: self.requests(),
             failures: self.failures(),

@@ -1,5 +1,6 @@
 //! What consistent hashing hashes for a request: `hash_key="client_ip"`, `"path"`,
-//! `"header:NAME"`, `"cookie:NAME"` or `"query:NAME"`, read from the request as it arrived.
+//! `"header:NAME"`, `"cookie:NAME"` or `"query:NAME"`, read from the request as the phases
+//! before `upstream_peer` left it (a `request_filter` that sets the header sets the key).
 
 use std::borrow::Cow;
 
@@ -10,7 +11,7 @@ use crate::session::Session;
 pub enum HashKey {
     /// The client's IP address, as text (`127.0.0.1`, `::1`): nginx's `$remote_addr`.
     ClientIp,
-    /// The path, without the query: nginx's `$uri` before any rewrite.
+    /// The path, without the query.
     Path,
     /// The first value of a request header.
     Header(http::HeaderName),

@@ -388,6 +388,16 @@ impl PassiveState {
         self.state.load(Ordering::Relaxed) == EJECTED
     }
 
+    /// Whether it is ejected and its cool-down still runs; no side effects.
+    pub(super) fn keeps_out(&self) -> bool {
+        self.is_ejected()
+            && self
+                .ejection
+                .lock()
+                .until
+                .is_some_and(|until| Instant::now() < until)
+    }
+
     /// Forgets past failures and any ejection: active checks have just seen the backend
     /// come back, which is better evidence than the failures that ejected it (a restarted
     /// backend would otherwise sit out a cool-down that grew while it was down).

@@ -37,6 +37,7 @@ impl Ring {
             base.update(&[0]);
             base.update(port.as_bytes());
             let mut previous: u32 = 0;
+            // At most MAX_WEIGHT * 160 points each: no overflow.
             for _ in 0..backend.weight() * POINTS_PER_WEIGHT {
                 let mut hasher = base.clone();
                 hasher.update(&previous.to_le_bytes());

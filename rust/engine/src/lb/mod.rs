@@ -32,7 +32,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::retry::RetryPolicy;
 use crate::service::BackgroundService;
-pub use backend::{Backend, BackendStatus, ConfigError};
+pub use backend::{Backend, BackendStatus, ConfigError, MAX_WEIGHT};
 pub use hash_key::HashKey;
 pub use health::{
     ExpectStatus, HealthChange, HealthCheck, HealthConfig, HealthListener, Observation,
@@ -489,28 +489,27 @@ impl LoadBalancer {
     /// A healthy backend for one request, or `None` when none is healthy. `key` is what
     /// consistent hashing hashes (other strategies ignore it).
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selected> {
-        self.select_where(key, |_| true)
+        let pool = self.pool.read();
+        let index = self
+            .pick(&pool, key, Backend::is_healthy)
+            .or_else(|| self.pick(&pool, key, Backend::passes_active_checks))?;
+        Some(Selected::new(&pool.backends[index]))
     }
 
     /// As [`select`](Self::select), preferring a backend whose address is not in `tried` (a
-    /// retry goes elsewhere); when every healthy backend has been tried, any healthy one.
+    /// retry goes elsewhere). In order: a healthy untried one, a healthy one, then among the
+    /// passively ejected (when no backend is healthy) an untried one, any one.
     pub fn select_untried(&self, key: Option<&[u8]>, tried: &[&str]) -> Option<Selected> {
         if tried.is_empty() {
             return self.select(key);
         }
-        self.select_where(key, |backend| !tried.contains(&backend.addr()))
-            .or_else(|| self.select(key))
-    }
-
-    fn select_where(
-        &self,
-        key: Option<&[u8]>,
-        accept: impl Fn(&Backend) -> bool,
-    ) -> Option<Selected> {
+        let untried = |backend: &Backend| !tried.contains(&backend.addr());
         let pool = self.pool.read();
         let index = self
-            .pick(&pool, key, |b| b.is_healthy() && accept(b))
-            .or_else(|| self.pick(&pool, key, |b| b.passes_active_checks() && accept(b)))?;
+            .pick(&pool, key, |b| b.is_healthy() && untried(b))
+            .or_else(|| self.pick(&pool, key, Backend::is_healthy))
+            .or_else(|| self.pick(&pool, key, |b| b.passes_active_checks() && untried(b)))
+            .or_else(|| self.pick(&pool, key, Backend::passes_active_checks))?;
         Some(Selected::new(&pool.backends[index]))
     }
 
