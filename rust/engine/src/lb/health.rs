@@ -299,7 +299,9 @@ pub struct HealthChange {
 }
 
 /// Told of each health change of a balancer's backends, on the thread that saw it (a
-/// runtime worker or a request's thread): it must not block.
+/// runtime worker or a request's thread): it must not block, nor call back into its
+/// balancer (it may run while a selection holds the backend list); hand the change off, as
+/// the Python layer does to a thread of its own.
 pub type HealthListener = Arc<dyn Fn(&Backend, &HealthChange) + Send + Sync>;
 
 /// How a balancer's backends are checked: shared by all of them.
