@@ -53,6 +53,13 @@ pub trait ProxyHttp: Send + Sync + 'static {
         ctx: &mut Self::Ctx,
     ) -> impl Future<Output = Result<Peer>> + Send;
 
+    /// Whether `upstream_peer` chooses for requests a route matched too (see
+    /// [`crate::route`]). Default: false, a matched route's upstream is used and
+    /// `upstream_peer` is asked only for requests no route matched.
+    fn upstream_peer_overrides_routes(&self) -> bool {
+        false
+    }
+
     /// Edits the request about to be sent upstream (already stripped of hop-by-hop headers
     /// and carrying X-Forwarded-*), once per attempt, with the attempt's peer in
     /// `session.upstream`. Default: send it as it is.

@@ -45,7 +45,7 @@ pub async fn simulate<P: ProxyHttp>(
     let service = ProxyService::new(
         proxy,
         UpstreamClient::canned(canned.clone()),
-        ProxyConfig { access_log: None },
+        ProxyConfig::default(),
     );
     let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
     let response = service
