@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Final, TypedDict
 from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
-from .proxy import Proxy, as_upstream, overridden_hooks, resolve_upstream
+from .filters import Filter
+from .proxy import Proxy, as_upstream, declared, overridden_hooks, resolve_upstream
+from .routes import Route
 
 if TYPE_CHECKING:
     # Both in typing from 3.11; type checkers know typing_extensions without it installed.
@@ -140,8 +142,12 @@ class _LoopServer:
             upstream = as_upstream(engine_options.pop("upstream"), "upstream")
         else:
             upstream = resolve_upstream(proxy)
-        if upstream is None and "upstream_peer" not in hooks:
-            raise TypeError(f"{cls.__name__} must set `upstream` or override upstream_peer()")
+        routes = declared(proxy, "routes", Route)
+        filters = declared(proxy, "filters", Filter)
+        if upstream is None and "upstream_peer" not in hooks and not routes:
+            raise TypeError(
+                f"{cls.__name__} must set `upstream` or `routes`, or override upstream_peer()"
+            )
         self.loop = loop
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._log_level_timer: asyncio.TimerHandle | None = None
@@ -152,7 +158,12 @@ class _LoopServer:
         )
         try:
             self.server = _core.Server(
-                self.dispatcher, hooks=hooks, upstream=upstream, **engine_options
+                self.dispatcher,
+                hooks=hooks,
+                upstream=upstream,
+                filters=filters or None,
+                routes=routes or None,
+                **engine_options,
             )
         except BaseException:
             self.dispatcher.close()

@@ -112,6 +112,38 @@ fn without_port(authority: &str) -> &str {
 }
 
 impl Condition {
+    /// A client-IP condition from CIDR lists (a bare address is a /32 or /128); errors name
+    /// the entry, as `not_in[1]`.
+    pub fn client_ip(
+        inside: &[impl AsRef<str>],
+        outside: &[impl AsRef<str>],
+    ) -> Result<Self, crate::lb::ConfigError> {
+        fn networks(
+            field: &str,
+            list: &[impl AsRef<str>],
+        ) -> Result<Vec<IpNet>, crate::lb::ConfigError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let text = text.as_ref();
+                    text.parse::<IpNet>()
+                        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                        .map(|net| net.trunc())
+                        .map_err(|_| {
+                            crate::lb::ConfigError::new(
+                                format!("{field}[{i}]"),
+                                format!("{text:?} is not a CIDR"),
+                            )
+                        })
+                })
+                .collect()
+        }
+        Ok(Condition::ClientIp {
+            inside: networks("in_", inside)?,
+            outside: networks("not_in", outside)?,
+        })
+    }
+
     pub fn matches(&self, req: &http::request::Parts, client: IpAddr) -> bool {
         match self {
             Condition::Method(methods) => methods.contains(&req.method),
