@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import wait_until
-from ferroxy import Proxy, ProxyError, ResponseHeader, Session
+from ferroxy import Proxy, ProxyError, ResponseHeader, Route, Session
 from ferroxy import filters as f
-from ferroxy.testing import EchoServer
+from ferroxy.testing import EchoServer, request, simulate
 
 
 def app(upstream: EchoServer, *filters: f.Filter, **hooks: Any) -> type[Proxy]:
@@ -258,3 +258,15 @@ def test_a_non_filter_in_filters_is_named(ferroxy_upstream, ferroxy_proxy) -> No
     )
     with pytest.raises(TypeError, match=re.escape("Bad.filters[1] must be a Filter, not str")):
         ferroxy_proxy(bad)
+
+
+def test_simulate_runs_the_filters_and_routes() -> None:
+    class App(Proxy):
+        routes = [Route(path_prefix="/api/", upstream="127.0.0.1:9", strip_prefix=True)]
+        filters = [f.Respond(f.Path("/healthz"), body=b"ok")]
+
+    out = simulate(App, request("GET", "/healthz"))
+    assert (out.status, out.body, out.upstream_request) == (200, b"ok", None)
+    out = simulate(App, request("GET", "/api/users?x=1"))
+    assert out.upstream_request is not None and out.peer is not None
+    assert (out.upstream_request.uri, out.peer.addr) == ("/users?x=1", "127.0.0.1:9")

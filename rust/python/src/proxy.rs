@@ -136,7 +136,8 @@ impl PyProxy {
                     index,
                     routes: routes.clone(),
                 }),
-            request_id: session.request_id.clone().filter(|_| is_new),
+            // A response-phase template may make it after the first trip.
+            request_id: session.request_id.clone(),
         }
     }
 

@@ -316,8 +316,15 @@ impl PyServer {
             local_addr,
         };
         self.bridge.set_serving(true);
+        // The app's filters and routes too; no access log.
+        let config = ferroxy_engine::proxy::ProxyConfig {
+            access_log: None,
+            filters: self.config.filters.clone(),
+            routes: self.config.routes.clone(),
+        };
         crate::simulate::start(
             self.proxy(),
+            config,
             self.bridge.clone(),
             request,
             crate::simulate::upstream_response(upstream),

@@ -397,8 +397,12 @@ pub struct SessionRef {
 impl SessionRef {
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
-            if self.upstream.is_some() {
-                session.borrow_mut(py).set_upstream(self.upstream);
+            if self.upstream.is_some() || self.request_id.is_some() {
+                let mut session = session.borrow_mut(py);
+                session.set_upstream(self.upstream);
+                if let Some(id) = self.request_id.take() {
+                    session.request_id = Some(id);
+                }
             }
             return Ok(session.clone_ref(py));
         }
