@@ -262,8 +262,8 @@ def test_a_non_filter_in_filters_is_named(ferroxy_upstream, ferroxy_proxy) -> No
 
 def test_simulate_runs_the_filters_and_routes() -> None:
     class App(Proxy):
-        routes = [Route(path_prefix="/api/", upstream="127.0.0.1:9", strip_prefix=True)]
-        filters = [f.Respond(f.Path("/healthz"), body=b"ok")]
+        routes = (Route(path_prefix="/api/", upstream="127.0.0.1:9", strip_prefix=True),)
+        filters = (f.Respond(f.Path("/healthz"), body=b"ok"),)
 
     out = simulate(App, request("GET", "/healthz"))
     assert (out.status, out.body, out.upstream_request) == (200, b"ok", None)
