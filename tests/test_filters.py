@@ -233,7 +233,8 @@ def test_a_filter_that_answers_runs_no_hook_but_logging(ferroxy_upstream, ferrox
         (lambda: f.Redirect(to="https://{hots}{path}"), "Redirect.to: unknown placeholder {hots}"),
         (lambda: f.Redirect(f.Path("/a"), to="/b/{1}"), "Redirect.to: unknown placeholder {1}"),
         (lambda: f.Redirect(to="/", status=200), "Redirect.status: must be 300..=399, got 200"),
-        (lambda: f.Deny(status=1000), "Deny.status: must be 200..=599, got 1000"),
+        (lambda: f.Deny(status=101), "Deny.status: must be 200..=599, got 101"),
+        (lambda: f.Respond(status=1000), "Respond.status: 1000 is not a status"),
         (lambda: f.PathRegex("(unclosed"), "PathRegex.pattern: regex parse error"),
         (lambda: f.Header("x", regex="["), "Header.regex: regex parse error"),
         (

@@ -26,6 +26,24 @@ pub struct Route {
     pub strip_prefix: bool,
 }
 
+impl Route {
+    /// What the router needs of a route: a `path_prefix` that is a path, and one to strip
+    /// when `strip_prefix` is set. Errors name the field.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        match &self.path_prefix {
+            Some(prefix) if !prefix.starts_with('/') => Err(ConfigError::new(
+                "path_prefix",
+                format!("must start with '/', got {prefix:?}"),
+            )),
+            None if self.strip_prefix => Err(ConfigError::new(
+                "strip_prefix",
+                "needs a path_prefix to strip",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The routes for one kind of host, indexed for matching.
 #[derive(Debug, Default)]
 struct PathTable {
@@ -102,20 +120,9 @@ impl Router {
         let mut wildcard: Vec<(String, Vec<usize>)> = Vec::new();
         let mut any = Vec::new();
         for (i, route) in routes.iter().enumerate() {
-            let within = |e: ConfigError| e.within(&format!("routes[{i}]"));
-            if let Some(prefix) = &route.path_prefix {
-                if !prefix.starts_with('/') {
-                    return Err(within(ConfigError::new(
-                        "path_prefix",
-                        format!("must start with '/', got {prefix:?}"),
-                    )));
-                }
-            } else if route.strip_prefix {
-                return Err(within(ConfigError::new(
-                    "strip_prefix",
-                    "needs a path_prefix to strip",
-                )));
-            }
+            route
+                .check()
+                .map_err(|e| e.within(&format!("routes[{i}]")))?;
             let (list, key) = match &route.host {
                 Some(HostMatch::Exact(name)) => (&mut exact, name),
                 Some(HostMatch::Wildcard(suffix)) => (&mut wildcard, suffix),
@@ -211,7 +218,7 @@ mod tests {
 
     fn route(host: Option<&str>, prefix: Option<&str>, regex: Option<&str>) -> Route {
         Route {
-            host: host.map(HostMatch::parse),
+            host: host.map(|h| HostMatch::parse(h).unwrap()),
             path_prefix: prefix.map(str::to_owned),
             path_regex: regex.map(|r| Regex::new(r).unwrap()),
             upstream: Upstream::Peer(Peer::new("127.0.0.1:1").unwrap()),

@@ -266,7 +266,7 @@ fn filters_and_routes_run_for_a_rust_only_app() {
 
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
     let routes = Router::new(vec![Route {
-        host: Some(HostMatch::parse("*.test")),
+        host: Some(HostMatch::parse("*.test").unwrap()),
         path_prefix: Some("/api/".into()),
         path_regex: None,
         upstream: Upstream::Peer(Peer::new(&echo.addr().to_string()).unwrap()),

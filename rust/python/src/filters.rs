@@ -118,7 +118,7 @@ pub fn condition_from(obj: &Bound<'_, PyAny>) -> PyResult<Condition> {
             let pattern: String = attr(obj, "pattern")?;
             Condition::Path(TextMatch::Regex(regex(class, "pattern", &pattern)?))
         }
-        "Host" => Condition::Host(host(class, "host", &attr::<String>(obj, "host")?)?),
+        "Host" => Condition::Host(host(class, &attr::<String>(obj, "host")?)?),
         "Header" => {
             let name: String = attr(obj, "name")?;
             Condition::Header(header_name(class, &name)?, text_match(obj, class)?)
@@ -137,37 +137,15 @@ pub fn condition_from(obj: &Bound<'_, PyAny>) -> PyResult<Condition> {
     })
 }
 
-fn host(class: &str, field: &str, pattern: &str) -> PyResult<HostMatch> {
-    let valid = !pattern.is_empty()
-        && pattern
-            .trim_start_matches("*.")
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:_".contains(&b));
-    if !valid {
-        return Err(field_error(
-            class,
-            field,
-            format!("{pattern:?} is not a host name or *.suffix"),
-        ));
-    }
-    Ok(HostMatch::parse(pattern))
+fn host(class: &str, pattern: &str) -> PyResult<HostMatch> {
+    HostMatch::parse(pattern).map_err(|e| config_error(class, e))
 }
 
-fn status(
-    class: &str,
-    obj: &Bound<'_, PyAny>,
-    range: std::ops::RangeInclusive<u16>,
-) -> PyResult<http::StatusCode> {
+fn status(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<http::StatusCode> {
     let status: u16 =
         attr(obj, "status").map_err(|_| field_error(class, "status", "must be an int"))?;
-    if !range.contains(&status) {
-        return Err(field_error(
-            class,
-            "status",
-            format!("must be {}..={}, got {status}", range.start(), range.end()),
-        ));
-    }
-    http::StatusCode::from_u16(status).map_err(|e| field_error(class, "status", e))
+    http::StatusCode::from_u16(status)
+        .map_err(|_| field_error(class, "status", format!("{status} is not a status")))
 }
 
 pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
@@ -187,14 +165,14 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
     let header =
         || -> PyResult<http::HeaderName> { header_name(class, &attr::<String>(obj, "name")?) };
     let action = match class {
-        "Deny" => Action::Deny(status(class, obj, 200..=599)?),
+        "Deny" => Action::Deny(status(class, obj)?),
         "Respond" => Action::Respond {
-            status: status(class, obj, 200..=599)?,
+            status: status(class, obj)?,
             body: attr::<Vec<u8>>(obj, "body")?.into(),
         },
         "Redirect" => Action::Redirect {
             to: template("to", groups)?,
-            status: status(class, obj, 300..=399)?,
+            status: status(class, obj)?,
         },
         "SetRequestHeader" => Action::SetRequestHeader(header()?, template("value", groups)?),
         "AddRequestHeader" => Action::AddRequestHeader(header()?, template("value", groups)?),
@@ -205,14 +183,6 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
         "RewritePath" => {
             let pattern = regex(class, "pattern", &attr::<String>(obj, "pattern")?)?;
             let to = template("to", Groups::of(Some(&pattern)))?;
-            let text: String = attr(obj, "to")?;
-            if !(text.starts_with('/') || text.starts_with("{path}")) {
-                return Err(field_error(
-                    class,
-                    "to",
-                    format!("must start with '/', got {text:?}"),
-                ));
-            }
             Action::RewritePath { pattern, to }
         }
         "MaxBodySize" => {
@@ -223,7 +193,9 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
         "RequestId" => Action::RequestId,
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
-    Ok(Filter::new(when, action))
+    let filter = Filter::new(when, action);
+    filter.check().map_err(|e| config_error(class, e))?;
+    Ok(filter)
 }
 
 fn config_error(class: &str, error: ConfigError) -> PyErr {
@@ -249,26 +221,18 @@ pub fn route_from(obj: &Bound<'_, PyAny>) -> PyResult<Route> {
     let host_pattern: Option<String> = attr(obj, "host")?;
     let path_prefix: Option<String> = attr(obj, "path_prefix")?;
     let path_regex: Option<String> = attr(obj, "path_regex")?;
-    let strip_prefix: bool = attr(obj, "strip_prefix")?;
-    if strip_prefix && path_prefix.is_none() {
-        return Err(field_error(
-            class,
-            "strip_prefix",
-            "needs a path_prefix to strip",
-        ));
-    }
-    Ok(Route {
-        host: host_pattern.map(|h| host(class, "host", &h)).transpose()?,
-        path_prefix: path_prefix
-            .map(|p| path(class, "path_prefix", p))
-            .transpose()?,
+    let route = Route {
+        host: host_pattern.map(|h| host(class, &h)).transpose()?,
+        path_prefix,
         path_regex: path_regex
             .map(|p| regex(class, "path_regex", &p))
             .transpose()?,
         upstream: upstream_from(&obj.getattr("upstream")?)
             .map_err(|e| within(obj.py(), e, "Route.upstream"))?,
-        strip_prefix,
-    })
+        strip_prefix: attr(obj, "strip_prefix")?,
+    };
+    route.check().map_err(|e| config_error(class, e))?;
+    Ok(route)
 }
 
 /// The routes of `Proxy.routes`, in order; `None` for none.

@@ -48,13 +48,25 @@ pub enum HostMatch {
 }
 
 impl HostMatch {
-    /// `*.example.com` is a wildcard; anything else a name. Lowercased here, once.
-    pub fn parse(pattern: &str) -> Self {
-        let pattern = pattern.to_ascii_lowercase();
-        match pattern.strip_prefix('*') {
-            Some(suffix) if suffix.starts_with('.') => HostMatch::Wildcard(suffix.to_owned()),
-            _ => HostMatch::Exact(pattern),
+    /// `*.example.com` is a wildcard; anything else a name (or an address, `[::1]`).
+    /// Lowercased here, once.
+    pub fn parse(pattern: &str) -> Result<Self, crate::lb::ConfigError> {
+        let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+        if !valid {
+            return Err(crate::lb::ConfigError::new(
+                "host",
+                format!("{pattern:?} is not a host name or *.suffix"),
+            ));
         }
+        let pattern = pattern.to_ascii_lowercase();
+        Ok(match pattern.strip_prefix('*') {
+            Some(suffix) => HostMatch::Wildcard(suffix.to_owned()),
+            None => HostMatch::Exact(pattern),
+        })
     }
 
     pub fn matches(&self, host: &str) -> bool {
@@ -227,11 +239,15 @@ mod tests {
     #[test]
     fn hosts_match_case_insensitively_without_port() {
         let r = req("GET", "/", &[("host", "API.Example.com:8080")]);
-        assert!(Condition::Host(HostMatch::parse("api.example.com")).matches(&r, CLIENT));
-        assert!(Condition::Host(HostMatch::parse("*.EXAMPLE.com")).matches(&r, CLIENT));
-        assert!(!Condition::Host(HostMatch::parse("*.api.example.com")).matches(&r, CLIENT));
+        assert!(Condition::Host(HostMatch::parse("api.example.com").unwrap()).matches(&r, CLIENT));
+        assert!(Condition::Host(HostMatch::parse("*.EXAMPLE.com").unwrap()).matches(&r, CLIENT));
+        assert!(
+            !Condition::Host(HostMatch::parse("*.api.example.com").unwrap()).matches(&r, CLIENT)
+        );
         let bare = req("GET", "/", &[("host", "example.com")]);
-        assert!(!Condition::Host(HostMatch::parse("*.example.com")).matches(&bare, CLIENT));
+        assert!(!Condition::Host(HostMatch::parse("*.example.com").unwrap()).matches(&bare, CLIENT));
+        assert!(HostMatch::parse("bad host").is_err());
+        assert!(HostMatch::parse("*.").is_err());
         let v6 = req("GET", "/", &[("host", "[::1]:8080")]);
         assert_eq!(request_host(&v6), Some("[::1]"));
         let absolute = req("GET", "http://other.example:81/x", &[]);

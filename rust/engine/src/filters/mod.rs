@@ -90,13 +90,14 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// Check each filter (a 3xx for redirects, a status for the rest, a `RewritePath`
-    /// target that is a path) and split them by phase. `field` names each in errors as
+    /// Check each filter ([`Filter::check`]) and split them by phase. Errors name each as
     /// `filters[i]`.
     pub fn new(filters: Vec<Filter>) -> Result<Self, ConfigError> {
         let mut compiled = Filters::default();
         for (i, filter) in filters.into_iter().enumerate() {
-            check(&filter).map_err(|e| e.within(&format!("filters[{i}]")))?;
+            filter
+                .check()
+                .map_err(|e| e.within(&format!("filters[{i}]")))?;
             match filter.action.phase() {
                 Phase::Request => compiled.request.push(filter),
                 Phase::Response => compiled.response.push(filter),
@@ -190,19 +191,33 @@ impl Filters {
     }
 }
 
-fn check(filter: &Filter) -> Result<(), ConfigError> {
-    match &filter.action {
-        Action::Redirect { status, .. } if !status.is_redirection() => Err(ConfigError::new(
-            "status",
-            format!("a redirect's status is a 3xx, not {}", status.as_u16()),
-        )),
-        Action::Deny(status) | Action::Respond { status, .. } if status.is_informational() => {
-            Err(ConfigError::new(
-                "status",
-                format!("{} is not a final status", status.as_u16()),
-            ))
+impl Filter {
+    /// What the engine needs of a filter: a 3xx for a redirect, a final status (200..=599)
+    /// for an answer, a `RewritePath` target that is a path. Errors name the field.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let status_in = |status: StatusCode, range: std::ops::RangeInclusive<u16>| {
+            if range.contains(&status.as_u16()) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    "status",
+                    format!(
+                        "must be {}..={}, got {}",
+                        range.start(),
+                        range.end(),
+                        status.as_u16()
+                    ),
+                ))
+            }
+        };
+        match &self.action {
+            Action::Redirect { status, .. } => status_in(*status, 300..=399),
+            Action::Deny(status) | Action::Respond { status, .. } => status_in(*status, 200..=599),
+            Action::RewritePath { to, .. } if !to.is_path() => {
+                Err(ConfigError::new("to", "must start with '/' (or {path})"))
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     }
 }
 

@@ -115,6 +115,15 @@ impl Template {
         }
     }
 
+    /// Whether it renders a request path: it starts with `/` or `{path}`.
+    pub fn is_path(&self) -> bool {
+        match self.parts.first() {
+            Some(Part::Literal(text)) => text.starts_with('/'),
+            Some(Part::Path) => true,
+            _ => false,
+        }
+    }
+
     pub fn uses_captures(&self) -> bool {
         self.parts
             .iter()
