@@ -5,6 +5,7 @@ was sent."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from collections.abc import Iterator
@@ -159,6 +160,19 @@ def test_request_headers_path_rewrite_and_request_id(ferroxy_upstream, ferroxy_p
     assert (sent["path"], sent["query"]) == ("/v2/users", "page=2")
     assert kept["headers"]["x-request-id"] == "from-client"
     assert seen == [request_id, "from-client"]
+
+
+def test_the_access_log_names_the_id_a_filter_gave(
+    ferroxy_upstream, ferroxy_proxy, tmp_path
+) -> None:
+    log = tmp_path / "access.log"
+    proxy = ferroxy_proxy(
+        app(ferroxy_upstream, f.RequestId()), access_log=str(log), access_log_format="json"
+    )
+    sent = httpx.get(proxy.url + "/").json()
+    assert wait_until(lambda: log.exists() and log.read_text(), timeout=5)
+    [line] = log.read_text().splitlines()
+    assert json.loads(line)["request_id"] == sent["headers"]["x-request-id"]
 
 
 def test_response_filters_run_after_response_filter(ferroxy_upstream, ferroxy_proxy) -> None:

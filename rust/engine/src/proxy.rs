@@ -549,7 +549,10 @@ impl Access {
             upstream: session.upstream.as_ref().map(|peer| peer.addr()),
             upstream_time: session.upstream_time,
             duration: session.started.elapsed(),
-            request_id: arrival.request_id.as_ref().map(|v| v.as_bytes()),
+            // The id a filter gave the request, else the client's.
+            request_id: (session.request_id.as_ref())
+                .or(arrival.request_id.as_ref())
+                .map(|v| v.as_bytes()),
             user_agent: arrival.user_agent.as_ref().map(|v| v.as_bytes()),
             referer: arrival.referer.as_ref().map(|v| v.as_bytes()),
             error: error.map(|e| e.kind.as_str()),
