@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import served_by, wait_until
+from conftest import free_port, served_by, wait_until
 from ferroxy import LoadBalancer, Peer, Proxy, ProxyError, Route, Session
 
 
@@ -143,3 +143,12 @@ def test_bad_routes_name_the_field(kwargs, error, message) -> None:
 def test_an_app_needs_upstream_routes_or_upstream_peer(ferroxy_proxy) -> None:
     with pytest.raises(TypeError, match="must set `upstream` or `routes`"):
         ferroxy_proxy(routed([]))
+
+
+def test_a_routes_balancer_retries_on_its_other_backends(upstreams, ferroxy_proxy) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    pool = LoadBalancer([dead, upstreams[0].addr], max_retries=1)
+    proxy = ferroxy_proxy(routed([Route(path_prefix="/", upstream=pool)]), access_log=False)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        assert [client.get(f"/{i}").status_code for i in range(10)] == [200] * 10
+    assert served_by(upstreams) == [10, 0, 0]

@@ -6,7 +6,9 @@
 //! Order: `new_ctx`, `request_filter`, then for each attempt `upstream_peer`,
 //! `upstream_request_filter` and the exchange (a failure to connect goes through
 //! `fail_to_connect`, which may ask for another attempt), then `response_filter`; on any
-//! failure `fail_to_proxy`; always `logging`, last.
+//! failure `fail_to_proxy`; always `logging`, last. The engine's declarative filters and
+//! routes run between them (see [`crate::proxy`]): request filters and the route before
+//! `request_filter`, response filters after `response_filter`.
 
 use std::future::Future;
 
