@@ -4,6 +4,7 @@ Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook th
 :func:`blocking`), and serve it with :func:`run` or ``python -m ferroxy path/to/app.py:App``.
 """
 
+from . import filters
 from ._core import (
     ClientConn,
     Headers,
@@ -19,6 +20,7 @@ from ._core import (
     __version__,
 )
 from .proxy import Proxy, blocking
+from .routes import Route
 from .server import ProxyServer, ServerOptions, run
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "RequestHeader",
     "Response",
     "ResponseHeader",
+    "Route",
     "ServerConn",
     "ServerOptions",
     "Session",
     "__version__",
     "blocking",
+    "filters",
     "run",
 ]

@@ -10,6 +10,9 @@ from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, o
 
 from _typeshed import SupportsKeysAndGetItem
 
+from .filters import Condition, Filter
+from .routes import Route
+
 _T = TypeVar("_T")
 
 __version__: str
@@ -43,6 +46,15 @@ REQUEST_STEPS: Final[tuple[str, str, str]]
 
 def set_log_level(level: int) -> None:
     """Lowest Python logging level the engine forwards to the ``ferroxy`` loggers."""
+
+def check_filter(filter: Filter, /) -> None:
+    """Check ``filter`` as the engine will run it: ValueError naming its class and field."""
+
+def check_condition(condition: Condition, /) -> None:
+    """Check ``condition`` as the engine will run it: ValueError naming its class and field."""
+
+def check_route(route: Route, /) -> None:
+    """Check ``route`` as the engine will run it: ValueError naming the field."""
 
 #: What builds headers: a mapping (a ``Headers`` too) or (name, value) pairs.
 _HeadersInput: TypeAlias = (
@@ -321,6 +333,13 @@ class Session:
     @property
     def server_conn(self) -> ServerConn | None:
         """None until the request has been sent upstream (set in response_filter, logging)."""
+    @property
+    def route(self) -> Route | None:
+        """The app's ``Route`` that matched (None when none did, or it has no routes)."""
+    @property
+    def request_id(self) -> str | None:
+        """The request's id: the one a filter gave or read (``RequestId``, ``{request_id}``),
+        else the client's ``x-request-id``; None without either."""
     def upstream_request(self) -> RequestHeader:
         """A preview of ``req`` as the engine would forward it now (hop-by-hop headers
         removed, X-Forwarded-* set). Edits to it are not sent: edit ``upstream_request`` in
@@ -408,6 +427,8 @@ class Server:
         access_log: str | os.PathLike[str] | bool | None = ...,
         access_log_format: str | None = ...,
         balancers: Sequence[LoadBalancer] | None = None,
+        filters: Sequence[Filter] | None = None,
+        routes: Sequence[Route] | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is

@@ -21,7 +21,7 @@ hook that blocks (a synchronous HTTP client, a database driver) is decorated wit
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     # installed, and at run time the default changes nothing.
     from typing_extensions import TypeVar as _TypeVarWithDefault
 
+    from .filters import Filter
+    from .routes import Route
+
     CtxT = _TypeVarWithDefault("CtxT", default=Any)
 else:
     CtxT = TypeVar("CtxT")
@@ -76,6 +79,16 @@ class Proxy(Generic[CtxT]):
     #: retries). Either way no Python runs to route a request. Set on the class or on the
     #: instance that is served.
     upstream: Peer | LoadBalancer | str | None = None
+
+    #: ``ferroxy.Route`` s, matched in Rust before any hook runs: the matched route's
+    #: upstream is used unless ``upstream_peer`` is overridden (then it chooses, and may read
+    #: ``session.route``); requests no route matches go to ``upstream``.
+    routes: Sequence[Route] = ()
+
+    #: ``ferroxy.filters`` run in Rust, in list order: request-phase ones before
+    #: ``request_filter`` (one that answers ends the request before any hook), response-phase
+    #: ones after ``response_filter``.
+    filters: Sequence[Filter] = ()
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.
@@ -170,6 +183,22 @@ def resolve_upstream(app: Proxy[Any]) -> Peer | LoadBalancer | None:
     """``app.upstream`` (the instance's own, else its class's) as a ``Peer`` or
     ``LoadBalancer`` (a ``"host:port"`` str is converted), or None when it is not set."""
     return as_upstream(app.upstream, f"{type(app).__name__}.upstream")
+
+
+def declared(app: Proxy[Any], name: str, kind: type[_T]) -> tuple[_T, ...]:
+    """``app.routes`` or ``app.filters`` as a tuple, each item checked to be a ``kind``
+    (TypeError naming ``App.routes[i]`` otherwise)."""
+    items = getattr(app, name)
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{type(app).__name__}.{name} must be a list, not {type(items).__name__}")
+    checked = tuple(items)
+    for i, item in enumerate(checked):
+        if not isinstance(item, kind):
+            raise TypeError(
+                f"{type(app).__name__}.{name}[{i}] must be a {kind.__name__}, "
+                f"not {type(item).__name__}"
+            )
+    return checked
 
 
 def as_upstream(value: object, name: str) -> Peer | LoadBalancer | None:

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Final, TypedDict
 from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
-from .proxy import Proxy, as_upstream, overridden_hooks, resolve_upstream
+from .filters import Filter
+from .proxy import Proxy, as_upstream, declared, overridden_hooks, resolve_upstream
+from .routes import Route
 
 if TYPE_CHECKING:
     # Both in typing from 3.11; type checkers know typing_extensions without it installed.
@@ -144,10 +146,16 @@ class _LoopServer:
             upstream = as_upstream(engine_options.pop("upstream"), "upstream")
         else:
             upstream = resolve_upstream(proxy)
-        if upstream is None and "upstream_peer" not in hooks:
-            raise TypeError(f"{cls.__name__} must set `upstream` or override upstream_peer()")
+        routes = declared(proxy, "routes", Route)
+        filters = declared(proxy, "filters", Filter)
+        if upstream is None and "upstream_peer" not in hooks and not routes:
+            raise TypeError(
+                f"{cls.__name__} must set `upstream` or `routes`, or override upstream_peer()"
+            )
         engine_options["balancers"] = balancers_of(
-            proxy, upstream, engine_options.pop("balancers", ())
+            proxy,
+            upstream,
+            [*engine_options.pop("balancers", ()), *(route.upstream for route in routes)],
         )
         self.loop = loop
         self._stopped: asyncio.Future[None] = loop.create_future()
@@ -159,7 +167,12 @@ class _LoopServer:
         )
         try:
             self.server = _core.Server(
-                self.dispatcher, hooks=hooks, upstream=upstream, **engine_options
+                self.dispatcher,
+                hooks=hooks,
+                upstream=upstream,
+                filters=filters or None,
+                routes=routes or None,
+                **engine_options,
             )
         except BaseException:
             self.dispatcher.close()
@@ -306,9 +319,7 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
     return installed
 
 
-def balancers_of(
-    app: Proxy[Any], upstream: object, given: Sequence[LoadBalancer]
-) -> list[LoadBalancer]:
+def balancers_of(app: Proxy[Any], upstream: object, given: Sequence[object]) -> list[LoadBalancer]:
     """The load balancers ``app`` uses, whose background services (health checks, DNS
     refresh) its server runs: ``given``, ``upstream``, the balancers among the app's
     attributes (its class's, its bases', its own), the variables its hooks close over, and

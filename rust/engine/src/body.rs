@@ -28,7 +28,15 @@ pub struct ProxyBody {
 
 enum Source {
     Streamed(Incoming),
+    /// Streamed with a limit (a `MaxBodySize` filter); boxed, as rare.
+    Limited(Box<Limited>),
     Full(Option<Bytes>),
+}
+
+struct Limited {
+    incoming: Incoming,
+    max: u64,
+    seen: u64,
 }
 
 impl ProxyBody {
@@ -59,6 +67,31 @@ impl ProxyBody {
         }
     }
 
+    /// Allow at most `max` bytes: `false` when the body's known length is more already;
+    /// otherwise a streamed body fails (a [`BodyFailure::TooLarge`]) once it crosses `max`.
+    pub fn limit(&mut self, max: u64) -> bool {
+        let hint = self.size_hint();
+        if hint.lower() > max {
+            return false;
+        }
+        if hint.upper().is_none_or(|upper| upper > max) {
+            let placeholder = Source::Full(None);
+            self.source = match std::mem::replace(&mut self.source, placeholder) {
+                Source::Streamed(incoming) => Source::Limited(Box::new(Limited {
+                    incoming,
+                    max,
+                    seen: 0,
+                })),
+                Source::Limited(mut limited) => {
+                    limited.max = limited.max.min(max);
+                    Source::Limited(limited)
+                }
+                full @ Source::Full(_) => full,
+            };
+        }
+        true
+    }
+
     /// Tells, later, whether this body has been read to its end. An empty body is finished
     /// already and needs no shared flag.
     pub fn progress(&mut self) -> BodyProgress {
@@ -87,13 +120,28 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let side = this.side;
+        let stream_error = |e: hyper::Error| {
+            BoxError::from(BodyError {
+                side,
+                reason: BodyFailure::Stream(Box::new(e)),
+            })
+        };
         let polled = match &mut this.source {
-            Source::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(|e| {
-                BoxError::from(BodyError {
-                    side,
-                    reason: BodyFailure::Stream(Box::new(e)),
-                })
-            }),
+            Source::Streamed(incoming) => Pin::new(incoming).poll_frame(cx).map_err(stream_error),
+            Source::Limited(limited) => {
+                let polled = Pin::new(&mut limited.incoming).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    limited.seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if limited.seen > limited.max {
+                        let too_large = BodyError {
+                            side,
+                            reason: BodyFailure::TooLarge(limited.max),
+                        };
+                        return Poll::Ready(Some(Err(Box::new(too_large))));
+                    }
+                }
+                polled.map_err(stream_error)
+            }
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
@@ -125,6 +173,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Streamed(incoming) => incoming.is_end_stream(),
+            Source::Limited(limited) => limited.incoming.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
         }
     }
@@ -132,6 +181,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Streamed(incoming) => incoming.size_hint(),
+            Source::Limited(limited) => limited.incoming.size_hint(),
             Source::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -288,7 +338,7 @@ mod tests {
         let body = error.downcast_ref::<BodyError>().expect("a BodyError");
         match body.reason {
             BodyFailure::Idle(after) => (body.side, after),
-            BodyFailure::Stream(ref e) => panic!("not an idle failure: {e}"),
+            ref other => panic!("not an idle failure: {other:?}"),
         }
     }
 

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The client stopped sending its request body for longer than client_read_timeout.
     ClientTimeout,
+    /// The client's request body is longer than a `MaxBodySize` filter allows.
+    BodyTooLarge,
     /// The client went away (or reset) before its request or response was complete.
     DownstreamClosed,
     /// A bug or an unexpected state inside the proxy.
@@ -54,6 +56,7 @@ impl ErrorKind {
             ErrorKind::HookTimeout => "hook_timeout",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::ClientTimeout => "client_timeout",
+            ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::DownstreamClosed => "downstream_closed",
             ErrorKind::Internal => "internal",
         }
@@ -78,9 +81,10 @@ impl ErrorKind {
             | ErrorKind::WriteTimeout
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => ErrorSide::Upstream,
-            ErrorKind::InvalidRequest | ErrorKind::ClientTimeout | ErrorKind::DownstreamClosed => {
-                ErrorSide::Client
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::ClientTimeout
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::DownstreamClosed => ErrorSide::Client,
             ErrorKind::HookError | ErrorKind::HookTimeout | ErrorKind::Internal => ErrorSide::Proxy,
         }
     }
@@ -100,6 +104,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamProtocol => 502,
             ErrorKind::InvalidRequest => 400,
             ErrorKind::ClientTimeout => 408,
+            ErrorKind::BodyTooLarge => 413,
             // nginx's code for "client closed request": only ever seen in logs.
             ErrorKind::DownstreamClosed => 499,
             ErrorKind::HookError | ErrorKind::Internal => 500,
@@ -326,11 +331,14 @@ pub enum BodyFailure {
     Idle(Duration),
     /// The stream itself failed (reset, malformed framing, ...).
     Stream(Box<dyn std::error::Error + Send + Sync>),
+    /// More than this many bytes came (see [`crate::body::ProxyBody::limit`]).
+    TooLarge(u64),
 }
 
 impl BodyError {
     pub fn kind(&self) -> ErrorKind {
         match (&self.side, &self.reason) {
+            (_, BodyFailure::TooLarge(_)) => ErrorKind::BodyTooLarge,
             (ErrorSide::Client, BodyFailure::Idle(_)) => ErrorKind::ClientTimeout,
             (ErrorSide::Client, BodyFailure::Stream(e)) if is_malformed(e.as_ref()) => {
                 ErrorKind::InvalidRequest
@@ -371,6 +379,7 @@ impl fmt::Display for BodyError {
         match &self.reason {
             BodyFailure::Idle(after) => write!(f, "the {who} sent nothing for {after:?}"),
             BodyFailure::Stream(e) => write!(f, "the {who}'s body failed: {e}"),
+            BodyFailure::TooLarge(max) => write!(f, "the {who}'s body is longer than {max} bytes"),
         }
     }
 }
@@ -379,7 +388,7 @@ impl std::error::Error for BodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.reason {
             BodyFailure::Stream(e) => Some(e.as_ref()),
-            BodyFailure::Idle(_) => None,
+            BodyFailure::Idle(_) | BodyFailure::TooLarge(_) => None,
         }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
-//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `error`, `server` with `listener`,
+//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
@@ -14,6 +14,7 @@ pub mod body;
 pub mod client_conn;
 pub mod digest;
 pub mod error;
+pub mod filters;
 pub mod flood;
 pub mod forward;
 pub mod http_service;
@@ -24,6 +25,7 @@ pub mod phase;
 pub mod proxy;
 pub mod response;
 pub mod retry;
+pub mod route;
 pub mod server;
 pub mod service;
 pub mod session;

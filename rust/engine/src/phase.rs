@@ -6,7 +6,9 @@
 //! Order: `new_ctx`, `request_filter`, then for each attempt `upstream_peer`,
 //! `upstream_request_filter` and the exchange (a failure to connect goes through
 //! `fail_to_connect`, which may ask for another attempt), then `response_filter`; on any
-//! failure `fail_to_proxy`; always `logging`, last.
+//! failure `fail_to_proxy`; always `logging`, last. The engine's declarative filters and
+//! routes run between them (see [`crate::proxy`]): request filters and the route before
+//! `request_filter`, response filters after `response_filter`.
 
 use std::future::Future;
 
@@ -52,6 +54,13 @@ pub trait ProxyHttp: Send + Sync + 'static {
         session: &mut Session,
         ctx: &mut Self::Ctx,
     ) -> impl Future<Output = Result<Peer>> + Send;
+
+    /// Whether `upstream_peer` chooses for requests a route matched too (see
+    /// [`crate::route`]). Default: false, a matched route's upstream is used and
+    /// `upstream_peer` is asked only for requests no route matched.
+    fn upstream_peer_overrides_routes(&self) -> bool {
+        false
+    }
 
     /// Edits the request about to be sent upstream (already stripped of hop-by-hop headers
     /// and carrying X-Forwarded-*), once per attempt, with the attempt's peer in

@@ -25,7 +25,11 @@ impl Response {
 
     /// The page a client gets when proxying fails and no hook supplied another.
     pub fn error_page(error: &Error) -> Self {
-        let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        Response::status_page(StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY))
+    }
+
+    /// A plain-text page saying `status` and its reason: `403 Forbidden`.
+    pub fn status_page(status: StatusCode) -> Self {
         let reason = status.canonical_reason().unwrap_or("Error");
         let mut response = Response::new(status, format!("{} {reason}\n", status.as_u16()));
         response.headers.insert(

@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// Where a line per request goes; `None` for no access log. (Open one with
     /// [`AccessLog::open`]; the Python layer's default is stdout in nginx's combined format.)
     pub access_log: Option<Arc<AccessLog>>,
+    /// Declarative filters and routes the proxy runs between the phases (see
+    /// [`ProxyConfig`]).
+    pub filters: Option<Arc<crate::filters::Filters>>,
+    pub routes: Option<Arc<crate::route::Router>>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +55,8 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(75),
             pool: PoolConfig::default(),
             access_log: None,
+            filters: None,
+            routes: None,
         }
     }
 }
@@ -94,6 +100,8 @@ impl Server {
             UpstreamClient::new(pool),
             ProxyConfig {
                 access_log: config.access_log,
+                filters: config.filters,
+                routes: config.routes,
             },
         );
         let http = HttpProxy::new(

@@ -37,6 +37,13 @@ pub struct Session {
     pub retry: RetryPolicy,
     /// The failed tries so far, in order.
     pub tries: Vec<FailedTry>,
+    /// The index of the route that matched, in the router's list (see [`crate::route`]).
+    pub route: Option<usize>,
+    /// What the matched route strips from the path it sends upstream.
+    pub strip_prefix: Option<Arc<str>>,
+    /// The request's id, once a filter needed it: the client's `x-request-id`, or one made
+    /// for it (see [`crate::filters::request_id`]).
+    pub request_id: Option<http::HeaderValue>,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
     body: Option<ProxyBody>,
@@ -64,6 +71,9 @@ impl Session {
             backend: None,
             retry: RetryPolicy::default(),
             tries: Vec::new(),
+            route: None,
+            strip_prefix: None,
+            request_id: None,
             upstream_request: None,
             body: None,
         }
@@ -74,17 +84,27 @@ impl Session {
     }
 
     /// The head to send upstream, built from `req` on first use (hop-by-hop headers gone,
-    /// X-Forwarded-* set; see [`crate::forward::upstream_request`]). Built once: whoever
-    /// asks first (the proxy, or a phase implementation that runs ahead) builds it.
+    /// X-Forwarded-* set, the route's prefix stripped; see [`crate::forward::upstream_request`]).
+    /// Built once: whoever asks first (the proxy, or a phase implementation that runs ahead)
+    /// builds it.
     pub fn upstream_request(&mut self) -> &mut http::request::Parts {
         let Session {
             upstream_request,
             req,
             downstream,
+            strip_prefix,
             ..
         } = self;
         upstream_request.get_or_insert_with(|| {
-            crate::forward::upstream_request(req, downstream.client_addr.ip(), downstream.scheme)
+            let mut head = crate::forward::upstream_request(
+                req,
+                downstream.client_addr.ip(),
+                downstream.scheme,
+            );
+            if let Some(prefix) = strip_prefix {
+                crate::route::strip_prefix(&mut head, prefix);
+            }
+            head
         })
     }
 
@@ -102,6 +122,11 @@ impl Session {
     pub fn body_size(&self) -> Option<u64> {
         use http_body::Body;
         self.body.as_ref()?.size_hint().exact()
+    }
+
+    /// The downstream request body, while it has not been taken.
+    pub fn body_mut(&mut self) -> Option<&mut ProxyBody> {
+        self.body.as_mut()
     }
 
     /// The downstream request body, for the proxy to forward; `None` once taken.

@@ -32,21 +32,18 @@ pub struct Simulated {
 }
 
 /// Run `request`, as if it came from `client_addr` to `local_addr`, through `proxy`'s
-/// phases, with every upstream answering `upstream`. The `logging` phase has run when this
-/// returns.
+/// phases (and `config`'s filters and routes), with every upstream answering `upstream`. The
+/// `logging` phase has run when this returns.
 pub async fn simulate<P: ProxyHttp>(
     proxy: Arc<P>,
+    config: ProxyConfig,
     request: http::Request<Bytes>,
     client_addr: SocketAddr,
     local_addr: SocketAddr,
     upstream: Response,
 ) -> Simulated {
     let canned = Arc::new(CannedUpstream::new(upstream));
-    let service = ProxyService::new(
-        proxy,
-        UpstreamClient::canned(canned.clone()),
-        ProxyConfig { access_log: None },
-    );
+    let service = ProxyService::new(proxy, UpstreamClient::canned(canned.clone()), config);
     let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
     let response = service
         .handle(request.map(ProxyBody::full), downstream)

@@ -253,3 +253,63 @@ fn graceful_shutdown_finishes_in_flight_requests() {
         "still accepting after shutdown"
     );
 }
+
+/// Filters and routes are engine steps: a Rust-only app whose own `upstream_peer` points
+/// nowhere gets them as a Python one does.
+#[test]
+fn filters_and_routes_run_for_a_rust_only_app() {
+    use std::sync::Arc;
+
+    use ferroxy_engine::filters::{Action, Condition, Filter, Filters, HostMatch, TextMatch};
+    use ferroxy_engine::lb::Upstream;
+    use ferroxy_engine::route::{Route, Router};
+
+    let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
+    let routes = Router::new(vec![Route {
+        host: Some(HostMatch::parse("*.test").unwrap()),
+        path_prefix: Some("/api/".into()),
+        path_regex: None,
+        upstream: Upstream::Peer(Peer::new(&echo.addr().to_string()).unwrap()),
+        strip_prefix: true,
+    }])
+    .unwrap();
+    let filters = Filters::new(vec![
+        Filter::new(
+            Some(Condition::Path(TextMatch::Exact("/healthz".into()))),
+            Action::Respond {
+                status: http::StatusCode::OK,
+                body: "ok".into(),
+            },
+        ),
+        Filter::new(None, Action::RequestId),
+        Filter::new(
+            None,
+            Action::RemoveResponseHeader(http::HeaderName::from_static("x-served-by")),
+        ),
+    ])
+    .unwrap();
+    let config = ServerConfig {
+        listeners: vec!["127.0.0.1:0".into()],
+        threads: 1,
+        filters: Some(Arc::new(filters)),
+        routes: Some(Arc::new(routes)),
+        ..Default::default()
+    };
+    let nowhere = Peer::new("127.0.0.1:1").unwrap();
+    let proxy = Server::proxy(config, TestProxy { upstream: nowhere })
+        .start()
+        .unwrap();
+    let addr = proxy.local_addr();
+
+    let health = get(addr, "/healthz", "");
+    assert_eq!((health.status, &health.body[..]), (200, &b"ok"[..]));
+    let routed = get(addr, "/api/users?x=1", "x-request-id: rid-1\r\n");
+    assert_eq!(routed.status, 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&routed.body).unwrap();
+    assert_eq!(echoed["path"], "/users");
+    assert_eq!(echoed["headers"]["x-request-id"], "rid-1");
+    // The app's response_filter ran, then the filter removed what it added.
+    assert!(!routed.headers.iter().any(|(k, _)| k == "x-served-by"));
+    // No route: the app's own upstream_peer, which points nowhere.
+    assert_eq!(get(addr, "/other", "").status, 502);
+}

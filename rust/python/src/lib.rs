@@ -6,6 +6,7 @@ mod bench;
 mod bridge;
 mod call;
 mod echo;
+mod filters;
 mod headers;
 mod lb;
 mod logs;
@@ -65,6 +66,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::check_filter, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::check_condition, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::check_route, m)?)?;
     m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
     m.add("DEFAULTS", defaults(m.py())?)?;
     m.add(

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use pyo3::types::PyTuple;
+use pyo3::Py;
 use tokio::sync::oneshot;
 
 use ferroxy_engine::lb::Upstream;
@@ -19,7 +21,7 @@ use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 use crate::bridge::{Bridge, Job};
 use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
-use crate::session::{PySession, SessionRef};
+use crate::session::{PySession, RouteRef, SessionRef};
 use crate::types::Chosen;
 
 /// Which hooks the Python app overrides; the rest never cross into Python.
@@ -60,11 +62,14 @@ impl Hooks {
     /// as long as each next phase is Python's (or a fixed peer, which nothing can observe
     /// being chosen), the next. A load balancer's pick is a Rust step: upstream_request_filter
     /// waits for it, so it sees the backend picked.
-    fn trip_at_request_filter(&self, upstream: Option<&Upstream>) -> RequestSteps {
+    /// With routes, upstream_request_filter always waits: a route may strip the path of the
+    /// head it filters, a Rust step.
+    fn trip_at_request_filter(&self, upstream: Option<&Upstream>, routed: bool) -> RequestSteps {
         if !self.request_filter {
             return RequestSteps::default();
         }
-        let peer_is_known = self.upstream_peer || matches!(upstream, Some(Upstream::Peer(_)));
+        let peer_is_known =
+            !routed && (self.upstream_peer || matches!(upstream, Some(Upstream::Peer(_))));
         RequestSteps {
             request_filter: true,
             upstream_peer: self.upstream_peer,
@@ -74,11 +79,11 @@ impl Hooks {
 
     /// The same from `upstream_peer` on, when no earlier trip covered it (the first attempt
     /// of an app without request_filter, or a retry).
-    fn trip_at_upstream_peer(&self) -> RequestSteps {
+    fn trip_at_upstream_peer(&self, routed: bool) -> RequestSteps {
         RequestSteps {
             request_filter: false,
             upstream_peer: self.upstream_peer,
-            upstream_request_filter: self.upstream_peer && self.upstream_request_filter,
+            upstream_request_filter: !routed && self.upstream_peer && self.upstream_request_filter,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct PyProxy {
     pub bridge: Arc<Bridge>,
     pub hooks: Hooks,
     pub upstream: Option<Upstream>,
+    /// The app's `Route` objects, when it has routes: `session.route` is one of them.
+    pub routes: Option<Arc<Py<PyTuple>>>,
 }
 
 #[derive(Default)]
@@ -114,11 +121,23 @@ impl PyProxy {
         // mid-phase): it is the real one, and `session.req` only the placeholder.
         slot.lock()
             .get_or_insert_with(|| std::mem::replace(&mut session.req, placeholder_request()));
+        let is_new = ctx.session.is_none();
         SessionRef {
             py: ctx.session.take(),
             req: slot,
             downstream: session.downstream.clone(),
             upstream: session.upstream_digest,
+            route: self
+                .routes
+                .as_ref()
+                .zip(session.route)
+                .filter(|_| is_new)
+                .map(|(routes, index)| RouteRef {
+                    index,
+                    routes: routes.clone(),
+                }),
+            // A response-phase template may make it after the first trip.
+            request_id: session.request_id.clone(),
         }
     }
 
@@ -216,7 +235,10 @@ impl ProxyHttp for PyProxy {
         session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Option<Response>> {
-        let steps = self.hooks.trip_at_request_filter(self.upstream.as_ref());
+        let routed = self.routes.is_some();
+        let steps = self
+            .hooks
+            .trip_at_request_filter(self.upstream.as_ref(), routed);
         if steps.is_empty() {
             return Ok(None);
         }
@@ -229,7 +251,7 @@ impl ProxyHttp for PyProxy {
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Peer> {
         if ctx.peer.is_none() && self.hooks.upstream_peer {
-            let steps = self.hooks.trip_at_upstream_peer();
+            let steps = self.hooks.trip_at_upstream_peer(self.routes.is_some());
             self.request_trip(steps, session, ctx, None).await?;
             if ctx.peer.is_none() {
                 return Err(Error::new(
@@ -247,11 +269,19 @@ impl ProxyHttp for PyProxy {
         }
         match &self.upstream {
             Some(upstream) => upstream.select(session),
+            // The client asked for what no route serves (the engine routes before asking).
+            None if self.routes.is_some() => {
+                Err(Error::new(ErrorKind::InvalidRequest, "no route matches").with_status(404))
+            }
             None => Err(Error::new(
                 ErrorKind::Internal,
                 "no upstream: set `upstream` or override upstream_peer()",
             )),
         }
+    }
+
+    fn upstream_peer_overrides_routes(&self) -> bool {
+        self.hooks.upstream_peer
     }
 
     async fn upstream_request_filter(

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyList, PyTuple};
 
 use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::upstream::PoolConfig;
@@ -42,6 +42,7 @@ pub struct PyServer {
     upstream: Option<Upstream>,
     /// The load balancers the app uses, whose background services run with the server.
     balancers: Vec<Arc<ferroxy_engine::lb::LoadBalancer>>,
+    routes: Option<Arc<Py<PyTuple>>>,
     handle: Mutex<Option<ServerHandle>>,
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
@@ -72,7 +73,7 @@ impl PyServer {
         dispatcher, *, hooks=None, upstream=None, listen=None, threads=None, grace_period=None,
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
-        access_log_format=None, balancers=None
+        access_log_format=None, filters=None, routes=None, balancers=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -89,6 +90,8 @@ impl PyServer {
         pool_max_idle_per_peer: Option<i64>,
         access_log: Option<AccessLogOption>,
         access_log_format: Option<String>,
+        filters: Option<&Bound<'_, PyAny>>,
+        routes: Option<&Bound<'_, PyAny>>,
         balancers: Option<Vec<PyRef<'_, PyLoadBalancer>>>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
@@ -121,6 +124,24 @@ impl PyServer {
             None => AccessLogFormat::default(),
         };
         let access_log_target = access_log.map_or_else(AccessLogTarget::default, Into::into);
+        let filters = filters
+            .map(crate::filters::filters_from)
+            .transpose()?
+            .flatten();
+        // Python's own list, for session.route to hand back the object that matched.
+        let route_objects = match routes {
+            Some(list) if !list.is_none() => Some(PyTuple::new(
+                list.py(),
+                list.try_iter()?.collect::<PyResult<Vec<_>>>()?,
+            )?),
+            _ => None,
+        };
+        let routes = route_objects
+            .as_ref()
+            .map(|list| crate::filters::routes_from(list.as_any()))
+            .transpose()?
+            .flatten();
+        let route_objects = route_objects.filter(|_| routes.is_some());
         let config = ServerConfig {
             listeners: listen_specs(listen)?,
             threads: threads.map_or(defaults.threads, |n| n as usize),
@@ -138,6 +159,8 @@ impl PyServer {
                 max_idle_per_peer: pool_max_idle_per_peer
                     .unwrap_or(defaults.pool.max_idle_per_peer),
             },
+            filters,
+            routes,
             // After the other options, so that a bad one leaves no file created.
             access_log: AccessLog::open(&access_log_target, access_log_format)?,
         };
@@ -169,6 +192,7 @@ impl PyServer {
                 .iter()
                 .map(|balancer| balancer.inner.clone())
                 .collect(),
+            routes: route_objects.map(|tuple| Arc::new(tuple.unbind())),
             handle: Mutex::new(None),
             addrs: OnceLock::new(),
         })
@@ -305,8 +329,15 @@ impl PyServer {
             local_addr,
         };
         self.bridge.set_serving(true);
+        // The app's filters and routes too; no access log.
+        let config = ferroxy_engine::proxy::ProxyConfig {
+            access_log: None,
+            filters: self.config.filters.clone(),
+            routes: self.config.routes.clone(),
+        };
         crate::simulate::start(
             self.proxy(),
+            config,
             self.bridge.clone(),
             request,
             crate::simulate::upstream_response(upstream),
@@ -367,6 +398,7 @@ impl PyServer {
             bridge: self.bridge.clone(),
             hooks: self.hooks,
             upstream: self.upstream.clone(),
+            routes: self.routes.clone(),
         }
     }
 

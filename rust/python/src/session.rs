@@ -177,6 +177,8 @@ pub struct PySession {
     req: Py<PyRequestHeader>,
     downstream: Arc<DownstreamDigest>,
     upstream: Option<UpstreamDigest>,
+    route: Option<RouteRef>,
+    request_id: Option<http::HeaderValue>,
     #[pyo3(get, set)]
     ctx: Py<PyAny>,
 }
@@ -232,6 +234,27 @@ impl PySession {
     #[getter]
     fn server_conn(&self) -> Option<ServerConn> {
         self.upstream.map(|digest| ServerConn { digest })
+    }
+    /// The `Route` that matched this request (None when none did, or there are no routes).
+    #[getter]
+    fn route<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.route
+            .as_ref()
+            .map(|route| route.routes.bind(py).get_item(route.index))
+            .transpose()
+    }
+    /// The request's id: the one a filter gave it or read, else the client's `x-request-id`.
+    #[getter]
+    fn request_id(&self) -> PyResult<Option<String>> {
+        let latin1 = |v: &http::HeaderValue| v.as_bytes().iter().map(|&b| b as char).collect();
+        match &self.request_id {
+            Some(id) => Ok(Some(latin1(id))),
+            None => self.req.get().read(|req| {
+                req.headers
+                    .get(&ferroxy_engine::filters::REQUEST_ID)
+                    .map(latin1)
+            }),
+        }
     }
     /// A preview of the request as the engine would forward it now (hop-by-hop headers
     /// removed, X-Forwarded-* set). Edits to it are not sent: edit `upstream_request` in
@@ -351,6 +374,13 @@ impl ServerConn {
     }
 }
 
+/// The route a request took: its index in the app's `routes`, which Python keeps.
+#[derive(Clone)]
+pub struct RouteRef {
+    pub index: usize,
+    pub routes: Arc<Py<pyo3::types::PyTuple>>,
+}
+
 /// The engine side's handle on a request's Python session: the shared request slot, and the
 /// Python object once the Python thread has made it (it is made lazily, on that thread).
 pub struct SessionRef {
@@ -359,13 +389,20 @@ pub struct SessionRef {
     pub downstream: Arc<DownstreamDigest>,
     /// The upstream connection's facts as of this trip, for the session to show.
     pub upstream: Option<UpstreamDigest>,
+    /// Chosen before any hook runs, so the first trip's are the request's.
+    pub route: Option<RouteRef>,
+    pub request_id: Option<http::HeaderValue>,
 }
 
 impl SessionRef {
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
-            if self.upstream.is_some() {
-                session.borrow_mut(py).set_upstream(self.upstream);
+            if self.upstream.is_some() || self.request_id.is_some() {
+                let mut session = session.borrow_mut(py);
+                session.set_upstream(self.upstream);
+                if let Some(id) = self.request_id.take() {
+                    session.request_id = Some(id);
+                }
             }
             return Ok(session.clone_ref(py));
         }
@@ -379,6 +416,8 @@ impl SessionRef {
                 req,
                 downstream: self.downstream.clone(),
                 upstream: self.upstream,
+                route: self.route.take(),
+                request_id: self.request_id.take(),
                 ctx: py.None(),
             },
         )?;

@@ -39,6 +39,7 @@ fn socket_addr(field: &str, addr: &str) -> PyResult<SocketAddr> {
 /// over, and the returned handle holds the outcome.
 pub fn start(
     proxy: PyProxy,
+    config: ferroxy_engine::proxy::ProxyConfig,
     bridge: Arc<Bridge>,
     request: SimulatedRequest,
     upstream: ferroxy_engine::Response,
@@ -71,6 +72,7 @@ pub fn start(
         .spawn(move || {
             let simulated = runtime.block_on(simulate(
                 Arc::new(proxy),
+                config,
                 req,
                 client_addr,
                 local_addr,

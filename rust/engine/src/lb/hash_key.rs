@@ -61,22 +61,28 @@ impl HashKey {
                 .headers
                 .get(name)
                 .map(|value| Cow::Borrowed(value.as_bytes())),
-            HashKey::Cookie(name) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
-                .find_map(|pair| pair_value(pair.trim_ascii_start(), name))
-                .map(Cow::Borrowed),
-            HashKey::Query(name) => req
-                .uri
-                .query()?
-                .as_bytes()
-                .split(|&b| b == b'&')
-                .find_map(|pair| pair_value(pair, name))
-                .map(Cow::Borrowed),
+            HashKey::Cookie(name) => cookie(req, name).map(Cow::Borrowed),
+            HashKey::Query(name) => query_param(req, name).map(Cow::Borrowed),
         }
     }
+}
+
+/// The value of cookie `name`, as sent (not decoded).
+pub(crate) fn cookie<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a [u8]> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| pair_value(pair.trim_ascii_start(), name))
+}
+
+/// The value of query parameter `name`, as sent (not percent-decoded).
+pub(crate) fn query_param<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a [u8]> {
+    req.uri
+        .query()?
+        .as_bytes()
+        .split(|&b| b == b'&')
+        .find_map(|pair| pair_value(pair, name))
 }
 
 /// `value` of `name=value` when `pair` is for `name`.

@@ -13,7 +13,7 @@ mod backend;
 pub mod discovery;
 #[cfg(test)]
 mod discovery_tests;
-mod hash_key;
+pub(crate) mod hash_key;
 pub mod health;
 #[cfg(test)]
 mod health_tests;

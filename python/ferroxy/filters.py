@@ -1,0 +1,440 @@
+"""Declarative filters: what most proxies do on every request (allow or deny, redirect, set
+headers, rewrite, limit bodies), declared once and run by the engine in Rust, with no Python
+call and no GIL::
+
+    from ferroxy import Proxy, filters as f
+
+    class App(Proxy):
+        upstream = "127.0.0.1:9001"
+        filters = [
+            f.Deny(f.ClientIP(not_in=["10.0.0.0/8", "127.0.0.0/8"]), status=403),
+            f.Redirect(f.Header("x-forwarded-proto", equals="http"), to="https://{host}{path}"),
+            f.Respond(f.Path("/healthz"), status=200, body=b"ok"),
+            f.SetRequestHeader("x-request-id", "{request_id}"),
+            f.RemoveResponseHeader("server"),
+        ]
+
+Request-phase filters run in list order before the ``request_filter`` hook; the first that
+answers (Deny, Respond, Redirect, MaxBodySize) ends the request before any hook runs but
+``logging``. Response-phase filters (``*ResponseHeader``) run in list order after the
+``response_filter`` hook. Every filter takes an optional condition as its first argument
+(it applies to every request without one).
+
+Templates (``Redirect.to``, header values, ``RewritePath.to``) may name ``{host}`` (without
+its port), ``{path}``, ``{query}`` (without ``?``), ``{request_id}`` and the capture groups
+(``{1}``, ``{name}``) of the filter's regex: ``RewritePath``'s pattern, else the first
+``PathRegex`` or ``Header(regex=)`` of its condition. ``{{`` and ``}}`` are braces.
+
+Each object is checked when it is made, by the engine code that will run it: a bad regex,
+CIDR, status or template raises ValueError naming the class and field
+(``Redirect.to: unknown placeholder {hots}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any as _Any
+from typing import overload
+
+from . import _core
+
+__all__ = [
+    "AddRequestHeader",
+    "AddResponseHeader",
+    "All",
+    "Any",
+    "ClientIP",
+    "Condition",
+    "Cookie",
+    "Deny",
+    "Filter",
+    "Header",
+    "Host",
+    "MaxBodySize",
+    "Method",
+    "Not",
+    "Path",
+    "PathPrefix",
+    "PathRegex",
+    "Query",
+    "Redirect",
+    "RemoveRequestHeader",
+    "RemoveResponseHeader",
+    "RequestId",
+    "Respond",
+    "RewritePath",
+    "SetRequestHeader",
+    "SetResponseHeader",
+]
+
+
+class _Declared:
+    """Shown and compared by its fields (``__slots__``)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[tuple[str, object], ...]:
+        names = [n for cls in reversed(type(self).__mro__) for n in getattr(cls, "__slots__", ())]
+        return tuple((name, getattr(self, name)) for name in names)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._fields() if v not in (None, ()))
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Declared)
+            and type(other) is type(self)
+            and self._fields() == other._fields()
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))
+
+
+def _text(owner: object, field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{type(owner).__name__}.{field} must be a str, not {type(value).__name__}")
+    return value
+
+
+def _optional_text(owner: object, field: str, value: object) -> str | None:
+    return None if value is None else _text(owner, field, value)
+
+
+def _texts(owner: object, field: str, values: Iterable[object]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError(f"{type(owner).__name__}.{field} must be a list of str, not a str")
+    return tuple(_text(owner, f"{field}[{i}]", v) for i, v in enumerate(values))
+
+
+# Conditions ---------------------------------------------------------------------------------
+
+
+class Condition(_Declared):
+    """When a filter applies. Combine with :class:`All`, :class:`Any` and :class:`Not`."""
+
+    __slots__ = ()
+
+    def _checked(self) -> None:
+        _core.check_condition(self)
+
+
+class Method(Condition):
+    """The request's method is one of ``methods`` (``Method("GET", "HEAD")``)."""
+
+    __slots__ = ("methods",)
+
+    def __init__(self, *methods: str) -> None:
+        if not methods:
+            raise ValueError("Method.methods: name at least one method")
+        self.methods = tuple(m.upper() for m in _texts(self, "methods", methods))
+        self._checked()
+
+
+class Path(Condition):
+    """The path (without the query) is exactly ``path``."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = _text(self, "path", path)
+        self._checked()
+
+
+class PathPrefix(Condition):
+    """The path starts with ``prefix``."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = _text(self, "prefix", prefix)
+        self._checked()
+
+
+class PathRegex(Condition):
+    """The path matches ``pattern`` (Rust ``regex`` syntax: linear time, no look-around)."""
+
+    __slots__ = ("pattern",)
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = _text(self, "pattern", pattern)
+        self._checked()
+
+
+class Host(Condition):
+    """The request's host is ``host`` (``"api.example.com"``, or ``"*.example.com"`` for any
+    name under it), case-insensitively, its port ignored."""
+
+    __slots__ = ("host",)
+
+    def __init__(self, host: str) -> None:
+        self.host = _text(self, "host", host)
+        self._checked()
+
+
+class _Named(Condition):
+    """A named value of the request is there, equals ``equals``, or matches ``regex``."""
+
+    __slots__ = ("equals", "name", "regex")
+
+    def __init__(self, name: str, *, equals: str | None = None, regex: str | None = None) -> None:
+        self.name = _text(self, "name", name)
+        self.equals = _optional_text(self, "equals", equals)
+        self.regex = _optional_text(self, "regex", regex)
+        self._checked()
+
+
+class Header(_Named):
+    """A request header (any of its values) is present, ``equals`` a value or matches
+    ``regex``."""
+
+    __slots__ = ()
+
+
+class Query(_Named):
+    """A query parameter (as sent, not percent-decoded) is present, ``equals`` a value or
+    matches ``regex``."""
+
+    __slots__ = ()
+
+
+class Cookie(_Named):
+    """A cookie (as sent) is present, ``equals`` a value or matches ``regex``."""
+
+    __slots__ = ()
+
+
+class ClientIP(Condition):
+    """The client's address is in one of the networks ``in_`` (any, when not given) and in
+    none of ``not_in``: CIDRs or addresses, IPv4 or IPv6."""
+
+    __slots__ = ("in_", "not_in")
+
+    def __init__(self, *, in_: Iterable[str] = (), not_in: Iterable[str] = ()) -> None:
+        self.in_ = _texts(self, "in_", in_)
+        self.not_in = _texts(self, "not_in", not_in)
+        if not self.in_ and not self.not_in:
+            raise ValueError("ClientIP.in_: give in_= or not_in= (or both)")
+        self._checked()
+
+
+def _conditions(owner: object, conditions: Iterable[object]) -> tuple[Condition, ...]:
+    checked = tuple(conditions)
+    for i, condition in enumerate(checked):
+        if not isinstance(condition, Condition):
+            raise TypeError(
+                f"{type(owner).__name__}.conditions[{i}] must be a condition, "
+                f"not {type(condition).__name__}"
+            )
+    return checked  # type: ignore[return-value]
+
+
+class All(Condition):
+    """Every one of ``conditions`` holds."""
+
+    __slots__ = ("conditions",)
+
+    def __init__(self, *conditions: Condition) -> None:
+        self.conditions = _conditions(self, conditions)
+        self._checked()
+
+
+class Any(Condition):
+    """At least one of ``conditions`` holds."""
+
+    __slots__ = ("conditions",)
+
+    def __init__(self, *conditions: Condition) -> None:
+        self.conditions = _conditions(self, conditions)
+        self._checked()
+
+
+class Not(Condition):
+    """``condition`` does not hold."""
+
+    __slots__ = ("condition",)
+
+    def __init__(self, condition: Condition) -> None:
+        (self.condition,) = _conditions(self, (condition,))
+        self._checked()
+
+
+# Filters ------------------------------------------------------------------------------------
+
+
+class Filter(_Declared):
+    """A filter: an action, applied when its condition ``when`` holds (always when None)."""
+
+    __slots__ = ("when",)
+
+    def __init__(self, when: Condition | None) -> None:
+        if when is not None and not isinstance(when, Condition):
+            raise TypeError(
+                f"{type(self).__name__}'s condition must be a condition, not {type(when).__name__}"
+            )
+        self.when = when
+
+    def _checked(self) -> None:
+        _core.check_filter(self)
+
+
+def _split(owner: object, args: tuple[object, ...], names: tuple[str, ...]) -> tuple[_Any, ...]:
+    """``(when, *values)`` from positional ``args``: the condition first when given."""
+    if len(args) == len(names) + 1:
+        return args
+    if len(args) == len(names):
+        return (None, *args)
+    raise TypeError(
+        f"{type(owner).__name__}() takes [condition,] {', '.join(names)}: got {len(args)} arguments"
+    )
+
+
+class Deny(Filter):
+    """Answer ``status`` (default 403) with its plain-text page."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, when: Condition | None = None, /, *, status: int = 403) -> None:
+        super().__init__(when)
+        self.status = status
+        self._checked()
+
+
+class Respond(Filter):
+    """Answer ``status`` with ``body`` (a str is sent as UTF-8)."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(
+        self, when: Condition | None = None, /, *, status: int = 200, body: bytes | str = b""
+    ) -> None:
+        super().__init__(when)
+        self.status = status
+        self.body = body.encode() if isinstance(body, str) else bytes(body)
+        self._checked()
+
+
+class Redirect(Filter):
+    """Answer ``status`` (a 3xx, default 302) with ``Location:`` the template ``to``."""
+
+    __slots__ = ("status", "to")
+
+    def __init__(self, when: Condition | None = None, /, *, to: str, status: int = 302) -> None:
+        super().__init__(when)
+        self.to = _text(self, "to", to)
+        self.status = status
+        self._checked()
+
+
+class _HeaderValue(Filter):
+    __slots__ = ("name", "value")
+
+    @overload
+    def __init__(self, name: str, value: str, /) -> None: ...
+    @overload
+    def __init__(self, when: Condition | None, name: str, value: str, /) -> None: ...
+    def __init__(self, *args: _Any) -> None:
+        when, name, value = _split(self, args, ("name", "value"))
+        super().__init__(when)
+        self.name = _text(self, "name", name)
+        self.value = _text(self, "value", value)
+        self._checked()
+
+
+class SetRequestHeader(_HeaderValue):
+    """Set (replace) request header ``name`` to the template ``value`` before it goes on."""
+
+    __slots__ = ()
+
+
+class AddRequestHeader(_HeaderValue):
+    """Add a value to request header ``name``, keeping those it has."""
+
+    __slots__ = ()
+
+
+class SetResponseHeader(_HeaderValue):
+    """Set (replace) response header ``name`` (after ``response_filter``)."""
+
+    __slots__ = ()
+
+
+class AddResponseHeader(_HeaderValue):
+    """Add a value to response header ``name`` (after ``response_filter``)."""
+
+    __slots__ = ()
+
+
+class _HeaderName(Filter):
+    __slots__ = ("name",)
+
+    @overload
+    def __init__(self, name: str, /) -> None: ...
+    @overload
+    def __init__(self, when: Condition | None, name: str, /) -> None: ...
+    def __init__(self, *args: _Any) -> None:
+        when, name = _split(self, args, ("name",))
+        super().__init__(when)
+        self.name = _text(self, "name", name)
+        self._checked()
+
+
+class RemoveRequestHeader(_HeaderName):
+    """Remove request header ``name`` (every value)."""
+
+    __slots__ = ()
+
+
+class RemoveResponseHeader(_HeaderName):
+    """Remove response header ``name`` (after ``response_filter``)."""
+
+    __slots__ = ()
+
+
+class RewritePath(Filter):
+    """When the path matches ``pattern``, make it the template ``to``, which may name the
+    pattern's groups (``RewritePath(r"^/old/(.*)$", "/new/{1}")``); the query is kept."""
+
+    __slots__ = ("pattern", "to")
+
+    @overload
+    def __init__(self, pattern: str, to: str, /) -> None: ...
+    @overload
+    def __init__(self, when: Condition | None, pattern: str, to: str, /) -> None: ...
+    def __init__(self, *args: _Any) -> None:
+        when, pattern, to = _split(self, args, ("pattern", "to"))
+        super().__init__(when)
+        self.pattern = _text(self, "pattern", pattern)
+        self.to = _text(self, "to", to)
+        self._checked()
+
+
+class MaxBodySize(Filter):
+    """Answer 413 to a request body longer than ``max_bytes``: at once when its length is
+    announced, else when the streamed body crosses it (``error.kind`` ``body_too_large``)."""
+
+    __slots__ = ("max_bytes",)
+
+    @overload
+    def __init__(self, max_bytes: int, /) -> None: ...
+    @overload
+    def __init__(self, when: Condition | None, max_bytes: int, /) -> None: ...
+    def __init__(self, *args: _Any) -> None:
+        when, max_bytes = _split(self, args, ("max_bytes",))
+        super().__init__(when)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"MaxBodySize.max_bytes must be an int >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._checked()
+
+
+class RequestId(Filter):
+    """Give the request an ``x-request-id`` header: the client's when it sent one, else a new
+    one (32 hex digits). ``session.request_id`` and ``{request_id}`` tell it."""
+
+    __slots__ = ()
+
+    def __init__(self, when: Condition | None = None, /) -> None:
+        super().__init__(when)
+        self._checked()

@@ -1,0 +1,250 @@
+//! Declarative filters: a list of (condition, action) pairs compiled once at start-up and run
+//! by the proxy on every request, in Rust, between the phases (see [`crate::proxy`]):
+//! request-phase filters in list order before `request_filter` (the first that answers ends
+//! the request), response-phase filters in list order after `response_filter`.
+
+mod action;
+mod condition;
+mod template;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{HeaderValue, StatusCode};
+
+pub(crate) use action::replace_path;
+pub use action::{Action, Phase};
+pub use condition::{request_host, Condition, HostMatch, Subject, TextMatch};
+pub use template::{Groups, Template, Values, PLACEHOLDERS};
+
+use crate::lb::ConfigError;
+use crate::response::Response;
+use crate::session::Session;
+
+/// The header a request's id travels in.
+pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// One filter: its action, when its condition holds (always, without one).
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub when: Option<Condition>,
+    pub action: Action,
+}
+
+impl Filter {
+    pub fn new(when: Option<Condition>, action: Action) -> Self {
+        Filter { when, action }
+    }
+
+    /// The regex whose captures this filter's templates may name: a `RewritePath`'s own
+    /// pattern, else the first the condition tests with.
+    pub fn groups<'a>(when: Option<&'a Condition>, action: Option<&'a Action>) -> Groups<'a> {
+        if let Some(Action::RewritePath { pattern, .. }) = action {
+            return Groups::of(Some(pattern));
+        }
+        Groups::of(when.and_then(Condition::capturing).map(|(regex, _)| regex))
+    }
+
+    fn applies(&self, session: &Session) -> bool {
+        self.when
+            .as_ref()
+            .is_none_or(|c| c.matches(&session.req, session.client_addr().ip()))
+    }
+
+    /// Render `template` for this request. Capture groups come from the filter's regex,
+    /// matched again here (only for templates that name one).
+    fn render(&self, template: &Template, session: &mut Session) -> String {
+        if let Some(text) = template.as_literal() {
+            return text.to_owned();
+        }
+        let request_id = if template.uses_request_id() {
+            request_id(session).to_str().unwrap_or("").to_owned()
+        } else {
+            String::new()
+        };
+        let req = &session.req;
+        let captures = if !template.uses_captures() {
+            None
+        } else if let Action::RewritePath { pattern, .. } = &self.action {
+            pattern.captures(req.uri.path())
+        } else {
+            self.when
+                .as_ref()
+                .and_then(Condition::capturing)
+                .and_then(|(regex, subject)| subject.captures(regex, req))
+        };
+        template.render(&Values {
+            host: request_host(req).unwrap_or(""),
+            path: req.uri.path(),
+            query: req.uri.query().unwrap_or(""),
+            request_id: &request_id,
+            captures: captures.as_ref(),
+        })
+    }
+}
+
+/// A compiled list of filters, split by the phase each runs in (list order kept in each).
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    request: Vec<Filter>,
+    response: Vec<Filter>,
+}
+
+impl Filters {
+    /// Check each filter ([`Filter::check`]) and split them by phase. Errors name each as
+    /// `filters[i]`.
+    pub fn new(filters: Vec<Filter>) -> Result<Self, ConfigError> {
+        let mut compiled = Filters::default();
+        for (i, filter) in filters.into_iter().enumerate() {
+            filter
+                .check()
+                .map_err(|e| e.within(&format!("filters[{i}]")))?;
+            match filter.action.phase() {
+                Phase::Request => compiled.request.push(filter),
+                Phase::Response => compiled.response.push(filter),
+            }
+        }
+        Ok(compiled)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+
+    /// Run the request-phase filters in order; the first that answers ends the request with
+    /// its response.
+    pub fn on_request(&self, session: &mut Session) -> Option<Response> {
+        for filter in &self.request {
+            if !filter.applies(session) {
+                continue;
+            }
+            match &filter.action {
+                Action::Deny(status) => return Some(Response::status_page(*status)),
+                Action::Respond { status, body } => {
+                    return Some(Response::new(*status, body.clone()));
+                }
+                Action::Redirect { to, status } => {
+                    let mut response = Response::new(*status, bytes::Bytes::new());
+                    let location = filter.render(to, session);
+                    action::put_header(
+                        &mut response.headers,
+                        &http::header::LOCATION,
+                        location,
+                        false,
+                    );
+                    return Some(response);
+                }
+                Action::SetRequestHeader(name, value) | Action::AddRequestHeader(name, value) => {
+                    let append = matches!(filter.action, Action::AddRequestHeader(..));
+                    let value = filter.render(value, session);
+                    action::put_header(&mut session.req.headers, name, value, append);
+                }
+                Action::RemoveRequestHeader(name) => {
+                    session.req.headers.remove(name);
+                }
+                Action::RewritePath { pattern, to } => {
+                    if pattern.is_match(session.req.uri.path()) {
+                        let path = filter.render(to, session);
+                        if !replace_path(&mut session.req, &path) {
+                            tracing::debug!(path, "RewritePath made no valid path: left as it was");
+                        }
+                    }
+                }
+                Action::MaxBodySize(max) => {
+                    let fits = session.body_mut().is_none_or(|body| body.limit(*max));
+                    if !fits {
+                        // The rest of the body is not read: the connection cannot be reused.
+                        session.keepalive = false;
+                        return Some(Response::status_page(StatusCode::PAYLOAD_TOO_LARGE));
+                    }
+                }
+                Action::RequestId => {
+                    let id = request_id(session).clone();
+                    session.req.headers.insert(REQUEST_ID.clone(), id);
+                }
+                Action::SetResponseHeader(..)
+                | Action::AddResponseHeader(..)
+                | Action::RemoveResponseHeader(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Run the response-phase filters in order on the response head (their conditions test
+    /// the request).
+    pub fn on_response(&self, session: &mut Session, head: &mut http::response::Parts) {
+        for filter in &self.response {
+            if !filter.applies(session) {
+                continue;
+            }
+            match &filter.action {
+                Action::SetResponseHeader(name, value) | Action::AddResponseHeader(name, value) => {
+                    let append = matches!(filter.action, Action::AddResponseHeader(..));
+                    let value = filter.render(value, session);
+                    action::put_header(&mut head.headers, name, value, append);
+                }
+                Action::RemoveResponseHeader(name) => {
+                    head.headers.remove(name);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Filter {
+    /// What the engine needs of a filter: a 3xx for a redirect, a final status (200..=599)
+    /// for an answer, a `RewritePath` target that is a path. Errors name the field.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let status_in = |status: StatusCode, range: std::ops::RangeInclusive<u16>| {
+            if range.contains(&status.as_u16()) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    "status",
+                    format!(
+                        "must be {}..={}, got {}",
+                        range.start(),
+                        range.end(),
+                        status.as_u16()
+                    ),
+                ))
+            }
+        };
+        match &self.action {
+            Action::Redirect { status, .. } => status_in(*status, 300..=399),
+            Action::Deny(status) | Action::Respond { status, .. } => status_in(*status, 200..=599),
+            Action::RewritePath { to, .. } if !to.is_path() => {
+                Err(ConfigError::new("to", "must start with '/' (or {path})"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The request's id: the one already given it, else the client's `x-request-id`, else a new
+/// one (kept on the session either way, so every filter and `session.request_id` agree).
+pub fn request_id(session: &mut Session) -> &HeaderValue {
+    let Session {
+        request_id, req, ..
+    } = session;
+    request_id.get_or_insert_with(|| match req.headers.get(&REQUEST_ID) {
+        Some(incoming) => incoming.clone(),
+        None => new_request_id(),
+    })
+}
+
+/// 32 hex digits, unique in this process (a counter) and not guessable from outside (hashed
+/// with a per-process random key).
+fn new_request_id() -> HeaderValue {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> =
+        std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let keys = KEYS.get_or_init(Default::default);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{:016x}{:016x}", keys[0].hash_one(n), keys[1].hash_one(n));
+    HeaderValue::try_from(id).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests;
