@@ -1,6 +1,7 @@
 //! `ferroxy._core`: the thin pyo3 layer over the ferroxy engine. It implements the engine's
 //! phase trait by handing phases to the Python thread, and exposes the types hooks see.
 
+mod alloc;
 #[cfg(feature = "bridge-bench")]
 mod bench;
 mod bridge;
@@ -23,7 +24,7 @@ use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{AccessLogFormat, AccessLogTarget, ServerConfig};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Mimalloc = alloc::Mimalloc;
 
 /// Lowest Python logging level the engine forwards (the `ferroxy` logger's effective level).
 #[pyfunction]
