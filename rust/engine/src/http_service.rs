@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -161,27 +162,43 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 } else {
                     RELEASE_IDLE_AFTER
                 };
-                // Two branches, the connection first: select! polls every branch on every
-                // wake-up, and this one wakes for each read and write. Shutdown is noticed at
-                // the next tick (responses say `Connection: close` from its start: see
-                // `handler`).
-                tokio::select! {
-                    biased;
-                    served = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
-                        served?;
-                        break;
+                let tick = tokio::time::sleep(period);
+                tokio::pin!(tick);
+                // The connection first, and the timer polled only once it has fired (or the
+                // task's waker changed): this wakes for every read and write, and a timer's
+                // poll costs more than the check. Shutdown is noticed at the next tick
+                // (responses say `Connection: close` from its start: see `handler`).
+                let mut tick_waker: Option<std::task::Waker> = None;
+                let woke = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(served) = conn.poll_without_shutdown(cx) {
+                        return Poll::Ready(Some(served));
                     }
-                    () = tokio::time::sleep(period), if !asked_to_stop => {
-                        if watch.idle_since(seen) {
-                            // Idle: hyper closes at once (or after what is in flight), and
-                            // hands back the socket with any bytes it read ahead.
-                            Pin::new(&mut *conn).graceful_shutdown();
-                            asked_to_stop = true;
-                        } else {
-                            seen = watch.activity();
-                            idle_from = Instant::now();
-                        }
+                    if asked_to_stop {
+                        return Poll::Pending;
                     }
+                    let registered = tick_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                    if registered && !tick.is_elapsed() {
+                        return Poll::Pending;
+                    }
+                    // Out of budget, the poll would not reach the timer to register it.
+                    if tokio::task::coop::has_budget_remaining() {
+                        tick_waker = Some(cx.waker().clone());
+                    }
+                    tick.as_mut().poll(cx).map(|()| None)
+                })
+                .await;
+                if let Some(served) = woke {
+                    served?;
+                    break;
+                }
+                if watch.idle_since(seen) {
+                    // Idle: hyper closes at once (or after what is in flight), and hands back
+                    // the socket with any bytes it read ahead.
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    asked_to_stop = true;
+                } else {
+                    seen = watch.activity();
+                    idle_from = Instant::now();
                 }
             }
             if !asked_to_stop || shutdown.is_shutting_down() {
