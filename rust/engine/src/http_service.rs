@@ -118,8 +118,9 @@ impl<P: ProxyHttp> HttpProxy<P> {
             let watch = watch.clone();
             let shutdown = shutdown.clone();
             // Boxed: hyper keeps a slot the size of this future while the connection lives,
-            // and an HTTP/1 connection must be Unpin to hand its socket back.
-            Box::pin(async move {
+            // and an HTTP/1 connection must be Unpin to hand its socket back. Made in its box
+            // (3 KB with the Python layer's phases, copied in at every request otherwise).
+            Box::into_pin(made_in_box(|| async move {
                 let req = req.map(|body| {
                     ProxyBody::streamed(body, service.config.client_read_timeout, ErrorSide::Client)
                 });
@@ -129,7 +130,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                     crate::proxy::close_after(&mut response, version);
                 }
                 Ok(response.map(|body| Tracked::new(body, in_flight)))
-            })
+            }))
         })
     }
 
@@ -316,6 +317,16 @@ impl<P: ProxyHttp> Service for HttpProxy<P> {
             }
         }
     }
+}
+
+/// `make()`'s value, made in place in a new box: `Box::new(value)` makes it first and copies
+/// it in, which for a future of kilobytes costs more than the allocation.
+#[inline(always)]
+fn made_in_box<T>(make: impl FnOnce() -> T) -> Box<T> {
+    let mut slot = Box::new_uninit();
+    slot.write(make());
+    // SAFETY: written in full just above (`Box::write` says so safely, from Rust 1.87).
+    unsafe { slot.assume_init() }
 }
 
 /// Whether a new connection's first bytes may be the HTTP/2 preface (h2c with prior
