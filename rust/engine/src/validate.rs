@@ -179,7 +179,12 @@ fn split_host(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
     let port = match rest {
         [] | [b':'] => None,
         [b':', digits @ ..] if digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit) => {
-            Some(std::str::from_utf8(digits).ok()?.parse().ok()?)
+            // Five digits at most: no overflow in a u32. (`str::parse` costs more than the
+            // rest of the Host check.)
+            let port = digits
+                .iter()
+                .fold(0u32, |port, digit| port * 10 + u32::from(digit - b'0'));
+            Some(u16::try_from(port).ok()?)
         }
         _ => return None,
     };
