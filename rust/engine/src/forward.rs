@@ -24,22 +24,34 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Remove hop-by-hop headers: the fixed list plus every header named in Connection (but
-/// never Host: `Connection: host` must not make a request lose its target).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| name != header::HOST)
-            .collect();
-        for name in named {
-            headers.remove(name);
+/// never Host: `Connection: host` must not make a request lose its target), and `also`.
+/// A Content-Length beside Transfer-Encoding goes too: the body was framed by the chunked
+/// coding (RFC 9112 section 6.3), and the length would tell the next hop otherwise.
+///
+/// One pass over the names present, rather than a removal per name that might be: each
+/// lookup hashes its name, and most heads carry none of them but Connection.
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    let connection = headers.get_all(header::CONNECTION);
+    let named_in_connection = |name: &HeaderName| {
+        name != header::HOST
+            && connection
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let mut chunked = false;
+    let mut doomed = Vec::new();
+    for name in headers.keys() {
+        chunked |= name == header::TRANSFER_ENCODING;
+        if HOP_BY_HOP.contains(name) || also.contains(name) || named_in_connection(name) {
+            doomed.push(name.clone());
         }
     }
-    for name in &HOP_BY_HOP {
+    if chunked {
+        doomed.push(header::CONTENT_LENGTH);
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -58,14 +70,9 @@ pub fn upstream_request(
     parts.headers = req.headers.clone();
     parts.uri = origin_form(&req.uri);
     let headers = &mut parts.headers;
-    // With both, the body was framed by Transfer-Encoding (RFC 9112 section 6.3) and is
-    // re-framed for the upstream; a Content-Length left behind would let the upstream read
-    // the body differently from us: request smuggling.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(headers);
-    headers.remove(header::EXPECT);
+    // With both, the body is re-framed for the upstream: a Content-Length left behind would
+    // let the upstream read it differently from us (request smuggling).
+    strip_hop_by_hop(headers, &[header::EXPECT]);
     // An absolute-form target (or h2's :authority) names the host; it wins over a Host
     // header (RFC 9112 section 3.2.2), so the upstream sees the host we route by.
     if let Some(value) = req
@@ -93,10 +100,7 @@ pub fn upstream_request(
 /// Content-Length beside Transfer-Encoding (the body was decoded by the chunked framing) goes
 /// too, or the client would be told a length the body does not have.
 pub fn response_headers(headers: &mut HeaderMap) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop(headers, &[]);
 }
 
 /// h2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
