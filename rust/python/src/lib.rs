@@ -66,6 +66,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(call::step, m)?)?;
     m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
     m.add("DEFAULTS", defaults(m.py())?)?;
     m.add(
