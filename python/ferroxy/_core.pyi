@@ -5,7 +5,7 @@ plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
 import os
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
 from _typeshed import SupportsKeysAndGetItem
@@ -55,6 +55,11 @@ def check_condition(condition: Condition, /) -> None:
 
 def check_route(route: Route, /) -> None:
     """Check ``route`` as the engine will run it: ValueError naming the field."""
+
+def step(phase: Coroutine[Any, Any, Any], threshold: float) -> tuple[bool, Any, float] | None:
+    """Take one step of ``phase`` (``send(None)``), timed: ``None`` when it finished within
+    ``threshold`` seconds; else ``(finished, value, held)``, ``value`` being its result or what
+    it waits on and ``held`` the seconds the step took. What the step raises propagates."""
 
 #: What builds headers: a mapping (a ``Headers`` too) or (name, value) pairs.
 _HeadersInput: TypeAlias = (

@@ -2,6 +2,8 @@
 //! it describes one hop, and what it adds so the upstream knows who asked.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::{IpAddr, Ipv4Addr};
+
 use http::{Uri, Version};
 
 use crate::digest::Scheme;
@@ -24,22 +26,34 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Remove hop-by-hop headers: the fixed list plus every header named in Connection (but
-/// never Host: `Connection: host` must not make a request lose its target).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| name != header::HOST)
-            .collect();
-        for name in named {
-            headers.remove(name);
+/// never Host: `Connection: host` must not make a request lose its target), and `also`.
+/// A Content-Length beside Transfer-Encoding goes too: the body was framed by the chunked
+/// coding (RFC 9112 section 6.3), and the length would tell the next hop otherwise.
+///
+/// One pass over the names present, rather than a removal per name that might be: each
+/// lookup hashes its name, and most heads carry none of them but Connection.
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    let connection = headers.get_all(header::CONNECTION);
+    let named_in_connection = |name: &HeaderName| {
+        name != header::HOST
+            && connection
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let mut chunked = false;
+    let mut doomed = Vec::new();
+    for name in headers.keys() {
+        chunked |= name == header::TRANSFER_ENCODING;
+        if HOP_BY_HOP.contains(name) || also.contains(name) || named_in_connection(name) {
+            doomed.push(name.clone());
         }
     }
-    for name in &HOP_BY_HOP {
+    if chunked {
+        doomed.push(header::CONTENT_LENGTH);
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -49,7 +63,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// (100-continue is answered on the downstream hop), X-Forwarded-* added.
 pub fn upstream_request(
     req: &http::request::Parts,
-    client_ip: std::net::IpAddr,
+    client_ip: IpAddr,
     scheme: Scheme,
 ) -> http::request::Parts {
     let (mut parts, ()) = http::Request::new(()).into_parts();
@@ -58,14 +72,9 @@ pub fn upstream_request(
     parts.headers = req.headers.clone();
     parts.uri = origin_form(&req.uri);
     let headers = &mut parts.headers;
-    // With both, the body was framed by Transfer-Encoding (RFC 9112 section 6.3) and is
-    // re-framed for the upstream; a Content-Length left behind would let the upstream read
-    // the body differently from us: request smuggling.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(headers);
-    headers.remove(header::EXPECT);
+    // With both, the body is re-framed for the upstream: a Content-Length left behind would
+    // let the upstream read it differently from us (request smuggling).
+    strip_hop_by_hop(headers, &[header::EXPECT]);
     // An absolute-form target (or h2's :authority) names the host; it wins over a Host
     // header (RFC 9112 section 3.2.2), so the upstream sees the host we route by.
     if let Some(value) = req
@@ -93,10 +102,7 @@ pub fn upstream_request(
 /// Content-Length beside Transfer-Encoding (the body was decoded by the chunked framing) goes
 /// too, or the client would be told a length the body does not have.
 pub fn response_headers(headers: &mut HeaderMap) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop(headers, &[]);
 }
 
 /// h2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
@@ -115,20 +121,56 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// X-Forwarded-For keeps what earlier proxies wrote and adds this hop's client.
-fn append_forwarded_for(headers: &mut HeaderMap, client_ip: std::net::IpAddr) {
-    let ip = client_ip.to_string();
+fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
     let previous: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let value = if previous.is_empty() {
-        ip
-    } else {
-        format!("{}, {ip}", previous.join(", "))
+    let value = match (previous.is_empty(), client_ip) {
+        (true, IpAddr::V4(ip)) => HeaderValue::from_bytes(ipv4_text(ip).as_slice()),
+        (true, ip) => HeaderValue::from_str(&ip.to_string()),
+        (false, ip) => HeaderValue::from_str(&format!("{}, {ip}", previous.join(", "))),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+/// An IPv4 address in dotted decimal, written out here: `Display` takes the formatting
+/// machinery's way, over a thousand instructions, and this is on every request.
+fn ipv4_text(ip: Ipv4Addr) -> ArrayText {
+    let mut text = ArrayText::default();
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push(b'.');
+        }
+        if octet >= 100 {
+            text.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            text.push(b'0' + octet / 10 % 10);
+        }
+        text.push(b'0' + octet % 10);
+    }
+    text
+}
+
+/// The longest IPv4 address's text (`255.255.255.255`), on the stack.
+#[derive(Default)]
+struct ArrayText {
+    bytes: [u8; 15],
+    len: usize,
+}
+
+impl ArrayText {
+    fn push(&mut self, byte: u8) {
+        self.bytes[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -239,6 +281,19 @@ mod tests {
         headers.insert("content-length", HeaderValue::from_static("10"));
         response_headers(&mut headers);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn ipv4_text_is_dotted_decimal() {
+        for octets in [
+            [0, 0, 0, 0],
+            [9, 10, 99, 100],
+            [127, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            let ip = Ipv4Addr::from(octets);
+            assert_eq!(ipv4_text(ip).as_slice(), ip.to_string().as_bytes());
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! target, header names that look like a framing header to a lenient reader, codings we
 //! would silently drop.
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
 use crate::error::{Error, ErrorKind};
@@ -41,13 +41,15 @@ pub enum Admission {
 
 /// Check a request head as hyper handed it over.
 pub fn check(req: &http::request::Parts) -> Result<Admission> {
-    check_host(req)?;
-    check_header_names(&req.headers)?;
-    check_transfer_coding(&req.headers)?;
-    let carries_body = req.headers.contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers
-            .get(header::CONTENT_LENGTH)
+    let lines = HeaderLines::read(&req.headers);
+    check_host(req, lines.host)?;
+    if let Some(refusal) = lines.lookalike {
+        return Err(refusal);
+    }
+    check_transfer_coding(lines.transfer_encoding)?;
+    let carries_body = lines.transfer_encoding.first.is_some()
+        || lines
+            .content_length
             .is_some_and(|len| len.as_bytes() != b"0");
     if carries_body && (req.method == Method::GET || req.method == Method::HEAD) {
         // A server in front of us that ignores a GET's body would take it for the next
@@ -55,6 +57,57 @@ pub fn check(req: &http::request::Parts) -> Result<Admission> {
         return Ok(Admission::ProxyThenClose);
     }
     Ok(Admission::Proxy)
+}
+
+/// What the checks read of a request's headers, found in one pass over them: a lookup per
+/// header would hash its name each time.
+#[derive(Default)]
+struct HeaderLines<'a> {
+    host: FirstTwo<'a>,
+    transfer_encoding: FirstTwo<'a>,
+    content_length: Option<&'a HeaderValue>,
+    /// Why the first name that imitates a header we interpret is refused.
+    lookalike: Option<Refusal>,
+}
+
+/// A header's first two lines: whether there is a second is all the checks ask of the rest.
+#[derive(Default, Clone, Copy)]
+struct FirstTwo<'a> {
+    first: Option<&'a HeaderValue>,
+    second: Option<&'a HeaderValue>,
+}
+
+impl<'a> FirstTwo<'a> {
+    fn note(&mut self, value: &'a HeaderValue) {
+        if self.first.is_none() {
+            self.first = Some(value);
+        } else if self.second.is_none() {
+            self.second = Some(value);
+        }
+    }
+}
+
+impl<'a> HeaderLines<'a> {
+    fn read(headers: &'a HeaderMap) -> Self {
+        let mut lines = HeaderLines::default();
+        let mut last_name: Option<&HeaderName> = None;
+        for (name, value) in headers {
+            if name == header::HOST {
+                lines.host.note(value);
+            } else if name == header::TRANSFER_ENCODING {
+                lines.transfer_encoding.note(value);
+            } else if name == header::CONTENT_LENGTH {
+                lines.content_length.get_or_insert(value);
+            }
+            // A name's lines come one after another, each with the same name.
+            let new_name = !last_name.is_some_and(|last| std::ptr::eq(last, name));
+            if new_name && lines.lookalike.is_none() {
+                lines.lookalike = imitation(name.as_str());
+            }
+            last_name = Some(name);
+        }
+        lines
+    }
 }
 
 fn refuse(message: impl Into<String>) -> Refusal {
@@ -75,13 +128,11 @@ fn unsupported(message: String) -> Refusal {
 /// One Host, well formed, agreeing with the target's authority if it has one (an
 /// absolute-form target in HTTP/1.1, `:authority` in HTTP/2). HTTP/1.1 needs it even with
 /// an absolute-form target (RFC 9112 section 3.2).
-fn check_host(req: &http::request::Parts) -> Result<()> {
-    let mut hosts = req.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+fn check_host(req: &http::request::Parts, hosts: FirstTwo<'_>) -> Result<()> {
+    if hosts.second.is_some() {
         return Err(refuse("more than one Host header"));
     }
-    let Some(host) = host else {
+    let Some(host) = hosts.first else {
         if req.version == Version::HTTP_11 {
             return Err(refuse("HTTP/1.1 request without a Host header"));
         }
@@ -128,7 +179,12 @@ fn split_host(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
     let port = match rest {
         [] | [b':'] => None,
         [b':', digits @ ..] if digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit) => {
-            Some(std::str::from_utf8(digits).ok()?.parse().ok()?)
+            // Five digits at most: no overflow in a u32. (`str::parse` costs more than the
+            // rest of the Host check.)
+            let port = digits
+                .iter()
+                .fold(0u32, |port, digit| port * 10 + u32::from(digit - b'0'));
+            Some(u16::try_from(port).ok()?)
         }
         _ => return None,
     };
@@ -185,29 +241,24 @@ const INTERPRETED: [&str; 15] = [
     "x-forwarded-host",
 ];
 
-/// Refuse names such as `Content_Length`, `Transfer---Encoding` or `X_Forwarded_For`: a
-/// server behind us that reads `_` as `-` would frame the request, or trust a client address,
-/// by a header we forwarded as an unknown one.
-fn check_header_names(headers: &HeaderMap) -> Result<()> {
-    for name in headers.keys() {
-        let name = name.as_str();
-        if name.contains('_') {
-            let dashed = name.replace('_', "-");
-            if let Some(real) = INTERPRETED.iter().find(|real| **real == dashed) {
-                return Err(refuse(format!("header {name:?} imitates {real}")));
-            }
-        }
-        // Every framing lookalike is at least as long as the shorter name's letters.
-        if name.len() < "contentlength".len() {
-            continue;
-        }
-        for (letters, real) in FRAMING_LETTERS {
-            if name != real && only_letters_equal(name, letters) {
-                return Err(refuse(format!("header {name:?} imitates {real}")));
-            }
+/// The refusal of a name such as `Content_Length`, `Transfer---Encoding` or `X_Forwarded_For`:
+/// a server behind us that reads `_` as `-` would frame the request, or trust a client
+/// address, by a header we forwarded as an unknown one.
+fn imitation(name: &str) -> Option<Refusal> {
+    if name.contains('_') {
+        let dashed = name.replace('_', "-");
+        if let Some(real) = INTERPRETED.iter().find(|real| **real == dashed) {
+            return Some(refuse(format!("header {name:?} imitates {real}")));
         }
     }
-    Ok(())
+    // Every framing lookalike is at least as long as the shorter name's letters.
+    if name.len() < "contentlength".len() {
+        return None;
+    }
+    FRAMING_LETTERS
+        .iter()
+        .find(|(letters, real)| name != *real && only_letters_equal(name, letters))
+        .map(|(_, real)| refuse(format!("header {name:?} imitates {real}")))
 }
 
 /// Whether `name`'s ASCII letters, in order, are exactly `letters` (names are lowercase).
@@ -220,12 +271,11 @@ fn only_letters_equal(name: &str, letters: &str) -> bool {
 /// The one coding we decode and re-frame is a single final `chunked`. Others would reach
 /// the upstream without their label (the hop-by-hop header goes): 501, as nginx answers.
 /// `chunked` twice, on one line or two, is malformed: 400.
-fn check_transfer_coding(headers: &HeaderMap) -> Result<()> {
-    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter();
-    let Some(line) = lines.next() else {
+fn check_transfer_coding(lines: FirstTwo<'_>) -> Result<()> {
+    let Some(line) = lines.first else {
         return Ok(());
     };
-    if lines.next().is_some() {
+    if lines.second.is_some() {
         return Err(refuse("more than one Transfer-Encoding header"));
     }
     let line = line

@@ -147,6 +147,38 @@ impl Call {
     }
 }
 
+/// Take one step of a phase coroutine (`phase.send(None)`) and time it. Python's driver
+/// (`_dispatch._drive`) steps every phase through here: two reads of this clock cost a
+/// fraction of two `time.perf_counter()` calls, and nothing is raised when the phase ends.
+///
+/// `None` when the phase finished within `threshold` seconds, the usual case; otherwise
+/// `(finished, value, held)`: the phase's result if it finished, else what it waits on, and
+/// the seconds the step held the thread. An exception the step raised propagates.
+#[pyfunction]
+pub fn step(
+    py: Python<'_>,
+    phase: &Bound<'_, PyAny>,
+    threshold: f64,
+) -> PyResult<Option<(bool, Py<PyAny>, f64)>> {
+    let started = std::time::Instant::now();
+    let mut value = std::ptr::null_mut();
+    // SAFETY: `phase` is a live object and `value` a place for the result; PyIter_Send takes
+    // any object that can be sent to (a coroutine, through am_send).
+    let sent = unsafe { pyo3::ffi::PyIter_Send(phase.as_ptr(), py.None().as_ptr(), &mut value) };
+    let held = started.elapsed().as_secs_f64();
+    let finished = match sent {
+        pyo3::ffi::PySendResult::PYGEN_ERROR => return Err(PyErr::fetch(py)),
+        pyo3::ffi::PySendResult::PYGEN_RETURN => true,
+        pyo3::ffi::PySendResult::PYGEN_NEXT => false,
+    };
+    // SAFETY: on success PyIter_Send hands back a new reference.
+    let value = unsafe { Bound::from_owned_ptr(py, value) };
+    if finished && held <= threshold {
+        return Ok(None);
+    }
+    Ok(Some((finished, value.unbind(), held)))
+}
+
 type Delivery = (oneshot::Sender<Reply>, Reply);
 
 thread_local! {

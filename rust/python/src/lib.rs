@@ -1,6 +1,7 @@
 //! `ferroxy._core`: the thin pyo3 layer over the ferroxy engine. It implements the engine's
 //! phase trait by handing phases to the Python thread, and exposes the types hooks see.
 
+mod alloc;
 #[cfg(feature = "bridge-bench")]
 mod bench;
 mod bridge;
@@ -24,7 +25,7 @@ use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{AccessLogFormat, AccessLogTarget, ServerConfig};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Mimalloc = alloc::Mimalloc;
 
 /// Lowest Python logging level the engine forwards (the `ferroxy` logger's effective level).
 #[pyfunction]
@@ -69,6 +70,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filters::check_filter, m)?)?;
     m.add_function(wrap_pyfunction!(filters::check_condition, m)?)?;
     m.add_function(wrap_pyfunction!(filters::check_route, m)?)?;
+    m.add_function(wrap_pyfunction!(call::step, m)?)?;
     m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
     m.add("DEFAULTS", defaults(m.py())?)?;
     m.add(
