@@ -81,6 +81,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while chosen, so none repeats)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -208,7 +217,7 @@ http {{
 def start_upstream(fleet: Fleet) -> tuple[Server, list[int]]:
     """The upstream nginx, and the ports it listens on (the first is the static peer's; all
     of them are the load-balanced rows' backends)."""
-    ports = [free_port() for _ in range(POOL_SIZE)]
+    ports = free_ports(POOL_SIZE)
     listens = "\n        ".join(f"listen 127.0.0.1:{port};" for port in ports)
     conf = nginx_conf(
         fleet.workdir,
@@ -686,6 +695,7 @@ def main() -> int:
                 targets["haproxy"] = start_haproxy(fleet, upstream.port)
             groups = [[name] for name in targets]
             ab_modes, access_logs = [], {}
+            static_group: list[str] | None = None
             for mode_name, mode in FERROXY_MODES.items():
                 if not selected(mode_name):
                     continue
@@ -698,7 +708,14 @@ def main() -> int:
                     if log is not None:
                         access_logs[name] = log
                     group.append(name)
-                groups.append(group)
+                if mode.balanced and static_group is not None:
+                    # Measured back to back with the static-peer row they are compared with,
+                    # first in one round and last in the next, as the A/B pairs are.
+                    static_group.extend(group)
+                else:
+                    groups.append(group)
+                if mode_name == NO_ACCESS_LOG_ROW:
+                    static_group = group
                 if len(group) == len(sides):
                     ab_modes.append(mode_name)
             mitm = None
