@@ -134,3 +134,18 @@ impl Session {
         self.body.take()
     }
 }
+
+/// A session for unit tests: `method uri` with `headers`, from client 10.1.2.3:5555.
+#[cfg(test)]
+pub(crate) fn test_session(method: &str, uri: &str, headers: &[(&str, &str)]) -> Session {
+    let mut builder = http::Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let (parts, ()) = builder.body(()).unwrap().into_parts();
+    let downstream = Arc::new(DownstreamDigest::tcp(
+        ([10, 1, 2, 3], 5555).into(),
+        ([127, 0, 0, 1], 80).into(),
+    ));
+    Session::from_parts(parts, downstream)
+}

@@ -1,20 +1,6 @@
-use std::sync::Arc;
-
 use super::*;
-use crate::digest::DownstreamDigest;
 
-fn session(method: &str, uri: &str, headers: &[(&str, &str)]) -> Session {
-    let mut builder = http::Request::builder().method(method).uri(uri);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let (parts, ()) = builder.body(()).unwrap().into_parts();
-    let downstream = Arc::new(DownstreamDigest::tcp(
-        ([10, 1, 2, 3], 5555).into(),
-        ([127, 0, 0, 1], 80).into(),
-    ));
-    Session::from_parts(parts, downstream)
-}
+use crate::session::test_session as session;
 
 fn path_regex(pattern: &str) -> Condition {
     Condition::Path(TextMatch::Regex(regex::Regex::new(pattern).unwrap()))

@@ -93,22 +93,10 @@ fn pair_value<'a>(pair: &'a [u8], name: &str) -> Option<&'a [u8]> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::digest::DownstreamDigest;
 
     fn session(uri: &str, headers: &[(&str, &str)]) -> Session {
-        let mut builder = http::Request::builder().uri(uri);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let (parts, ()) = builder.body(()).unwrap().into_parts();
-        let downstream = Arc::new(DownstreamDigest::tcp(
-            ([10, 1, 2, 3], 5555).into(),
-            ([127, 0, 0, 1], 80).into(),
-        ));
-        Session::from_parts(parts, downstream)
+        crate::session::test_session("GET", uri, headers)
     }
 
     fn key(spec: &str, session: &Session) -> Option<Vec<u8>> {
