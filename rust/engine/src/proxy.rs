@@ -14,7 +14,7 @@ use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
 use crate::error::{Error, ErrorKind, ErrorSide, FailedTry, Result};
-use crate::filters::Filters;
+use crate::filters::{Filters, Step};
 use crate::forward;
 use crate::lb::Observation;
 use crate::phase::ProxyHttp;
@@ -328,13 +328,16 @@ impl<P: ProxyHttp> ProxyService<P> {
         }
         // Before any phase, so that a filter that answers leaves every hook out; the route
         // after them, on the request as they left it, so every phase sees it.
-        if let Some(response) = self
-            .config
-            .filters
-            .as_ref()
-            .and_then(|f| f.on_request(session))
-        {
-            return Ok(Proxied::Local(response));
+        if let Some(filters) = &self.config.filters {
+            let answer = match filters.on_request(session) {
+                Step::Continue => None,
+                Step::Answer(answer) => Some(answer),
+                // Boxed: only apps with a filter that waits pay for its future.
+                Step::Wait(at) => Box::pin(filters.resume(session, at)).await,
+            };
+            if let Some(answer) = answer {
+                return Ok(Proxied::Local(answer));
+            }
         }
         if let Some(router) = &self.config.routes {
             router.route(session);

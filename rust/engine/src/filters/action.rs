@@ -71,6 +71,19 @@ impl Action {
     }
 }
 
+impl Action {
+    /// The part of this action that waits (a store round trip, a password hash on a blocking
+    /// thread), for a filter that stopped the synchronous run with [`super::Step::Wait`].
+    /// `Some` answers the request. No action waits yet.
+    pub(crate) async fn wait(
+        &self,
+        session: &mut crate::session::Session,
+    ) -> Option<crate::response::Response> {
+        let _ = (self, session);
+        None
+    }
+}
+
 /// Replace `parts`' path, keeping its query, scheme and authority. `false` (nothing changed)
 /// when `path` cannot be a request path.
 pub(crate) fn replace_path(parts: &mut http::request::Parts, path: &str) -> bool {

@@ -23,6 +23,18 @@ use crate::session::Session;
 /// The header a request's id travels in.
 pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
+/// Where a run of the request-phase filters stopped.
+#[derive(Debug)]
+pub enum Step {
+    /// Every filter ran: the request goes on.
+    Continue,
+    /// A filter answered: the request ends with this response.
+    Answer(Response),
+    /// Filter `i` (an index into the request-phase list) has work that waits: run
+    /// [`Filters::resume`] with it.
+    Wait(usize),
+}
+
 /// One filter: its action, when its condition holds (always, without one).
 #[derive(Debug, Clone)]
 pub struct Filter {
@@ -111,16 +123,37 @@ impl Filters {
     }
 
     /// Run the request-phase filters in order; the first that answers ends the request with
-    /// its response.
-    pub fn on_request(&self, session: &mut Session) -> Option<Response> {
-        for filter in &self.request {
+    /// its response. The run is synchronous: a filter whose work waits (on a store, on a
+    /// password hash) stops it with [`Step::Wait`], and [`Filters::resume`] carries on, so
+    /// apps without such filters never build a future for them.
+    pub fn on_request(&self, session: &mut Session) -> Step {
+        self.run_request(session, 0)
+    }
+
+    /// Finish a run that stopped at `Step::Wait(at)`: filter `at`'s waiting work, then the
+    /// filters after it (which may wait in turn). `Some` when one of them answers.
+    pub async fn resume(&self, session: &mut Session, mut at: usize) -> Option<Response> {
+        loop {
+            if let Some(answer) = self.request[at].action.wait(session).await {
+                return Some(answer);
+            }
+            match self.run_request(session, at + 1) {
+                Step::Continue => return None,
+                Step::Answer(answer) => return Some(answer),
+                Step::Wait(next) => at = next,
+            }
+        }
+    }
+
+    fn run_request(&self, session: &mut Session, from: usize) -> Step {
+        for filter in &self.request[from..] {
             if !filter.applies(session) {
                 continue;
             }
             match &filter.action {
-                Action::Deny(status) => return Some(Response::status_page(*status)),
+                Action::Deny(status) => return Step::Answer(Response::status_page(*status)),
                 Action::Respond { status, body } => {
-                    return Some(Response::new(*status, body.clone()));
+                    return Step::Answer(Response::new(*status, body.clone()));
                 }
                 Action::Redirect { to, status } => {
                     let mut response = Response::new(*status, bytes::Bytes::new());
@@ -131,7 +164,7 @@ impl Filters {
                         location,
                         false,
                     );
-                    return Some(response);
+                    return Step::Answer(response);
                 }
                 Action::SetRequestHeader(name, value) | Action::AddRequestHeader(name, value) => {
                     let append = matches!(filter.action, Action::AddRequestHeader(..));
@@ -154,7 +187,7 @@ impl Filters {
                     if !fits {
                         // The rest of the body is not read: the connection cannot be reused.
                         session.keepalive = false;
-                        return Some(Response::status_page(StatusCode::PAYLOAD_TOO_LARGE));
+                        return Step::Answer(Response::status_page(StatusCode::PAYLOAD_TOO_LARGE));
                     }
                 }
                 Action::RequestId => {
@@ -166,7 +199,7 @@ impl Filters {
                 | Action::RemoveResponseHeader(_) => {}
             }
         }
-        None
+        Step::Continue
     }
 
     /// Run the response-phase filters in order on the response head (their conditions test
