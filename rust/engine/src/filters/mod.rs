@@ -146,6 +146,8 @@ impl Filters {
     }
 
     fn run_request(&self, session: &mut Session, from: usize) -> Step {
+        // A filter that waits returns `Step::Wait` with its index in `self.request`: its
+        // position in this slice plus `from`.
         for filter in &self.request[from..] {
             if !filter.applies(session) {
                 continue;
