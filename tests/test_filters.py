@@ -103,6 +103,27 @@ def test_each_condition(ferroxy_upstream, ferroxy_proxy, condition, matching, ot
         assert "path" in _send(client, **other).json()
 
 
+def test_respond_sends_its_headers(ferroxy_upstream, ferroxy_proxy) -> None:
+    proxy = ferroxy_proxy(
+        app(
+            ferroxy_upstream,
+            f.Respond(
+                f.Path("/healthz"),
+                body='{"ok": true}',
+                headers={"content-type": "application/json", "cache-control": "no-store"},
+            ),
+        ),
+        access_log=False,
+    )
+    r = httpx.get(proxy.url + "/healthz")
+    assert r.json() == {"ok": True}
+    assert (r.headers["content-type"], r.headers["cache-control"]) == (
+        "application/json",
+        "no-store",
+    )
+    assert ferroxy_upstream.requests == 0
+
+
 def test_redirect_templates_use_request_values_and_captures(
     ferroxy_upstream, ferroxy_proxy
 ) -> None:
@@ -260,6 +281,22 @@ def test_a_filter_that_answers_runs_no_hook_but_logging(ferroxy_upstream, ferrox
         (lambda: f.SetRequestHeader("bad name", "v"), 'SetRequestHeader.name: "bad name"'),
         (lambda: f.Path("no-slash"), "Path.path: must start with '/'"),
         (lambda: f.MaxBodySize(-1), "MaxBodySize.max_bytes must be an int >= 0"),
+        (
+            lambda: f.Respond(headers={"bad name": "v"}),
+            'Respond.headers["bad name"]: is not a valid header name',
+        ),
+        (
+            lambda: f.Respond(headers={"x-a": "line\nbreak"}),
+            'Respond.headers["x-a"]: is not a valid header value',
+        ),
+        (
+            lambda: f.Respond(headers={"Content-Length": "5"}),
+            'Respond.headers["content-length"]: is set by the engine',
+        ),
+        (
+            lambda: f.Respond(headers={"connection": "close"}),
+            'Respond.headers["connection"]: is set by the engine',
+        ),
     ],
 )
 def test_bad_filters_name_the_filter_and_field(make, message) -> None:

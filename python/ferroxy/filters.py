@@ -12,13 +12,15 @@ call and no GIL::
             f.Respond(f.Path("/healthz"), status=200, body=b"ok"),
             f.SetRequestHeader("x-request-id", "{request_id}"),
             f.RemoveResponseHeader("server"),
+            f.Cors(origins=["https://app.example.com"], methods=["GET", "POST"]),
+            f.BasicAuth(f.PathPrefix("/admin/"), users={"ops": "$argon2id$v=19$..."}),
         ]
 
 Request-phase filters run in list order before the ``request_filter`` hook; the first that
-answers (Deny, Respond, Redirect, MaxBodySize) ends the request before any hook runs but
-``logging``. Response-phase filters (``*ResponseHeader``) run in list order after the
-``response_filter`` hook. Every filter takes an optional condition as its first argument
-(it applies to every request without one).
+answers (Deny, Respond, Redirect, MaxBodySize, BasicAuth, a Cors preflight) ends the request
+before any hook runs but ``logging``. Response-phase filters (``*ResponseHeader``, Cors's
+response part) run in list order after the ``response_filter`` hook. Every filter takes an
+optional condition as its first argument (it applies to every request without one).
 
 Templates (``Redirect.to``, header values, ``RewritePath.to``) may name ``{host}`` (without
 its port), ``{path}``, ``{query}`` (without ``?``), ``{request_id}`` and the capture groups
@@ -32,7 +34,7 @@ CIDR, status or template raises ValueError naming the class and field
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any as _Any
 from typing import overload
 
@@ -43,9 +45,11 @@ __all__ = [
     "AddResponseHeader",
     "All",
     "Any",
+    "BasicAuth",
     "ClientIP",
     "Condition",
     "Cookie",
+    "Cors",
     "Deny",
     "Filter",
     "Header",
@@ -77,8 +81,11 @@ class _Declared:
         names = [n for cls in reversed(type(self).__mro__) for n in getattr(cls, "__slots__", ())]
         return tuple((name, getattr(self, name)) for name in names)
 
+    def _shown(self) -> tuple[tuple[str, object], ...]:
+        return self._fields()
+
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self._fields() if v not in (None, ()))
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._shown() if v not in (None, (), {}))
         return f"{type(self).__name__}({shown})"
 
     def __eq__(self, other: object) -> bool:
@@ -106,6 +113,18 @@ def _texts(owner: object, field: str, values: Iterable[object]) -> tuple[str, ..
     if isinstance(values, str):
         raise TypeError(f"{type(owner).__name__}.{field} must be a list of str, not a str")
     return tuple(_text(owner, f"{field}[{i}]", v) for i, v in enumerate(values))
+
+
+def _text_map(owner: object, field: str, values: object) -> dict[str, str]:
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"{type(owner).__name__}.{field} must be a dict of str to str, "
+            f"not {type(values).__name__}"
+        )
+    return {
+        _text(owner, f"{field} key", k): _text(owner, f"{field}[{k!r}]", v)
+        for k, v in values.items()
+    }
 
 
 # Conditions ---------------------------------------------------------------------------------
@@ -302,16 +321,24 @@ class Deny(Filter):
 
 
 class Respond(Filter):
-    """Answer ``status`` with ``body`` (a str is sent as UTF-8)."""
+    """Answer ``status`` with ``body`` (a str is sent as UTF-8) and ``headers`` (fixed
+    values; ``content-length`` and the hop-by-hop headers are the engine's)."""
 
-    __slots__ = ("body", "status")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(
-        self, when: Condition | None = None, /, *, status: int = 200, body: bytes | str = b""
+        self,
+        when: Condition | None = None,
+        /,
+        *,
+        status: int = 200,
+        body: bytes | str = b"",
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(when)
         self.status = status
         self.body = body.encode() if isinstance(body, str) else bytes(body)
+        self.headers = _text_map(self, "headers", {} if headers is None else headers)
         self._checked()
 
 
@@ -437,4 +464,79 @@ class RequestId(Filter):
 
     def __init__(self, when: Condition | None = None, /) -> None:
         super().__init__(when)
+        self._checked()
+
+
+class BasicAuth(Filter):
+    """Let through only requests with the password of one of ``users`` (HTTP Basic
+    authentication); answer the others 401 with ``WWW-Authenticate: Basic realm="<realm>",
+    charset="UTF-8"``, before the upstream or any hook sees them.
+
+    ``users`` maps each name to its password's hash: argon2 (``$argon2id$``, ``$argon2i$``,
+    ``$argon2d$`` PHC strings, as ``argon2-cffi`` makes them) or bcrypt (``$2b$``, ``$2a$``,
+    ``$2y$``, as ``htpasswd -B`` does). The ``Authorization`` header is passed on to the
+    upstream, as nginx does. A hash costs milliseconds on purpose: each credential is
+    verified once, on a thread of its own, and its verdict (pass or fail) is remembered, so a
+    client that sends it again costs microseconds. Place a :class:`Cors` before it when
+    browsers send preflights there (they carry no credentials)."""
+
+    __slots__ = ("realm", "users")
+
+    def __init__(
+        self, when: Condition | None = None, /, *, users: Mapping[str, str], realm: str = "ferroxy"
+    ) -> None:
+        super().__init__(when)
+        self.users = _text_map(self, "users", users)
+        self.realm = _text(self, "realm", realm)
+        self._checked()
+
+    def _shown(self) -> tuple[tuple[str, object], ...]:
+        # The hashes stay out of logs and tracebacks.
+        return tuple(
+            (k, {name: "..." for name in self.users} if k == "users" else v)
+            for k, v in self._fields()
+        )
+
+
+class Cors(Filter):
+    """Cross-origin requests from ``origins`` (exact origins, ``"https://app.example.com"``,
+    or ``["*"]`` for any), answered by the proxy.
+
+    A preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) from an
+    allowed origin is answered 204 with ``Access-Control-Allow-Origin`` (the origin, and
+    ``Vary: Origin``; ``*`` for ``["*"]``), ``-Allow-Methods`` (``methods``),
+    ``-Allow-Headers`` (``headers``, the request headers a page may send), ``-Max-Age``
+    (``max_age`` seconds) and ``-Allow-Credentials: true`` (``credentials``); from any other
+    origin it is answered 403 without them, which the browser takes as a refusal. Neither
+    reaches the upstream. Other requests are proxied; the response to one from an allowed
+    origin gets ``Access-Control-Allow-Origin``, ``-Expose-Headers`` (``expose_headers``) and
+    ``-Allow-Credentials``. ``"*"`` with ``credentials=True`` is refused: browsers ignore it."""
+
+    __slots__ = ("credentials", "expose_headers", "headers", "max_age", "methods", "origins")
+
+    def __init__(
+        self,
+        when: Condition | None = None,
+        /,
+        *,
+        origins: Iterable[str],
+        methods: Iterable[str] = ("GET", "HEAD", "POST"),
+        headers: Iterable[str] = (),
+        expose_headers: Iterable[str] = (),
+        credentials: bool = False,
+        max_age: int | None = None,
+    ) -> None:
+        super().__init__(when)
+        self.origins = _texts(self, "origins", origins)
+        self.methods = tuple(m.upper() for m in _texts(self, "methods", methods))
+        self.headers = _texts(self, "headers", headers)
+        self.expose_headers = _texts(self, "expose_headers", expose_headers)
+        if not isinstance(credentials, bool):
+            raise TypeError(f"Cors.credentials must be a bool, not {type(credentials).__name__}")
+        self.credentials = credentials
+        if max_age is not None and (
+            isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0
+        ):
+            raise ValueError(f"Cors.max_age must be an int >= 0 or None, got {max_age!r}")
+        self.max_age = max_age
         self._checked()

@@ -279,6 +279,7 @@ fn filters_and_routes_run_for_a_rust_only_app() {
             Action::Respond {
                 status: http::StatusCode::OK,
                 body: "ok".into(),
+                headers: http::HeaderMap::new(),
             },
         ),
         Filter::new(None, Action::RequestId),

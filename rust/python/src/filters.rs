@@ -10,7 +10,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use ferroxy_engine::filters::{
-    Action, Condition, Filter, Filters, Groups, HostMatch, Template, TextMatch,
+    Action, BasicAuth, Condition, Cors, CorsConfig, Filter, Filters, Groups, HostMatch, Template,
+    TextMatch,
 };
 use ferroxy_engine::lb::ConfigError;
 use ferroxy_engine::route::{Route, Router};
@@ -169,6 +170,7 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
         "Respond" => Action::Respond {
             status: status(class, obj)?,
             body: attr::<Vec<u8>>(obj, "body")?.into(),
+            headers: response_headers(class, obj)?,
         },
         "Redirect" => Action::Redirect {
             to: template("to", groups)?,
@@ -191,11 +193,54 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
             Action::MaxBodySize(max)
         }
         "RequestId" => Action::RequestId,
+        "BasicAuth" => {
+            let realm: String = attr(obj, "realm")?;
+            let auth = BasicAuth::new(&pairs(obj, "users")?, &realm)
+                .map_err(|e| config_error(class, e))?;
+            Action::BasicAuth(Arc::new(auth))
+        }
+        "Cors" => Action::Cors(Arc::new(cors(class, obj)?)),
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
     let filter = Filter::new(when, action);
     filter.check().map_err(|e| config_error(class, e))?;
     Ok(filter)
+}
+
+/// A `dict[str, str]` attribute, in its order.
+fn pairs(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<(String, String)>> {
+    obj.getattr(name)?
+        .call_method0("items")?
+        .try_iter()?
+        .map(|item| item?.extract())
+        .collect()
+}
+
+/// `Respond.headers`: names and values checked here, the engine's rules by `Filter::check`.
+fn response_headers(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<http::HeaderMap> {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in pairs(obj, "headers")? {
+        let field = format!("headers[{name:?}]");
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| field_error(class, &field, "is not a valid header name"))?;
+        let value = http::HeaderValue::try_from(value)
+            .map_err(|_| field_error(class, &field, "is not a valid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn cors(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cors> {
+    let config = CorsConfig {
+        origins: attr(obj, "origins")?,
+        methods: attr(obj, "methods")?,
+        headers: attr(obj, "headers")?,
+        expose_headers: attr(obj, "expose_headers")?,
+        credentials: attr(obj, "credentials")?,
+        max_age: attr(obj, "max_age")
+            .map_err(|_| field_error(class, "max_age", "must be an int >= 0 or None"))?,
+    };
+    Cors::new(&config).map_err(|e| config_error(class, e))
 }
 
 fn config_error(class: &str, error: ConfigError) -> PyErr {

@@ -1,20 +1,26 @@
 //! What a filter does when its condition holds: answer (Deny, Respond, Redirect), edit the
-//! request or the response head, rewrite the path, limit the body, give the request an id.
+//! request or the response head, rewrite the path, limit the body, give the request an id,
+//! ask for a password, answer cross-origin requests.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use regex::Regex;
 
+use super::basic_auth::BasicAuth;
+use super::cors::Cors;
 use super::template::Template;
 
 #[derive(Debug, Clone)]
 pub enum Action {
     /// Answer `status` with its plain-text page.
     Deny(StatusCode),
-    /// Answer `status` with `body`.
+    /// Answer `status` with `body` and `headers`.
     Respond {
         status: StatusCode,
         body: Bytes,
+        headers: http::HeaderMap,
     },
     /// Answer `status` (a 3xx) with `Location: to`.
     Redirect {
@@ -38,6 +44,10 @@ pub enum Action {
     MaxBodySize(u64),
     /// Give the request an `x-request-id` (a new one unless the client sent one).
     RequestId,
+    /// Let only requests with a user's password through (401 for the others).
+    BasicAuth(Arc<BasicAuth>),
+    /// Answer preflights; mark responses to allowed origins (both phases).
+    Cors(Arc<Cors>),
 }
 
 /// The phase an action runs in.
@@ -45,6 +55,8 @@ pub enum Action {
 pub enum Phase {
     Request,
     Response,
+    /// A part in each: the filter is in both lists.
+    Both,
 }
 
 impl Action {
@@ -53,6 +65,7 @@ impl Action {
             Action::SetResponseHeader(..)
             | Action::AddResponseHeader(..)
             | Action::RemoveResponseHeader(_) => Phase::Response,
+            Action::Cors(_) => Phase::Both,
             _ => Phase::Request,
         }
     }
@@ -74,13 +87,15 @@ impl Action {
 impl Action {
     /// The part of this action that waits (a store round trip, a password hash on a blocking
     /// thread), for a filter that stopped the synchronous run with [`super::Step::Wait`].
-    /// `Some` answers the request. No action waits yet.
+    /// `Some` answers the request.
     pub(crate) async fn wait(
         &self,
         session: &mut crate::session::Session,
     ) -> Option<crate::response::Response> {
-        let _ = (self, session);
-        None
+        match self {
+            Action::BasicAuth(auth) => auth.verify(&session.req).await,
+            _ => None,
+        }
     }
 }
 

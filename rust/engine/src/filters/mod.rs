@@ -4,7 +4,9 @@
 //! the request), response-phase filters in list order after `response_filter`.
 
 mod action;
+mod basic_auth;
 mod condition;
+mod cors;
 mod template;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,9 @@ use http::{HeaderValue, StatusCode};
 
 pub(crate) use action::replace_path;
 pub use action::{Action, Phase};
+pub use basic_auth::BasicAuth;
 pub use condition::{request_host, Condition, HostMatch, Subject, TextMatch};
+pub use cors::{Cors, CorsConfig};
 pub use template::{Groups, Template, Values, PLACEHOLDERS};
 
 use crate::lb::ConfigError;
@@ -113,6 +117,10 @@ impl Filters {
             match filter.action.phase() {
                 Phase::Request => compiled.request.push(filter),
                 Phase::Response => compiled.response.push(filter),
+                Phase::Both => {
+                    compiled.request.push(filter.clone());
+                    compiled.response.push(filter);
+                }
             }
         }
         Ok(compiled)
@@ -148,14 +156,20 @@ impl Filters {
     fn run_request(&self, session: &mut Session, from: usize) -> Step {
         // A filter that waits returns `Step::Wait` with its index in `self.request`: its
         // position in this slice plus `from`.
-        for filter in &self.request[from..] {
+        for (i, filter) in self.request[from..].iter().enumerate() {
             if !filter.applies(session) {
                 continue;
             }
             match &filter.action {
                 Action::Deny(status) => return Step::Answer(Response::status_page(*status)),
-                Action::Respond { status, body } => {
-                    return Step::Answer(Response::new(*status, body.clone()));
+                Action::Respond {
+                    status,
+                    body,
+                    headers,
+                } => {
+                    let mut answer = Response::new(*status, body.clone());
+                    answer.headers = headers.clone();
+                    return Step::Answer(answer);
                 }
                 Action::Redirect { to, status } => {
                     let mut response = Response::new(*status, bytes::Bytes::new());
@@ -196,6 +210,16 @@ impl Filters {
                     let id = request_id(session).clone();
                     session.req.headers.insert(REQUEST_ID.clone(), id);
                 }
+                Action::BasicAuth(auth) => match auth.check(&session.req) {
+                    basic_auth::Checked::Allowed => {}
+                    basic_auth::Checked::Refused => return Step::Answer(auth.challenge()),
+                    basic_auth::Checked::Unverified => return Step::Wait(from + i),
+                },
+                Action::Cors(cors) => {
+                    if let Some(answer) = cors.preflight(&session.req) {
+                        return Step::Answer(answer);
+                    }
+                }
                 Action::SetResponseHeader(..)
                 | Action::AddResponseHeader(..)
                 | Action::RemoveResponseHeader(_) => {}
@@ -220,6 +244,7 @@ impl Filters {
                 Action::RemoveResponseHeader(name) => {
                     head.headers.remove(name);
                 }
+                Action::Cors(cors) => cors.on_response(&session.req, &mut head.headers),
                 _ => {}
             }
         }
@@ -247,9 +272,25 @@ impl Filter {
         };
         match &self.action {
             Action::Redirect { status, .. } => status_in(*status, 300..=399),
-            Action::Deny(status) | Action::Respond { status, .. } => status_in(*status, 200..=599),
+            Action::Deny(status) => status_in(*status, 200..=599),
             Action::RewritePath { to, .. } if !to.is_path() => {
                 Err(ConfigError::new("to", "must start with '/' (or {path})"))
+            }
+            Action::Respond {
+                status, headers, ..
+            } => {
+                status_in(*status, 200..=599)?;
+                // The engine frames the body and speaks for the connection.
+                let framing = headers.keys().find(|name| {
+                    *name == http::header::CONTENT_LENGTH || crate::forward::is_hop_by_hop(name)
+                });
+                match framing {
+                    Some(name) => Err(ConfigError::new(
+                        format!("headers[{:?}]", name.as_str()),
+                        "is set by the engine, not by a filter",
+                    )),
+                    None => Ok(()),
+                }
             }
             _ => Ok(()),
         }

@@ -31,6 +31,7 @@ fn the_first_filter_that_answers_ends_the_list() {
             Action::Respond {
                 status: StatusCode::OK,
                 body: "ok".into(),
+                headers: http::HeaderMap::new(),
             },
         ),
         Filter::new(None, Action::Deny(StatusCode::FORBIDDEN)),
@@ -39,6 +40,7 @@ fn the_first_filter_that_answers_ends_the_list() {
             Action::Respond {
                 status: StatusCode::OK,
                 body: "never".into(),
+                headers: http::HeaderMap::new(),
             },
         ),
     ])
