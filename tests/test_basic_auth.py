@@ -13,7 +13,7 @@ import httpx
 import pytest
 from ferroxy import Proxy
 from ferroxy import filters as f
-from ferroxy.testing import EchoServer
+from ferroxy.testing import EchoServer, request, simulate
 
 # Made once with argon2-cffi (argon2's recommended m=19456,t=2,p=1) and bcrypt (cost 10): each
 # costs a few tens of milliseconds to verify, as in production.
@@ -132,6 +132,17 @@ def test_a_repeated_credential_costs_no_hash(admin) -> None:
     wrong = basic("ops", "guess-0")
     again = min(_timed(admin, wrong, 401) for _ in range(3))
     assert again < hashing / 2, f"again: {again:.4f}s; one hash: {hashing:.4f}s"
+
+
+def test_simulate_verifies_credentials_too() -> None:
+    class App(Proxy):
+        upstream = "127.0.0.1:9"
+        filters = (f.BasicAuth(users={"dev": DEV_BCRYPT}),)
+
+    refused = simulate(App, request("GET", "/", headers=basic("dev", "wrong")))
+    assert (refused.status, refused.upstream_request) == (401, None)
+    allowed = simulate(App, request("GET", "/", headers=basic("dev", "hunter2")))
+    assert allowed.status == 200 and allowed.upstream_request is not None
 
 
 @pytest.mark.parametrize(
