@@ -69,6 +69,8 @@ FERROXY_MODES = {
 }
 #: Listeners of the upstream nginx, the backends of the load-balanced rows.
 POOL_SIZE = 100
+#: nginx round robin over the same 100 backends: the pool-of-100 row's yardstick.
+NGINX_POOL_ROW = "nginx, 100 servers, round robin"
 BASELINE_SUFFIX = " (baseline)"
 
 
@@ -231,8 +233,15 @@ def start_upstream(fleet: Fleet) -> tuple[Server, list[int]]:
     return server, ports
 
 
-def start_nginx(fleet: Fleet, upstream: int, worker_connections: int = 8192) -> Server:
+def start_nginx(
+    fleet: Fleet, upstreams: list[int], name: str = "nginx", worker_connections: int = 8192
+) -> Server:
+    """nginx proxying to ``upstreams`` (round robin when there are several). Its keepalive
+    cache (idle upstream connections, shared by the servers of an upstream block) holds
+    64 per server, as ferroxy's pool keeps them per backend: a smaller one would make
+    nginx open a connection for most requests to a large pool."""
     port, h2_port = free_port(), free_port()
+    servers = " ".join(f"server 127.0.0.1:{upstream};" for upstream in upstreams)
     location = """
         location / {
             proxy_pass http://up;
@@ -242,12 +251,12 @@ def start_nginx(fleet: Fleet, upstream: int, worker_connections: int = 8192) -> 
     conf = nginx_conf(
         fleet.workdir,
         f"""
-    upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    upstream up {{ {servers} keepalive {64 * len(upstreams)}; }}
     server {{ listen 127.0.0.1:{port}; {location} }}
     server {{ listen 127.0.0.1:{h2_port} http2; {location} }}""",
         worker_connections,
     )
-    return fleet.start("nginx", ["nginx", "-c", str(conf), "-e", "stderr"], port, h2_port)
+    return fleet.start(name, ["nginx", "-c", str(conf), "-e", "stderr"], port, h2_port)
 
 
 def start_haproxy(fleet: Fleet, upstream: int) -> Server:
@@ -516,23 +525,29 @@ def table(results: dict[str, list[Sample]], base: str) -> list[str]:
 
 
 def balancing_table(results: dict[str, list[Sample]]) -> list[str]:
-    """Each load-balanced row against the static-peer row (both with the access log off)."""
-    static = results.get(NO_ACCESS_LOG_ROW)
-    rows = [name for name, mode in FERROXY_MODES.items() if mode.balanced and name in results]
-    if not static or not rows:
+    """Each load-balanced row against its proxy's one-backend row: ferroxy's against the
+    static-peer row (both with the access log off), nginx's 100 servers against its one."""
+    pairs = [
+        (name, NO_ACCESS_LOG_ROW)
+        for name, mode in FERROXY_MODES.items()
+        if mode.balanced and name in results and NO_ACCESS_LOG_ROW in results
+    ]
+    if NGINX_POOL_ROW in results and "nginx" in results:
+        pairs.append((NGINX_POOL_ROW, "nginx"))
+    if not pairs:
         return []
     out = [
-        f"| row | req/s | req/s vs `{NO_ACCESS_LOG_ROW}` | CPU us/req | CPU vs static peer |",
-        "|---|---:|---:|---:|---:|",
+        "| row | against | req/s | req/s vs against | CPU us/req | CPU vs against |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    static_rps = median([s.rps for s in static])
-    static_cpu = median([s.cpu_us_per_req for s in static])
-    for name in rows:
+    for name, against in pairs:
         rps = median([s.rps for s in results[name]])
         cpu = median([s.cpu_us_per_req for s in results[name]])
+        one_rps = median([s.rps for s in results[against]])
+        one_cpu = median([s.cpu_us_per_req for s in results[against]])
         out.append(
-            f"| {name} | {fmt(rps, ',.0f')} | {ratio(rps, static_rps)} | {fmt(cpu, '.1f')} | "
-            f"{ratio(cpu, static_cpu)} |"
+            f"| {name} | {against} | {fmt(rps, ',.0f')} | {ratio(rps, one_rps)} | "
+            f"{fmt(cpu, '.1f')} | {ratio(cpu, one_cpu)} |"
         )
     return out
 
@@ -690,10 +705,21 @@ def main() -> int:
             upstream, pool_ports = start_upstream(fleet)
             targets: dict[str, Server] = {"direct to upstream": upstream}
             if selected("nginx"):
-                targets["nginx"] = start_nginx(fleet, upstream.port)
+                targets["nginx"] = start_nginx(fleet, [upstream.port])
+            if selected(NGINX_POOL_ROW):
+                targets[NGINX_POOL_ROW] = start_nginx(fleet, pool_ports, NGINX_POOL_ROW)
             if selected("haproxy") and shutil.which("haproxy"):
                 targets["haproxy"] = start_haproxy(fleet, upstream.port)
-            groups = [[name] for name in targets]
+            groups = [[name] for name in targets if name != NGINX_POOL_ROW]
+            if NGINX_POOL_ROW in targets:
+                # Back to back with nginx's one-server row, as ferroxy's pool rows are with
+                # its static peer: what spreading over 100 backends costs a proxy we did
+                # not write.
+                nginx_group = next((g for g in groups if g[0] == "nginx"), None)
+                if nginx_group is None:
+                    groups.append([NGINX_POOL_ROW])
+                else:
+                    nginx_group.append(NGINX_POOL_ROW)
             ab_modes, access_logs = [], {}
             static_group: list[str] | None = None
             for mode_name, mode in FERROXY_MODES.items():
