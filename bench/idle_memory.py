@@ -266,13 +266,13 @@ def main() -> int:
     command = "python bench/idle_memory.py " + " ".join(sys.argv[1:])
     targets = []
     with tempfile.TemporaryDirectory(prefix="ferroxy-idle-") as tmp, fleet_in(Path(tmp)) as fleet:
-        upstream, _ = start_upstream(fleet)
+        upstream, upstream_ports = start_upstream(fleet)
         starters: dict[str, Callable[[], Server]] = {
             "nginx": lambda: start_nginx(fleet, [upstream.port], worker_connections=needed),
             # Its default thread count on this machine (one per CPU), although pinned.
             "ferroxy rust path": lambda: start_ferroxy(
                 fleet,
-                upstream.port,
+                upstream_ports,
                 "ferroxy rust path",
                 Mode("RustPath", access_log=True),
                 ferroxy,
