@@ -38,6 +38,8 @@ pub enum Action {
     MaxBodySize(u64),
     /// Give the request an `x-request-id` (a new one unless the client sent one).
     RequestId,
+    /// Answer the limit's status with `Retry-After` to a key over its rate.
+    RateLimit(std::sync::Arc<super::rate_limit::RateLimit>),
 }
 
 /// The phase an action runs in.
@@ -74,13 +76,15 @@ impl Action {
 impl Action {
     /// The part of this action that waits (a store round trip, a password hash on a blocking
     /// thread), for a filter that stopped the synchronous run with [`super::Step::Wait`].
-    /// `Some` answers the request. No action waits yet.
+    /// `Some` answers the request.
     pub(crate) async fn wait(
         &self,
         session: &mut crate::session::Session,
     ) -> Option<crate::response::Response> {
-        let _ = (self, session);
-        None
+        match self {
+            Action::RateLimit(limit) => limit.ask_store(session).await,
+            _ => None,
+        }
     }
 }
 

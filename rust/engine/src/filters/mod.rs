@@ -5,6 +5,7 @@
 
 mod action;
 mod condition;
+pub mod rate_limit;
 mod template;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,7 +149,7 @@ impl Filters {
     fn run_request(&self, session: &mut Session, from: usize) -> Step {
         // A filter that waits returns `Step::Wait` with its index in `self.request`: its
         // position in this slice plus `from`.
-        for filter in &self.request[from..] {
+        for (i, filter) in self.request[from..].iter().enumerate() {
             if !filter.applies(session) {
                 continue;
             }
@@ -196,6 +197,11 @@ impl Filters {
                     let id = request_id(session).clone();
                     session.req.headers.insert(REQUEST_ID.clone(), id);
                 }
+                Action::RateLimit(limit) => match limit.check(session) {
+                    rate_limit::Check::Admit => {}
+                    rate_limit::Check::Refuse(answer) => return Step::Answer(answer),
+                    rate_limit::Check::AskStore => return Step::Wait(from + i),
+                },
                 Action::SetResponseHeader(..)
                 | Action::AddResponseHeader(..)
                 | Action::RemoveResponseHeader(_) => {}
