@@ -395,6 +395,7 @@ impl RedisCounters {
 enum Counters {
     Local {
         counters: LocalCounters,
+        /// Where window 0 begins.
         epoch: Instant,
     },
     Redis(Box<RedisCounters>),
@@ -449,8 +450,8 @@ impl RateLimit {
             return Err(ConfigError::new(
                 "store_timeout",
                 format!(
-                    "must be over 0 and at most 10 s, got {:?}",
-                    options.store_timeout
+                    "must be over 0 and at most 10 seconds, got {}",
+                    options.store_timeout.as_secs_f64()
                 ),
             ));
         }
@@ -467,7 +468,7 @@ impl RateLimit {
                 }
                 Counters::Local {
                     counters: LocalCounters::new(),
-                    epoch: Instant::now(),
+                    epoch: wall_clock_epoch(limit.window),
                 }
             }
             Some(url) => Counters::Redis(Box::new(RedisCounters::new(&options, url, &limit)?)),
@@ -532,6 +533,18 @@ impl RateLimit {
             }
         }
     }
+}
+
+/// An instant a whole number of windows after the Unix epoch, so local windows begin where
+/// the Redis store's do (a "N/s" window on a whole second of the wall clock); the local
+/// counters then count from it on the monotonic clock.
+fn wall_clock_epoch(window: Duration) -> Instant {
+    let unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let into_window = Duration::from_nanos((unix.as_nanos() % window.as_nanos()) as u64);
+    let now = Instant::now();
+    now.checked_sub(into_window).unwrap_or(now)
 }
 
 /// `Retry-After` is whole seconds: rounded up, at least 1.
