@@ -212,6 +212,19 @@ def test_redis_going_away_fails_open_with_one_warning_and_reconnects(
     assert len(ferroxy_logs.matching(lambda r: r.name == "ferroxy.rate_limit")) == 1
 
 
+def test_a_redis_down_at_start_up_is_used_once_it_comes_up(
+    ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    proxy = ferroxy_proxy(
+        app(ferroxy_upstream, f.RateLimit(rate="3/h", store=redis_server.url)),
+        access_log=False,
+    )
+    assert statuses(proxy.url, 5) == [200] * 5
+    redis_server.start()
+    assert wait_until(lambda: statuses(proxy.url, 1) == [429], timeout=10)
+
+
 def test_redis_going_away_fails_closed_with_on_store_error_deny(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
 ) -> None:

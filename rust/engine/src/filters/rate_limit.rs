@@ -32,8 +32,9 @@ use crate::lb::{ConfigError, HashKey};
 use crate::response::Response;
 use crate::session::Session;
 
-/// Keys one local limiter tracks at most (about 40 bytes each). Past it, requests whose key
-/// is not tracked share one budget per shard until stale keys are swept out.
+/// Keys one local limiter tracks at most: 4096 per shard, in tables of 8192 slots of 33
+/// bytes, about 4.3 MB per filter when full. Past it, requests whose key is not tracked share
+/// one budget per shard until stale keys are swept out.
 pub const MAX_KEYS: usize = 65_536;
 const SHARDS: usize = 16;
 /// At most one "store unreachable" warning per limiter in this time.
