@@ -203,9 +203,6 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
 
 fn rate_limit(obj: &Bound<'_, PyAny>) -> PyResult<RateLimit> {
     let class = "RateLimit";
-    let int = |field: &str| -> PyResult<u64> {
-        attr(obj, field).map_err(|_| field_error(class, field, "must be an int >= 0"))
-    };
     let seconds: f64 = attr(obj, "store_timeout")
         .map_err(|_| field_error(class, "store_timeout", "must be a number of seconds"))?;
     let store_timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
@@ -218,7 +215,8 @@ fn rate_limit(obj: &Bound<'_, PyAny>) -> PyResult<RateLimit> {
     RateLimit::new(RateLimitOptions {
         key: attr(obj, "key")?,
         rate: attr(obj, "rate")?,
-        burst: int("burst")?,
+        burst: attr(obj, "burst")
+            .map_err(|_| field_error(class, "burst", "must be an int >= 0"))?,
         status: status(class, obj)?,
         store: attr(obj, "store")?,
         on_store_error: attr(obj, "on_store_error")?,

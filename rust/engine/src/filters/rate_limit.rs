@@ -280,7 +280,12 @@ struct RedisCounters {
 }
 
 impl RedisCounters {
-    fn new(options: &RateLimitOptions, url: &str, limit: &Limit) -> Result<Self, ConfigError> {
+    fn new(
+        options: &RateLimitOptions,
+        url: &str,
+        limit: &Limit,
+        deny_on_error: bool,
+    ) -> Result<Self, ConfigError> {
         let bad = |message: String| ConfigError::new("store", message);
         if !url.starts_with("redis://") {
             return Err(bad(format!(
@@ -288,16 +293,6 @@ impl RedisCounters {
             )));
         }
         let client = redis::Client::open(url).map_err(|e| bad(format!("{url:?}: {e}")))?;
-        let deny_on_error = match options.on_store_error.as_str() {
-            "allow" => false,
-            "deny" => true,
-            other => {
-                return Err(ConfigError::new(
-                    "on_store_error",
-                    format!("expected \"allow\" or \"deny\", got {other:?}"),
-                ))
-            }
-        };
         Ok(RedisCounters {
             client,
             connection: OnceLock::new(),
@@ -386,7 +381,7 @@ impl RedisCounters {
             tracing::warn!(
                 target: "ferroxy.rate_limit",
                 "RateLimit store {url} failed ({error}): {then} until it answers \
-                 (next warning in {}s at most)",
+                 (at most one such warning per {} s)",
                 STORE_WARNING_INTERVAL.as_secs()
             );
         }
@@ -456,23 +451,27 @@ impl RateLimit {
                 ),
             ));
         }
-        let counters = match &options.store {
-            None => {
-                if !["allow", "deny"].contains(&options.on_store_error.as_str()) {
-                    return Err(ConfigError::new(
-                        "on_store_error",
-                        format!(
-                            "expected \"allow\" or \"deny\", got {:?}",
-                            options.on_store_error
-                        ),
-                    ));
-                }
-                Counters::Local {
-                    counters: LocalCounters::new(),
-                    epoch: wall_clock_epoch(limit.window),
-                }
+        let deny_on_error = match options.on_store_error.as_str() {
+            "allow" => false,
+            "deny" => true,
+            other => {
+                return Err(ConfigError::new(
+                    "on_store_error",
+                    format!("expected \"allow\" or \"deny\", got {other:?}"),
+                ))
             }
-            Some(url) => Counters::Redis(Box::new(RedisCounters::new(&options, url, &limit)?)),
+        };
+        let counters = match &options.store {
+            None => Counters::Local {
+                counters: LocalCounters::new(),
+                epoch: wall_clock_epoch(limit.window),
+            },
+            Some(url) => Counters::Redis(Box::new(RedisCounters::new(
+                &options,
+                url,
+                &limit,
+                deny_on_error,
+            )?)),
         };
         Ok(RateLimit {
             key,
@@ -695,16 +694,18 @@ mod tests {
             .count();
         assert_eq!(known, 4, "the known key keeps its own count");
         // Two windows on, the flood's keys are stale and swept out: new keys get their own
-        // budget again (in the shared one, 100 keys would get 5 admitted per shard at most).
-        let admitted = (0..100u8)
+        // budget again (in the shared one, they would get 5 admitted per shard at most). A
+        // thousand keys reach every shard, so every shard is swept.
+        let admitted = (0..1000u16)
             .map(|i| {
+                let key = i.to_le_bytes();
                 (0..5)
-                    .filter(|_| counters.check(&[b'n', i], ms(2500), &limit) == Verdict::Admit)
+                    .filter(|_| counters.check(&key, ms(2500), &limit) == Verdict::Admit)
                     .count()
             })
             .sum::<usize>();
-        assert_eq!(admitted, 500);
-        assert!(counters.keys() <= 100 + SHARDS, "{} keys", counters.keys());
+        assert_eq!(admitted, 5000);
+        assert_eq!(counters.keys(), 1000);
     }
 
     #[test]
