@@ -28,7 +28,7 @@ from conftest import (
     wait_for_port,
     wait_until,
 )
-from ferroxy import Proxy
+from ferroxy import Proxy, ProxyError, Session
 from ferroxy import filters as f
 from ferroxy.testing import EchoServer
 
@@ -81,6 +81,34 @@ def test_a_condition_limits_only_the_requests_it_matches(
         assert [client.get("/api/a").status_code for _ in range(2)] == [200, 429]
         assert [client.get("/api/b").status_code for _ in range(2)] == [200, 429]
         assert [client.get("/other").status_code for _ in range(3)] == [200] * 3
+
+
+def hook_calls_of(ferroxy_proxy: Any, upstream: EchoServer, limit: f.RateLimit) -> list[str]:
+    """Two requests to a proxy allowing one, with hooks that record their calls."""
+    calls: list[str] = []
+    upstream_addr = upstream.addr
+
+    class Hooked(Proxy):
+        upstream = upstream_addr
+        filters = (limit,)
+
+        def request_filter(self, session: Session, ctx: object) -> None:
+            calls.append("request_filter")
+
+        def logging(self, session: Session, error: ProxyError | None, ctx: object) -> None:
+            calls.append(f"logging {session.req.path}")
+
+    proxy = ferroxy_proxy(Hooked, access_log=False)
+    assert statuses(proxy.url, 2) == [200, 429]
+    wait_until(lambda: len(calls) == 3)
+    return calls
+
+
+def test_a_refused_request_runs_no_hook_but_logging(
+    ferroxy_upstream: EchoServer, ferroxy_proxy: Any
+) -> None:
+    calls = hook_calls_of(ferroxy_proxy, ferroxy_upstream, f.RateLimit(rate="1/h"))
+    assert calls == ["request_filter", "logging /x", "logging /x"]
 
 
 def offer(port: int, rate: float, seconds: float, clients: int = 6) -> list[int]:
@@ -187,6 +215,14 @@ def test_two_proxies_sharing_a_redis_store_share_one_limit(
     assert ferroxy_upstream.requests == 20
     # Another key has its own budget in the shared store.
     assert statuses(second.url, 1, {"x-user": "u2"}) == [200]
+
+
+def test_a_request_refused_by_the_store_runs_no_hook_but_logging(
+    ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
+) -> None:
+    limit = f.RateLimit(rate="1/h", store=redis_server.url)
+    calls = hook_calls_of(ferroxy_proxy, ferroxy_upstream, limit)
+    assert calls == ["request_filter", "logging /x", "logging /x"]
 
 
 def test_redis_going_away_fails_open_with_one_warning_and_reconnects(

@@ -14,10 +14,12 @@
 //! `store_timeout`, and a store that fails lets the request through (one warning per
 //! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says.
 //!
-//! Why not the `pingora-limits` crate: its `Rate` reads the wall clock itself (no injected
-//! clock, so no exact tests), and its count-min sketch over-counts every key once many
-//! distinct keys are seen, so a client sending random header values would get honest
-//! clients limited; here a flood of new keys only shares a budget among the new keys.
+//! Why not the `pingora-limits` crate: its `Rate` reads `Instant::now()` itself (no injected
+//! clock, so no exact tests); its `observe` counts every event, so leaving refused requests
+//! uncounted would take a read and a separate write (racing each other); and its count-min
+//! sketch over-counts every key once many distinct keys are seen, so a client sending
+//! random header values would get honest clients limited. Here a flood of new keys only
+//! shares a budget among the new keys.
 
 use std::collections::hash_map::{HashMap, RandomState};
 use std::hash::BuildHasher;
