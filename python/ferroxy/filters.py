@@ -61,6 +61,7 @@ __all__ = [
     "PathPrefix",
     "PathRegex",
     "Query",
+    "RateLimit",
     "Redirect",
     "RemoveRequestHeader",
     "RemoveResponseHeader",
@@ -539,4 +540,54 @@ class Cors(Filter):
         ):
             raise ValueError(f"Cors.max_age must be an int >= 0 or None, got {max_age!r}")
         self.max_age = max_age
+        self._checked()
+
+
+class RateLimit(Filter):
+    """At most ``rate`` requests per ``key``; past it, answer ``status`` (default 429) with
+    ``Retry-After`` (whole seconds, at least 1). A refused request is not counted.
+
+    ``key``: ``"client_ip"``, ``"path"``, ``"header:NAME"``, ``"cookie:NAME"`` or
+    ``"query:NAME"`` (requests without that header, cookie or parameter share one budget).
+    ``rate``: ``"N/s"``, ``"N/m"`` or ``"N/h"``, counted with a sliding-window estimate (this
+    window's count plus the previous window's, weighted by how much of it the sliding window
+    still covers). ``burst``: a key that has been quiet may send ``N + burst`` requests at
+    once, and its long-run average stays N per unit (the counting window is
+    ``(N + burst) / N`` units long: ``rate="100/s", burst=50`` admits 150 per 1.5 s).
+
+    ``store=None`` keeps the counters in this process (at most 65536 keys; past that, keys
+    not yet tracked share one budget until stale ones are swept). ``store="redis://host:port/db"``
+    keeps them in Redis, so every instance with the same filter shares one limit. A store
+    check waits at most ``store_timeout`` seconds; when the store fails or is too slow the
+    request passes (``on_store_error="allow"``, one warning on the ``ferroxy.rate_limit``
+    logger per 10 s) or gets 503 with ``Retry-After: 1`` (``on_store_error="deny"``).
+    """
+
+    __slots__ = ("burst", "key", "on_store_error", "rate", "status", "store", "store_timeout")
+
+    def __init__(
+        self,
+        when: Condition | None = None,
+        /,
+        *,
+        key: str = "client_ip",
+        rate: str,
+        burst: int = 0,
+        status: int = 429,
+        store: str | None = None,
+        on_store_error: str = "allow",
+        store_timeout: float = 0.05,
+    ) -> None:
+        super().__init__(when)
+        self.key = _text(self, "key", key)
+        self.rate = _text(self, "rate", rate)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+            raise ValueError(f"RateLimit.burst: must be an int >= 0, got {burst!r}")
+        self.burst = burst
+        self.status = status
+        self.store = _optional_text(self, "store", store)
+        self.on_store_error = _text(self, "on_store_error", on_store_error)
+        if isinstance(store_timeout, bool) or not isinstance(store_timeout, (int, float)):
+            raise ValueError(f"RateLimit.store_timeout: must be seconds, got {store_timeout!r}")
+        self.store_timeout = float(store_timeout)
         self._checked()

@@ -5,10 +5,12 @@
 //! the engine; at start-up it runs once more to build what the engine runs.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+use ferroxy_engine::filters::rate_limit::{RateLimit, RateLimitOptions};
 use ferroxy_engine::filters::{
     Action, BasicAuth, Condition, Cors, CorsConfig, Filter, Filters, Groups, HostMatch, Template,
     TextMatch,
@@ -200,6 +202,7 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
             Action::BasicAuth(Arc::new(auth))
         }
         "Cors" => Action::Cors(Arc::new(cors(class, obj)?)),
+        "RateLimit" => Action::RateLimit(Arc::new(rate_limit(obj)?)),
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
     let filter = Filter::new(when, action);
@@ -241,6 +244,30 @@ fn cors(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cors> {
             .map_err(|_| field_error(class, "max_age", "must be an int >= 0 or None"))?,
     };
     Cors::new(&config).map_err(|e| config_error(class, e))
+}
+
+fn rate_limit(obj: &Bound<'_, PyAny>) -> PyResult<RateLimit> {
+    let class = "RateLimit";
+    let seconds: f64 = attr(obj, "store_timeout")
+        .map_err(|_| field_error(class, "store_timeout", "must be a number of seconds"))?;
+    let store_timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
+        field_error(
+            class,
+            "store_timeout",
+            format!("must be over 0 and at most 10 seconds, got {seconds}"),
+        )
+    })?;
+    RateLimit::new(RateLimitOptions {
+        key: attr(obj, "key")?,
+        rate: attr(obj, "rate")?,
+        burst: attr(obj, "burst")
+            .map_err(|_| field_error(class, "burst", "must be an int >= 0"))?,
+        status: status(class, obj)?,
+        store: attr(obj, "store")?,
+        on_store_error: attr(obj, "on_store_error")?,
+        store_timeout,
+    })
+    .map_err(|e| config_error(class, e))
 }
 
 fn config_error(class: &str, error: ConfigError) -> PyErr {

@@ -48,6 +48,8 @@ pub enum Action {
     BasicAuth(Arc<BasicAuth>),
     /// Answer preflights; mark responses to allowed origins (both phases).
     Cors(Arc<Cors>),
+    /// Answer the limit's status with `Retry-After` to a key over its rate.
+    RateLimit(Arc<super::rate_limit::RateLimit>),
 }
 
 /// The phase an action runs in.
@@ -94,6 +96,7 @@ impl Action {
     ) -> Option<crate::response::Response> {
         match self {
             Action::BasicAuth(auth) => auth.verify(&session.req).await,
+            Action::RateLimit(limit) => limit.ask_store(session).await,
             _ => None,
         }
     }

@@ -7,6 +7,7 @@ mod action;
 mod basic_auth;
 mod condition;
 mod cors;
+pub mod rate_limit;
 mod template;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -214,6 +215,11 @@ impl Filters {
                     basic_auth::Checked::Allowed => {}
                     basic_auth::Checked::Refused => return Step::Answer(auth.challenge()),
                     basic_auth::Checked::Unverified => return Step::Wait(from + i),
+                },
+                Action::RateLimit(limit) => match limit.check(session) {
+                    rate_limit::Check::Admit => {}
+                    rate_limit::Check::Refuse(answer) => return Step::Answer(answer),
+                    rate_limit::Check::AskStore => return Step::Wait(from + i),
                 },
                 Action::Cors(cors) => {
                     if let Some(answer) = cors.preflight(&session.req) {

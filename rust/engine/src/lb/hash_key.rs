@@ -42,7 +42,7 @@ impl HashKey {
             Some(("cookie", name)) => Ok(HashKey::Cookie(named("cookie", name)?)),
             Some(("query", name)) => Ok(HashKey::Query(named("query", name)?)),
             _ => Err(bad(format!(
-                "unknown hash key {spec:?}: expected \"client_ip\", \"path\", \"header:NAME\", \
+                "unknown key {spec:?}: expected \"client_ip\", \"path\", \"header:NAME\", \
                  \"cookie:NAME\" or \"query:NAME\""
             ))),
         }
