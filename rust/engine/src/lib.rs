@@ -5,7 +5,7 @@
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
-//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `error`, `server` with `listener`,
+//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `path` (the canonical request path they match), `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
@@ -20,6 +20,7 @@ pub mod forward;
 pub mod http_service;
 pub mod lb;
 pub mod listener;
+pub mod path;
 pub mod peer;
 pub mod phase;
 pub mod proxy;

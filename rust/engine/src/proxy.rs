@@ -326,6 +326,12 @@ impl<P: ProxyHttp> ProxyService<P> {
         if validate::check(&session.req)? == Admission::ProxyThenClose {
             session.keepalive = false;
         }
+        // Path conditions must match the path the upstream will read, so filters, routes,
+        // hooks and the upstream all get its canonical form. Apps with neither forward the
+        // path as sent, as nginx's `proxy_pass` without a URI does.
+        if self.config.filters.is_some() || self.config.routes.is_some() {
+            crate::path::normalize_request(&mut session.req)?;
+        }
         // Before any phase, so that a filter that answers leaves every hook out; the route
         // after them, on the request as they left it, so every phase sees it.
         if let Some(filters) = &self.config.filters {
