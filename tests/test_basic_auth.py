@@ -5,12 +5,15 @@ costing a password hash each time. The echo upstream counts what reached it."""
 from __future__ import annotations
 
 import base64
+import os
 import re
+import socket
 import time
 from typing import Any
 
 import httpx
 import pytest
+from conftest import raw_connect, read_response, simple_request
 from ferroxy import Proxy
 from ferroxy import filters as f
 from ferroxy.testing import EchoServer, request, simulate
@@ -134,6 +137,55 @@ def test_a_repeated_credential_costs_no_hash(admin) -> None:
     assert again < hashing / 2, f"again: {again:.4f}s; one hash: {hashing:.4f}s"
 
 
+def _threads() -> int:
+    # The proxy serves from this process: its blocking hash threads are among these.
+    return len(os.listdir("/proc/self/task"))
+
+
+def _send_guesses(port: int, count: int, tag: str) -> list[socket.socket]:
+    """Connections that each sent a request with a credential never seen before."""
+    sockets = []
+    for i in range(count):
+        sock = raw_connect(port)
+        token = base64.b64encode(f"ops:{tag}-{i}".encode()).decode()
+        sock.sendall(simple_request("GET", "/admin/", extra=f"Authorization: Basic {token}\r\n"))
+        sockets.append(sock)
+    return sockets
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_clients_that_go_away_do_not_pile_up_hashes(admin) -> None:
+    port = httpx.URL(str(admin.base_url)).port
+    assert port is not None
+    # Start the hashing threads a valid login needs, so that they count in the baseline.
+    assert admin.get("/admin/", headers=basic("ops", "s3cret")).status_code == 200
+    before = _threads()
+    for sock in _send_guesses(port, 40, "gone"):
+        sock.close()
+    # Queued behind whatever still runs: once it is answered, the guesses that were hashing
+    # are done, and those that had not started were dropped with their clients.
+    assert admin.get("/admin/", headers=basic("ops", "after")).status_code == 401
+    # One hashing thread per CPU at the very most (half of them hash), not one per client.
+    assert _threads() <= before + (os.cpu_count() or 1), (before, _threads())
+
+
+def test_past_the_queue_of_hashes_clients_get_503_with_retry_after(admin) -> None:
+    port = httpx.URL(str(admin.base_url)).port
+    assert port is not None
+    # Far more new credentials at once than the 64 that may wait (and the hashing slots).
+    sockets = _send_guesses(port, 64 + (os.cpu_count() or 1) + 40, "flood")
+    statuses = []
+    for sock in sockets:
+        with sock, sock.makefile("rb") as rfile:
+            answer = read_response(rfile)
+            statuses.append(answer.status)
+            if answer.status == 503:
+                assert answer.header("retry-after") == "1"
+    assert set(statuses) == {401, 503}, statuses
+    # The refused ones were not judged: sent again when it is quiet, each gets its verdict.
+    assert admin.get("/admin/", headers=basic("ops", "s3cret")).status_code == 200
+
+
 def test_simulate_verifies_credentials_too() -> None:
     class App(Proxy):
         upstream = "127.0.0.1:9"
@@ -154,6 +206,14 @@ def test_simulate_verifies_credentials_too() -> None:
             'BasicAuth.users["ops"]: bad argon2 parameters',
         ),
         (lambda: f.BasicAuth(users={"dev": "$2b$10$short"}), 'BasicAuth.users["dev"]: not bcrypt'),
+        (
+            lambda: f.BasicAuth(users={"dev": DEV_BCRYPT.replace("$10$", "$20$")}),
+            'BasicAuth.users["dev"]: cost too high: one check would take 2^20 bcrypt rounds',
+        ),
+        (
+            lambda: f.BasicAuth(users={"ops": OPS_ARGON2ID.replace("m=19456", "m=4194304")}),
+            'BasicAuth.users["ops"]: cost too high: one check would fill 4096 MiB 2 times',
+        ),
         (lambda: f.BasicAuth(users={}), "BasicAuth.users: give at least one user"),
         (
             lambda: f.BasicAuth(users={"a:b": DEV_BCRYPT}),

@@ -477,9 +477,13 @@ class BasicAuth(Filter):
     ``$argon2d$`` PHC strings, as ``argon2-cffi`` makes them) or bcrypt (``$2b$``, ``$2a$``,
     ``$2y$``, as ``htpasswd -B`` does). The ``Authorization`` header is passed on to the
     upstream, as nginx does. A hash costs milliseconds on purpose: each credential is
-    verified once, on a thread of its own, and its verdict (pass or fail) is remembered, so a
-    client that sends it again costs microseconds. Place a :class:`Cors` before it when
-    browsers send preflights there (they carry no credentials)."""
+    verified once, on a blocking thread, and its verdict (pass or fail) is remembered, so a
+    client that sends it again costs microseconds. Half the CPUs hash at most, and up to 64
+    new credentials wait their turn; past those a request gets 503 with ``Retry-After: 1``.
+    A hash that would cost too much (bcrypt cost above 16, argon2 above 1 GiB of memory or
+    4 GiB of memory times passes) is a ValueError naming the user. Place a :class:`Cors`
+    before it when browsers send preflights there (they carry no credentials), and an
+    ``f.RateLimit`` keyed on the client before it to slow guessing."""
 
     __slots__ = ("realm", "users")
 
@@ -509,9 +513,14 @@ class Cors(Filter):
     ``-Allow-Headers`` (``headers``, the request headers a page may send), ``-Max-Age``
     (``max_age`` seconds) and ``-Allow-Credentials: true`` (``credentials``); from any other
     origin it is answered 403 without them, which the browser takes as a refusal. Neither
-    reaches the upstream. Other requests are proxied; the response to one from an allowed
-    origin gets ``Access-Control-Allow-Origin``, ``-Expose-Headers`` (``expose_headers``) and
-    ``-Allow-Credentials``. ``"*"`` with ``credentials=True`` is refused: browsers ignore it."""
+    reaches the upstream. Other requests are proxied; where the filter applies, the
+    upstream's own ``Access-Control-*`` headers are replaced: the response to a request from
+    an allowed origin gets ``Access-Control-Allow-Origin``, ``-Expose-Headers``
+    (``expose_headers``) and ``-Allow-Credentials`` (``["*"]``: ``*`` on every response). The
+    proxy's own answers (a 401, a 502...) get them too. Whether the filter applies is decided
+    when it runs, before later filters and hooks change the request. ``"*"`` with
+    ``credentials=True`` is refused (browsers ignore it), and so are origins with user info
+    or a default port (``https://a.example:443``), which browsers never send."""
 
     __slots__ = ("credentials", "expose_headers", "headers", "max_age", "methods", "origins")
 

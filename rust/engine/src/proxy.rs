@@ -289,7 +289,12 @@ impl<P: ProxyHttp> ProxyService<P> {
                 };
                 return (http::Response::from_parts(head, body), Some(pooled), None);
             }
-            Ok(Proxied::Local(response)) => return (response.into_http(), None, None),
+            Ok(Proxied::Local(mut response)) => {
+                if let Some(filters) = &self.config.filters {
+                    filters.on_local_response(session, &mut response.headers);
+                }
+                return (response.into_http(), None, None);
+            }
             Err(mut error) => {
                 error.tries = std::mem::take(&mut session.tries).into_boxed_slice();
                 error
@@ -308,10 +313,13 @@ impl<P: ProxyHttp> ProxyService<P> {
         } else if error.kind != ErrorKind::HookError {
             tracing::warn!(%client, side = error.side.as_str(), "{error}");
         }
-        let page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
+        let mut page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
             Some(page) => page,
             None => Response::error_page(&error),
         };
+        if let Some(filters) = &self.config.filters {
+            filters.on_local_response(session, &mut page.headers);
+        }
         (page.into_http(), None, Some(error))
     }
 

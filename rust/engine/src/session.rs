@@ -44,6 +44,8 @@ pub struct Session {
     /// The request's id, once a filter needed it: the client's `x-request-id`, or one made
     /// for it (see [`crate::filters::request_id`]).
     pub request_id: Option<http::HeaderValue>,
+    /// The Cors filters that applied to the request, for the response phase.
+    pub(crate) cors: crate::filters::CorsApplied,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
     body: Option<ProxyBody>,
@@ -74,6 +76,7 @@ impl Session {
             route: None,
             strip_prefix: None,
             request_id: None,
+            cors: Default::default(),
             upstream_request: None,
             body: None,
         }

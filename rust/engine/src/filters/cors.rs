@@ -2,12 +2,15 @@
 //! and `Access-Control-Request-Method`) gets its answer here, in the request phase, and never
 //! reaches the upstream; other requests from an allowed origin are proxied and their response
 //! gets `Access-Control-Allow-Origin` (and `-Expose-Headers`, `-Allow-Credentials`) in the
-//! response phase.
+//! response phase. Whether a Cors filter applies, and the `Origin` it answers, are decided in
+//! the request phase ([`CorsApplied`]): the filters and hooks after it may change the request.
+//! Where it applies, the response's own `Access-Control-*` headers are replaced by the
+//! filter's, on the upstream's responses and the proxy's own answers and error pages alike.
 //!
 //! A preflight from an origin not allowed is answered 403 with no `Access-Control-*` header:
 //! the browser then refuses the cross-origin request (it needs a 2xx with the allow headers),
 //! and whoever reads the answer sees why. Other requests from such an origin are proxied
-//! untouched: the browser keeps their response from the page.
+//! without allow headers: the browser keeps their response from the page.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -48,6 +51,48 @@ pub struct Cors {
     max_age: Option<HeaderValue>,
 }
 
+/// How many Cors filters a list may have: one bit each in [`CorsApplied`].
+pub const MAX_CORS_FILTERS: usize = 64;
+
+/// The `Access-Control-*` response headers a Cors filter decides: any the response has
+/// already (an upstream's own CORS) are removed where the filter applies.
+static DECIDED: [HeaderName; 6] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+    header::ACCESS_CONTROL_ALLOW_HEADERS,
+    header::ACCESS_CONTROL_MAX_AGE,
+];
+
+/// Which Cors filters of the list applied to a request (one bit each, by their rank among
+/// the list's Cors filters), and the request's `Origin` when the first did: recorded in the
+/// request phase, so that the response phase answers the request as it was then. Nothing
+/// allocated for requests no Cors filter applies to.
+#[derive(Debug, Default)]
+pub struct CorsApplied {
+    filters: u64,
+    origin: Option<HeaderValue>,
+}
+
+impl CorsApplied {
+    pub(crate) fn record(&mut self, bit: u64, req: &http::request::Parts) {
+        if self.filters == 0 {
+            self.origin = req.headers.get(header::ORIGIN).cloned();
+        }
+        self.filters |= bit;
+    }
+
+    pub(crate) fn any(&self) -> bool {
+        self.filters != 0
+    }
+
+    /// The request's `Origin` if the Cors filter with this bit applied to it.
+    pub(crate) fn applied(&self, bit: u64) -> Option<Option<&HeaderValue>> {
+        (self.filters & bit != 0).then_some(self.origin.as_ref())
+    }
+}
+
 static TRUE: HeaderValue = HeaderValue::from_static("true");
 static ANY: HeaderValue = HeaderValue::from_static("*");
 static ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
@@ -84,15 +129,32 @@ fn list(
     ))
 }
 
-/// `scheme://host[:port]`, as a browser sends it in `Origin`.
-fn is_origin(text: &str) -> bool {
+/// Why `text` is not an origin as a browser sends it in `Origin` (`scheme://host[:port]`,
+/// without user info, a path, or the scheme's default port, which browsers leave out), or
+/// `None` for one.
+fn not_origin(text: &str) -> Option<&'static str> {
+    const FORM: &str = "is not an origin (scheme://host[:port], no path)";
     let Ok(uri) = text.parse::<http::Uri>() else {
-        return false;
+        return Some(FORM);
     };
-    match (uri.scheme_str(), uri.authority()) {
-        (Some(scheme), Some(authority)) => text == format!("{scheme}://{authority}"),
-        _ => false,
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Some(FORM);
+    };
+    if text != format!("{scheme}://{authority}") {
+        return Some(FORM);
     }
+    if authority.as_str().contains('@') {
+        return Some("has user info, which browsers never send in Origin");
+    }
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    if authority.port_u16().is_some() && authority.port_u16() == default_port {
+        return Some("names its scheme's default port, which browsers leave out of Origin");
+    }
+    None
 }
 
 impl Cors {
@@ -125,10 +187,10 @@ impl Cors {
             Origins::Any
         } else {
             for (i, origin) in origins.iter().enumerate() {
-                if !is_origin(origin) {
+                if let Some(why) = not_origin(origin) {
                     return Err(ConfigError::new(
                         format!("origins[{i}]"),
-                        format!("{origin:?} is not an origin (scheme://host[:port], no path)"),
+                        format!("{origin:?} {why}"),
                     ));
                 }
             }
@@ -149,9 +211,9 @@ impl Cors {
         })
     }
 
-    /// The request's `Origin` when it is allowed.
-    fn allowed<'r>(&self, req: &'r http::request::Parts) -> Option<&'r HeaderValue> {
-        let origin = req.headers.get(header::ORIGIN)?;
+    /// `origin` when it is allowed.
+    fn allowed<'r>(&self, origin: Option<&'r HeaderValue>) -> Option<&'r HeaderValue> {
+        let origin = origin?;
         match &self.origins {
             Origins::Any => Some(origin),
             Origins::Listed(origins) => origins
@@ -162,18 +224,23 @@ impl Cors {
     }
 
     /// `Access-Control-Allow-Origin` (and the headers that go with it on every answer) for an
-    /// allowed origin; `Vary: Origin` whenever the answer depends on the origin.
-    fn allow_origin(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
-        let listed = matches!(self.origins, Origins::Listed(_));
-        if listed {
-            vary_on_origin(headers);
+    /// allowed origin, `*` for any (even without `Origin`: the same answer for every request,
+    /// which caches may keep); `Vary: Origin` whenever the answer depends on the origin.
+    /// Whether the origin is allowed.
+    fn allow_origin(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) -> bool {
+        if let Origins::Any = self.origins {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, ANY.clone());
+            return true;
         }
-        let Some(origin) = origin else { return };
-        let value = if listed { origin } else { &ANY };
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value.clone());
+        vary_on_origin(headers);
+        let Some(origin) = self.allowed(origin) else {
+            return false;
+        };
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         if self.credentials {
             headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
         }
+        true
     }
 
     /// The request phase: the answer to a preflight, `None` for any other request.
@@ -186,7 +253,7 @@ impl Cors {
         if !preflight {
             return None;
         }
-        let Some(origin) = self.allowed(req) else {
+        let Some(origin) = self.allowed(req.headers.get(header::ORIGIN)) else {
             let mut refused = Response::status_page(StatusCode::FORBIDDEN);
             if matches!(self.origins, Origins::Listed(_)) {
                 vary_on_origin(&mut refused.headers);
@@ -209,12 +276,15 @@ impl Cors {
         Some(answer)
     }
 
-    /// The response phase: the upstream's response to a request from an allowed origin gets
-    /// the allow headers (replacing any the upstream set, which a browser would see twice).
-    pub fn on_response(&self, req: &http::request::Parts, headers: &mut HeaderMap) {
-        let origin = self.allowed(req);
-        self.allow_origin(origin, headers);
-        if origin.is_some() {
+    /// The response phase, for a request this filter applied to (its `Origin` as it was
+    /// then): the response's own `Access-Control-*` headers go (an upstream reflecting any
+    /// `Origin` would let every site read it), and a request from an allowed origin gets the
+    /// filter's.
+    pub fn on_response(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+        for name in &DECIDED {
+            headers.remove(name);
+        }
+        if self.allow_origin(origin, headers) {
             if let Some(exposed) = &self.expose_headers {
                 headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, exposed.clone());
             }
@@ -295,7 +365,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("vary", HeaderValue::from_static("accept-encoding"));
         headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-        cors.on_response(&req, &mut headers);
+        cors.on_response(req.headers.get("origin"), &mut headers);
         assert_eq!(
             headers
                 .get_all("access-control-allow-origin")
@@ -309,20 +379,148 @@ mod tests {
         );
         assert_eq!(headers["access-control-expose-headers"], "x-total");
         assert!(!headers.contains_key("access-control-allow-credentials"));
-        cors.on_response(&req, &mut headers);
+        cors.on_response(req.headers.get("origin"), &mut headers);
         assert_eq!(headers.get_all("vary").iter().count(), 2);
 
         let other = test_session("GET", "/", &[("origin", "https://other.example")]).req;
         let mut headers = HeaderMap::new();
-        cors.on_response(&other, &mut headers);
+        cors.on_response(other.headers.get("origin"), &mut headers);
         assert!(!headers.contains_key("access-control-allow-origin"));
         assert_eq!(headers["vary"], "Origin");
 
         let any = cors_any();
         let mut headers = HeaderMap::new();
-        any.on_response(&other, &mut headers);
+        any.on_response(other.headers.get("origin"), &mut headers);
         assert_eq!(headers["access-control-allow-origin"], "*");
         assert!(!headers.contains_key("vary"));
+        // The same answer for every request, with an Origin or without.
+        let mut headers = HeaderMap::new();
+        any.on_response(None, &mut headers);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        assert!(!headers.contains_key("vary"));
+    }
+
+    /// An upstream that does its own CORS (reflecting any Origin) is overruled where the
+    /// filter applies: a disallowed origin is not let in through the upstream's headers.
+    #[test]
+    fn the_upstream_s_own_cors_headers_are_replaced() {
+        let cors = cors(&["https://app.example.com"], false).unwrap();
+        let upstream_cors = || {
+            let mut headers = HeaderMap::new();
+            for (name, value) in [
+                ("access-control-allow-origin", "https://evil.example"),
+                ("access-control-allow-credentials", "true"),
+                ("access-control-expose-headers", "x-secret"),
+                ("access-control-allow-methods", "PUT"),
+                ("access-control-allow-headers", "x-any"),
+                ("access-control-max-age", "86400"),
+            ] {
+                headers.insert(name, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let mut headers = upstream_cors();
+        cors.on_response(
+            Some(&HeaderValue::from_static("https://evil.example")),
+            &mut headers,
+        );
+        let left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["vary"]);
+
+        let mut headers = upstream_cors();
+        cors.on_response(
+            Some(&HeaderValue::from_static("https://app.example.com")),
+            &mut headers,
+        );
+        assert_eq!(
+            headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(headers["access-control-expose-headers"], "x-total");
+        for gone in [
+            "access-control-allow-credentials",
+            "access-control-allow-methods",
+            "access-control-allow-headers",
+            "access-control-max-age",
+        ] {
+            assert!(!headers.contains_key(gone), "{gone}");
+        }
+    }
+
+    /// The response part answers the request as the Cors filter saw it: a later RewritePath
+    /// (or a hook removing Origin) does not take the allow headers away.
+    #[test]
+    fn the_response_part_follows_what_the_request_part_decided() {
+        use crate::filters::{Action, Condition, Filter, Filters, Step, Template, TextMatch};
+        let old = Condition::Path(TextMatch::Prefix("/old/".into()));
+        let to = Template::parse("to", "/new/", Default::default()).unwrap();
+        let filters = Filters::new(vec![
+            Filter::new(
+                Some(old),
+                Action::Cors(std::sync::Arc::new(
+                    cors(&["https://app.example.com"], false).unwrap(),
+                )),
+            ),
+            Filter::new(
+                None,
+                Action::RewritePath {
+                    pattern: regex::Regex::new("^/old/").unwrap(),
+                    to,
+                },
+            ),
+        ])
+        .unwrap();
+        let origin = [("origin", "https://app.example.com")];
+        let mut session = test_session("GET", "/old/x", &origin);
+        assert!(matches!(filters.on_request(&mut session), Step::Continue));
+        assert_eq!(session.req.uri.path(), "/new/");
+        session.req.headers.remove("origin");
+        let mut head = http::Response::new(()).into_parts().0;
+        filters.on_response(&mut session, &mut head);
+        assert_eq!(
+            head.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+
+        // A request the filter did not apply to gets nothing, even once rewritten to a path
+        // it covers.
+        let mut session = test_session("GET", "/new/", &origin);
+        session.req.uri = "/old/y".parse().unwrap();
+        let mut head = http::Response::new(()).into_parts().0;
+        filters.on_response(&mut session, &mut head);
+        assert!(head.headers.is_empty());
+    }
+
+    /// The proxy's own answers get the response part too (a 401 the page can read), but a
+    /// preflight's answer is left as the filter made it.
+    #[test]
+    fn local_answers_get_the_allow_headers_but_preflight_answers_are_left_alone() {
+        use crate::filters::{Action, Filter, Filters, Step};
+        let cors = std::sync::Arc::new(cors(&["https://app.example.com"], true).unwrap());
+        let filters = Filters::new(vec![
+            Filter::new(None, Action::Cors(cors)),
+            Filter::new(None, Action::Deny(StatusCode::FORBIDDEN)),
+        ])
+        .unwrap();
+        let mut session = test_session("GET", "/", &[("origin", "https://app.example.com")]);
+        let Step::Answer(mut denied) = filters.on_request(&mut session) else {
+            panic!("denied")
+        };
+        filters.on_local_response(&session, &mut denied.headers);
+        assert_eq!(
+            denied.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(denied.headers["access-control-allow-credentials"], "true");
+
+        let mut session = test_session("GET", "/", &[]);
+        session.req = preflight("https://app.example.com");
+        let Step::Answer(mut answer) = filters.on_request(&mut session) else {
+            panic!("a preflight is answered")
+        };
+        filters.on_local_response(&session, &mut answer.headers);
+        assert_eq!(answer.headers["access-control-allow-methods"], "GET, POST");
+        assert_eq!(answer.headers["access-control-max-age"], "600");
     }
 
     fn cors_any() -> Cors {
@@ -360,11 +558,16 @@ mod tests {
             "app.example.com",
             "https://a.example/",
             "https://a.example/x",
+            "https://a.example:443",
+            "http://a.example:80",
+            "https://user@a.example",
         ] {
             let error = cors(&["https://ok.example", bad], false).unwrap_err();
             assert_eq!(error.field, "origins[1]", "{bad}");
         }
-        assert!(cors(&["http://localhost:3000"], false).is_ok());
+        assert!(cors(&["http://localhost:3000", "http://a.example:443"], false).is_ok());
+        let message = cors(&["https://a.example:443"], false).unwrap_err().message;
+        assert!(message.contains("default port"), "{message}");
         let mut config = CorsConfig {
             origins: strings(&["https://a.example"]),
             methods: strings(&["GET", "NOT A METHOD"]),

@@ -18,7 +18,7 @@ pub(crate) use action::replace_path;
 pub use action::{Action, Phase};
 pub use basic_auth::BasicAuth;
 pub use condition::{request_host, Condition, HostMatch, Subject, TextMatch};
-pub use cors::{Cors, CorsConfig};
+pub use cors::{Cors, CorsApplied, CorsConfig, MAX_CORS_FILTERS};
 pub use template::{Groups, Template, Values, PLACEHOLDERS};
 
 use crate::lb::ConfigError;
@@ -45,11 +45,17 @@ pub enum Step {
 pub struct Filter {
     pub when: Option<Condition>,
     pub action: Action,
+    /// A Cors filter's bit in [`CorsApplied`], given by [`Filters::new`] (0 for the others).
+    cors_bit: u64,
 }
 
 impl Filter {
     pub fn new(when: Option<Condition>, action: Action) -> Self {
-        Filter { when, action }
+        Filter {
+            when,
+            action,
+            cors_bit: 0,
+        }
     }
 
     /// The regex whose captures this filter's templates may name: a `RewritePath`'s own
@@ -111,10 +117,21 @@ impl Filters {
     /// `filters[i]`.
     pub fn new(filters: Vec<Filter>) -> Result<Self, ConfigError> {
         let mut compiled = Filters::default();
-        for (i, filter) in filters.into_iter().enumerate() {
+        let mut cors_filters = 0;
+        for (i, mut filter) in filters.into_iter().enumerate() {
             filter
                 .check()
                 .map_err(|e| e.within(&format!("filters[{i}]")))?;
+            if let Action::Cors(_) = filter.action {
+                if cors_filters == MAX_CORS_FILTERS {
+                    return Err(ConfigError::new(
+                        format!("filters[{i}]"),
+                        format!("at most {MAX_CORS_FILTERS} Cors filters in a list"),
+                    ));
+                }
+                filter.cors_bit = 1 << cors_filters;
+                cors_filters += 1;
+            }
             match filter.action.phase() {
                 Phase::Request => compiled.request.push(filter),
                 Phase::Response => compiled.response.push(filter),
@@ -222,9 +239,12 @@ impl Filters {
                     rate_limit::Check::AskStore => return Step::Wait(from + i),
                 },
                 Action::Cors(cors) => {
+                    // A preflight's answer is the filter's whole say: not recorded, so the
+                    // response part leaves it alone.
                     if let Some(answer) = cors.preflight(&session.req) {
                         return Step::Answer(answer);
                     }
+                    session.cors.record(filter.cors_bit, &session.req);
                 }
                 Action::SetResponseHeader(..)
                 | Action::AddResponseHeader(..)
@@ -235,9 +255,15 @@ impl Filters {
     }
 
     /// Run the response-phase filters in order on the response head (their conditions test
-    /// the request).
+    /// the request; a Cors filter's part runs where its request part applied).
     pub fn on_response(&self, session: &mut Session, head: &mut http::response::Parts) {
         for filter in &self.response {
+            if let Action::Cors(cors) = &filter.action {
+                if let Some(origin) = session.cors.applied(filter.cors_bit) {
+                    cors.on_response(origin, &mut head.headers);
+                }
+                continue;
+            }
             if !filter.applies(session) {
                 continue;
             }
@@ -250,8 +276,24 @@ impl Filters {
                 Action::RemoveResponseHeader(name) => {
                     head.headers.remove(name);
                 }
-                Action::Cors(cors) => cors.on_response(&session.req, &mut head.headers),
                 _ => {}
+            }
+        }
+    }
+
+    /// The response part of the Cors filters that applied, on an answer of the proxy's own
+    /// (a filter's, a hook's, an error page): a page that cannot read a 401 or a 502 cannot
+    /// tell its user why (nginx's `add_header ... always`). Their other response-phase
+    /// filters do not run on those.
+    pub fn on_local_response(&self, session: &Session, headers: &mut http::HeaderMap) {
+        if !session.cors.any() {
+            return;
+        }
+        for filter in &self.response {
+            if let (Action::Cors(cors), Some(origin)) =
+                (&filter.action, session.cors.applied(filter.cors_bit))
+            {
+                cors.on_response(origin, headers);
             }
         }
     }
