@@ -5,7 +5,7 @@
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
-//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `error`, `server` with `listener`,
+//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `rules` (the two together, swapped whole by a reload), `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod response;
 pub mod retry;
 pub mod route;
+pub mod rules;
 pub mod server;
 pub mod service;
 pub mod session;
@@ -40,5 +41,6 @@ pub use listener::Listener;
 pub use peer::{Peer, PeerKey, UpstreamProtocol};
 pub use phase::ProxyHttp;
 pub use response::Response;
+pub use rules::{Rules, RulesHandle};
 pub use server::{Server, ServerConfig, ServerHandle};
 pub use session::Session;
