@@ -217,3 +217,16 @@ def test_a_reloaded_routes_balancer_gets_its_health_checks(upstreams, ferroxy_pr
     )
     app.reload(routes=[Route(upstream=pool)])
     wait_until(lambda: [b["healthy"] for b in pool.backends()] == [True, False], timeout=5)
+
+
+def test_reloading_away_the_only_routes_of_an_app_without_upstream_is_refused(
+    ferroxy_upstream, ferroxy_proxy
+) -> None:
+    class App(Proxy):
+        routes = (Route(upstream=ferroxy_upstream.addr),)
+
+    app = App()
+    proxy = ferroxy_proxy(app, access_log=False)
+    with pytest.raises(ValueError, match="routes: the app has no `upstream`"):
+        app.reload(routes=[])
+    assert httpx.get(proxy.url + "/x").json()["path"] == "/x"
