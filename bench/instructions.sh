@@ -5,6 +5,7 @@
 #   bench/instructions.sh [PYTHON] [APP]      # defaults: python, RustPath (see bench/apps.py)
 #   bench/instructions.sh /tmp/ferroxy-base/.venv/bin/python SyncHook   # a baseline build
 #   bench/instructions.sh python Pool100    # a load-balanced app (bench/lb_apps.py)
+#   bench/instructions.sh python FiltersRoutes   # 20 filters, 100 routes (bench/rules_apps.py)
 #
 # Runs the proxy (one worker, access log off) under `valgrind --tool=callgrind` in front of an
 # nginx upstream, warms it up, zeroes the counters, loads it with `wrk -t1 -c10 -d15s`, and
@@ -40,7 +41,7 @@ upstream=${ports%% *}
 listens=$(for p in $ports; do printf 'listen 127.0.0.1:%s; ' "$p"; done)
 pool=$(for p in $ports; do printf '127.0.0.1:%s,' "$p"; done)
 module=apps
-case $app in Pool*|Consistent*) module=lb_apps ;; esac
+case $app in Pool*|Consistent*) module=lb_apps ;; FiltersRoutes) module=rules_apps ;; esac
 cat > "$work/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;

@@ -44,13 +44,19 @@ class Mode:
 
     app: str
     access_log: bool = False
-    #: A load-balanced app (bench/lb_apps.py): run on the current build only, as a baseline
-    #: from before issue 8 has no LoadBalancer.
-    balanced: bool = False
+    #: The module of bench/ that defines the app. One other than apps.py is run on the current
+    #: build only (a baseline from before issue 8 has no LoadBalancer, from before issue 9 no
+    #: filters), back to back with the static-peer row it is compared with.
+    module: str = "apps"
+
+    @property
+    def beside_static(self) -> bool:
+        """Compared with the static-peer row, and run on the current build only."""
+        return self.module != "apps"
 
     @property
     def spec(self) -> str:
-        return f"bench/{'lb_apps' if self.balanced else 'apps'}.py:{self.app}"
+        return f"bench/{self.module}.py:{self.app}"
 
 
 ACCESS_LOG_ROW, NO_ACCESS_LOG_ROW = "ferroxy-1 rust path", "ferroxy-1 rust path, no access log"
@@ -63,9 +69,11 @@ FERROXY_MODES = {
     "ferroxy-3 async hook": Mode("AsyncHook"),
     "ferroxy-4 all hooks": Mode("AllHooks"),
     # Beside NO_ACCESS_LOG_ROW, the same app with a static Peer: what picking costs.
-    "ferroxy-5 pool of 2, round robin": Mode("Pool2", balanced=True),
-    "ferroxy-6 pool of 100, round robin": Mode("Pool100", balanced=True),
-    "ferroxy-7 pool of 2, consistent hash": Mode("Consistent2", balanced=True),
+    "ferroxy-5 pool of 2, round robin": Mode("Pool2", module="lb_apps"),
+    "ferroxy-6 pool of 100, round robin": Mode("Pool100", module="lb_apps"),
+    "ferroxy-7 pool of 2, consistent hash": Mode("Consistent2", module="lb_apps"),
+    # Beside NO_ACCESS_LOG_ROW too: what 20 filters and 100 routes cost (target: 0.90x).
+    "ferroxy-8 20 filters plus 100 routes": Mode("FiltersRoutes", module="rules_apps"),
 }
 #: Listeners of the upstream nginx, the backends of the load-balanced rows.
 POOL_SIZE = 100
@@ -524,15 +532,16 @@ def table(results: dict[str, list[Sample]], base: str) -> list[str]:
     return rows
 
 
-def balancing_table(results: dict[str, list[Sample]]) -> list[str]:
-    """Each load-balanced row against its proxy's one-backend row: ferroxy's against the
-    static-peer row (both with the access log off), nginx's 100 servers against its one."""
+def beside_static_table(results: dict[str, list[Sample]], module: str) -> list[str]:
+    """Each row of an app from ``module`` (bench/lb_apps.py, bench/rules_apps.py) against the
+    static-peer row (both with the access log off); with the load-balanced rows, nginx's 100
+    servers against its one."""
     pairs = [
         (name, NO_ACCESS_LOG_ROW)
         for name, mode in FERROXY_MODES.items()
-        if mode.balanced and name in results and NO_ACCESS_LOG_ROW in results
+        if mode.module == module and name in results and NO_ACCESS_LOG_ROW in results
     ]
-    if NGINX_POOL_ROW in results and "nginx" in results:
+    if module == "lb_apps" and NGINX_POOL_ROW in results and "nginx" in results:
         pairs.append((NGINX_POOL_ROW, "nginx"))
     if not pairs:
         return []
@@ -727,14 +736,14 @@ def main() -> int:
                     continue
                 group = []
                 for ferroxy, suffix in sides:
-                    if mode.balanced and ferroxy is baseline:
+                    if mode.beside_static and ferroxy is baseline:
                         continue
                     name = mode_name + suffix
                     targets[name], log = start_ferroxy(fleet, pool_ports, name, mode, ferroxy)
                     if log is not None:
                         access_logs[name] = log
                     group.append(name)
-                if mode.balanced and static_group is not None:
+                if mode.beside_static and static_group is not None:
                     # Measured back to back with the static-peer row they are compared with,
                     # first in one round and last in the next, as the A/B pairs are.
                     static_group.extend(group)
@@ -824,12 +833,19 @@ def main() -> int:
             "",
             *ab_table(h1, ab_modes),
         ]
-    if balancing := balancing_table(h1):
+    if balancing := beside_static_table(h1, "lb_apps"):
         report += [
             "",
             "## Load balancing: picking in Rust, against the same app with a static Peer",
             "",
             *balancing,
+        ]
+    if rules := beside_static_table(h1, "rules_apps"):
+        report += [
+            "",
+            "## Filters and routes in Rust, against the same app with none (target: 0.90x or more)",
+            "",
+            *rules,
         ]
     if any(h2.values()):
         report += [

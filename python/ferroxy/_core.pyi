@@ -442,6 +442,18 @@ class Server:
         template such as ``"{client} {status}"`` (ValueError names what is wrong)."""
     def start(self) -> None:
         """Bind and start serving on the engine's runtime; raises OSError naming the address."""
+    def reload(
+        self,
+        *,
+        filters: Sequence[Filter] | None = None,
+        routes: Sequence[Route] | None = None,
+        balancers: Sequence[LoadBalancer] | None = None,
+    ) -> None:
+        """Swap in ``filters`` and/or ``routes`` (None keeps the current list) at once for the
+        requests that arrive from now on; those in flight finish on the old set. Checked as
+        at start-up (ValueError naming ``filters[i]``, nothing changed); RuntimeError when
+        the server is not running. ``balancers``: the new routes' load balancers, whose
+        health checks and DNS refresh start unless this server already runs them."""
     def reopen_access_log(self) -> None:
         """Reopen the access log file at its path (after logrotate renamed it): lines logged
         from now on go to the new file. Returns at once; does nothing for stdout or off."""

@@ -21,7 +21,7 @@ hook that blocks (a synchronous HTTP client, a database driver) is decorated wit
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -89,6 +89,44 @@ class Proxy(Generic[CtxT]):
     #: ``request_filter`` (one that answers ends the request before any hook), response-phase
     #: ones after ``response_filter``.
     filters: Sequence[Filter] = ()
+
+    #: The engine server serving this instance, while one does (set by the server).
+    _ferroxy_server: _core.Server | None = None
+
+    def reload(
+        self, *, filters: Sequence[Filter] | None = None, routes: Sequence[Route] | None = None
+    ) -> None:
+        """Swap the running proxy's ``filters`` and/or ``routes`` at once: requests that
+        arrive from now on run the new lists, requests in flight finish on the old ones, none
+        is dropped. A list given replaces that one (``[]`` clears it), one left out (None)
+        stays. Callable from a hook or from any thread.
+
+        Checked as at start-up: a bad filter or route raises (ValueError naming
+        ``filters[i]`` and the field, TypeError for what is not one) and nothing changes.
+        The new routes' load balancers get their health checks and DNS refresh from this
+        server (a balancer the old routes used keeps them until the server stops). On
+        success the instance's ``filters`` and ``routes`` are the new lists. RuntimeError
+        when no server is running this instance: before it starts, set the lists instead.
+        """
+        # Imported here: both modules import this one.
+        from .filters import Filter
+        from .routes import Route
+
+        server = self._ferroxy_server
+        name = type(self).__name__
+        if server is None or server.stopped:
+            raise RuntimeError(
+                f"{name} is not being served: reload() changes a running proxy's rules "
+                "(before it starts, set its `filters` and `routes`)"
+            )
+        new_filters = None if filters is None else checked_items(filters, f"{name}.filters", Filter)
+        new_routes = None if routes is None else checked_items(routes, f"{name}.routes", Route)
+        balancers = [r.upstream for r in new_routes or () if isinstance(r.upstream, LoadBalancer)]
+        server.reload(filters=new_filters, routes=new_routes, balancers=balancers)
+        if new_filters is not None:
+            self.filters = new_filters
+        if new_routes is not None:
+            self.routes = new_routes
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.
@@ -188,17 +226,19 @@ def resolve_upstream(app: Proxy[Any]) -> Peer | LoadBalancer | None:
 def declared(app: Proxy[Any], name: str, kind: type[_T]) -> tuple[_T, ...]:
     """``app.routes`` or ``app.filters`` as a tuple, each item checked to be a ``kind``
     (TypeError naming ``App.routes[i]`` otherwise)."""
-    items = getattr(app, name)
+    return checked_items(getattr(app, name), f"{type(app).__name__}.{name}", kind)
+
+
+def checked_items(items: object, where: str, kind: type[_T]) -> tuple[_T, ...]:
+    """``items`` as a tuple, each checked to be a ``kind`` (TypeError naming ``where[i]``,
+    or ``where`` when it is not a list)."""
     if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
-        raise TypeError(f"{type(app).__name__}.{name} must be a list, not {type(items).__name__}")
-    checked = tuple(items)
+        raise TypeError(f"{where} must be a list, not {type(items).__name__}")
+    checked = tuple(cast("Iterable[object]", items))
     for i, item in enumerate(checked):
         if not isinstance(item, kind):
-            raise TypeError(
-                f"{type(app).__name__}.{name}[{i}] must be a {kind.__name__}, "
-                f"not {type(item).__name__}"
-            )
-    return checked
+            raise TypeError(f"{where}[{i}] must be a {kind.__name__}, not {type(item).__name__}")
+    return cast("tuple[_T, ...]", checked)
 
 
 def as_upstream(value: object, name: str) -> Peer | LoadBalancer | None:

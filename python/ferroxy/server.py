@@ -158,6 +158,7 @@ class _LoopServer:
             [*engine_options.pop("balancers", ()), *(route.upstream for route in routes)],
         )
         self.loop = loop
+        self.proxy = proxy
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._log_level_timer: asyncio.TimerHandle | None = None
         self._started = False
@@ -184,6 +185,8 @@ class _LoopServer:
         self._refresh_log_level()
         self.server.start()
         self._started = True
+        # For Proxy.reload, while this server runs the instance.
+        self.proxy._ferroxy_server = self.server
         self.loop.add_reader(self.server.fileno(), self.server.run_pending)
 
     def shutdown(self, grace_period: float | None = None) -> None:
@@ -208,6 +211,8 @@ class _LoopServer:
         self.dispatcher.close()
         if not self._started:
             return
+        if self.proxy._ferroxy_server is self.server:
+            self.proxy._ferroxy_server = None
         if not self.server.stopped:
             self.server.shutdown(0.0)
         self.loop.remove_reader(self.server.fileno())

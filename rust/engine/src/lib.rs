@@ -5,7 +5,7 @@
 //!
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
-//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `path` (the canonical request path they match), `error`, `server` with `listener`,
+//! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `path` (the canonical request path they match), `rules` (the two together, swapped whole by a reload), `error`, `server` with `listener`,
 //! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod response;
 pub mod retry;
 pub mod route;
+pub mod rules;
 pub mod server;
 pub mod service;
 pub mod session;
@@ -41,5 +42,6 @@ pub use listener::Listener;
 pub use peer::{Peer, PeerKey, UpstreamProtocol};
 pub use phase::ProxyHttp;
 pub use response::Response;
+pub use rules::{Rules, RulesHandle};
 pub use server::{Server, ServerConfig, ServerHandle};
 pub use session::Session;

@@ -14,13 +14,13 @@ use crate::access_log::{AccessLog, AccessRecord, Arrival};
 use crate::body::{BodyProgress, BoxError, ProxyBody};
 use crate::digest::DownstreamDigest;
 use crate::error::{Error, ErrorKind, ErrorSide, FailedTry, Result};
-use crate::filters::{Filters, Step};
+use crate::filters::Step;
 use crate::forward;
 use crate::lb::Observation;
 use crate::phase::ProxyHttp;
 use crate::response::Response;
 use crate::retry;
-use crate::route::Router;
+use crate::rules::{Rules, RulesHandle};
 use crate::session::Session;
 use crate::upstream::{ConnectionPool, Exchange, UpstreamClient, UpstreamConnection};
 use crate::validate::{self, Admission};
@@ -197,10 +197,9 @@ pub fn close_after<B>(response: &mut http::Response<B>, request_version: http::V
 pub struct ProxyConfig {
     /// Where a line per request goes; `None` for no access log.
     pub access_log: Option<Arc<AccessLog>>,
-    /// Declarative filters, run between the phases; `None` (no work at all) for none.
-    pub filters: Option<Arc<Filters>>,
-    /// Routes, chosen after the request filters; `None` for none.
-    pub routes: Option<Arc<Router>>,
+    /// The declarative filters and routes run between the phases, swappable while serving
+    /// (see [`crate::rules`]).
+    pub rules: RulesHandle,
 }
 
 pub struct ProxyService<P: ProxyHttp> {
@@ -226,6 +225,12 @@ impl<P: ProxyHttp> ProxyService<P> {
         &self.config
     }
 
+    /// The holder of the filters and routes: a new set stored in it applies to the requests
+    /// that arrive from then on.
+    pub fn rules(&self) -> &RulesHandle {
+        &self.config.rules
+    }
+
     /// Proxy one request that arrived on `downstream`.
     pub async fn handle(
         &self,
@@ -238,6 +243,9 @@ impl<P: ProxyHttp> ProxyService<P> {
             ctx: self.proxy.new_ctx(),
             access: None,
         });
+        // Once, for the whole request: its filters, route and response filters come from one
+        // set, whatever a reload does meanwhile.
+        state.session.rules = Some(self.config.rules.load());
         state.access = self.config.access_log.as_ref().map(|log| Access {
             log: log.clone(),
             arrival: Arrival::new(&state.session.req),
@@ -290,7 +298,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 return (http::Response::from_parts(head, body), Some(pooled), None);
             }
             Ok(Proxied::Local(mut response)) => {
-                if let Some(filters) = &self.config.filters {
+                if let Some(filters) = session.rules().filters.clone() {
                     filters.on_local_response(session, &mut response.headers);
                 }
                 return (response.into_http(), None, None);
@@ -317,7 +325,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             Some(page) => page,
             None => Response::error_page(&error),
         };
-        if let Some(filters) = &self.config.filters {
+        if let Some(filters) = session.rules().filters.clone() {
             filters.on_local_response(session, &mut page.headers);
         }
         (page.into_http(), None, Some(error))
@@ -337,12 +345,14 @@ impl<P: ProxyHttp> ProxyService<P> {
         // Path conditions must match the path the upstream will read, so filters, routes,
         // hooks and the upstream all get its canonical form. Apps with neither forward the
         // path as sent, as nginx's `proxy_pass` without a URI does.
-        if self.config.filters.is_some() || self.config.routes.is_some() {
+        // The request's own set (a clone of its reference: the phases borrow the session).
+        let rules = session.rules.clone().unwrap_or_default();
+        if !rules.is_empty() {
             crate::path::normalize_request(&mut session.req)?;
         }
         // Before any phase, so that a filter that answers leaves every hook out; the route
         // after them, on the request as they left it, so every phase sees it.
-        if let Some(filters) = &self.config.filters {
+        if let Some(filters) = &rules.filters {
             let answer = match filters.on_request(session) {
                 Step::Continue => None,
                 Step::Answer(answer) => Some(answer),
@@ -353,7 +363,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 return Ok(Proxied::Local(answer));
             }
         }
-        if let Some(router) = &self.config.routes {
+        if let Some(router) = &rules.routes {
             router.route(session);
         }
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
@@ -364,7 +374,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         // the exchange is big, and each level it is returned through copies it).
         let mut answer = None;
         let progress = loop {
-            let (peer, connection, limit) = self.connect(session, ctx, &mut kept).await?;
+            let (peer, connection, limit) = self.connect(&rules, session, ctx, &mut kept).await?;
             let exchanging = self.exchange(session, &peer, connection, limit, &kept, &mut answer);
             match exchanging.await? {
                 Tried::Answered(progress) => break progress,
@@ -384,7 +394,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         }
         forward::response_headers(&mut head.headers);
         self.proxy.response_filter(session, &mut head, ctx).await?;
-        if let Some(filters) = &self.config.filters {
+        if let Some(filters) = &rules.filters {
             filters.on_response(session, &mut head);
         }
         Ok(Proxied::Upstream {
@@ -467,6 +477,7 @@ impl<P: ProxyHttp> ProxyService<P> {
     /// peer, for the exchange to keep to.
     async fn connect(
         &self,
+        rules: &Rules,
         session: &mut Session,
         ctx: &mut P::Ctx,
         kept: &mut Option<Bytes>,
@@ -478,7 +489,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 // may have been built and filtered ahead, in request_filter's trip.)
                 session.take_upstream_request();
             }
-            let peer = match self.routed_upstream(session) {
+            let peer = match self.routed_upstream(rules, session) {
                 Some(upstream) => upstream.select(session)?,
                 None => self.proxy.upstream_peer(session, ctx).await?,
             };
@@ -552,8 +563,12 @@ impl<P: ProxyHttp> ProxyService<P> {
 
     /// The matched route's upstream, unless the implementation's `upstream_peer` chooses
     /// for routed requests too.
-    fn routed_upstream(&self, session: &Session) -> Option<&crate::lb::Upstream> {
-        let router = self.config.routes.as_ref()?;
+    fn routed_upstream<'r>(
+        &self,
+        rules: &'r Rules,
+        session: &Session,
+    ) -> Option<&'r crate::lb::Upstream> {
+        let router = rules.routes.as_ref()?;
         if self.proxy.upstream_peer_overrides_routes() {
             return None;
         }

@@ -14,6 +14,7 @@ use crate::http_service::{HttpConfig, HttpProxy};
 use crate::listener::Listener;
 use crate::phase::ProxyHttp;
 use crate::proxy::{ProxyConfig, ProxyService};
+use crate::rules::RulesHandle;
 use crate::service::{BackgroundService, Service, ShutdownSignal};
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
 
@@ -38,10 +39,9 @@ pub struct ServerConfig {
     /// Where a line per request goes; `None` for no access log. (Open one with
     /// [`AccessLog::open`]; the Python layer's default is stdout in nginx's combined format.)
     pub access_log: Option<Arc<AccessLog>>,
-    /// Declarative filters and routes the proxy runs between the phases (see
-    /// [`ProxyConfig`]).
-    pub filters: Option<Arc<crate::filters::Filters>>,
-    pub routes: Option<Arc<crate::route::Router>>,
+    /// The declarative filters and routes the proxy runs between the phases. Keep a clone
+    /// to reload them while the server runs ([`RulesHandle::store`]).
+    pub rules: RulesHandle,
 }
 
 impl Default for ServerConfig {
@@ -55,8 +55,7 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(75),
             pool: PoolConfig::default(),
             access_log: None,
-            filters: None,
-            routes: None,
+            rules: RulesHandle::default(),
         }
     }
 }
@@ -77,6 +76,8 @@ pub struct ServerHandle {
     grace_period: Duration,
     shutdown: watch::Sender<Option<Duration>>,
     stopped: watch::Receiver<bool>,
+    /// For background services started while the server runs.
+    background_signal: ShutdownSignal,
 }
 
 impl Server {
@@ -100,8 +101,7 @@ impl Server {
             UpstreamClient::new(pool),
             ProxyConfig {
                 access_log: config.access_log,
-                filters: config.filters,
-                routes: config.routes,
+                rules: config.rules,
             },
         );
         let http = HttpProxy::new(
@@ -161,6 +161,8 @@ impl Server {
         let on_stopped = self.on_stopped;
         let background = self.background;
         let services = self.services;
+        let (begin_shutdown, signal) = ShutdownSignal::new();
+        let background_signal = signal.clone();
         engine.handle().spawn(async move {
             // Reports the stop however this task ends, panics included.
             let _stopped = StopReport {
@@ -168,7 +170,7 @@ impl Server {
                 callback: on_stopped,
             };
             let services: Vec<Arc<dyn Service>> = services.iter().map(|(_, s)| s.clone()).collect();
-            run(bound, background, shutdown_rx).await;
+            run(bound, background, shutdown_rx, begin_shutdown, signal).await;
             for service in services {
                 let _ = tokio::task::spawn_blocking(move || service.stopped()).await;
             }
@@ -180,6 +182,7 @@ impl Server {
             grace_period: self.grace_period,
             shutdown: shutdown_tx,
             stopped: stopped_rx,
+            background_signal,
         })
     }
 }
@@ -189,8 +192,9 @@ async fn run(
     bound: Vec<(std::net::TcpListener, Arc<dyn Service>)>,
     background: Vec<Box<dyn BackgroundService>>,
     mut shutdown: watch::Receiver<Option<Duration>>,
+    begin_shutdown: watch::Sender<bool>,
+    signal: ShutdownSignal,
 ) {
-    let (begin_shutdown, signal) = ShutdownSignal::new();
     // Each task ends once shutdown has begun and its work is done: an accept loop when its
     // connections have finished, a background service when it has stopped.
     let mut tasks = tokio::task::JoinSet::new();
@@ -323,6 +327,18 @@ impl ServerHandle {
             *current = Some(grace);
             true
         });
+    }
+
+    /// Start `service` on the running server (for a balancer that a reload of the routes
+    /// brought in): it runs until shutdown begins, as those given before the start do, but
+    /// the grace period does not wait for it.
+    pub fn add_background(&self, service: Box<dyn BackgroundService>) {
+        if let Some(engine) = &self.engine {
+            tracing::debug!("starting {}", service.name());
+            engine
+                .handle()
+                .spawn(service.run(self.background_signal.clone()));
+        }
     }
 
     pub fn is_stopped(&self) -> bool {

@@ -10,6 +10,7 @@ use crate::error::FailedTry;
 use crate::lb::Selected;
 use crate::peer::Peer;
 use crate::retry::RetryPolicy;
+use crate::rules::Rules;
 
 pub struct Session {
     /// The request line and headers as the client sent them (filters may change them).
@@ -46,6 +47,9 @@ pub struct Session {
     pub request_id: Option<http::HeaderValue>,
     /// The Cors filters that applied to the request, for the response phase.
     pub(crate) cors: crate::filters::CorsApplied,
+    /// The filters and routes this request runs, loaded once when it arrived (a reload
+    /// meanwhile does not change them); `None` outside the proxy (see [`Session::rules`]).
+    pub rules: Option<Arc<Rules>>,
     /// The request head sent upstream: built once from `req` when the proxy first needs it.
     upstream_request: Option<http::request::Parts>,
     body: Option<ProxyBody>,
@@ -77,9 +81,15 @@ impl Session {
             strip_prefix: None,
             request_id: None,
             cors: Default::default(),
+            rules: None,
             upstream_request: None,
             body: None,
         }
+    }
+
+    /// The filters and routes this request runs (none when it was given none).
+    pub fn rules(&self) -> &Rules {
+        self.rules.as_deref().unwrap_or(Rules::none())
     }
 
     pub fn client_addr(&self) -> SocketAddr {

@@ -263,6 +263,7 @@ fn filters_and_routes_run_for_a_rust_only_app() {
     use ferroxy_engine::filters::{Action, Condition, Filter, Filters, HostMatch, TextMatch};
     use ferroxy_engine::lb::Upstream;
     use ferroxy_engine::route::{Route, Router};
+    use ferroxy_engine::Rules;
 
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
     let routes = Router::new(vec![Route {
@@ -292,8 +293,7 @@ fn filters_and_routes_run_for_a_rust_only_app() {
     let config = ServerConfig {
         listeners: vec!["127.0.0.1:0".into()],
         threads: 1,
-        filters: Some(Arc::new(filters)),
-        routes: Some(Arc::new(routes)),
+        rules: Rules::new(Some(Arc::new(filters)), Some(Arc::new(routes))).into(),
         ..Default::default()
     };
     let nowhere = Peer::new("127.0.0.1:1").unwrap();
@@ -313,4 +313,67 @@ fn filters_and_routes_run_for_a_rust_only_app() {
     assert!(!routed.headers.iter().any(|(k, _)| k == "x-served-by"));
     // No route: the app's own upstream_peer, which points nowhere.
     assert_eq!(get(addr, "/other", "").status, 502);
+}
+
+/// A Rust-only app reloads its filters and routes through the handle it configured: requests
+/// after the store see the new set, and a request in flight finishes on the set it began with
+/// (its response filter is the old set's).
+#[test]
+fn a_rust_only_app_reloads_its_rules_and_in_flight_requests_keep_theirs() {
+    use std::sync::Arc;
+
+    use ferroxy_engine::filters::{Action, Filter, Filters, Groups, Template};
+    use ferroxy_engine::lb::Upstream;
+    use ferroxy_engine::route::{Route, Router};
+    use ferroxy_engine::{Rules, RulesHandle};
+
+    let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
+    let tagged = |tag: &'static str| {
+        let filters = Filters::new(vec![Filter::new(
+            None,
+            Action::SetResponseHeader(
+                http::HeaderName::from_static("x-set"),
+                Template::parse("value", tag, Groups::of(None)).unwrap(),
+            ),
+        )])
+        .unwrap();
+        Some(Arc::new(filters))
+    };
+    let rules = RulesHandle::new(Rules::new(tagged("old"), None));
+    let config = ServerConfig {
+        listeners: vec!["127.0.0.1:0".into()],
+        threads: 2,
+        rules: rules.clone(),
+        ..Default::default()
+    };
+    let nowhere = Peer::new("127.0.0.1:1").unwrap();
+    let proxy = Server::proxy(config, TestProxy { upstream: nowhere })
+        .start()
+        .unwrap();
+    let addr = proxy.local_addr();
+    // The old set has no routes: the app's own upstream_peer, which points nowhere.
+    assert_eq!(get(addr, "/", "").status, 502);
+
+    // The echo upstream counts requests; the routed one below waits in it during the reload.
+    let routes = Router::new(vec![Route {
+        host: None,
+        path_prefix: None,
+        path_regex: None,
+        upstream: Upstream::Peer(Peer::new(&echo.addr().to_string()).unwrap()),
+        strip_prefix: false,
+    }])
+    .unwrap();
+    rules.store(Rules::new(tagged("old"), Some(Arc::new(routes))));
+    let in_flight = std::thread::spawn(move || get(addr, "/delay/500", ""));
+    wait_until(|| echo.stats().requests() == 1);
+    rules.update(|current| Rules {
+        filters: tagged("new"),
+        ..current.clone()
+    });
+    let after = get(addr, "/after", "");
+    assert_eq!(after.status, 200, "the routes were kept");
+    assert_eq!(after.header("x-set"), Some("new"));
+    let before = in_flight.join().unwrap();
+    assert_eq!(before.status, 200);
+    assert_eq!(before.header("x-set"), Some("old"));
 }

@@ -92,8 +92,18 @@ pub struct PyProxy {
     pub bridge: Arc<Bridge>,
     pub hooks: Hooks,
     pub upstream: Option<Upstream>,
-    /// The app's `Route` objects, when it has routes: `session.route` is one of them.
-    pub routes: Option<Arc<Py<PyTuple>>>,
+}
+
+/// Whether the request's rule set has routes.
+fn routed(session: &Session) -> bool {
+    session.rules().routes.is_some()
+}
+
+/// The app's `Route` objects of the request's rule set (kept beside its routes by
+/// `Server`), `session.route` being one of them.
+fn route_objects(session: &Session) -> Option<Arc<Py<PyTuple>>> {
+    let data = session.rules().route_data.clone()?;
+    data.downcast::<Py<PyTuple>>().ok()
 }
 
 #[derive(Default)]
@@ -127,15 +137,11 @@ impl PyProxy {
             req: slot,
             downstream: session.downstream.clone(),
             upstream: session.upstream_digest,
-            route: self
-                .routes
-                .as_ref()
-                .zip(session.route)
+            route: session
+                .route
                 .filter(|_| is_new)
-                .map(|(routes, index)| RouteRef {
-                    index,
-                    routes: routes.clone(),
-                }),
+                .and_then(|index| Some((index, route_objects(session)?)))
+                .map(|(index, routes)| RouteRef { index, routes }),
             // A response-phase template may make it after the first trip.
             request_id: session.request_id.clone(),
         }
@@ -235,10 +241,9 @@ impl ProxyHttp for PyProxy {
         session: &mut Session,
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Option<Response>> {
-        let routed = self.routes.is_some();
         let steps = self
             .hooks
-            .trip_at_request_filter(self.upstream.as_ref(), routed);
+            .trip_at_request_filter(self.upstream.as_ref(), routed(session));
         if steps.is_empty() {
             return Ok(None);
         }
@@ -251,7 +256,7 @@ impl ProxyHttp for PyProxy {
         ctx: &mut PyCtx,
     ) -> ferroxy_engine::error::Result<Peer> {
         if ctx.peer.is_none() && self.hooks.upstream_peer {
-            let steps = self.hooks.trip_at_upstream_peer(self.routes.is_some());
+            let steps = self.hooks.trip_at_upstream_peer(routed(session));
             self.request_trip(steps, session, ctx, None).await?;
             if ctx.peer.is_none() {
                 return Err(Error::new(
@@ -270,7 +275,7 @@ impl ProxyHttp for PyProxy {
         match &self.upstream {
             Some(upstream) => upstream.select(session),
             // The client asked for what no route serves (the engine routes before asking).
-            None if self.routes.is_some() => {
+            None if routed(session) => {
                 Err(Error::new(ErrorKind::InvalidRequest, "no route matches").with_status(404))
             }
             None => Err(Error::new(

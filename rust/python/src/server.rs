@@ -1,6 +1,7 @@
 //! `Server`: the engine's server driven from Python. The Python thread that owns it runs
 //! `run_pending` whenever `fileno()` becomes readable.
 
+use std::any::Any;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -10,9 +11,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use ferroxy_engine::lb::Upstream;
+use ferroxy_engine::route::Router;
 use ferroxy_engine::upstream::PoolConfig;
 use ferroxy_engine::{
-    AccessLog, AccessLogFormat, AccessLogTarget, Listener, Server, ServerConfig, ServerHandle,
+    AccessLog, AccessLogFormat, AccessLogTarget, Listener, Rules, Server, ServerConfig,
+    ServerHandle,
 };
 
 use crate::bridge::{error_arg, Bridge, Job};
@@ -40,9 +43,9 @@ pub struct PyServer {
     config: ServerConfig,
     hooks: Hooks,
     upstream: Option<Upstream>,
-    /// The load balancers the app uses, whose background services run with the server.
-    balancers: Vec<Arc<ferroxy_engine::lb::LoadBalancer>>,
-    routes: Option<Arc<Py<PyTuple>>>,
+    /// The load balancers the app uses, whose background services run with the server
+    /// (a reload's routes may add more).
+    balancers: Mutex<Vec<Arc<ferroxy_engine::lb::LoadBalancer>>>,
     handle: Mutex<Option<ServerHandle>>,
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
@@ -124,24 +127,13 @@ impl PyServer {
             None => AccessLogFormat::default(),
         };
         let access_log_target = access_log.map_or_else(AccessLogTarget::default, Into::into);
-        let filters = filters
-            .map(crate::filters::filters_from)
-            .transpose()?
-            .flatten();
-        // Python's own list, for session.route to hand back the object that matched.
-        let route_objects = match routes {
-            Some(list) if !list.is_none() => Some(PyTuple::new(
-                list.py(),
-                list.try_iter()?.collect::<PyResult<Vec<_>>>()?,
-            )?),
-            _ => None,
-        };
-        let routes = route_objects
-            .as_ref()
-            .map(|list| crate::filters::routes_from(list.as_any()))
-            .transpose()?
-            .flatten();
-        let route_objects = route_objects.filter(|_| routes.is_some());
+        let mut rules = Rules::default();
+        if let Some(filters) = filters.filter(|f| !f.is_none()) {
+            rules.filters = crate::filters::filters_from(filters)?;
+        }
+        if let Some(routes) = routes.filter(|r| !r.is_none()) {
+            (rules.routes, rules.route_data) = routes_with_objects(routes)?;
+        }
         let config = ServerConfig {
             listeners: listen_specs(listen)?,
             threads: threads.map_or(defaults.threads, |n| n as usize),
@@ -159,8 +151,7 @@ impl PyServer {
                 max_idle_per_peer: pool_max_idle_per_peer
                     .unwrap_or(defaults.pool.max_idle_per_peer),
             },
-            filters,
-            routes,
+            rules: rules.into(),
             // After the other options, so that a bad one leaves no file created.
             access_log: AccessLog::open(&access_log_target, access_log_format)?,
         };
@@ -187,12 +178,13 @@ impl PyServer {
             config,
             hooks,
             upstream,
-            balancers: balancers
-                .unwrap_or_default()
-                .iter()
-                .map(|balancer| balancer.inner.clone())
-                .collect(),
-            routes: route_objects.map(|tuple| Arc::new(tuple.unbind())),
+            balancers: Mutex::new(
+                balancers
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|balancer| balancer.inner.clone())
+                    .collect(),
+            ),
             handle: Mutex::new(None),
             addrs: OnceLock::new(),
         })
@@ -209,6 +201,7 @@ impl PyServer {
         // server does.
         let balancer_services: Vec<_> = self
             .balancers
+            .lock()
             .iter()
             .flat_map(|balancer| balancer.background_services())
             .collect();
@@ -229,6 +222,63 @@ impl PyServer {
         *self.handle.lock() = Some(handle);
         self.bridge.set_serving(true);
         logs::wake_loops();
+        Ok(())
+    }
+
+    /// Swap in new filters and routes while serving (`Proxy.reload`): each one given (a list,
+    /// possibly empty) replaces the current one, one left out stays; both are checked first,
+    /// and a bad one raises with nothing changed. Requests that arrive from now on run the
+    /// new set, those in flight finish on theirs. `balancers` are the load balancers the new
+    /// routes use: those this server does not run yet get their health checks and DNS
+    /// refresh started.
+    #[pyo3(signature = (*, filters=None, routes=None, balancers=None))]
+    fn reload(
+        &self,
+        filters: Option<&Bound<'_, PyAny>>,
+        routes: Option<&Bound<'_, PyAny>>,
+        balancers: Option<Vec<PyRef<'_, PyLoadBalancer>>>,
+    ) -> PyResult<()> {
+        if self.stopped() {
+            return Err(PyRuntimeError::new_err(
+                "the server is not running: reload() swaps the rules of a running proxy (set \
+                 the app's filters and routes before it starts)",
+            ));
+        }
+        let filters = filters.map(crate::filters::filters_from).transpose()?;
+        let routes = routes.map(routes_with_objects).transpose()?;
+        if let Some((None, _)) = routes {
+            if self.upstream.is_none() && !self.hooks.upstream_peer {
+                return Err(PyValueError::new_err(
+                    "routes: the app has no `upstream` and no upstream_peer(): without routes \
+                     no request would have anywhere to go",
+                ));
+            }
+        }
+        self.config.rules.update(|current| {
+            let mut next = current.clone();
+            if let Some(filters) = &filters {
+                next.filters = filters.clone();
+            }
+            if let Some((router, objects)) = &routes {
+                next.routes = router.clone();
+                next.route_data = objects.clone();
+            }
+            next
+        });
+        let handle = self.handle.lock();
+        let mut known = self.balancers.lock();
+        for balancer in balancers.unwrap_or_default() {
+            let balancer = &balancer.inner;
+            if known.iter().any(|k| Arc::ptr_eq(k, balancer)) {
+                continue;
+            }
+            known.push(balancer.clone());
+            if let Some(handle) = handle.as_ref() {
+                for service in balancer.background_services() {
+                    handle.add_background(service);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -264,12 +314,9 @@ impl PyServer {
         self.bridge.fileno()
     }
 
-    #[getter]
-    fn stopped(&self) -> bool {
-        self.handle
-            .lock()
-            .as_ref()
-            .is_none_or(ServerHandle::is_stopped)
+    #[getter(stopped)]
+    fn is_stopped(&self) -> bool {
+        self.stopped()
     }
 
     #[pyo3(signature = (grace_period=None))]
@@ -332,8 +379,7 @@ impl PyServer {
         // The app's filters and routes too; no access log.
         let config = ferroxy_engine::proxy::ProxyConfig {
             access_log: None,
-            filters: self.config.filters.clone(),
-            routes: self.config.routes.clone(),
+            rules: self.config.rules.clone(),
         };
         crate::simulate::start(
             self.proxy(),
@@ -392,13 +438,35 @@ pub fn upstream_from(value: &Bound<'_, PyAny>) -> PyResult<Upstream> {
     )))
 }
 
+/// Routes for the engine, with Python's own list beside them for `session.route` to hand back
+/// the object that matched (both `None` for an empty list).
+type RoutesWithObjects = (Option<Arc<Router>>, Option<Arc<dyn Any + Send + Sync>>);
+
+fn routes_with_objects(routes: &Bound<'_, PyAny>) -> PyResult<RoutesWithObjects> {
+    let objects = PyTuple::new(
+        routes.py(),
+        routes.try_iter()?.collect::<PyResult<Vec<_>>>()?,
+    )?;
+    let Some(router) = crate::filters::routes_from(objects.as_any())? else {
+        return Ok((None, None));
+    };
+    let objects: Arc<dyn Any + Send + Sync> = Arc::new(objects.unbind());
+    Ok((Some(router), Some(objects)))
+}
+
 impl PyServer {
+    fn stopped(&self) -> bool {
+        self.handle
+            .lock()
+            .as_ref()
+            .is_none_or(ServerHandle::is_stopped)
+    }
+
     fn proxy(&self) -> PyProxy {
         PyProxy {
             bridge: self.bridge.clone(),
             hooks: self.hooks,
             upstream: self.upstream.clone(),
-            routes: self.routes.clone(),
         }
     }
 
