@@ -162,7 +162,14 @@ impl Router {
     /// The index of the route `req` takes, if any.
     pub fn find(&self, req: &http::request::Parts) -> Option<usize> {
         let path = req.uri.path();
-        let host = request_host(req).map(|h| h.to_ascii_lowercase());
+        // Lower-cased only when it has capitals: most clients send it lower-case already.
+        let host = request_host(req).map(|h| {
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(h.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(h)
+            }
+        });
         let routes = &self.routes;
         let by_name = host
             .as_deref()

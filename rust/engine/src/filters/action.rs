@@ -124,14 +124,14 @@ pub(crate) fn replace_path(parts: &mut http::request::Parts, path: &str) -> bool
 }
 
 /// Set (replace) or add `name: value` in `headers`; a rendered value that is not a valid
-/// header value (a capture with a control byte) is left out.
+/// header value (`None`: a capture with a control byte) is left out.
 pub(crate) fn put_header(
     headers: &mut http::HeaderMap,
     name: &HeaderName,
-    value: String,
+    value: Option<HeaderValue>,
     append: bool,
 ) {
-    let Ok(value) = HeaderValue::try_from(value) else {
+    let Some(value) = value else {
         tracing::debug!(header = %name, "a filter's header value is not valid: left out");
         return;
     };

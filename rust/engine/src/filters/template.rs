@@ -35,6 +35,9 @@ pub struct Values<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
+    /// A literal template as a header value, made once: a header filter with a fixed value
+    /// then costs a clone per request, not a rendering and a check.
+    literal_value: Option<http::HeaderValue>,
 }
 
 /// The capture groups a template may name: those of the regex its filter matches with.
@@ -103,7 +106,15 @@ impl Template {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        Ok(Template { parts })
+        let literal_value = match parts.as_slice() {
+            [] => Some(http::HeaderValue::from_static("")),
+            [Part::Literal(text)] => http::HeaderValue::try_from(text.as_str()).ok(),
+            _ => None,
+        };
+        Ok(Template {
+            parts,
+            literal_value,
+        })
     }
 
     /// The literal text, when the template has no placeholder (rendered once, at start-up).
@@ -128,6 +139,20 @@ impl Template {
         self.parts
             .iter()
             .any(|p| matches!(p, Part::Group(_) | Part::Named(_)))
+    }
+
+    /// A literal template's header value (None when it is not literal, or not a valid one).
+    pub fn literal_value(&self) -> Option<&http::HeaderValue> {
+        self.literal_value.as_ref()
+    }
+
+    /// Whether the template is `{request_id}` alone.
+    pub fn is_request_id(&self) -> bool {
+        self.parts == [Part::RequestId]
+    }
+
+    pub fn uses_host(&self) -> bool {
+        self.parts.contains(&Part::Host)
     }
 
     pub fn uses_request_id(&self) -> bool {

@@ -97,6 +97,12 @@ fn request_headers_path_rewrites_and_request_ids() {
     assert!(run(&filters, &mut s).is_none());
     let id = s.req.headers["x-request-id"].clone();
     assert_eq!(id.len(), 32);
+    assert!(id
+        .as_bytes()
+        .iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)));
+    // Not a bare counter: the two halves are keyed hashes of it.
+    assert!(id.as_bytes().iter().filter(|&&b| b == b'0').count() < 16);
     assert_eq!(s.req.headers["x-id-copy"], id);
     assert_eq!(s.request_id.as_ref(), Some(&id));
     assert!(!s.req.headers.contains_key("x-drop"));
