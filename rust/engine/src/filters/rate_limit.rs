@@ -19,7 +19,8 @@
 //! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says. After a failure the
 //! store is skipped for [`STORE_RETRY_AFTER`] (requests are let through or refused at once,
 //! not each after `store_timeout`), then one request tries it again; a call that timed out
-//! drops the connection, so a connection that went silent is replaced, not waited on.
+//! drops the connection, so a connection that went silent is replaced, not waited on. A call
+//! that timed out may still be counted, once Redis gets to it.
 //!
 //! Why not the `pingora-limits` crate: its `Rate` reads `Instant::now()` itself (no injected
 //! clock, so no exact tests); its `observe` counts every event, so leaving refused requests
@@ -417,11 +418,15 @@ impl RedisCounters {
             return Err(StoreFailure::Skipped);
         }
         let answer = self.ask(key, limit).await;
-        let retry_at = match answer {
-            Ok(_) => 0,
-            Err(_) => self.now_ms() + STORE_RETRY_AFTER.as_millis() as u64,
-        };
-        self.retry_at.store(retry_at, Ordering::Relaxed);
+        match answer {
+            // Read first: a write on every request would bounce the line between cores.
+            Ok(_) if self.retry_at.load(Ordering::Relaxed) == 0 => {}
+            Ok(_) => self.retry_at.store(0, Ordering::Relaxed),
+            Err(_) => self.retry_at.store(
+                self.now_ms() + STORE_RETRY_AFTER.as_millis() as u64,
+                Ordering::Relaxed,
+            ),
+        }
         answer.map_err(StoreFailure::Failed)
     }
 
