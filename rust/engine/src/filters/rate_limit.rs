@@ -303,7 +303,7 @@ enum StoreFailure {
     Failed(String),
 }
 
-/// The connection in use, and how many were made before it.
+/// The connection in use and its generation (one more with each connection made).
 #[derive(Default)]
 struct Held {
     generation: u64,
