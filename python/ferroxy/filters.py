@@ -556,23 +556,38 @@ class RateLimit(Filter):
     """At most ``rate`` requests per ``key``; past it, answer ``status`` (default 429) with
     ``Retry-After`` (whole seconds, at least 1). A refused request is not counted.
 
-    ``key``: ``"client_ip"``, ``"path"``, ``"header:NAME"``, ``"cookie:NAME"`` or
-    ``"query:NAME"`` (requests without that header, cookie or parameter share one budget).
-    ``rate``: ``"N/s"``, ``"N/m"`` or ``"N/h"``, counted with a sliding-window estimate (this
-    window's count plus the previous window's, weighted by how much of it the sliding window
-    still covers). ``burst``: a key that has been quiet may send ``N + burst`` requests at
-    once, and its long-run average stays N per unit (the counting window is
-    ``(N + burst) / N`` units long: ``rate="100/s", burst=50`` admits 150 per 1.5 s).
+    ``key``: ``"client_ip"`` (the TCP peer; an IPv6 client by its /64; behind a load
+    balancer every client shares its address), ``"path"``, ``"header:NAME"``,
+    ``"cookie:NAME"`` or ``"query:NAME"`` (values the client chooses: rotating them buys a
+    fresh budget, so stack a ``client_ip`` limit beside; requests without that header, cookie
+    or parameter share one budget). ``rate``: ``"N/s"``, ``"N/m"`` or ``"N/h"``, counted with
+    a sliding-window estimate (this window's count plus the previous window's, weighted by
+    how much of it the sliding window still covers). ``burst``: a key that has been quiet may
+    send ``N + burst`` requests at once, and its long-run average stays N per unit (the
+    counting window is ``(N + burst) / N`` units long, at most 30 days: ``rate="100/s",
+    burst=50`` admits 150 per 1.5 s).
 
-    ``store=None`` keeps the counters in this process (at most 65536 keys; past that, keys
-    not yet tracked share one budget until stale ones are swept). ``store="redis://host:port/db"``
-    keeps them in Redis, so every instance with the same filter shares one limit. A store
-    check waits at most ``store_timeout`` seconds; when the store fails or is too slow the
-    request passes (``on_store_error="allow"``, one warning on the ``ferroxy.rate_limit``
-    logger per 10 s) or gets 503 with ``Retry-After: 1`` (``on_store_error="deny"``).
+    ``store=None`` keeps the counters in this process (at most 65536 keys; past that, a new
+    key evicts the least recently seen). ``store="redis://host:port/db"`` keeps them in
+    Redis, so every instance with the same filter shares one limit; ``name`` names its
+    counters there (filters with one name, key and rate share them; default: a hash of the
+    filter's place in ``filters``, its condition, key, rate and burst). A store check waits
+    at most ``store_timeout`` seconds; when the store fails or is too slow the request passes
+    (``on_store_error="allow"``, one warning on the ``ferroxy.rate_limit`` logger per 10 s)
+    or gets 503 with ``Retry-After: 1`` (``on_store_error="deny"``), and the next second's
+    requests skip the store.
     """
 
-    __slots__ = ("burst", "key", "on_store_error", "rate", "status", "store", "store_timeout")
+    __slots__ = (
+        "burst",
+        "key",
+        "name",
+        "on_store_error",
+        "rate",
+        "status",
+        "store",
+        "store_timeout",
+    )
 
     def __init__(
         self,
@@ -586,6 +601,7 @@ class RateLimit(Filter):
         store: str | None = None,
         on_store_error: str = "allow",
         store_timeout: float = 0.05,
+        name: str | None = None,
     ) -> None:
         super().__init__(when)
         self.key = _text(self, "key", key)
@@ -599,4 +615,5 @@ class RateLimit(Filter):
         if isinstance(store_timeout, bool) or not isinstance(store_timeout, (int, float)):
             raise ValueError(f"RateLimit.store_timeout: must be seconds, got {store_timeout!r}")
         self.store_timeout = float(store_timeout)
+        self.name = _optional_text(self, "name", name)
         self._checked()

@@ -152,6 +152,11 @@ fn status(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<http::StatusCode> {
 }
 
 pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
+    filter_at(obj, None)
+}
+
+/// `obj`, the filter at `position` in `Proxy.filters` (`None`: checked alone).
+fn filter_at(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<Filter> {
     let class = class_of(obj, "filter")?;
     let class = class.as_str();
     let when = obj.getattr("when")?;
@@ -202,7 +207,7 @@ pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
             Action::BasicAuth(Arc::new(auth))
         }
         "Cors" => Action::Cors(Arc::new(cors(class, obj)?)),
-        "RateLimit" => Action::RateLimit(Arc::new(rate_limit(obj)?)),
+        "RateLimit" => Action::RateLimit(Arc::new(rate_limit(obj, position)?)),
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
     let filter = Filter::new(when, action);
@@ -246,8 +251,11 @@ fn cors(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cors> {
     Cors::new(&config).map_err(|e| config_error(class, e))
 }
 
-fn rate_limit(obj: &Bound<'_, PyAny>) -> PyResult<RateLimit> {
+fn rate_limit(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<RateLimit> {
     let class = "RateLimit";
+    // Without a `name`, filters differ in the store by their place and condition.
+    let position = position.map_or_else(|| "?".to_owned(), |i| i.to_string());
+    let scope = format!("filters[{position}] {}", obj.getattr("when")?.repr()?);
     let seconds: f64 = attr(obj, "store_timeout")
         .map_err(|_| field_error(class, "store_timeout", "must be a number of seconds"))?;
     let store_timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
@@ -266,6 +274,8 @@ fn rate_limit(obj: &Bound<'_, PyAny>) -> PyResult<RateLimit> {
         store: attr(obj, "store")?,
         on_store_error: attr(obj, "on_store_error")?,
         store_timeout,
+        name: attr(obj, "name")?,
+        scope,
     })
     .map_err(|e| config_error(class, e))
 }
@@ -279,7 +289,9 @@ pub fn filters_from(list: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Filters>>> {
     let filters = list
         .try_iter()?
         .enumerate()
-        .map(|(i, f)| filter_from(&f?).map_err(|e| within(list.py(), e, &format!("filters[{i}]"))))
+        .map(|(i, f)| {
+            filter_at(&f?, Some(i)).map_err(|e| within(list.py(), e, &format!("filters[{i}]")))
+        })
         .collect::<PyResult<Vec<_>>>()?;
     if filters.is_empty() {
         return Ok(None);

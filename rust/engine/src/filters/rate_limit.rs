@@ -6,44 +6,66 @@
 //!
 //! `burst`: a key that has been quiet may send `rate + burst` requests at once, and its long
 //! run average stays `rate`: the counting window is `(N + burst) / N` units long and admits
-//! `N + burst` requests (`rate="100/s", burst=50`: 150 per 1.5 s).
+//! `N + burst` requests (`rate="100/s", burst=50`: 150 per 1.5 s), at most [`MAX_WINDOW`].
 //!
-//! The counters live in this process (bounded: [`MAX_KEYS`]), or in Redis
-//! (`store="redis://..."`) so several instances share one limit. A Redis check is the one
-//! filter step that waits ([`super::Step::Wait`]); it never waits longer than
+//! `client_ip` keys an IPv6 client by its /64 (one host usually holds a whole /64, so
+//! rotating addresses inside it would otherwise buy a fresh budget each time); IPv4 by its
+//! address.
+//!
+//! The counters live in this process (bounded: [`MAX_KEYS`], least recently used evicted),
+//! or in Redis (`store="redis://..."`) so several instances share one limit. A Redis check
+//! is the one filter step that waits ([`super::Step::Wait`]); it never waits longer than
 //! `store_timeout`, and a store that fails lets the request through (one warning per
-//! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says.
+//! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says. After a failure the
+//! store is skipped for [`STORE_RETRY_AFTER`] (requests are let through or refused at once,
+//! not each after `store_timeout`), then one request tries it again; a call that timed out
+//! drops the connection, so a connection that went silent is replaced, not waited on. A call
+//! that timed out may still be counted, once Redis gets to it.
 //!
 //! Why not the `pingora-limits` crate: its `Rate` reads `Instant::now()` itself (no injected
 //! clock, so no exact tests); its `observe` counts every event, so leaving refused requests
 //! uncounted would take a read and a separate write (racing each other); and its count-min
 //! sketch over-counts every key once many distinct keys are seen, so a client sending
-//! random header values would get honest clients limited. Here a flood of new keys only
-//! shares a budget among the new keys.
+//! random header values would get honest clients limited. Here a flood of new keys evicts
+//! the least recently seen keys, as nginx's `limit_req` does: a new honest client always
+//! gets its own fresh budget. What remains: a client that can make more distinct keys than
+//! a shard holds within one of a victim's request intervals evicts the victim's counter,
+//! which then starts again from zero (a client with that many keys could as well spread its
+//! requests over them).
 
-use std::collections::hash_map::{HashMap, RandomState};
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use blake2::{Blake2b128, Digest};
 use http::{HeaderValue, StatusCode};
+use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::lb::{ConfigError, HashKey};
 use crate::response::Response;
 use crate::session::Session;
 
-/// Keys one local limiter tracks at most: 4096 per shard, in tables of 8192 slots of 33
-/// bytes, about 4.3 MB per filter when full. Past it, requests whose key is not tracked share
-/// one budget per shard until stale keys are swept out.
+/// Keys one local limiter tracks at most: 4096 per shard, about 6 MB per filter when full.
+/// A new key past it evicts its shard's least recently seen key.
 pub const MAX_KEYS: usize = 65_536;
 const SHARDS: usize = 16;
+/// The longest counting window a rate and burst may make (`rate="1/h", burst=719`).
+pub const MAX_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 /// At most one "store unreachable" warning per limiter in this time.
 pub const STORE_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// After a store failure, requests skip the store this long before one tries it again.
+pub const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The status a request gets when the store fails and `on_store_error="deny"`: the client
 /// is not over its limit, the proxy cannot tell.
 pub const STORE_ERROR_STATUS: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+/// TCP keepalive and `TCP_USER_TIMEOUT` on the store's connection: a peer that vanished
+/// without closing it is noticed within a few seconds, not the system's two hours.
+const STORE_KEEPALIVE: Duration = Duration::from_secs(1);
+const STORE_USER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What `RateLimit` is given, as the user wrote it; [`RateLimit::new`] checks every field.
 #[derive(Debug, Clone)]
@@ -59,6 +81,14 @@ pub struct RateLimitOptions {
     /// `allow` (fail open) or `deny` (answer [`STORE_ERROR_STATUS`]).
     pub on_store_error: String,
     pub store_timeout: Duration,
+    /// The counters' scope in the store: filters (on any instance) with the same name, key
+    /// and rate share their counters. `None`: a name derived from `scope`, the key, the rate
+    /// and the burst.
+    pub name: Option<String>,
+    /// What tells this filter from others with the same key and rate when it has no `name`,
+    /// the same on every instance running the same configuration: its place in the filter
+    /// list and its condition, as the layer above writes them.
+    pub scope: String,
 }
 
 impl Default for RateLimitOptions {
@@ -71,6 +101,8 @@ impl Default for RateLimitOptions {
             store: None,
             on_store_error: "allow".into(),
             store_timeout: Duration::from_millis(50),
+            name: None,
+            scope: String::new(),
         }
     }
 }
@@ -107,11 +139,22 @@ impl Limit {
             return Err(ConfigError::new("burst", "must be 0..=1000000000"));
         }
         let requests = count + burst;
-        let window = unit.as_nanos() * u128::from(requests) / u128::from(count);
-        Ok(Limit {
-            requests,
-            window: Duration::from_nanos(window as u64),
-        })
+        // Without a burst the window is the unit (at most an hour): only a burst makes it long.
+        let window = u64::try_from(unit.as_nanos() * u128::from(requests) / u128::from(count))
+            .map(Duration::from_nanos)
+            .ok()
+            .filter(|window| *window <= MAX_WINDOW)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "burst",
+                    format!(
+                        "{burst} with rate {rate:?} makes a window of {requests}/{count} units, \
+                         over the {} days at most",
+                        MAX_WINDOW.as_secs() / 86_400
+                    ),
+                )
+            })?;
+        Ok(Limit { requests, window })
     }
 }
 
@@ -145,18 +188,18 @@ pub enum Verdict {
 /// The sliding-window estimate: `previous` weighted by the part of the previous window still
 /// inside the sliding window, plus `current`. A request is admitted while the estimate is
 /// under the limit.
-fn decide(previous: u64, current: u64, at: Position, limit: &Limit) -> Verdict {
+fn decide(previous: u64, current: u64, elapsed: f64, limit: &Limit) -> Verdict {
     let (previous, current, requests) = (previous as f64, current as f64, limit.requests as f64);
-    if previous * (1.0 - at.elapsed) + current < requests {
+    if previous * (1.0 - elapsed) + current < requests {
         return Verdict::Admit;
     }
     // When the estimate drops under the limit again with no more requests counted: later in
     // this window as the previous one's weight falls, or in the next window, where this
     // window's count is the previous one.
     let fraction_left = if current < requests {
-        (1.0 - (requests - current) / previous) - at.elapsed
+        (1.0 - (requests - current) / previous) - elapsed
     } else {
-        (1.0 - at.elapsed) + (1.0 - requests / current)
+        (1.0 - elapsed) + (1.0 - requests / current)
     };
     Verdict::Refuse {
         retry_after: limit.window.mul_f64(fraction_left.max(0.0)),
@@ -184,34 +227,24 @@ impl Counts {
         }
         self
     }
-
-    /// Counts nothing inside the sliding window of `window`.
-    fn is_stale(&self, window: u64) -> bool {
-        self.window + 1 < window
-    }
-}
-
-#[derive(Debug, Default)]
-struct Shard {
-    keys: HashMap<u64, Counts>,
-    /// The budget keys share while `keys` is full of live ones.
-    overflow: Counts,
-    /// The window in which stale keys were last swept out (at most one sweep per window).
-    swept: u64,
 }
 
 /// Counters in this process: keys hashed (with a per-process random key, so a client cannot
-/// aim collisions) into shards of at most `MAX_KEYS / SHARDS` keys each.
+/// aim collisions) into shards of at most `MAX_KEYS / SHARDS` keys each, the least recently
+/// seen evicted first (an exact LRU: a list through the table, O(1) per request).
 struct LocalCounters {
     hasher: RandomState,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Mutex<LruCache<u64, Counts>>]>,
 }
 
 impl LocalCounters {
     fn new() -> Self {
         LocalCounters {
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            // Unbounded (so grown on demand, not allocated full up front), bounded in `check`.
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::unbounded()))
+                .collect(),
         }
     }
 
@@ -220,21 +253,11 @@ impl LocalCounters {
         let hash = self.hasher.hash_one(key);
         let at = Position::of(since_epoch, limit.window);
         let mut shard = self.shards[(hash >> 60) as usize % SHARDS].lock();
-        let shard = &mut *shard;
-        if shard.keys.len() >= MAX_KEYS / SHARDS
-            && shard.swept != at.window
-            && !shard.keys.contains_key(&hash)
-        {
-            shard.swept = at.window;
-            shard.keys.retain(|_, counts| !counts.is_stale(at.window));
+        if shard.len() >= MAX_KEYS / SHARDS && !shard.contains(&hash) {
+            shard.pop_lru();
         }
-        let counts = if shard.keys.len() < MAX_KEYS / SHARDS || shard.keys.contains_key(&hash) {
-            shard.keys.entry(hash).or_default()
-        } else {
-            &mut shard.overflow
-        };
-        let counts = counts.at(at.window);
-        let verdict = decide(counts.previous, counts.current, at, limit);
+        let counts = shard.get_or_insert_mut(hash, Counts::default).at(at.window);
+        let verdict = decide(counts.previous, counts.current, at.elapsed, limit);
         if verdict == Verdict::Admit {
             counts.current += 1;
         }
@@ -243,33 +266,58 @@ impl LocalCounters {
 
     #[cfg(test)]
     fn keys(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().keys.len()).sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 }
 
 /// Admits a request and counts it, in one atomic step on the server, unless the estimate is
-/// at the limit (a refused request is not counted). KEYS: this window's counter, the
-/// previous window's. ARGV: the limit, the previous window's weight, the counter's lifetime
-/// in ms. Returns {admitted, previous, current}.
+/// at the limit (a refused request is not counted). The window is placed on the server's
+/// clock (`TIME`), so instances whose clocks disagree still count the same windows. KEYS:
+/// the key's counter name without its window (the window's counters are that name plus
+/// `:WINDOW`; a single server, not a cluster, so names made here are fine). ARGV: the
+/// limit, the window in microseconds, the counter's lifetime in ms. Returns {admitted,
+/// previous, current, microseconds into the window}.
 const CHECK_SCRIPT: &str = r"
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
-if previous * tonumber(ARGV[2]) + current < tonumber(ARGV[1]) then
-  current = redis.call('INCR', KEYS[1])
-  if current == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-  return {1, previous, current}
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local window_us = tonumber(ARGV[2])
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local window = math.floor(now / window_us)
+local into = now - window * window_us
+local current_key = KEYS[1] .. ':' .. string.format('%d', window)
+local previous_key = KEYS[1] .. ':' .. string.format('%d', window - 1)
+local current = tonumber(redis.call('GET', current_key) or '0')
+local previous = tonumber(redis.call('GET', previous_key) or '0')
+if previous * (1 - into / window_us) + current < tonumber(ARGV[1]) then
+  current = redis.call('INCR', current_key)
+  if current == 1 then redis.call('PEXPIRE', current_key, ARGV[3]) end
+  return {1, previous, current, into}
 end
-return {0, previous, current}
+return {0, previous, current, into}
 ";
 
-/// Counters in Redis, shared by every instance with the same filter (same key kind and
-/// limit). Windows are counted from the Unix epoch, so instances agree on them as far as
-/// their clocks agree.
+/// Why a store check gave no verdict.
+enum StoreFailure {
+    /// The store failed less than [`STORE_RETRY_AFTER`] ago: not asked.
+    Skipped,
+    Failed(String),
+}
+
+/// The connection in use and its generation (one more with each connection made).
+#[derive(Default)]
+struct Held {
+    generation: u64,
+    manager: Option<redis::aio::ConnectionManager>,
+}
+
+/// Counters in Redis, shared by every instance with the same filter (same name, key and
+/// limit).
 struct RedisCounters {
     client: redis::Client,
     /// Made on first use, inside the runtime that serves requests (it spawns a task there);
-    /// it reconnects by itself when the server comes back.
-    connection: OnceLock<redis::aio::ConnectionManager>,
+    /// it reconnects by itself when the server closes the connection, and is dropped (a new
+    /// one made) when a call times out.
+    connection: Mutex<Held>,
     script: redis::Script,
     /// Distinguishes this filter's counters from other filters' in the same database.
     prefix: String,
@@ -278,43 +326,49 @@ struct RedisCounters {
     /// When the last "store failed" warning was logged: ms after `started`, plus one (0:
     /// never).
     warned_at: AtomicU64,
+    /// While the store is failing: when (ms after `started`, plus one) a request may try it
+    /// again; 0 while it answers.
+    retry_at: AtomicU64,
     started: Instant,
 }
 
 impl RedisCounters {
-    fn new(
-        options: &RateLimitOptions,
-        url: &str,
-        limit: &Limit,
-        deny_on_error: bool,
-    ) -> Result<Self, ConfigError> {
+    fn new(prefix: String, options: &RateLimitOptions, url: &str) -> Result<Self, ConfigError> {
+        use redis::IntoConnectionInfo;
         let bad = |message: String| ConfigError::new("store", message);
         if !url.starts_with("redis://") {
             return Err(bad(format!(
                 "expected a \"redis://host:port/db\" URL, got {url:?}"
             )));
         }
-        let client = redis::Client::open(url).map_err(|e| bad(format!("{url:?}: {e}")))?;
+        let info = url
+            .into_connection_info()
+            .map_err(|e| bad(format!("{url:?}: {e}")))?
+            .set_tcp_settings(store_tcp_settings());
+        let client = redis::Client::open(info).map_err(|e| bad(format!("{url:?}: {e}")))?;
         Ok(RedisCounters {
             client,
-            connection: OnceLock::new(),
+            connection: Mutex::default(),
             script: redis::Script::new(CHECK_SCRIPT),
-            prefix: format!(
-                "ferroxy:ratelimit:{}:{}:{}ms",
-                options.key,
-                limit.requests,
-                limit.window.as_millis()
-            ),
+            prefix,
             timeout: options.store_timeout,
-            deny_on_error,
+            deny_on_error: options.on_store_error == "deny",
             warned_at: AtomicU64::new(0),
+            retry_at: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
 
-    fn connection(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
-        if let Some(connection) = self.connection.get() {
-            return Ok(connection.clone());
+    /// Milliseconds since `started`, plus one (so never 0).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The connection to use and its generation (for [`Self::drop_connection`]).
+    fn connection(&self) -> redis::RedisResult<(u64, redis::aio::ConnectionManager)> {
+        let mut held = self.connection.lock();
+        if let Some(manager) = &held.manager {
+            return Ok((held.generation, manager.clone()));
         }
         // A request never waits on the connection's own timeouts (ours is shorter); they
         // bound how long a dead server keeps a connection attempt alive.
@@ -324,48 +378,92 @@ impl RedisCounters {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let made =
+        let manager =
             redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        Ok(self.connection.get_or_init(|| made).clone())
+        held.generation += 1;
+        held.manager = Some(manager.clone());
+        Ok((held.generation, manager))
     }
 
-    async fn check(&self, key: &[u8], limit: &Limit) -> Result<Verdict, String> {
-        let since_epoch = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let at = Position::of(since_epoch, limit.window);
-        let counter = |window: u64| {
-            let mut name = format!("{}:{window}:", self.prefix).into_bytes();
-            name.extend_from_slice(key);
-            name
-        };
-        let mut connection = self.connection().map_err(|e| e.to_string())?;
+    /// Forget connection `generation` (unless another call already did): the next call
+    /// makes a new one. Our timeout cancels the call before the connection's own would
+    /// fire, so the connection never sees an error and would never reconnect by itself.
+    fn drop_connection(&self, generation: u64) {
+        let mut held = self.connection.lock();
+        if held.generation == generation {
+            held.manager = None;
+        }
+    }
+
+    /// Whether this request may ask the store: it answered last time, or it failed over
+    /// [`STORE_RETRY_AFTER`] ago and no other request is trying it now.
+    fn may_ask(&self) -> bool {
+        let retry_at = self.retry_at.load(Ordering::Relaxed);
+        if retry_at == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        // The one request that moves `retry_at` on tries the store; the others keep
+        // skipping it until that try is answered.
+        let trying = now + self.timeout.as_millis() as u64 + 1;
+        now >= retry_at
+            && self
+                .retry_at
+                .compare_exchange(retry_at, trying, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    async fn check(&self, key: &[u8], limit: &Limit) -> Result<Verdict, StoreFailure> {
+        if !self.may_ask() {
+            return Err(StoreFailure::Skipped);
+        }
+        let answer = self.ask(key, limit).await;
+        match answer {
+            // Read first: a write on every request would bounce the line between cores.
+            Ok(_) if self.retry_at.load(Ordering::Relaxed) == 0 => {}
+            Ok(_) => self.retry_at.store(0, Ordering::Relaxed),
+            Err(_) => self.retry_at.store(
+                self.now_ms() + STORE_RETRY_AFTER.as_millis() as u64,
+                Ordering::Relaxed,
+            ),
+        }
+        answer.map_err(StoreFailure::Failed)
+    }
+
+    async fn ask(&self, key: &[u8], limit: &Limit) -> Result<Verdict, String> {
+        let (generation, mut connection) = self.connection().map_err(|e| e.to_string())?;
+        let window_us = limit.window.as_micros() as u64;
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(counter(at.window))
-            .key(counter(at.window.wrapping_sub(1)))
+            .key(format!("{}:{}", self.prefix, key_digest(key)))
             .arg(limit.requests)
-            .arg(1.0 - at.elapsed)
+            .arg(window_us)
             // Counted while it is the current or the previous window.
             .arg((limit.window * 2).as_millis() as u64 + 1000);
-        let call = invocation.invoke_async::<(u8, u64, u64)>(&mut connection);
+        let call = invocation.invoke_async::<(u8, u64, u64, u64)>(&mut connection);
         match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Err(_) => {
+                self.drop_connection(generation);
+                Err(format!("no answer within {:?}", self.timeout))
+            }
             Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok((1, _, _))) => Ok(Verdict::Admit),
-            Ok(Ok((_, previous, current))) => Ok(match decide(previous, current, at, limit) {
-                // The server's float sum said no, ours yes: at the limit either way.
-                Verdict::Admit => Verdict::Refuse {
-                    retry_after: Duration::from_secs(1),
-                },
-                refused => refused,
-            }),
+            Ok(Ok((1, _, _, _))) => Ok(Verdict::Admit),
+            Ok(Ok((_, previous, current, into))) => {
+                let elapsed = into as f64 / window_us as f64;
+                Ok(match decide(previous, current, elapsed, limit) {
+                    // The server's float sum said no, ours yes: at the limit either way.
+                    Verdict::Admit => Verdict::Refuse {
+                        retry_after: Duration::from_secs(1),
+                    },
+                    refused => refused,
+                })
+            }
         }
     }
 
     /// Log `error` unless a warning went out less than [`STORE_WARNING_INTERVAL`] ago.
     fn warn(&self, error: &str) {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms();
         let last = self.warned_at.load(Ordering::Relaxed);
         let interval = STORE_WARNING_INTERVAL.as_millis() as u64;
         if (last == 0 || now.saturating_sub(last) >= interval)
@@ -434,7 +532,7 @@ pub(crate) enum Check {
 
 impl RateLimit {
     /// Check every option; errors name the field (`rate`, `burst`, `key`, `status`, `store`,
-    /// `on_store_error`, `store_timeout`). Nothing connects yet.
+    /// `on_store_error`, `store_timeout`, `name`). Nothing connects yet.
     pub fn new(options: RateLimitOptions) -> Result<Self, ConfigError> {
         let key = HashKey::parse(&options.key).map_err(|e| ConfigError::new("key", e.message))?;
         let limit = Limit::parse(&options.rate, options.burst)?;
@@ -453,27 +551,33 @@ impl RateLimit {
                 ),
             ));
         }
-        let deny_on_error = match options.on_store_error.as_str() {
-            "allow" => false,
-            "deny" => true,
-            other => {
-                return Err(ConfigError::new(
-                    "on_store_error",
-                    format!("expected \"allow\" or \"deny\", got {other:?}"),
-                ))
-            }
+        if !matches!(options.on_store_error.as_str(), "allow" | "deny") {
+            return Err(ConfigError::new(
+                "on_store_error",
+                format!(
+                    "expected \"allow\" or \"deny\", got {:?}",
+                    options.on_store_error
+                ),
+            ));
+        }
+        let name = match &options.name {
+            Some(name) => checked_name(name)?,
+            None => default_name(&options.scope, &key, &options.rate, options.burst),
         };
         let counters = match &options.store {
             None => Counters::Local {
                 counters: LocalCounters::new(),
                 epoch: wall_clock_epoch(limit.window),
             },
-            Some(url) => Counters::Redis(Box::new(RedisCounters::new(
-                &options,
-                url,
-                &limit,
-                deny_on_error,
-            )?)),
+            Some(url) => {
+                let prefix = format!(
+                    "ferroxy:ratelimit:{name}:{}:{}:{}ms",
+                    key_spec(&key),
+                    limit.requests,
+                    limit.window.as_millis()
+                );
+                Counters::Redis(Box::new(RedisCounters::new(prefix, &options, url)?))
+            }
         };
         Ok(RateLimit {
             key,
@@ -484,8 +588,13 @@ impl RateLimit {
     }
 
     /// The request's key; requests without one (no such header) share one budget.
-    fn key_of<'a>(&self, session: &'a Session) -> std::borrow::Cow<'a, [u8]> {
-        self.key.extract(session).unwrap_or_default()
+    fn key_of<'a>(&self, session: &'a Session) -> Cow<'a, [u8]> {
+        match self.key {
+            HashKey::ClientIp => {
+                Cow::Owned(client_network(session.client_addr().ip()).into_bytes())
+            }
+            _ => self.key.extract(session).unwrap_or_default(),
+        }
     }
 
     pub(crate) fn check(&self, session: &Session) -> Check {
@@ -509,8 +618,10 @@ impl RateLimit {
                 Check::Refuse(answer) => Some(answer),
                 _ => None,
             },
-            Err(error) => {
-                redis.warn(&error);
+            Err(failure) => {
+                if let StoreFailure::Failed(error) = failure {
+                    redis.warn(&error);
+                }
                 redis.deny_on_error.then(|| {
                     let mut answer = Response::status_page(STORE_ERROR_STATUS);
                     answer
@@ -535,6 +646,71 @@ impl RateLimit {
             }
         }
     }
+}
+
+/// `name=`: it becomes part of Redis key names, so short and plain.
+fn checked_name(name: &str) -> Result<String, ConfigError> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if (1..=64).contains(&name.len()) && name.chars().all(plain) {
+        Ok(name.to_owned())
+    } else {
+        Err(ConfigError::new(
+            "name",
+            format!("must be 1 to 64 of A-Z a-z 0-9 - _ ., got {name:?}"),
+        ))
+    }
+}
+
+/// A name that differs between filters of one configuration and is the same on every
+/// instance running it.
+fn default_name(scope: &str, key: &HashKey, rate: &str, burst: u64) -> String {
+    let described = format!("{scope}\n{}\n{}\n{burst}", key_spec(key), rate.trim());
+    format!("auto-{}", &key_digest(described.as_bytes())[..16])
+}
+
+/// The key as written, header names lower-cased (`header:X-User` counts as `header:x-user`).
+fn key_spec(key: &HashKey) -> String {
+    match key {
+        HashKey::ClientIp => "client_ip".to_owned(),
+        HashKey::Path => "path".to_owned(),
+        HashKey::Header(name) => format!("header:{}", name.as_str()),
+        HashKey::Cookie(name) => format!("cookie:{name}"),
+        HashKey::Query(name) => format!("query:{name}"),
+    }
+}
+
+/// A key's value as it is named in Redis: fixed length whatever the value (a 32 KB header
+/// makes a 32-character name), and the same on every instance (an unkeyed hash).
+fn key_digest(key: &[u8]) -> String {
+    Blake2b128::digest(key)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// The client's budget: an IPv4 address, or an IPv6 /64.
+fn client_network(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let network = Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)));
+            format!("{network}/64")
+        }
+        v4 => v4.to_string(),
+    }
+}
+
+/// Keepalive probes and `TCP_USER_TIMEOUT` where the system has them.
+fn store_tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new().with_time(STORE_KEEPALIVE);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "windows"))]
+    let keepalive = keepalive.with_interval(STORE_KEEPALIVE);
+    let settings = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(STORE_USER_TIMEOUT);
+    settings
 }
 
 /// An instant a whole number of windows after the Unix epoch, so local windows begin where
@@ -625,16 +801,15 @@ mod tests {
     #[test]
     fn retry_after_says_when_the_estimate_falls_under_the_limit() {
         let limit = limit("10/s", 0);
-        let at = |elapsed| Position { window: 1, elapsed };
         // Previous window full, 5 in this one, a quarter gone: under 10 once
         // 10 * (1 - f) + 5 < 10, f > 0.5: a quarter of a second on.
-        let Verdict::Refuse { retry_after } = decide(10, 5, at(0.25), &limit) else {
+        let Verdict::Refuse { retry_after } = decide(10, 5, 0.25, &limit) else {
             panic!()
         };
         assert!((retry_after.as_secs_f64() - 0.25).abs() < 1e-9);
         // A long window: 60/h over by a full window waits for most of the next hour.
         let hourly = Limit::parse("60/h", 0).unwrap();
-        let Verdict::Refuse { retry_after } = decide(0, 60, at(0.5), &hourly) else {
+        let Verdict::Refuse { retry_after } = decide(0, 60, 0.5, &hourly) else {
             panic!()
         };
         assert_eq!(retry_after_seconds(retry_after), 1800);
@@ -683,31 +858,94 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_new_keys_stays_bounded_and_leaves_known_keys_their_budget() {
+    fn a_flood_of_new_keys_stays_bounded_and_new_keys_get_their_own_budget() {
         let counters = LocalCounters::new();
         let limit = limit("5/s", 0);
-        assert_eq!(counters.check(b"known", ms(0), &limit), Verdict::Admit);
+        let known = |at: u64| counters.check(b"known", ms(at), &limit) == Verdict::Admit;
+        assert!(known(0));
+        // The flood evicts the least recently seen keys: a key seen through it keeps its
+        // count (4 more in this window, not a fresh 5).
+        let mut known_admitted = 0;
         for i in 0..(MAX_KEYS as u64 * 3) {
             counters.check(&i.to_le_bytes(), ms(1), &limit);
+            if i % 1000 == 0 {
+                known_admitted += usize::from(known(1));
+            }
         }
         assert!(counters.keys() <= MAX_KEYS, "{} keys", counters.keys());
-        let known = (0..10)
-            .filter(|_| counters.check(b"known", ms(2), &limit) == Verdict::Admit)
-            .count();
-        assert_eq!(known, 4, "the known key keeps its own count");
-        // Two windows on, the flood's keys are stale and swept out: new keys get their own
-        // budget again (in the shared one, they would get 5 admitted per shard at most). A
-        // thousand keys reach every shard, so every shard is swept.
+        assert_eq!(known_admitted, 4, "the known key keeps its own count");
+        // In the same window, a thousand new honest clients (reaching every shard, all full
+        // of the flood's live keys) each get their own full budget.
         let admitted = (0..1000u16)
             .map(|i| {
-                let key = i.to_le_bytes();
-                (0..5)
-                    .filter(|_| counters.check(&key, ms(2500), &limit) == Verdict::Admit)
+                let key = [b"new", &i.to_le_bytes()[..]].concat();
+                (0..6)
+                    .filter(|_| counters.check(&key, ms(2), &limit) == Verdict::Admit)
                     .count()
             })
             .sum::<usize>();
         assert_eq!(admitted, 5000);
-        assert_eq!(counters.keys(), 1000);
+        assert!(counters.keys() <= MAX_KEYS, "{} keys", counters.keys());
+    }
+
+    #[test]
+    fn a_long_burst_window_is_refused_naming_burst_not_wrapped() {
+        assert_eq!(
+            Limit::parse("92/h", 471_416_701).unwrap_err().field,
+            "burst"
+        );
+        assert_eq!(
+            Limit::parse("1/h", 1_000_000_000).unwrap_err().field,
+            "burst"
+        );
+        assert_eq!(limit("1/h", 719).window, MAX_WINDOW);
+        assert_eq!(Limit::parse("1/h", 720).unwrap_err().field, "burst");
+    }
+
+    #[test]
+    fn store_names_are_bounded_and_agree_across_instances() {
+        assert_eq!(key_digest(&[b'x'; 32 * 1024]).len(), 32);
+        assert_eq!(key_digest(b"alice"), key_digest(b"alice"));
+        assert_ne!(key_digest(b"alice"), key_digest(b"bob"));
+        let key = |spec: &str| HashKey::parse(spec).unwrap();
+        // The same configuration names its filters alike; another place or condition does not.
+        let login = default_name(
+            "filters[0] PathPrefix('/login')",
+            &key("client_ip"),
+            "2/h",
+            0,
+        );
+        let signup = default_name(
+            "filters[1] PathPrefix('/signup')",
+            &key("client_ip"),
+            "2/h",
+            0,
+        );
+        assert_eq!(
+            login,
+            default_name(
+                "filters[0] PathPrefix('/login')",
+                &key("client_ip"),
+                "2/h",
+                0
+            )
+        );
+        assert_ne!(login, signup);
+        assert_eq!(
+            default_name("", &key("header:X-User"), "2/h", 0),
+            default_name("", &key("header:x-user"), "2/h", 0)
+        );
+        assert_eq!(key_spec(&key("header:X-User")), "header:x-user");
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64_and_ipv4_clients_their_address() {
+        let ip = |text: &str| client_network(text.parse().unwrap());
+        assert_eq!(ip("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(ip("2001:db8:1:2:bbbb::9"), ip("2001:db8:1:2:aaaa::1"));
+        assert_ne!(ip("2001:db8:1:3::1"), ip("2001:db8:1:2::1"));
+        assert_eq!(ip("192.0.2.7"), "192.0.2.7");
+        assert_eq!(ip("::ffff:192.0.2.7"), "192.0.2.7");
     }
 
     #[test]
@@ -734,10 +972,26 @@ mod tests {
             options(|o| o.store_timeout = Duration::ZERO),
             "store_timeout"
         );
+        assert_eq!(
+            options(|o| {
+                o.rate = "1/h".into();
+                o.burst = 720;
+            }),
+            "burst"
+        );
+        for bad in ["", "a:b", "with space", &"x".repeat(65)] {
+            let named = RateLimit::new(RateLimitOptions {
+                rate: "10/s".into(),
+                name: Some(bad.to_owned()),
+                ..Default::default()
+            });
+            assert_eq!(named.map(drop).unwrap_err().field, "name", "{bad:?}");
+        }
     }
 
-    /// A store that accepts connections and never answers: each check gives up after the
-    /// store timeout, and the request passes or gets 503 as `on_store_error` says.
+    /// A store that accepts connections and never answers: a check gives up after the store
+    /// timeout, the checks after it skip the store at once, and the request passes or gets
+    /// 503 as `on_store_error` says.
     #[tokio::test]
     async fn a_store_that_never_answers_costs_at_most_its_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -758,13 +1012,15 @@ mod tests {
             })
             .unwrap();
             assert!(matches!(filter.check(&session), Check::AskStore));
-            for _ in 0..3 {
+            for i in 0..5 {
                 let started = Instant::now();
                 let got = filter.ask_store(&session).await.map(|a| a.status);
                 assert_eq!(got, answer, "on_store_error={on_store_error}");
+                // The first waits for the store; the next skip it, failed a moment ago.
+                let most = if i == 0 { ms(250) } else { ms(10) };
                 assert!(
-                    started.elapsed() < ms(250),
-                    "waited {:?}",
+                    started.elapsed() < most,
+                    "request {i} waited {:?}",
                     started.elapsed()
                 );
             }
