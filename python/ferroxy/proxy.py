@@ -21,6 +21,7 @@ hook that blocks (a synchronous HTTP client, a database driver) is decorated wit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
@@ -90,8 +91,29 @@ class Proxy(Generic[CtxT]):
     #: ones after ``response_filter``.
     filters: Sequence[Filter] = ()
 
-    #: The engine server serving this instance, while one does (set by the server).
+    #: The engine server serving this instance, while one does (set by the server; one at a
+    #: time: see :meth:`_ferroxy_serve`).
     _ferroxy_server: _core.Server | None = None
+
+    def _ferroxy_lock(self) -> threading.Lock:
+        """This instance's lock for its server and its rule lists (made on first use:
+        subclasses need not call ``__init__``; ``setdefault`` is atomic)."""
+        lock: threading.Lock = vars(self).setdefault("_ferroxy_lock_", threading.Lock())
+        return lock
+
+    def _ferroxy_serve(self, server: _core.Server, start: Callable[[], None]) -> None:
+        """Run ``start`` and make ``server`` the one serving this instance, unless another
+        running server already serves it: RuntimeError then, as :meth:`reload` could not
+        keep two servers' rules in step (one failing after the other took the new lists)."""
+        with self._ferroxy_lock():
+            serving = self._ferroxy_server
+            if serving is not None and not serving.stopped:
+                raise RuntimeError(
+                    f"this {type(self).__name__} instance is already being served: serve "
+                    "another instance (each server runs one, and reload() swaps its rules)"
+                )
+            start()
+            self._ferroxy_server = server
 
     def reload(
         self, *, filters: Sequence[Filter] | None = None, routes: Sequence[Route] | None = None
@@ -105,28 +127,34 @@ class Proxy(Generic[CtxT]):
         ``filters[i]`` and the field, TypeError for what is not one) and nothing changes.
         The new routes' load balancers get their health checks and DNS refresh from this
         server (a balancer the old routes used keeps them until the server stops). On
-        success the instance's ``filters`` and ``routes`` are the new lists. RuntimeError
+        success the instance's ``filters`` and ``routes`` are the new lists (concurrent
+        reloads take turns, so the lists always match what the engine runs). RuntimeError
         when no server is running this instance: before it starts, set the lists instead.
+
+        A filter object keeps its state across reloads: the very same ``RateLimit`` keeps its
+        counters, the same ``BasicAuth`` its remembered verdicts; a new object (even an equal
+        one) starts afresh.
         """
         # Imported here: both modules import this one.
         from .filters import Filter
         from .routes import Route
 
-        server = self._ferroxy_server
         name = type(self).__name__
-        if server is None or server.stopped:
-            raise RuntimeError(
-                f"{name} is not being served: reload() changes a running proxy's rules "
-                "(before it starts, set its `filters` and `routes`)"
-            )
         new_filters = None if filters is None else checked_items(filters, f"{name}.filters", Filter)
         new_routes = None if routes is None else checked_items(routes, f"{name}.routes", Route)
         balancers = [r.upstream for r in new_routes or () if isinstance(r.upstream, LoadBalancer)]
-        server.reload(filters=new_filters, routes=new_routes, balancers=balancers)
-        if new_filters is not None:
-            self.filters = new_filters
-        if new_routes is not None:
-            self.routes = new_routes
+        with self._ferroxy_lock():
+            server = self._ferroxy_server
+            if server is None or server.stopped:
+                raise RuntimeError(
+                    f"{name} is not being served: reload() changes a running proxy's rules "
+                    "(before it starts, set its `filters` and `routes`)"
+                )
+            server.reload(filters=new_filters, routes=new_routes, balancers=balancers)
+            if new_filters is not None:
+                self.filters = new_filters
+            if new_routes is not None:
+                self.routes = new_routes
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.

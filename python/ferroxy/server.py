@@ -183,10 +183,9 @@ class _LoopServer:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
         # The level first, so the engine forwards what it logs while starting.
         self._refresh_log_level()
-        self.server.start()
-        self._started = True
         # For Proxy.reload, while this server runs the instance.
-        self.proxy._ferroxy_server = self.server
+        self.proxy._ferroxy_serve(self.server, self.server.start)
+        self._started = True
         self.loop.add_reader(self.server.fileno(), self.server.run_pending)
 
     def shutdown(self, grace_period: float | None = None) -> None:
