@@ -92,28 +92,8 @@ class Proxy(Generic[CtxT]):
     filters: Sequence[Filter] = ()
 
     #: The engine server serving this instance, while one does (set by the server; one at a
-    #: time: see :meth:`_ferroxy_serve`).
+    #: time: see :func:`serve_instance`).
     _ferroxy_server: _core.Server | None = None
-
-    def _ferroxy_lock(self) -> threading.Lock:
-        """This instance's lock for its server and its rule lists (made on first use:
-        subclasses need not call ``__init__``; ``setdefault`` is atomic)."""
-        lock: threading.Lock = vars(self).setdefault("_ferroxy_lock_", threading.Lock())
-        return lock
-
-    def _ferroxy_serve(self, server: _core.Server, start: Callable[[], None]) -> None:
-        """Run ``start`` and make ``server`` the one serving this instance, unless another
-        running server already serves it: RuntimeError then, as :meth:`reload` could not
-        keep two servers' rules in step (one failing after the other took the new lists)."""
-        with self._ferroxy_lock():
-            serving = self._ferroxy_server
-            if serving is not None and not serving.stopped:
-                raise RuntimeError(
-                    f"this {type(self).__name__} instance is already being served: serve "
-                    "another instance (each server runs one, and reload() swaps its rules)"
-                )
-            start()
-            self._ferroxy_server = server
 
     def reload(
         self, *, filters: Sequence[Filter] | None = None, routes: Sequence[Route] | None = None
@@ -126,7 +106,9 @@ class Proxy(Generic[CtxT]):
         Checked as at start-up: a bad filter or route raises (ValueError naming
         ``filters[i]`` and the field, TypeError for what is not one) and nothing changes.
         The new routes' load balancers get their health checks and DNS refresh from this
-        server (a balancer the old routes used keeps them until the server stops). On
+        server; a balancer only routes reloaded away used has them stopped (requests still
+        on those routes are served by it on the health it last saw); those the server
+        started with keep them until it stops. On
         success the instance's ``filters`` and ``routes`` are the new lists (concurrent
         reloads take turns, so the lists always match what the engine runs). RuntimeError
         when no server is running this instance: before it starts, set the lists instead.
@@ -143,7 +125,7 @@ class Proxy(Generic[CtxT]):
         new_filters = None if filters is None else checked_items(filters, f"{name}.filters", Filter)
         new_routes = None if routes is None else checked_items(routes, f"{name}.routes", Route)
         balancers = [r.upstream for r in new_routes or () if isinstance(r.upstream, LoadBalancer)]
-        with self._ferroxy_lock():
+        with _instance_lock(self):
             server = self._ferroxy_server
             if server is None or server.stopped:
                 raise RuntimeError(
@@ -206,6 +188,28 @@ class Proxy(Generic[CtxT]):
         """Runs last for every request, after the response was sent; ``error`` is None on
         success. Exceptions raised here are logged and otherwise ignored."""
         return None
+
+
+def _instance_lock(app: Proxy[Any]) -> threading.Lock:
+    """``app``'s lock for its server and its rule lists, made on first use (a subclass need
+    not call ``__init__``; ``setdefault`` is atomic)."""
+    lock: threading.Lock = vars(app).setdefault("_ferroxy_lock", threading.Lock())
+    return lock
+
+
+def serve_instance(app: Proxy[Any], server: _core.Server, start: Callable[[], None]) -> None:
+    """Run ``start`` and make ``server`` the one serving ``app``, unless another running
+    server already serves it: RuntimeError then, as ``reload`` could not keep two servers'
+    rules in step (one refusing the new lists after the other took them)."""
+    with _instance_lock(app):
+        serving = app._ferroxy_server
+        if serving is not None and not serving.stopped:
+            raise RuntimeError(
+                f"this {type(app).__name__} instance is already being served: serve another "
+                "instance (each server runs one, and reload() swaps its rules)"
+            )
+        start()
+        app._ferroxy_server = server
 
 
 def blocking(hook: _Hook) -> _Hook:

@@ -24,7 +24,14 @@ from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
 from .filters import Filter
-from .proxy import Proxy, as_upstream, declared, overridden_hooks, resolve_upstream
+from .proxy import (
+    Proxy,
+    as_upstream,
+    declared,
+    overridden_hooks,
+    resolve_upstream,
+    serve_instance,
+)
 from .routes import Route
 
 if TYPE_CHECKING:
@@ -184,7 +191,7 @@ class _LoopServer:
         # The level first, so the engine forwards what it logs while starting.
         self._refresh_log_level()
         # For Proxy.reload, while this server runs the instance.
-        self.proxy._ferroxy_serve(self.server, self.server.start)
+        serve_instance(self.proxy, self.server, self.server.start)
         self._started = True
         self.loop.add_reader(self.server.fileno(), self.server.run_pending)
 
