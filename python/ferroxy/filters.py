@@ -79,7 +79,13 @@ class _Declared:
     __slots__: tuple[str, ...] = ()
 
     def _fields(self) -> tuple[tuple[str, object], ...]:
-        names = [n for cls in reversed(type(self).__mro__) for n in getattr(cls, "__slots__", ())]
+        # Private slots hold what the engine made of the object, not what it was given.
+        names = [
+            n
+            for cls in reversed(type(self).__mro__)
+            for n in getattr(cls, "__slots__", ())
+            if not n.startswith("_")
+        ]
         return tuple((name, getattr(self, name)) for name in names)
 
     def _shown(self) -> tuple[tuple[str, object], ...]:
@@ -284,9 +290,14 @@ class Not(Condition):
 
 
 class Filter(_Declared):
-    """A filter: an action, applied when its condition ``when`` holds (always when None)."""
+    """A filter: an action, applied when its condition ``when`` holds (always when None).
 
-    __slots__ = ("when",)
+    A filter object keeps its engine state (``RateLimit``'s counters, ``BasicAuth``'s
+    remembered verdicts) across ``Proxy.reload``: reloading a list with the very same object
+    keeps it, a new object (even an equal one) starts afresh."""
+
+    # `_compiled`: what the engine made of it, and from which fields (kept by the engine).
+    __slots__ = ("_compiled", "when")
 
     def __init__(self, when: Condition | None) -> None:
         if when is not None and not isinstance(when, Condition):

@@ -21,6 +21,7 @@ hook that blocks (a synchronous HTTP client, a database driver) is decorated wit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
@@ -90,7 +91,8 @@ class Proxy(Generic[CtxT]):
     #: ones after ``response_filter``.
     filters: Sequence[Filter] = ()
 
-    #: The engine server serving this instance, while one does (set by the server).
+    #: The engine server serving this instance, while one does (set by the server; one at a
+    #: time: see :func:`serve_instance`).
     _ferroxy_server: _core.Server | None = None
 
     def reload(
@@ -104,29 +106,37 @@ class Proxy(Generic[CtxT]):
         Checked as at start-up: a bad filter or route raises (ValueError naming
         ``filters[i]`` and the field, TypeError for what is not one) and nothing changes.
         The new routes' load balancers get their health checks and DNS refresh from this
-        server (a balancer the old routes used keeps them until the server stops). On
-        success the instance's ``filters`` and ``routes`` are the new lists. RuntimeError
+        server; a balancer only routes reloaded away used has them stopped (requests still
+        on those routes are served by it on the health it last saw); those the server
+        started with keep them until it stops. On
+        success the instance's ``filters`` and ``routes`` are the new lists (concurrent
+        reloads take turns, so the lists always match what the engine runs). RuntimeError
         when no server is running this instance: before it starts, set the lists instead.
+
+        A filter object keeps its state across reloads: the very same ``RateLimit`` keeps its
+        counters, the same ``BasicAuth`` its remembered verdicts; a new object (even an equal
+        one) starts afresh.
         """
         # Imported here: both modules import this one.
         from .filters import Filter
         from .routes import Route
 
-        server = self._ferroxy_server
         name = type(self).__name__
-        if server is None or server.stopped:
-            raise RuntimeError(
-                f"{name} is not being served: reload() changes a running proxy's rules "
-                "(before it starts, set its `filters` and `routes`)"
-            )
         new_filters = None if filters is None else checked_items(filters, f"{name}.filters", Filter)
         new_routes = None if routes is None else checked_items(routes, f"{name}.routes", Route)
         balancers = [r.upstream for r in new_routes or () if isinstance(r.upstream, LoadBalancer)]
-        server.reload(filters=new_filters, routes=new_routes, balancers=balancers)
-        if new_filters is not None:
-            self.filters = new_filters
-        if new_routes is not None:
-            self.routes = new_routes
+        with _instance_lock(self):
+            server = self._ferroxy_server
+            if server is None or server.stopped:
+                raise RuntimeError(
+                    f"{name} is not being served: reload() changes a running proxy's rules "
+                    "(before it starts, set its `filters` and `routes`)"
+                )
+            server.reload(filters=new_filters, routes=new_routes, balancers=balancers)
+            if new_filters is not None:
+                self.filters = new_filters
+            if new_routes is not None:
+                self.routes = new_routes
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.
@@ -178,6 +188,28 @@ class Proxy(Generic[CtxT]):
         """Runs last for every request, after the response was sent; ``error`` is None on
         success. Exceptions raised here are logged and otherwise ignored."""
         return None
+
+
+def _instance_lock(app: Proxy[Any]) -> threading.Lock:
+    """``app``'s lock for its server and its rule lists, made on first use (a subclass need
+    not call ``__init__``; ``setdefault`` is atomic)."""
+    lock: threading.Lock = vars(app).setdefault("_ferroxy_lock", threading.Lock())
+    return lock
+
+
+def serve_instance(app: Proxy[Any], server: _core.Server, start: Callable[[], None]) -> None:
+    """Run ``start`` and make ``server`` the one serving ``app``, unless another running
+    server already serves it: RuntimeError then, as ``reload`` could not keep two servers'
+    rules in step (one refusing the new lists after the other took them)."""
+    with _instance_lock(app):
+        serving = app._ferroxy_server
+        if serving is not None and not serving.stopped:
+            raise RuntimeError(
+                f"this {type(app).__name__} instance is already being served: serve another "
+                "instance (each server runs one, and reload() swaps its rules)"
+            )
+        start()
+        app._ferroxy_server = server
 
 
 def blocking(hook: _Hook) -> _Hook:

@@ -24,7 +24,14 @@ from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
 from .filters import Filter
-from .proxy import Proxy, as_upstream, declared, overridden_hooks, resolve_upstream
+from .proxy import (
+    Proxy,
+    as_upstream,
+    declared,
+    overridden_hooks,
+    resolve_upstream,
+    serve_instance,
+)
 from .routes import Route
 
 if TYPE_CHECKING:
@@ -183,10 +190,9 @@ class _LoopServer:
         """Bind (OSError names the address) and let the loop run the engine's queued work."""
         # The level first, so the engine forwards what it logs while starting.
         self._refresh_log_level()
-        self.server.start()
-        self._started = True
         # For Proxy.reload, while this server runs the instance.
-        self.proxy._ferroxy_server = self.server
+        serve_instance(self.proxy, self.server, self.server.start)
+        self._started = True
         self.loop.add_reader(self.server.fileno(), self.server.run_pending)
 
     def shutdown(self, grace_period: float | None = None) -> None:

@@ -42,6 +42,6 @@ pub use listener::Listener;
 pub use peer::{Peer, PeerKey, UpstreamProtocol};
 pub use phase::ProxyHttp;
 pub use response::Response;
-pub use rules::{Rules, RulesHandle};
-pub use server::{Server, ServerConfig, ServerHandle};
+pub use rules::{Routes, Rules, RulesHandle};
+pub use server::{BackgroundStop, Server, ServerConfig, ServerHandle};
 pub use session::Session;

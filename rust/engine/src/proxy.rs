@@ -298,7 +298,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 return (http::Response::from_parts(head, body), Some(pooled), None);
             }
             Ok(Proxied::Local(mut response)) => {
-                if let Some(filters) = session.rules().filters.clone() {
+                if let Some(filters) = &session.rules().filters {
                     filters.on_local_response(session, &mut response.headers);
                 }
                 return (response.into_http(), None, None);
@@ -325,7 +325,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             Some(page) => page,
             None => Response::error_page(&error),
         };
-        if let Some(filters) = session.rules().filters.clone() {
+        if let Some(filters) = &session.rules().filters {
             filters.on_local_response(session, &mut page.headers);
         }
         (page.into_http(), None, Some(error))
@@ -345,13 +345,17 @@ impl<P: ProxyHttp> ProxyService<P> {
         // Path conditions must match the path the upstream will read, so filters, routes,
         // hooks and the upstream all get its canonical form. Apps with neither forward the
         // path as sent, as nginx's `proxy_pass` without a URI does.
-        // The request's own set (a clone of its reference: the phases borrow the session).
-        let rules = session.rules.clone().unwrap_or_default();
-        if !rules.is_empty() {
+        if !session.rules().is_empty() {
             crate::path::normalize_request(&mut session.req)?;
         }
         // Before any phase, so that a filter that answers leaves every hook out; the route
-        // after them, on the request as they left it, so every phase sees it.
+        // after them, on the request as they left it, so every phase sees it. The request's
+        // own reference to its set is lent for these steps (no hook runs among them, and so
+        // none reads `session.rules()` meanwhile) rather than cloned.
+        let rules = session
+            .rules
+            .take()
+            .expect("handle() loaded the request's rules");
         if let Some(filters) = &rules.filters {
             let answer = match filters.on_request(session) {
                 Step::Continue => None,
@@ -360,12 +364,14 @@ impl<P: ProxyHttp> ProxyService<P> {
                 Step::Wait(at) => Box::pin(filters.resume(session, at)).await,
             };
             if let Some(answer) = answer {
+                session.rules = Some(rules);
                 return Ok(Proxied::Local(answer));
             }
         }
-        if let Some(router) = &rules.routes {
-            router.route(session);
+        if let Some(routes) = &rules.routes {
+            routes.router().route(session);
         }
+        session.rules = Some(rules);
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
@@ -374,7 +380,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         // the exchange is big, and each level it is returned through copies it).
         let mut answer = None;
         let progress = loop {
-            let (peer, connection, limit) = self.connect(&rules, session, ctx, &mut kept).await?;
+            let (peer, connection, limit) = self.connect(session, ctx, &mut kept).await?;
             let exchanging = self.exchange(session, &peer, connection, limit, &kept, &mut answer);
             match exchanging.await? {
                 Tried::Answered(progress) => break progress,
@@ -394,9 +400,11 @@ impl<P: ProxyHttp> ProxyService<P> {
         }
         forward::response_headers(&mut head.headers);
         self.proxy.response_filter(session, &mut head, ctx).await?;
-        if let Some(filters) = &rules.filters {
-            filters.on_response(session, &mut head);
-        }
+        session.with_rules(|rules, session| {
+            if let Some(filters) = &rules.filters {
+                filters.on_response(session, &mut head);
+            }
+        });
         Ok(Proxied::Upstream {
             head,
             body: exchange.body,
@@ -477,7 +485,6 @@ impl<P: ProxyHttp> ProxyService<P> {
     /// peer, for the exchange to keep to.
     async fn connect(
         &self,
-        rules: &Rules,
         session: &mut Session,
         ctx: &mut P::Ctx,
         kept: &mut Option<Bytes>,
@@ -489,9 +496,16 @@ impl<P: ProxyHttp> ProxyService<P> {
                 // may have been built and filtered ahead, in request_filter's trip.)
                 session.take_upstream_request();
             }
-            let peer = match self.routed_upstream(rules, session) {
-                Some(upstream) => upstream.select(session)?,
-                None => self.proxy.upstream_peer(session, ctx).await?,
+            let peer = 'chosen: {
+                // A statement of its own: what it chose is not kept across the await below,
+                // which would grow the request's future by a peer.
+                if let Some(selected) = session.with_rules(|rules, session| {
+                    let upstream = self.routed_upstream(rules, session)?;
+                    Some(upstream.select(session))
+                }) {
+                    break 'chosen selected?;
+                }
+                self.proxy.upstream_peer(session, ctx).await?
             };
             let limit = TryLimit::starting_now(session);
             session.upstream = Some(peer.clone());
@@ -568,7 +582,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         rules: &'r Rules,
         session: &Session,
     ) -> Option<&'r crate::lb::Upstream> {
-        let router = rules.routes.as_ref()?;
+        let router = rules.routes.as_ref()?.router();
         if self.proxy.upstream_peer_overrides_routes() {
             return None;
         }

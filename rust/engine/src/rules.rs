@@ -16,28 +16,20 @@ use crate::route::Router;
 pub struct Rules {
     /// Declarative filters; `None` (no work at all) for none.
     pub filters: Option<Arc<Filters>>,
-    /// Routes, chosen after the request filters; `None` for none.
-    pub routes: Option<Arc<Router>>,
-    /// Whatever the embedding layer keeps beside these routes, swapped with them; the engine
-    /// never looks at it. (The Python layer keeps its `Route` objects here, so that the
-    /// `session.route` a request sees is from the set its route index came from.)
-    pub route_data: Option<Arc<dyn Any + Send + Sync>>,
+    /// Routes, chosen after the request filters, with what the embedding layer keeps beside
+    /// them; `None` for none.
+    pub routes: Option<Arc<Routes>>,
 }
 
 /// No filters, no routes: the set of a session the proxy did not load one for.
 static NO_RULES: Rules = Rules {
     filters: None,
     routes: None,
-    route_data: None,
 };
 
 impl Rules {
-    pub fn new(filters: Option<Arc<Filters>>, routes: Option<Arc<Router>>) -> Self {
-        Rules {
-            filters,
-            routes,
-            route_data: None,
-        }
+    pub fn new(filters: Option<Arc<Filters>>, routes: Option<Arc<Routes>>) -> Self {
+        Rules { filters, routes }
     }
 
     /// The empty set.
@@ -50,12 +42,59 @@ impl Rules {
     }
 }
 
+/// A router and whatever the embedding layer keeps beside its routes, made together so that
+/// neither can be swapped without the other. The engine never looks at the data. (The Python
+/// layer keeps its `Route` objects there, so that the `session.route` a request sees is
+/// from the set its route index came from.)
+pub struct Routes {
+    router: Router,
+    data: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Routes {
+    /// Routes with no data beside them.
+    pub fn new(router: Router) -> Self {
+        Routes { router, data: None }
+    }
+
+    /// Routes with `data` beside them, one entry per route as the embedding layer sees fit.
+    pub fn with_data(router: Router, data: Arc<dyn Any + Send + Sync>) -> Self {
+        Routes {
+            router,
+            data: Some(data),
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// What these routes were made with ([`Routes::with_data`]).
+    pub fn data(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.data.as_ref()
+    }
+}
+
+impl From<Router> for Routes {
+    fn from(router: Router) -> Self {
+        Routes::new(router)
+    }
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Rules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rules")
             .field("filters", &self.filters)
             .field("routes", &self.routes)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
@@ -130,5 +169,40 @@ mod tests {
         // A clone shares the holder: a reload through it reaches the proxy's.
         handle.clone().store(Rules::default());
         assert!(handle.load().is_empty());
+    }
+
+    fn no_routes() -> Router {
+        Router::new(Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn new_routes_bring_their_own_data_and_keeping_the_routes_keeps_it() {
+        let routes_with = |tag: &'static str| {
+            let data: Arc<dyn Any + Send + Sync> = Arc::new(tag);
+            Some(Arc::new(Routes::with_data(no_routes(), data)))
+        };
+        let tag_of = |rules: &Rules| {
+            let data = rules.routes.as_ref()?.data()?.clone();
+            data.downcast::<&'static str>().ok().map(|tag| *tag)
+        };
+        let handle = RulesHandle::new(Rules::new(None, routes_with("old")));
+        handle.update(|current| Rules {
+            routes: Some(Arc::new(Routes::new(no_routes()))),
+            ..current.clone()
+        });
+        assert_eq!(
+            tag_of(&handle.load()),
+            None,
+            "new routes never keep the old data"
+        );
+        handle.update(|current| Rules {
+            routes: routes_with("new"),
+            ..current.clone()
+        });
+        handle.update(|current| Rules {
+            filters: Some(Arc::new(Filters::default())),
+            ..current.clone()
+        });
+        assert_eq!(tag_of(&handle.load()), Some("new"));
     }
 }

@@ -291,6 +291,20 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
+/// Stops a background service started on a running server
+/// ([`ServerHandle::add_background`]) when dropped: aborted at its next wait, which for a
+/// health check or a DNS refresh loses nothing but the round in progress.
+#[must_use = "dropping it stops the service"]
+pub struct BackgroundStop(Option<tokio::task::AbortHandle>);
+
+impl Drop for BackgroundStop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 struct StopReport {
     stopped: watch::Sender<bool>,
     callback: Option<Box<dyn FnOnce() + Send>>,
@@ -331,14 +345,17 @@ impl ServerHandle {
 
     /// Start `service` on the running server (for a balancer that a reload of the routes
     /// brought in): it runs until shutdown begins, as those given before the start do, but
-    /// the grace period does not wait for it.
-    pub fn add_background(&self, service: Box<dyn BackgroundService>) {
-        if let Some(engine) = &self.engine {
-            tracing::debug!("starting {}", service.name());
-            engine
-                .handle()
-                .spawn(service.run(self.background_signal.clone()));
-        }
+    /// the grace period does not wait for it; or until the returned handle is dropped (a
+    /// later reload no longer uses the balancer).
+    pub fn add_background(&self, service: Box<dyn BackgroundService>) -> BackgroundStop {
+        let Some(engine) = &self.engine else {
+            return BackgroundStop(None);
+        };
+        tracing::debug!("starting {}", service.name());
+        let task = engine
+            .handle()
+            .spawn(service.run(self.background_signal.clone()));
+        BackgroundStop(Some(task.abort_handle()))
     }
 
     pub fn is_stopped(&self) -> bool {

@@ -92,6 +92,16 @@ impl Session {
         self.rules.as_deref().unwrap_or(Rules::none())
     }
 
+    /// Run `step` with the request's rules beside the session itself, lending the
+    /// session's own reference rather than cloning it: `session.rules()` reads none
+    /// inside, so no hook may run there.
+    pub(crate) fn with_rules<R>(&mut self, step: impl FnOnce(&Rules, &mut Session) -> R) -> R {
+        let rules = self.rules.take();
+        let result = step(rules.as_deref().unwrap_or(Rules::none()), self);
+        self.rules = rules;
+        result
+    }
+
     pub fn client_addr(&self) -> SocketAddr {
         self.downstream.client_addr
     }

@@ -293,7 +293,7 @@ fn filters_and_routes_run_for_a_rust_only_app() {
     let config = ServerConfig {
         listeners: vec!["127.0.0.1:0".into()],
         threads: 1,
-        rules: Rules::new(Some(Arc::new(filters)), Some(Arc::new(routes))).into(),
+        rules: Rules::new(Some(Arc::new(filters)), Some(Arc::new(routes.into()))).into(),
         ..Default::default()
     };
     let nowhere = Peer::new("127.0.0.1:1").unwrap();
@@ -363,7 +363,7 @@ fn a_rust_only_app_reloads_its_rules_and_in_flight_requests_keep_theirs() {
         strip_prefix: false,
     }])
     .unwrap();
-    rules.store(Rules::new(tagged("old"), Some(Arc::new(routes))));
+    rules.store(Rules::new(tagged("old"), Some(Arc::new(routes.into()))));
     let in_flight = std::thread::spawn(move || get(addr, "/delay/500", ""));
     wait_until(|| echo.stats().requests() == 1);
     rules.update(|current| Rules {

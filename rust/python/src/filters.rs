@@ -4,6 +4,7 @@
 //! class and field (`Redirect.to: unknown placeholder {hots}`), and nothing invalid reaches
 //! the engine; at start-up it runs once more to build what the engine runs.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,15 +205,44 @@ fn filter_at(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<Filter
             let realm: String = attr(obj, "realm")?;
             let auth = BasicAuth::new(&pairs(obj, "users")?, &realm)
                 .map_err(|e| config_error(class, e))?;
-            Action::BasicAuth(Arc::new(auth))
+            Action::BasicAuth(kept(obj, || Ok(auth))?)
         }
         "Cors" => Action::Cors(Arc::new(cors(class, obj)?)),
-        "RateLimit" => Action::RateLimit(Arc::new(rate_limit(obj, position)?)),
+        "RateLimit" => Action::RateLimit(kept(obj, || rate_limit(obj, position))?),
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
     let filter = Filter::new(when, action);
     filter.check().map_err(|e| config_error(class, e))?;
     Ok(filter)
+}
+
+/// What the engine made of a filter object, kept in its `_compiled` slot beside the fields
+/// it was made from.
+#[pyclass(frozen)]
+struct Compiled(Arc<dyn Any + Send + Sync>);
+
+/// The engine's state of filter `obj` (RateLimit's counters, BasicAuth's verdicts): the one
+/// made when `obj` was last compiled, while its fields are unchanged, so that reloading the
+/// very same object keeps it; else (a new object, even an equal one, or one edited since)
+/// a fresh one from `make`.
+fn kept<T: Send + Sync + 'static>(
+    obj: &Bound<'_, PyAny>,
+    make: impl FnOnce() -> PyResult<T>,
+) -> PyResult<Arc<T>> {
+    let fields = obj.call_method0("_fields")?;
+    // Unset (an AttributeError) until the first compile.
+    if let Ok(slot) = obj.getattr("_compiled") {
+        if let Ok((was, compiled)) = slot.extract::<(Bound<'_, PyAny>, Bound<'_, Compiled>)>() {
+            if was.eq(&fields)? {
+                if let Ok(state) = compiled.get().0.clone().downcast::<T>() {
+                    return Ok(state);
+                }
+            }
+        }
+    }
+    let state = Arc::new(make()?);
+    obj.setattr("_compiled", (fields, Compiled(state.clone())))?;
+    Ok(state)
 }
 
 /// A `dict[str, str]` attribute, in its order.
@@ -320,7 +350,7 @@ pub fn route_from(obj: &Bound<'_, PyAny>) -> PyResult<Route> {
 }
 
 /// The routes of `Proxy.routes`, in order; `None` for none.
-pub fn routes_from(list: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Router>>> {
+pub fn routes_from(list: &Bound<'_, PyAny>) -> PyResult<Option<Router>> {
     let routes = list
         .try_iter()?
         .enumerate()
@@ -330,7 +360,7 @@ pub fn routes_from(list: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Router>>> {
         return Ok(None);
     }
     let router = Router::new(routes).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(Some(Arc::new(router)))
+    Ok(Some(router))
 }
 
 /// `error` with `where_: ` before its message, of the same exception type.

@@ -102,7 +102,7 @@ fn routed(session: &Session) -> bool {
 /// The app's `Route` objects of the request's rule set (kept beside its routes by
 /// `Server`), `session.route` being one of them.
 fn route_objects(session: &Session) -> Option<Arc<Py<PyTuple>>> {
-    let data = session.rules().route_data.clone()?;
+    let data = session.rules().routes.as_ref()?.data()?.clone();
     data.downcast::<Py<PyTuple>>().ok()
 }
 

@@ -11,11 +11,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use ferroxy_engine::lb::Upstream;
-use ferroxy_engine::route::Router;
 use ferroxy_engine::upstream::PoolConfig;
 use ferroxy_engine::{
-    AccessLog, AccessLogFormat, AccessLogTarget, Listener, Rules, Server, ServerConfig,
-    ServerHandle,
+    AccessLog, AccessLogFormat, AccessLogTarget, BackgroundStop, Listener, Routes, Rules, Server,
+    ServerConfig, ServerHandle,
 };
 
 use crate::bridge::{error_arg, Bridge, Job};
@@ -43,9 +42,13 @@ pub struct PyServer {
     config: ServerConfig,
     hooks: Hooks,
     upstream: Option<Upstream>,
-    /// The load balancers the app uses, whose background services run with the server
-    /// (a reload's routes may add more).
-    balancers: Mutex<Vec<Arc<ferroxy_engine::lb::LoadBalancer>>>,
+    /// The load balancers the app uses, whose background services run with the server.
+    balancers: Vec<Arc<ferroxy_engine::lb::LoadBalancer>>,
+    /// The balancers of the reloaded routes that `balancers` lacks, with their background
+    /// services: each reload of the routes stops those its routes no longer use. (Its lock
+    /// also keeps concurrent reloads in order, so the checks run are those of the routes
+    /// in effect.)
+    reloaded_balancers: Mutex<Vec<(Arc<ferroxy_engine::lb::LoadBalancer>, Vec<BackgroundStop>)>>,
     handle: Mutex<Option<ServerHandle>>,
     addrs: OnceLock<Vec<std::net::SocketAddr>>,
 }
@@ -132,7 +135,7 @@ impl PyServer {
             rules.filters = crate::filters::filters_from(filters)?;
         }
         if let Some(routes) = routes.filter(|r| !r.is_none()) {
-            (rules.routes, rules.route_data) = routes_with_objects(routes)?;
+            rules.routes = routes_with_objects(routes)?;
         }
         let config = ServerConfig {
             listeners: listen_specs(listen)?,
@@ -178,13 +181,12 @@ impl PyServer {
             config,
             hooks,
             upstream,
-            balancers: Mutex::new(
-                balancers
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|balancer| balancer.inner.clone())
-                    .collect(),
-            ),
+            balancers: balancers
+                .unwrap_or_default()
+                .iter()
+                .map(|balancer| balancer.inner.clone())
+                .collect(),
+            reloaded_balancers: Mutex::new(Vec::new()),
             handle: Mutex::new(None),
             addrs: OnceLock::new(),
         })
@@ -201,7 +203,6 @@ impl PyServer {
         // server does.
         let balancer_services: Vec<_> = self
             .balancers
-            .lock()
             .iter()
             .flat_map(|balancer| balancer.background_services())
             .collect();
@@ -230,7 +231,9 @@ impl PyServer {
     /// and a bad one raises with nothing changed. Requests that arrive from now on run the
     /// new set, those in flight finish on theirs. `balancers` are the load balancers the new
     /// routes use: those this server does not run yet get their health checks and DNS
-    /// refresh started.
+    /// refresh started, and those only earlier reloaded routes used have theirs stopped now
+    /// (a request still on those routes is served by the balancer all the same, on the
+    /// health it last saw); those the server started with run until it stops.
     #[pyo3(signature = (*, filters=None, routes=None, balancers=None))]
     fn reload(
         &self,
@@ -246,7 +249,7 @@ impl PyServer {
         }
         let filters = filters.map(crate::filters::filters_from).transpose()?;
         let routes = routes.map(routes_with_objects).transpose()?;
-        if let Some((None, _)) = routes {
+        if let Some(None) = routes {
             if self.upstream.is_none() && !self.hooks.upstream_peer {
                 return Err(PyValueError::new_err(
                     "routes: the app has no `upstream` and no upstream_peer(): without routes \
@@ -254,30 +257,41 @@ impl PyServer {
                 ));
             }
         }
+        let mut reloaded = self.reloaded_balancers.lock();
         self.config.rules.update(|current| {
             let mut next = current.clone();
             if let Some(filters) = &filters {
                 next.filters = filters.clone();
             }
-            if let Some((router, objects)) = &routes {
-                next.routes = router.clone();
-                next.route_data = objects.clone();
+            if let Some(routes) = &routes {
+                next.routes = routes.clone();
             }
             next
         });
+        if routes.is_none() {
+            // The routes, and so their balancers, stay.
+            return Ok(());
+        }
+        let wanted: Vec<_> = balancers
+            .unwrap_or_default()
+            .iter()
+            .map(|balancer| balancer.inner.clone())
+            .filter(|balancer| !self.balancers.iter().any(|b| Arc::ptr_eq(b, balancer)))
+            .collect();
+        // Dropping their stop handles stops the services of those no longer wanted.
+        reloaded.retain(|(balancer, _)| wanted.iter().any(|w| Arc::ptr_eq(w, balancer)));
         let handle = self.handle.lock();
-        let mut known = self.balancers.lock();
-        for balancer in balancers.unwrap_or_default() {
-            let balancer = &balancer.inner;
-            if known.iter().any(|k| Arc::ptr_eq(k, balancer)) {
+        for balancer in wanted {
+            if reloaded.iter().any(|(b, _)| Arc::ptr_eq(b, &balancer)) {
                 continue;
             }
-            known.push(balancer.clone());
-            if let Some(handle) = handle.as_ref() {
-                for service in balancer.background_services() {
-                    handle.add_background(service);
-                }
-            }
+            let stops = match handle.as_ref() {
+                Some(handle) => (balancer.background_services().into_iter())
+                    .map(|service| handle.add_background(service))
+                    .collect(),
+                None => Vec::new(),
+            };
+            reloaded.push((balancer, stops));
         }
         Ok(())
     }
@@ -439,19 +453,17 @@ pub fn upstream_from(value: &Bound<'_, PyAny>) -> PyResult<Upstream> {
 }
 
 /// Routes for the engine, with Python's own list beside them for `session.route` to hand back
-/// the object that matched (both `None` for an empty list).
-type RoutesWithObjects = (Option<Arc<Router>>, Option<Arc<dyn Any + Send + Sync>>);
-
-fn routes_with_objects(routes: &Bound<'_, PyAny>) -> PyResult<RoutesWithObjects> {
+/// the object that matched (`None` for an empty list).
+fn routes_with_objects(routes: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Routes>>> {
     let objects = PyTuple::new(
         routes.py(),
         routes.try_iter()?.collect::<PyResult<Vec<_>>>()?,
     )?;
     let Some(router) = crate::filters::routes_from(objects.as_any())? else {
-        return Ok((None, None));
+        return Ok(None);
     };
     let objects: Arc<dyn Any + Send + Sync> = Arc::new(objects.unbind());
-    Ok((Some(router), Some(objects)))
+    Ok(Some(Arc::new(Routes::with_data(router, objects))))
 }
 
 impl PyServer {
