@@ -1,10 +1,11 @@
 """f.RateLimit (issue 9) through the proxy over real sockets: refused requests get 429 with
 Retry-After and never reach the upstream, each key has its own budget, the sliding-window
 estimate passes about the rate when offered three times it, and with a real redis-server two
-proxies share one limit, filters count apart unless they share a name, long key values make
-short Redis keys, Redis going away fails open (one warning) or closed, a store that never
-answers costs a request no more than store_timeout (and the requests after it nothing), and
-a store connection gone silent is replaced."""
+proxies share one limit, filters count apart unless they share a name (and an unrelated
+filter added to the list does not rename one), long key values make short Redis keys, Redis
+going away fails open (one warning) or closed, a store that never answers costs a request no
+more than store_timeout (and the requests after it nothing), and a store connection gone
+silent is replaced."""
 
 from __future__ import annotations
 
@@ -232,13 +233,19 @@ def test_two_proxies_sharing_a_redis_store_share_one_limit(
     # Header names are case-insensitive: the two spellings count together.
     first = ferroxy_proxy(
         app(
-            ferroxy_upstream, f.RateLimit(key="header:X-User", rate="20/h", store=redis_server.url)
+            ferroxy_upstream,
+            f.RateLimit(
+                key="header:X-User", rate="20/h", store=redis_server.url, store_timeout=1.0
+            ),
         ),
         access_log=False,
     )
     second = ferroxy_proxy(
         app(
-            ferroxy_upstream, f.RateLimit(key="header:x-user", rate="20/h", store=redis_server.url)
+            ferroxy_upstream,
+            f.RateLimit(
+                key="header:x-user", rate="20/h", store=redis_server.url, store_timeout=1.0
+            ),
         ),
         access_log=False,
     )
@@ -259,7 +266,9 @@ def test_filters_sharing_a_store_count_apart_unless_they_share_a_name(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
 ) -> None:
     def limit(path: str, name: str | None = None) -> f.RateLimit:
-        return f.RateLimit(f.PathPrefix(path), rate="2/h", store=redis_server.url, name=name)
+        return f.RateLimit(
+            f.PathPrefix(path), rate="2/h", store=redis_server.url, store_timeout=1.0, name=name
+        )
 
     proxy = ferroxy_proxy(
         app(
@@ -296,7 +305,7 @@ def redis_keys(port: int) -> list[bytes]:
 def test_a_long_key_value_makes_a_short_redis_key(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
 ) -> None:
-    limit = f.RateLimit(key="header:x-user", rate="2/h", store=redis_server.url)
+    limit = f.RateLimit(key="header:x-user", rate="2/h", store=redis_server.url, store_timeout=1.0)
     proxy = ferroxy_proxy(app(ferroxy_upstream, limit), access_log=False)
     in_one_window(HOUR)
     assert statuses(proxy.url, 3, {"x-user": "a" * 16_000}) == [200, 200, 429]
@@ -309,7 +318,7 @@ def test_a_long_key_value_makes_a_short_redis_key(
 def test_a_request_refused_by_the_store_runs_no_hook_but_logging(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
 ) -> None:
-    limit = f.RateLimit(rate="1/h", store=redis_server.url)
+    limit = f.RateLimit(rate="1/h", store=redis_server.url, store_timeout=1.0)
     calls = hook_calls_of(ferroxy_proxy, ferroxy_upstream, limit)
     assert calls == ["request_filter", "logging /x", "logging /x"]
 
@@ -321,7 +330,7 @@ def test_redis_going_away_fails_open_with_one_warning_and_reconnects(
     ferroxy_logs: LogCapture,
 ) -> None:
     proxy = ferroxy_proxy(
-        app(ferroxy_upstream, f.RateLimit(rate="3/h", store=redis_server.url)),
+        app(ferroxy_upstream, f.RateLimit(rate="3/h", store=redis_server.url, store_timeout=1.0)),
         access_log=False,
     )
     in_one_window(HOUR, needed=30)
@@ -346,7 +355,7 @@ def test_a_redis_down_at_start_up_is_used_once_it_comes_up(
 ) -> None:
     redis_server.stop()
     proxy = ferroxy_proxy(
-        app(ferroxy_upstream, f.RateLimit(rate="3/h", store=redis_server.url)),
+        app(ferroxy_upstream, f.RateLimit(rate="3/h", store=redis_server.url, store_timeout=1.0)),
         access_log=False,
     )
     in_one_window(HOUR)
@@ -358,7 +367,9 @@ def test_a_redis_down_at_start_up_is_used_once_it_comes_up(
 def test_redis_going_away_fails_closed_with_on_store_error_deny(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
 ) -> None:
-    limit = f.RateLimit(rate="3/h", store=redis_server.url, on_store_error="deny")
+    limit = f.RateLimit(
+        rate="3/h", store=redis_server.url, store_timeout=1.0, on_store_error="deny"
+    )
     proxy = ferroxy_proxy(app(ferroxy_upstream, limit), access_log=False)
     in_one_window(HOUR)
     assert statuses(proxy.url, 1) == [200]
@@ -397,20 +408,27 @@ def test_a_store_that_never_answers_costs_a_request_at_most_store_timeout(
 ) -> None:
     with silent_store() as url:
         limit = f.RateLimit(
-            rate="1/h", store=url, store_timeout=0.05, on_store_error=on_store_error
+            f.PathPrefix("/limited"),
+            rate="1/h",
+            store=url,
+            store_timeout=0.05,
+            on_store_error=on_store_error,
         )
         proxy = ferroxy_proxy(app(ferroxy_upstream, limit), access_log=False)
         with httpx.Client(base_url=proxy.url) as client:
-            client.get("/")  # the connection to the proxy itself, out of the timings
-            first = time.monotonic()
+            # The connection to the proxy itself, out of the timings (not limited: the store
+            # is untouched).
+            assert client.get("/").status_code == 200
+            started = time.monotonic()
+            assert client.get("/limited").status_code == status
+            took = time.monotonic() - started
+            # The first waits for the store, and no longer than store_timeout.
+            assert 0.04 <= took < 0.05 + 0.25, f"the first limited request took {took:.3f}s"
+            # The store is skipped while it fails: the next requests do not each wait for it.
+            started = time.monotonic()
             for _ in range(10):
-                started = time.monotonic()
-                assert client.get("/").status_code == status
-                took = time.monotonic() - started
-                assert took < 0.05 + 0.25, f"a request took {took:.3f}s"
-            # After a failure the store is skipped for a second: the requests do not each
-            # wait for it.
-            took = time.monotonic() - first
+                assert client.get("/limited").status_code == status
+            took = time.monotonic() - started
             assert took < 10 * 0.05 / 2, f"10 requests took {took:.3f}s"
 
 
@@ -469,25 +487,59 @@ def test_a_store_connection_gone_silent_is_replaced_and_costs_requests_little_me
 ) -> None:
     relay = SilencingRelay(redis_server.port)
     try:
-        limit = f.RateLimit(rate="3/h", store=relay.url, store_timeout=0.05)
+        limit = f.RateLimit(
+            f.PathPrefix("/limited"), rate="1/h", store=relay.url, store_timeout=0.05
+        )
         proxy = ferroxy_proxy(app(ferroxy_upstream, limit), access_log=False)
         in_one_window(HOUR)
-        assert statuses(proxy.url, 4) == [200, 200, 200, 429]
+
+        def refused() -> bool:
+            return statuses(proxy.url, 1, path="/limited") == [429]
+
+        # Once the store is in use it counts one and refuses the next (a request skipping
+        # it while the connection is made passes, uncounted).
+        assert wait_until(refused, timeout=5)
         connections = relay.accepted
         relay.silence()
         with httpx.Client(base_url=proxy.url) as client:
-            client.get("/")  # the connection to the proxy itself, out of the timing
+            assert client.get("/").status_code == 200  # the connection to the proxy itself
             started = time.monotonic()
-            during = [client.get("/").status_code for _ in range(20)]
+            # The store would refuse it: it passes because it got no answer (fail open)...
+            assert client.get("/limited").status_code == 200
             took = time.monotonic() - started
-        # One request waits store_timeout and passes (fail open); the rest skip the store.
-        assert during[0] == 200
-        assert took < 20 * 0.05 / 2, f"20 requests took {took:.3f}s"
+            # ...after waiting store_timeout for one.
+            assert 0.04 <= took < 0.05 + 0.25, f"the first limited request took {took:.3f}s"
+            started = time.monotonic()
+            during = [client.get("/limited").status_code for _ in range(19)]
+            took = time.monotonic() - started
+        # The rest skip the store, silent as long as the timeout.
+        assert during == [200] * 19
+        assert took < 19 * 0.05 / 2, f"19 requests took {took:.3f}s"
         # The silent connection is dropped and a new one made: the limit applies again.
-        assert wait_until(lambda: statuses(proxy.url, 1) == [429], timeout=5)
+        assert wait_until(refused, timeout=5)
         assert relay.accepted > connections
     finally:
         relay.close()
+
+
+def test_adding_an_unrelated_filter_keeps_a_limits_store_name(
+    ferroxy_upstream: EchoServer, ferroxy_proxy: Any, redis_server: RedisServer
+) -> None:
+    def limit() -> f.RateLimit:
+        return f.RateLimit(
+            f.PathPrefix("/login"), rate="2/h", store=redis_server.url, store_timeout=1.0
+        )
+
+    # The default name does not depend on the filter's place in the list: two instances of
+    # one service, one a version with a filter more, still share the login budget.
+    before = ferroxy_proxy(app(ferroxy_upstream, limit()), access_log=False)
+    after = ferroxy_proxy(
+        app(ferroxy_upstream, f.SetRequestHeader("x-version", "2"), limit()),
+        access_log=False,
+    )
+    in_one_window(HOUR)
+    assert statuses(before.url, 2, path="/login") == [200, 200]
+    assert statuses(after.url, 1, path="/login") == [429]
 
 
 @pytest.mark.parametrize(
@@ -506,7 +558,8 @@ def test_a_store_connection_gone_silent_is_replaced_and_costs_requests_little_me
         ({"rate": "10/s", "store_timeout": 0}, "store_timeout"),
         ({"rate": "10/s", "store_timeout": -1}, "store_timeout"),
         ({"rate": "92/h", "burst": 471416701}, "burst"),
-        ({"rate": "10/s", "name": "two words"}, "name"),
+        ({"rate": "10/s", "store": "redis://127.0.0.1:6379", "name": "two words"}, "name"),
+        ({"rate": "10/s", "name": "api"}, "name"),
     ],
 )
 def test_bad_configs_name_the_field(options: dict[str, Any], field: str) -> None:

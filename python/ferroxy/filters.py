@@ -581,8 +581,9 @@ class RateLimit(Filter):
     ``store=None`` keeps the counters in this process (at most 65536 keys; past that, a new
     key evicts the least recently seen). ``store="redis://host:port/db"`` keeps them in
     Redis, so every instance with the same filter shares one limit; ``name`` names its
-    counters there (filters with one name, key and rate share them; default: a hash of the
-    filter's place in ``filters``, its condition, key, rate and burst). A store check waits
+    counters there (filters with one name, key and rate share them; default: a hash of its
+    condition, key, rate and burst, and which of the limits alike in those it is; ``name``
+    needs ``store``; services sharing one Redis database should name theirs). A store check waits
     at most ``store_timeout`` seconds; when the store fails or is too slow the request passes
     (``on_store_error="allow"``, one warning on the ``ferroxy.rate_limit`` logger per 10 s)
     or gets 503 with ``Retry-After: 1`` (``on_store_error="deny"``), and the next second's

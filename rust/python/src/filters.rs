@@ -153,11 +153,14 @@ fn status(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<http::StatusCode> {
 }
 
 pub fn filter_from(obj: &Bound<'_, PyAny>) -> PyResult<Filter> {
-    filter_at(obj, None)
+    filter_at(obj, &mut Occurrences::new())
 }
 
-/// `obj`, the filter at `position` in `Proxy.filters` (`None`: checked alone).
-fn filter_at(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<Filter> {
+/// How many `RateLimit`s of a filter list so far had each [`RateLimitOptions::identity`].
+type Occurrences = std::collections::HashMap<String, usize>;
+
+/// `obj`, the next filter of a list whose earlier `RateLimit`s are counted in `occurrences`.
+fn filter_at(obj: &Bound<'_, PyAny>, occurrences: &mut Occurrences) -> PyResult<Filter> {
     let class = class_of(obj, "filter")?;
     let class = class.as_str();
     let when = obj.getattr("when")?;
@@ -205,10 +208,18 @@ fn filter_at(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<Filter
             let realm: String = attr(obj, "realm")?;
             let auth = BasicAuth::new(&pairs(obj, "users")?, &realm)
                 .map_err(|e| config_error(class, e))?;
-            Action::BasicAuth(kept(obj, || Ok(auth))?)
+            Action::BasicAuth(kept(obj, 0, || Ok(auth))?)
         }
         "Cors" => Action::Cors(Arc::new(cors(class, obj)?)),
-        "RateLimit" => Action::RateLimit(kept(obj, || rate_limit(obj, position))?),
+        "RateLimit" => {
+            let options = rate_limit_options(obj, occurrences)?;
+            // Which of the limits alike it is names its counters in a store: part of what
+            // the kept state was made from.
+            let place = options.occurrence;
+            Action::RateLimit(kept(obj, place, || {
+                RateLimit::new(options).map_err(|e| config_error(class, e))
+            })?)
+        }
         _ => return Err(PyTypeError::new_err(format!("{class} is not a filter"))),
     };
     let filter = Filter::new(when, action);
@@ -222,14 +233,16 @@ fn filter_at(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<Filter
 struct Compiled(Arc<dyn Any + Send + Sync>);
 
 /// The engine's state of filter `obj` (RateLimit's counters, BasicAuth's verdicts): the one
-/// made when `obj` was last compiled, while its fields are unchanged, so that reloading the
-/// very same object keeps it; else (a new object, even an equal one, or one edited since)
-/// a fresh one from `make`.
+/// made when `obj` was last compiled, while its fields (and `place`, what else the state was
+/// made from) are unchanged, so that reloading the very same object keeps it; else (a new
+/// object, even an equal one, or one edited or placed otherwise since) a fresh one from
+/// `make`.
 fn kept<T: Send + Sync + 'static>(
     obj: &Bound<'_, PyAny>,
+    place: usize,
     make: impl FnOnce() -> PyResult<T>,
 ) -> PyResult<Arc<T>> {
-    let fields = obj.call_method0("_fields")?;
+    let fields = (obj.call_method0("_fields")?, place).into_pyobject(obj.py())?;
     // Unset (an AttributeError) until the first compile.
     if let Ok(slot) = obj.getattr("_compiled") {
         if let Ok((was, compiled)) = slot.extract::<(Bound<'_, PyAny>, Bound<'_, Compiled>)>() {
@@ -281,11 +294,11 @@ fn cors(class: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cors> {
     Cors::new(&config).map_err(|e| config_error(class, e))
 }
 
-fn rate_limit(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<RateLimit> {
+fn rate_limit_options(
+    obj: &Bound<'_, PyAny>,
+    occurrences: &mut Occurrences,
+) -> PyResult<RateLimitOptions> {
     let class = "RateLimit";
-    // Without a `name`, filters differ in the store by their place and condition.
-    let position = position.map_or_else(|| "?".to_owned(), |i| i.to_string());
-    let scope = format!("filters[{position}] {}", obj.getattr("when")?.repr()?);
     let seconds: f64 = attr(obj, "store_timeout")
         .map_err(|_| field_error(class, "store_timeout", "must be a number of seconds"))?;
     let store_timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
@@ -295,7 +308,7 @@ fn rate_limit(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<RateL
             format!("must be over 0 and at most 10 seconds, got {seconds}"),
         )
     })?;
-    RateLimit::new(RateLimitOptions {
+    let mut options = RateLimitOptions {
         key: attr(obj, "key")?,
         rate: attr(obj, "rate")?,
         burst: attr(obj, "burst")
@@ -305,9 +318,15 @@ fn rate_limit(obj: &Bound<'_, PyAny>, position: Option<usize>) -> PyResult<RateL
         on_store_error: attr(obj, "on_store_error")?,
         store_timeout,
         name: attr(obj, "name")?,
-        scope,
-    })
-    .map_err(|e| config_error(class, e))
+        // Without a `name`, filters differ in the store by their condition, key and limit,
+        // and among filters alike in those by their order.
+        scope: obj.getattr("when")?.repr()?.to_string(),
+        occurrence: 0,
+    };
+    let seen = occurrences.entry(options.identity()).or_default();
+    options.occurrence = *seen;
+    *seen += 1;
+    Ok(options)
 }
 
 fn config_error(class: &str, error: ConfigError) -> PyErr {
@@ -316,11 +335,13 @@ fn config_error(class: &str, error: ConfigError) -> PyErr {
 
 /// The filters of `Proxy.filters`, in order; `None` for none.
 pub fn filters_from(list: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Filters>>> {
+    let mut occurrences = Occurrences::new();
     let filters = list
         .try_iter()?
         .enumerate()
         .map(|(i, f)| {
-            filter_at(&f?, Some(i)).map_err(|e| within(list.py(), e, &format!("filters[{i}]")))
+            filter_at(&f?, &mut occurrences)
+                .map_err(|e| within(list.py(), e, &format!("filters[{i}]")))
         })
         .collect::<PyResult<Vec<_>>>()?;
     if filters.is_empty() {

@@ -16,11 +16,20 @@
 //! or in Redis (`store="redis://..."`) so several instances share one limit. A Redis check
 //! is the one filter step that waits ([`super::Step::Wait`]); it never waits longer than
 //! `store_timeout`, and a store that fails lets the request through (one warning per
-//! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says. After a failure the
-//! store is skipped for [`STORE_RETRY_AFTER`] (requests are let through or refused at once,
-//! not each after `store_timeout`), then one request tries it again; a call that timed out
-//! drops the connection, so a connection that went silent is replaced, not waited on. A call
-//! that timed out may still be counted, once Redis gets to it.
+//! [`STORE_WARNING_INTERVAL`]) or answers 503, as `on_store_error` says.
+//!
+//! The connection is made and warmed up (connect, `SCRIPT LOAD`) in a task of its own, given
+//! [`STORE_CONNECT_TIMEOUT`] whatever `store_timeout` is, so a distant Redis is reached
+//! however short the requests' timeout; requests skip the store until it is ready (the one
+//! that started it waits for it up to `store_timeout`). After a failure the store is skipped
+//! for [`STORE_RETRY_AFTER`] (requests are let through or refused at once, not each after
+//! `store_timeout`), then one request tries it again; only a call started after the failure
+//! ends the skipping. A timed-out call is a failure of the connection (dropped, a new one
+//! made, the store skipped) only if the connection has answered nothing for as long as the
+//! timeout, or after [`TIMEOUTS_BEFORE_DROP`] in a row; else it fails that request alone. An
+//! error that leaves the connection unusable or the server unable to count (`READONLY`,
+//! `LOADING`, `MASTERDOWN`) drops it too. A dropped connection's task ends once the calls on
+//! it have given up. A call that timed out may still be counted, once Redis gets to it.
 //!
 //! Why not the `pingora-limits` crate: its `Rate` reads `Instant::now()` itself (no injected
 //! clock, so no exact tests); its `observe` counts every event, so leaving refused requests
@@ -37,7 +46,8 @@ use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use blake2::{Blake2b128, Digest};
@@ -82,13 +92,30 @@ pub struct RateLimitOptions {
     pub on_store_error: String,
     pub store_timeout: Duration,
     /// The counters' scope in the store: filters (on any instance) with the same name, key
-    /// and rate share their counters. `None`: a name derived from `scope`, the key, the rate
-    /// and the burst.
+    /// and rate share their counters. `None`: a name derived from [`Self::identity`] and
+    /// `occurrence`. Only with a `store`.
     pub name: Option<String>,
     /// What tells this filter from others with the same key and rate when it has no `name`,
-    /// the same on every instance running the same configuration: its place in the filter
-    /// list and its condition, as the layer above writes them.
+    /// the same on every instance running the same configuration: its condition, as the
+    /// layer above writes it.
     pub scope: String,
+    /// How many filters before this one in its list have the same [`Self::identity`]; its
+    /// place among those only, so adding or moving other filters does not rename it.
+    pub occurrence: usize,
+}
+
+impl RateLimitOptions {
+    /// What the default name is made of besides `occurrence`: the scope, the key (header
+    /// names lower-cased) and the limit, as written.
+    pub fn identity(&self) -> String {
+        let key = HashKey::parse(&self.key).map_or_else(|_| self.key.clone(), |k| key_spec(&k));
+        format!(
+            "{}\n{key}\n{}\n{}",
+            self.scope,
+            self.rate.trim(),
+            self.burst
+        )
+    }
 }
 
 impl Default for RateLimitOptions {
@@ -103,6 +130,7 @@ impl Default for RateLimitOptions {
             store_timeout: Duration::from_millis(50),
             name: None,
             scope: String::new(),
+            occurrence: 0,
         }
     }
 }
@@ -253,15 +281,22 @@ impl LocalCounters {
         let hash = self.hasher.hash_one(key);
         let at = Position::of(since_epoch, limit.window);
         let mut shard = self.shards[(hash >> 60) as usize % SHARDS].lock();
-        if shard.len() >= MAX_KEYS / SHARDS && !shard.contains(&hash) {
+        let count = |counts: &mut Counts| {
+            let counts = counts.at(at.window);
+            let verdict = decide(counts.previous, counts.current, at.elapsed, limit);
+            if verdict == Verdict::Admit {
+                counts.current += 1;
+            }
+            verdict
+        };
+        // A known key is looked up once; only a new one again, to be added.
+        if let Some(counts) = shard.get_mut(&hash) {
+            return count(counts);
+        }
+        if shard.len() >= MAX_KEYS / SHARDS {
             shard.pop_lru();
         }
-        let counts = shard.get_or_insert_mut(hash, Counts::default).at(at.window);
-        let verdict = decide(counts.previous, counts.current, at.elapsed, limit);
-        if verdict == Verdict::Admit {
-            counts.current += 1;
-        }
-        verdict
+        count(shard.get_or_insert_mut(hash, Counts::default))
     }
 
     #[cfg(test)]
@@ -298,26 +333,55 @@ return {0, previous, current, into}
 
 /// Why a store check gave no verdict.
 enum StoreFailure {
-    /// The store failed less than [`STORE_RETRY_AFTER`] ago: not asked.
+    /// The store failed less than [`STORE_RETRY_AFTER`] ago, or its connection is still
+    /// being made: not asked.
     Skipped,
     Failed(String),
 }
 
-/// The connection in use and its generation (one more with each connection made).
-#[derive(Default)]
-struct Held {
+/// A connection to the store that has answered (its warm-up at least), and its
+/// generation (one more with each connection made). Dropping the last clone of
+/// `connection` aborts its background task, so a dropped connection whose peer never
+/// answers leaves nothing running once the calls on it have given up.
+struct Link {
     generation: u64,
-    manager: Option<redis::aio::ConnectionManager>,
+    connection: redis::aio::MultiplexedConnection,
+    /// When it last answered: ms after `RedisCounters::started`, plus one.
+    answered_at: AtomicU64,
+    /// Calls on it in a row that got no answer in time.
+    timeouts_in_a_row: AtomicU32,
+}
+
+/// The store's connection, as far as it has got.
+#[derive(Default)]
+enum Held {
+    /// None: the next request that may ask the store starts making one.
+    #[default]
+    Idle,
+    /// Being made and warmed up in a task of its own; requests skip the store meanwhile.
+    Connecting,
+    Ready(Arc<Link>),
+}
+
+#[derive(Default)]
+struct Holder {
+    generation: u64,
+    held: Held,
+    /// Failures that skipped the store ([`RedisCounters::trip`]), for telling a call that
+    /// started after the last one (whose answer may end the skipping) from one that did not.
+    trips: u64,
 }
 
 /// Counters in Redis, shared by every instance with the same filter (same name, key and
 /// limit).
 struct RedisCounters {
     client: redis::Client,
-    /// Made on first use, inside the runtime that serves requests (it spawns a task there);
-    /// it reconnects by itself when the server closes the connection, and is dropped (a new
-    /// one made) when a call times out.
-    connection: Mutex<Held>,
+    /// Made, the first time a request needs it and again after it is dropped, in a task of
+    /// its own (connect, then `SCRIPT LOAD`), so no request's timeout cuts a slow set-up
+    /// short; dropped when it fails or goes silent.
+    holder: Mutex<Holder>,
+    /// `holder.trips`, readable without the lock.
+    trips: AtomicU64,
     script: redis::Script,
     /// Distinguishes this filter's counters from other filters' in the same database.
     prefix: String,
@@ -326,11 +390,18 @@ struct RedisCounters {
     /// When the last "store failed" warning was logged: ms after `started`, plus one (0:
     /// never).
     warned_at: AtomicU64,
-    /// While the store is failing: when (ms after `started`, plus one) a request may try it
+    /// While the store is skipped: when (ms after `started`, plus one) a request may try it
     /// again; 0 while it answers.
     retry_at: AtomicU64,
     started: Instant,
 }
+
+/// How long making and warming up a connection may take before it counts as failed.
+/// Requests skip the store meanwhile, so it need not fit in `store_timeout`.
+pub const STORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Calls in a row on one connection that may time out, while it answers others, before it
+/// is dropped and the store skipped.
+pub const TIMEOUTS_BEFORE_DROP: u32 = 3;
 
 impl RedisCounters {
     fn new(prefix: String, options: &RateLimitOptions, url: &str) -> Result<Self, ConfigError> {
@@ -348,7 +419,8 @@ impl RedisCounters {
         let client = redis::Client::open(info).map_err(|e| bad(format!("{url:?}: {e}")))?;
         Ok(RedisCounters {
             client,
-            connection: Mutex::default(),
+            holder: Mutex::default(),
+            trips: AtomicU64::new(0),
             script: redis::Script::new(CHECK_SCRIPT),
             prefix,
             timeout: options.store_timeout,
@@ -364,34 +436,97 @@ impl RedisCounters {
         self.started.elapsed().as_millis() as u64 + 1
     }
 
-    /// The connection to use and its generation (for [`Self::drop_connection`]).
-    fn connection(&self) -> redis::RedisResult<(u64, redis::aio::ConnectionManager)> {
-        let mut held = self.connection.lock();
-        if let Some(manager) = &held.manager {
-            return Ok((held.generation, manager.clone()));
-        }
-        // A request never waits on the connection's own timeouts (ours is shorter); they
-        // bound how long a dead server keeps a connection attempt alive.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        let manager =
-            redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        held.generation += 1;
-        held.manager = Some(manager.clone());
-        Ok((held.generation, manager))
+    /// The connection to use, or `None` while it is being made (this request started
+    /// making it if there was none, and waits for it until `deadline`).
+    async fn link(self: &Arc<Self>, deadline: tokio::time::Instant) -> Option<Arc<Link>> {
+        let made = {
+            let mut holder = self.holder.lock();
+            match &holder.held {
+                Held::Ready(link) => return Some(link.clone()),
+                Held::Connecting => return None,
+                Held::Idle => {
+                    holder.held = Held::Connecting;
+                    self.start_connecting(holder.trips)
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, made).await.ok()?.ok()
     }
 
-    /// Forget connection `generation` (unless another call already did): the next call
-    /// makes a new one. Our timeout cancels the call before the connection's own would
-    /// fire, so the connection never sees an error and would never reconnect by itself.
+    /// Make and warm up a connection in a task of its own, so it is kept however long it
+    /// takes (up to [`STORE_CONNECT_TIMEOUT`]); `trips`: the trips before it started.
+    fn start_connecting(self: &Arc<Self>, trips: u64) -> tokio::sync::oneshot::Receiver<Arc<Link>> {
+        let (made, receiver) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let connected = tokio::time::timeout(STORE_CONNECT_TIMEOUT, this.connect()).await;
+            let mut holder = this.holder.lock();
+            match connected {
+                Ok(Ok(connection)) => {
+                    holder.generation += 1;
+                    let link = Arc::new(Link {
+                        generation: holder.generation,
+                        connection,
+                        answered_at: AtomicU64::new(this.now_ms()),
+                        timeouts_in_a_row: AtomicU32::new(0),
+                    });
+                    holder.held = Held::Ready(link.clone());
+                    this.recovered(&holder, trips);
+                    drop(holder);
+                    let _ = made.send(link);
+                }
+                failed => {
+                    holder.held = Held::Idle;
+                    this.trip(&mut holder);
+                    drop(holder);
+                    this.warn(&match failed {
+                        Ok(Err(e)) => format!("connecting: {e}"),
+                        _ => format!("not connected within {STORE_CONNECT_TIMEOUT:?}"),
+                    });
+                }
+            }
+        });
+        receiver
+    }
+
+    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        // No response timeout of its own: ours bounds each call (a timeout firing inside the
+        // connection would look like any other error); the connect timeout bounds set-up.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(STORE_CONNECT_TIMEOUT))
+            .set_response_timeout(None);
+        let mut connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.script.load_async(&mut connection).await?;
+        Ok(connection)
+    }
+
+    /// Forget connection `generation` (unless it was already replaced): the next request
+    /// that may ask the store starts making a new one.
     fn drop_connection(&self, generation: u64) {
-        let mut held = self.connection.lock();
-        if held.generation == generation {
-            held.manager = None;
+        let mut holder = self.holder.lock();
+        if matches!(&holder.held, Held::Ready(link) if link.generation == generation) {
+            holder.held = Held::Idle;
+        }
+    }
+
+    /// Skip the store for [`STORE_RETRY_AFTER`].
+    fn trip(&self, holder: &mut Holder) {
+        holder.trips += 1;
+        self.trips.store(holder.trips, Ordering::Relaxed);
+        self.retry_at.store(
+            self.now_ms() + STORE_RETRY_AFTER.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The store answered a call that started after `trips` trips: stop skipping it, unless
+    /// it tripped again while the call was under way.
+    fn recovered(&self, holder: &Holder, trips: u64) {
+        if holder.trips == trips {
+            self.retry_at.store(0, Ordering::Relaxed);
         }
     }
 
@@ -413,40 +548,78 @@ impl RedisCounters {
                 .is_ok()
     }
 
-    async fn check(&self, key: &[u8], limit: &Limit) -> Result<Verdict, StoreFailure> {
+    async fn check(self: &Arc<Self>, key: &[u8], limit: &Limit) -> Result<Verdict, StoreFailure> {
         if !self.may_ask() {
             return Err(StoreFailure::Skipped);
         }
-        let answer = self.ask(key, limit).await;
+        let trips = self.trips.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let link = self.link(deadline).await.ok_or(StoreFailure::Skipped)?;
+        let answer = self.ask(&link, key, limit, deadline).await;
         match answer {
-            // Read first: a write on every request would bounce the line between cores.
-            Ok(_) if self.retry_at.load(Ordering::Relaxed) == 0 => {}
-            Ok(_) => self.retry_at.store(0, Ordering::Relaxed),
-            Err(_) => self.retry_at.store(
-                self.now_ms() + STORE_RETRY_AFTER.as_millis() as u64,
-                Ordering::Relaxed,
-            ),
+            Ok(_) => {
+                link.answered_at.store(self.now_ms(), Ordering::Relaxed);
+                // Read first: a write on every request would bounce the line between cores.
+                if link.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
+                    link.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                }
+                if self.retry_at.load(Ordering::Relaxed) != 0 {
+                    self.recovered(&self.holder.lock(), trips);
+                }
+            }
+            Err(Failure {
+                reconnect, trip, ..
+            }) => {
+                if reconnect {
+                    self.drop_connection(link.generation);
+                }
+                if trip {
+                    self.trip(&mut self.holder.lock());
+                }
+            }
         }
-        answer.map_err(StoreFailure::Failed)
+        answer.map_err(|failure| StoreFailure::Failed(failure.error))
     }
 
-    async fn ask(&self, key: &[u8], limit: &Limit) -> Result<Verdict, String> {
-        let (generation, mut connection) = self.connection().map_err(|e| e.to_string())?;
+    async fn ask(
+        &self,
+        link: &Link,
+        key: &[u8],
+        limit: &Limit,
+        deadline: tokio::time::Instant,
+    ) -> Result<Verdict, Failure> {
         let window_us = limit.window.as_micros() as u64;
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(format!("{}:{}", self.prefix, key_digest(key)))
             .arg(limit.requests)
             .arg(window_us)
-            // Counted while it is the current or the previous window.
+            // Counted while it is the current or the previous window (from its first count).
             .arg((limit.window * 2).as_millis() as u64 + 1000);
+        let mut connection = link.connection.clone();
         let call = invocation.invoke_async::<(u8, u64, u64, u64)>(&mut connection);
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout_at(deadline, call).await {
             Err(_) => {
-                self.drop_connection(generation);
-                Err(format!("no answer within {:?}", self.timeout))
+                // One slow answer on a connection that answers others is this request's
+                // failure only; silence as long as the timeout, or timeouts in a row, are
+                // the connection's.
+                let silent_ms = self
+                    .now_ms()
+                    .saturating_sub(link.answered_at.load(Ordering::Relaxed));
+                let in_a_row = link.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                let gone = silent_ms >= self.timeout.as_millis() as u64
+                    || in_a_row >= TIMEOUTS_BEFORE_DROP;
+                Err(Failure {
+                    error: format!("no answer within {:?}", self.timeout),
+                    reconnect: gone,
+                    trip: gone,
+                })
             }
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(Failure {
+                reconnect: needs_new_connection(&e),
+                trip: true,
+                error: e.to_string(),
+            }),
             Ok(Ok((1, _, _, _))) => Ok(Verdict::Admit),
             Ok(Ok((_, previous, current, into))) => {
                 let elapsed = into as f64 / window_us as f64;
@@ -488,13 +661,40 @@ impl RedisCounters {
     }
 }
 
+/// A store call that gave no verdict.
+struct Failure {
+    error: String,
+    /// Its connection is done for: drop it, the next request makes a new one.
+    reconnect: bool,
+    /// Skip the store for [`STORE_RETRY_AFTER`].
+    trip: bool,
+}
+
+/// Whether `error` leaves the connection unusable, or on a server that cannot count now (a
+/// replica, still loading, its primary down): a new connection may reach a working one.
+fn needs_new_connection(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    error.is_timeout()
+        || error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+            )
+        )
+}
+
 enum Counters {
     Local {
         counters: LocalCounters,
         /// Where window 0 begins.
         epoch: Instant,
     },
-    Redis(Box<RedisCounters>),
+    Redis(Arc<RedisCounters>),
 }
 
 /// A compiled `RateLimit` filter; one per filter, its counters shared by every request.
@@ -561,8 +761,14 @@ impl RateLimit {
             ));
         }
         let name = match &options.name {
+            Some(_) if options.store.is_none() => {
+                return Err(ConfigError::new(
+                    "name",
+                    "names the counters in a store: it only applies with store=",
+                ))
+            }
             Some(name) => checked_name(name)?,
-            None => default_name(&options.scope, &key, &options.rate, options.burst),
+            None => default_name(&options),
         };
         let counters = match &options.store {
             None => Counters::Local {
@@ -571,12 +777,12 @@ impl RateLimit {
             },
             Some(url) => {
                 let prefix = format!(
-                    "ferroxy:ratelimit:{name}:{}:{}:{}ms",
+                    "ferroxy:ratelimit:{name}:{}:{}:{}us",
                     key_spec(&key),
                     limit.requests,
-                    limit.window.as_millis()
+                    limit.window.as_micros()
                 );
-                Counters::Redis(Box::new(RedisCounters::new(prefix, &options, url)?))
+                Counters::Redis(Arc::new(RedisCounters::new(prefix, &options, url)?))
             }
         };
         Ok(RateLimit {
@@ -663,8 +869,8 @@ fn checked_name(name: &str) -> Result<String, ConfigError> {
 
 /// A name that differs between filters of one configuration and is the same on every
 /// instance running it.
-fn default_name(scope: &str, key: &HashKey, rate: &str, burst: u64) -> String {
-    let described = format!("{scope}\n{}\n{}\n{burst}", key_spec(key), rate.trim());
+fn default_name(options: &RateLimitOptions) -> String {
+    let described = format!("{}\n{}", options.identity(), options.occurrence);
     format!("auto-{}", &key_digest(described.as_bytes())[..16])
 }
 
@@ -908,33 +1114,23 @@ mod tests {
         assert_eq!(key_digest(b"alice"), key_digest(b"alice"));
         assert_ne!(key_digest(b"alice"), key_digest(b"bob"));
         let key = |spec: &str| HashKey::parse(spec).unwrap();
-        // The same configuration names its filters alike; another place or condition does not.
-        let login = default_name(
-            "filters[0] PathPrefix('/login')",
-            &key("client_ip"),
-            "2/h",
-            0,
-        );
-        let signup = default_name(
-            "filters[1] PathPrefix('/signup')",
-            &key("client_ip"),
-            "2/h",
-            0,
-        );
-        assert_eq!(
-            login,
-            default_name(
-                "filters[0] PathPrefix('/login')",
-                &key("client_ip"),
-                "2/h",
-                0
-            )
-        );
-        assert_ne!(login, signup);
-        assert_eq!(
-            default_name("", &key("header:X-User"), "2/h", 0),
-            default_name("", &key("header:x-user"), "2/h", 0)
-        );
+        let name = |scope: &str, key: &str, occurrence: usize| {
+            default_name(&RateLimitOptions {
+                key: key.into(),
+                rate: "2/h".into(),
+                scope: scope.into(),
+                occurrence,
+                ..Default::default()
+            })
+        };
+        // The same configuration names its filters alike; another condition, or another
+        // filter like it earlier in the list, does not. Nothing else counts (not the place in
+        // the list), so an unrelated filter added before it does not rename it.
+        let login = name("PathPrefix('/login')", "client_ip", 0);
+        assert_eq!(login, name("PathPrefix('/login')", "client_ip", 0));
+        assert_ne!(login, name("PathPrefix('/signup')", "client_ip", 0));
+        assert_ne!(login, name("PathPrefix('/login')", "client_ip", 1));
+        assert_eq!(name("", "header:X-User", 0), name("", "header:x-user", 0));
         assert_eq!(key_spec(&key("header:X-User")), "header:x-user");
     }
 
@@ -979,14 +1175,24 @@ mod tests {
             }),
             "burst"
         );
-        for bad in ["", "a:b", "with space", &"x".repeat(65)] {
-            let named = RateLimit::new(RateLimitOptions {
+        let named = |name: &str, store: Option<&str>| {
+            RateLimit::new(RateLimitOptions {
                 rate: "10/s".into(),
-                name: Some(bad.to_owned()),
+                name: Some(name.to_owned()),
+                store: store.map(str::to_owned),
                 ..Default::default()
-            });
-            assert_eq!(named.map(drop).unwrap_err().field, "name", "{bad:?}");
+            })
+            .map(drop)
+        };
+        let store = Some("redis://127.0.0.1:1/0");
+        for bad in ["", "a:b", "with space", &"x".repeat(65)] {
+            assert_eq!(named(bad, store).unwrap_err().field, "name", "{bad:?}");
         }
+        assert!(named("api", store).is_ok());
+        // Local counters have no name: one there is a mistake, not silently ignored.
+        let unstored = named("api", None).unwrap_err();
+        assert_eq!(unstored.field, "name");
+        assert!(unstored.message.contains("store="), "{}", unstored.message);
     }
 
     /// A store that accepts connections and never answers: a check gives up after the store
@@ -1050,5 +1256,275 @@ mod tests {
         assert!((1..=60).contains(&seconds), "{seconds}");
         let other = crate::session::test_session("GET", "/", &[("x-user", "b")]);
         assert!(matches!(filter.check(&other), Check::Admit));
+    }
+
+    /// What [`FakeStore`] answers to `EVALSHA`.
+    #[derive(Clone)]
+    enum Reply {
+        /// `{1, 0, 1, 0}`: admitted, after this long (the connection's commands in order).
+        Admit(Duration),
+        Error(&'static str),
+        /// Nothing, to this and every later command on the connection.
+        Silent,
+    }
+
+    /// A "Redis" speaking just enough RESP: set-up commands get `+OK`, `SCRIPT LOAD` the
+    /// script's hash after `script_delay`, `EVALSHA` what `reply` says now. It counts the
+    /// connections it accepted and those the client closed.
+    struct FakeStore {
+        url: String,
+        reply: Arc<Mutex<Reply>>,
+        accepted: Arc<AtomicU64>,
+        closed: Arc<AtomicU64>,
+    }
+
+    impl FakeStore {
+        async fn start(script_delay: Duration, reply: Reply) -> Self {
+            use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let store = FakeStore {
+                url: format!("redis://{}/0", listener.local_addr().unwrap()),
+                reply: Arc::new(Mutex::new(reply)),
+                accepted: Arc::default(),
+                closed: Arc::default(),
+            };
+            let (reply, accepted, closed) = (
+                store.reply.clone(),
+                store.accepted.clone(),
+                store.closed.clone(),
+            );
+            let hash = redis::Script::new(CHECK_SCRIPT).get_hash().to_owned();
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let (reply, closed, hash) = (reply.clone(), closed.clone(), hash.clone());
+                    tokio::spawn(async move {
+                        let (read, mut write) = socket.into_split();
+                        let mut read = BufReader::new(read);
+                        let mut silent = false;
+                        // One command: `*N`, then N bulk strings; its name upper-cased.
+                        let mut line = String::new();
+                        while read.read_line(&mut line).await.unwrap_or(0) > 0 {
+                            let parts: usize = line.trim()[1..].parse().unwrap();
+                            let mut name = String::new();
+                            for i in 0..parts {
+                                line.clear();
+                                read.read_line(&mut line).await.unwrap();
+                                let length: usize = line.trim()[1..].parse().unwrap();
+                                let mut part = vec![0; length + 2];
+                                read.read_exact(&mut part).await.unwrap();
+                                if i == 0 {
+                                    name = String::from_utf8_lossy(&part[..length]).to_uppercase();
+                                }
+                            }
+                            line.clear();
+                            let reply = reply.lock().clone();
+                            let answer = match name.as_str() {
+                                _ if silent => continue,
+                                "SCRIPT" => {
+                                    tokio::time::sleep(script_delay).await;
+                                    format!("${}\r\n{hash}\r\n", hash.len())
+                                }
+                                "EVALSHA" => match reply {
+                                    Reply::Admit(after) => {
+                                        tokio::time::sleep(after).await;
+                                        "*4\r\n:1\r\n:0\r\n:1\r\n:0\r\n".to_owned()
+                                    }
+                                    Reply::Error(error) => format!("-{error}\r\n"),
+                                    Reply::Silent => {
+                                        silent = true;
+                                        continue;
+                                    }
+                                },
+                                _ => "+OK\r\n".to_owned(),
+                            };
+                            if write.write_all(answer.as_bytes()).await.is_err() {
+                                break;
+                            }
+                        }
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            });
+            store
+        }
+
+        fn set(&self, reply: Reply) {
+            *self.reply.lock() = reply;
+        }
+    }
+
+    fn stored_filter(url: &str, on_store_error: &str) -> RateLimit {
+        stored_filter_waiting(
+            url,
+            on_store_error,
+            RateLimitOptions::default().store_timeout,
+        )
+    }
+
+    fn stored_filter_waiting(url: &str, on_store_error: &str, timeout: Duration) -> RateLimit {
+        RateLimit::new(RateLimitOptions {
+            rate: "1000/s".into(),
+            store: Some(url.to_owned()),
+            on_store_error: on_store_error.into(),
+            store_timeout: timeout,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn store_of(filter: &RateLimit) -> &Arc<RedisCounters> {
+        let Counters::Redis(redis) = &filter.counters else {
+            panic!("not a stored filter")
+        };
+        redis
+    }
+
+    fn generation_ready(redis: &RedisCounters) -> Option<u64> {
+        match &redis.holder.lock().held {
+            Held::Ready(link) => Some(link.generation),
+            _ => None,
+        }
+    }
+
+    /// Poll `condition` every 5 ms until it holds; false if it did not within 5 s.
+    async fn eventually(mut condition: impl AsyncFnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if condition().await {
+                return true;
+            }
+            tokio::time::sleep(ms(5)).await;
+        }
+        false
+    }
+
+    /// A set-up slower than `store_timeout` (a distant Redis): the request that started it
+    /// gives up waiting, but the connection is kept and made ready, not thrown away and
+    /// started over; requests skip the store until then.
+    #[tokio::test]
+    async fn a_connection_slower_to_set_up_than_the_timeout_is_kept_and_used() {
+        let store = FakeStore::start(ms(150), Reply::Admit(Duration::ZERO)).await;
+        let filter = stored_filter(&store.url, "deny");
+        let session = crate::session::test_session("GET", "/", &[]);
+        let started = Instant::now();
+        let first = filter.ask_store(&session).await.map(|a| a.status);
+        assert_eq!(first, Some(STORE_ERROR_STATUS));
+        assert!(started.elapsed() < ms(140), "{:?}", started.elapsed());
+        // The next skip the store at once while the connection is being made...
+        let started = Instant::now();
+        assert!(filter.ask_store(&session).await.is_some());
+        assert!(started.elapsed() < ms(10), "{:?}", started.elapsed());
+        // ...then the store admits them, on the one connection made.
+        assert!(eventually(async || filter.ask_store(&session).await.is_none()).await);
+        assert_eq!(store.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(store_of(&filter).retry_at.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stale_generation_does_not_drop_a_fresh_connection() {
+        let store = FakeStore::start(Duration::ZERO, Reply::Admit(Duration::ZERO)).await;
+        let filter = stored_filter(&store.url, "deny");
+        let redis = store_of(&filter);
+        let session = crate::session::test_session("GET", "/", &[]);
+        assert!(filter.ask_store(&session).await.is_none());
+        assert_eq!(generation_ready(redis), Some(1));
+        redis.drop_connection(1);
+        assert!(filter.ask_store(&session).await.is_none());
+        assert_eq!(generation_ready(redis), Some(2));
+        // A late call on the first connection dropping "its" connection: the second stays.
+        redis.drop_connection(1);
+        assert_eq!(generation_ready(redis), Some(2));
+        assert!(filter.ask_store(&session).await.is_none());
+        assert_eq!(store.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn one_request_probes_per_retry_slot_and_only_a_call_after_the_trip_resets_it() {
+        let filter = stored_filter("redis://127.0.0.1:1/0", "allow");
+        let redis = store_of(&filter);
+        let before = redis.trips.load(Ordering::Relaxed);
+        redis.trip(&mut redis.holder.lock());
+        assert!(!redis.may_ask(), "skipped for a second after a trip");
+        // The slot is due: one request of many probes.
+        redis.retry_at.store(redis.now_ms(), Ordering::Relaxed);
+        assert_eq!((0..10).filter(|_| redis.may_ask()).count(), 1);
+        // An answer to a call started before the trip does not end the skipping...
+        redis.recovered(&redis.holder.lock(), before);
+        assert_ne!(redis.retry_at.load(Ordering::Relaxed), 0);
+        // ...one started after it does.
+        redis.recovered(&redis.holder.lock(), redis.trips.load(Ordering::Relaxed));
+        assert_eq!(redis.retry_at.load(Ordering::Relaxed), 0);
+        assert!(redis.may_ask());
+    }
+
+    /// An error from the server (not our timeout): one that says this server cannot count
+    /// now drops the connection; any trips the breaker; the next connection works.
+    #[tokio::test]
+    async fn a_server_error_trips_the_breaker_and_a_loading_server_is_reconnected() {
+        let store = FakeStore::start(Duration::ZERO, Reply::Error("OOM no memory")).await;
+        let filter = stored_filter(&store.url, "deny");
+        let redis = store_of(&filter);
+        let session = crate::session::test_session("GET", "/", &[]);
+        assert!(filter.ask_store(&session).await.is_some());
+        assert_ne!(redis.retry_at.load(Ordering::Relaxed), 0);
+        assert_eq!(generation_ready(redis), Some(1), "kept: it answers");
+        store.set(Reply::Error(
+            "LOADING Redis is loading the dataset in memory",
+        ));
+        redis.retry_at.store(redis.now_ms(), Ordering::Relaxed);
+        assert!(filter.ask_store(&session).await.is_some());
+        assert_eq!(
+            generation_ready(redis),
+            None,
+            "dropped: this server cannot count"
+        );
+        assert!(eventually(async || store.closed.load(Ordering::SeqCst) == 1).await);
+        store.set(Reply::Admit(Duration::ZERO));
+        redis.retry_at.store(redis.now_ms(), Ordering::Relaxed);
+        assert!(filter.ask_store(&session).await.is_none());
+        assert_eq!(generation_ready(redis), Some(2));
+        assert_eq!(redis.retry_at.load(Ordering::Relaxed), 0);
+    }
+
+    /// A store that answers every call a little late (each 120 ms after the one before, the
+    /// timeout 200 ms): the late calls fail alone, the connection is kept, the store not
+    /// skipped.
+    #[tokio::test]
+    async fn a_slow_answer_on_a_connection_that_answers_does_not_trip_the_breaker() {
+        let store = FakeStore::start(Duration::ZERO, Reply::Admit(Duration::ZERO)).await;
+        let filter = stored_filter_waiting(&store.url, "deny", ms(200));
+        let redis = store_of(&filter);
+        let session = crate::session::test_session("GET", "/", &[]);
+        assert!(filter.ask_store(&session).await.is_none());
+        store.set(Reply::Admit(ms(120)));
+        let (a, b, c) = tokio::join!(
+            filter.ask_store(&session),
+            filter.ask_store(&session),
+            filter.ask_store(&session)
+        );
+        let refused = [a, b, c].iter().filter(|a| a.is_some()).count();
+        assert!((1..=2).contains(&refused), "{refused} of 3 timed out");
+        assert_eq!(redis.retry_at.load(Ordering::Relaxed), 0, "not tripped");
+        assert_eq!(generation_ready(redis), Some(1), "kept");
+        store.set(Reply::Admit(Duration::ZERO));
+        assert!(eventually(async || filter.ask_store(&session).await.is_none()).await);
+        assert_eq!(store.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A connection that went silent is dropped, and its socket closed (its background task
+    /// ended), once the calls on it have given up.
+    #[tokio::test]
+    async fn a_silent_connection_is_dropped_and_closed() {
+        let store = FakeStore::start(Duration::ZERO, Reply::Admit(Duration::ZERO)).await;
+        let filter = stored_filter(&store.url, "allow");
+        let redis = store_of(&filter);
+        let session = crate::session::test_session("GET", "/", &[]);
+        assert!(filter.ask_store(&session).await.is_none());
+        store.set(Reply::Silent);
+        assert!(filter.ask_store(&session).await.is_none());
+        assert_eq!(generation_ready(redis), None);
+        assert_ne!(redis.retry_at.load(Ordering::Relaxed), 0);
+        assert!(eventually(async || store.closed.load(Ordering::SeqCst) == 1).await);
     }
 }
