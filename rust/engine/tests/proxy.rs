@@ -56,10 +56,20 @@ fn start_proxy(upstream: Peer) -> ServerHandle {
 
 /// `threads: 1` runs the engine on a current-thread runtime, more on the multi-thread one.
 fn start_proxy_on(upstream: Peer, threads: usize) -> ServerHandle {
+    start_proxy_with(upstream, threads, Default::default())
+}
+
+/// A proxy running `rules` (filters and routes) before it asks `upstream_peer`.
+fn start_proxy_with(
+    upstream: Peer,
+    threads: usize,
+    rules: ferroxy_engine::RulesHandle,
+) -> ServerHandle {
     let config = ServerConfig {
         listeners: vec!["127.0.0.1:0".into()],
         threads,
         grace_period: Duration::from_secs(3),
+        rules,
         ..Default::default()
     };
     Server::proxy(config, TestProxy { upstream })
@@ -290,16 +300,9 @@ fn filters_and_routes_run_for_a_rust_only_app() {
         ),
     ])
     .unwrap();
-    let config = ServerConfig {
-        listeners: vec!["127.0.0.1:0".into()],
-        threads: 1,
-        rules: Rules::new(Some(Arc::new(filters)), Some(Arc::new(routes.into()))).into(),
-        ..Default::default()
-    };
+    let rules = Rules::new(Some(Arc::new(filters)), Some(Arc::new(routes.into())));
     let nowhere = Peer::new("127.0.0.1:1").unwrap();
-    let proxy = Server::proxy(config, TestProxy { upstream: nowhere })
-        .start()
-        .unwrap();
+    let proxy = start_proxy_with(nowhere, 1, rules.into());
     let addr = proxy.local_addr();
 
     let health = get(addr, "/healthz", "");
@@ -340,16 +343,8 @@ fn a_rust_only_app_reloads_its_rules_and_in_flight_requests_keep_theirs() {
         Some(Arc::new(filters))
     };
     let rules = RulesHandle::new(Rules::new(tagged("old"), None));
-    let config = ServerConfig {
-        listeners: vec!["127.0.0.1:0".into()],
-        threads: 2,
-        rules: rules.clone(),
-        ..Default::default()
-    };
     let nowhere = Peer::new("127.0.0.1:1").unwrap();
-    let proxy = Server::proxy(config, TestProxy { upstream: nowhere })
-        .start()
-        .unwrap();
+    let proxy = start_proxy_with(nowhere, 2, rules.clone());
     let addr = proxy.local_addr();
     // The old set has no routes: the app's own upstream_peer, which points nowhere.
     assert_eq!(get(addr, "/", "").status, 502);
