@@ -32,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod simulate;
+pub mod tls;
 pub mod upstream;
 pub mod validate;
 
