@@ -125,9 +125,10 @@ def test_hook_names_are_the_engines_and_the_proxy_methods() -> None:
         "logging",
     )
     methods = {name for name, _ in inspect.getmembers(Proxy, inspect.isfunction)}
-    # reload() is the one method that is not a hook (it acts on the running proxy).
-    assert methods == {*HOOK_NAMES, "reload"}, (
-        "every hook is a Proxy method, and only reload is not"
+    # reload() and reload_tls() are the methods that are not hooks (they act on the running
+    # proxy).
+    assert methods == {*HOOK_NAMES, "reload", "reload_tls"}, (
+        "every hook is a Proxy method, and only the reloads are not"
     )
 
 

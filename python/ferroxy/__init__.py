@@ -6,6 +6,7 @@ Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook th
 
 from . import filters
 from ._core import (
+    ClientCert,
     ClientConn,
     Headers,
     HealthCheck,
@@ -17,13 +18,16 @@ from ._core import (
     ResponseHeader,
     ServerConn,
     Session,
+    TlsInfo,
     __version__,
 )
 from .proxy import Proxy, blocking
 from .routes import Route
 from .server import ProxyServer, ServerOptions, run
+from .tls import TlsConfig
 
 __all__ = [
+    "ClientCert",
     "ClientConn",
     "Headers",
     "HealthCheck",
@@ -39,6 +43,8 @@ __all__ = [
     "ServerConn",
     "ServerOptions",
     "Session",
+    "TlsConfig",
+    "TlsInfo",
     "__version__",
     "blocking",
     "filters",

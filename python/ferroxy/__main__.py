@@ -28,8 +28,10 @@ from .server import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_SLOW_HOOK_THRESHOLD,
+    ServerOptions,
     run,
 )
+from .tls import TlsConfig
 
 __all__ = ["main"]
 
@@ -73,17 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.demo_upstream is not None:
             demo_upstream = _core.EchoUpstream(args.demo_upstream)
             _log.info("demo upstream (echo) listening on %s", demo_upstream.url)
-        run(
-            app,
-            listen=args.listen or _core.DEFAULTS["listen"],
-            threads=args.threads,
-            grace_period=args.grace_period,
-            access_log=args.access_log,
-            access_log_format=args.access_log_format,
-            blocking_threads=args.blocking_threads,
-            slow_hook_threshold=args.slow_hook_threshold,
-            hook_timeout=args.hook_timeout,
-        )
+        options: ServerOptions = {
+            "threads": args.threads,
+            "grace_period": args.grace_period,
+            "access_log": args.access_log,
+            "access_log_format": args.access_log_format,
+            "blocking_threads": args.blocking_threads,
+            "slow_hook_threshold": args.slow_hook_threshold,
+            "hook_timeout": args.hook_timeout,
+        }
+        if args.listen or not args.tls_listen:
+            options["listen"] = args.listen or _core.DEFAULTS["listen"]
+        if args.tls_listen:
+            options["tls_listen"] = args.tls_listen
+        if (args.tls_cert is None) != (args.tls_key is None):
+            print("ferroxy: error: --tls-cert and --tls-key go together", file=sys.stderr)
+            return _EXIT_USAGE
+        if args.tls_cert is not None:
+            options["tls"] = TlsConfig(cert=args.tls_cert, key=args.tls_key)
+        run(app, **options)
     except (OSError, TypeError, ValueError) as error:
         # Everything run() raises is about start-up: binding or the configuration.
         print(f"ferroxy: error: {error}", file=sys.stderr)
@@ -114,6 +124,20 @@ def _parser() -> argparse.ArgumentParser:
             f" on several (default: {_core.DEFAULTS['listen']})"
         ),
     )
+    parser.add_argument(
+        "--tls-listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="an address to serve TLS on, beside the --listen ones; repeat for several (with "
+        "--tls-cert and no --tls-listen, every --listen address serves TLS)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="the certificate chain for TLS listeners (overrides the app's `tls`); SIGHUP "
+        "reloads it",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument(
         "--threads",
         type=_non_negative(int),

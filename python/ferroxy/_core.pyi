@@ -12,6 +12,7 @@ from _typeshed import SupportsKeysAndGetItem
 
 from .filters import Condition, Filter
 from .routes import Route
+from .tls import TlsConfig
 
 _T = TypeVar("_T")
 
@@ -310,6 +311,47 @@ class ClientConn:
     def alpn(self) -> str | None: ...
 
 @final
+class TlsInfo:
+    """What the client's TLS handshake settled (``session.tls``)."""
+
+    @property
+    def version(self) -> str | None:
+        """``"TLSv1_3"`` or ``"TLSv1_2"``."""
+    @property
+    def cipher(self) -> str | None:
+        """The cipher suite, e.g. ``"TLS13_AES_256_GCM_SHA384"``."""
+    @property
+    def alpn(self) -> str | None:
+        """``"h2"`` or ``"http/1.1"``."""
+    @property
+    def sni(self) -> str | None:
+        """The server name the client asked for."""
+    @property
+    def client_cert(self) -> ClientCert | None:
+        """The client's verified certificate (mutual TLS), or None."""
+
+@final
+class ClientCert:
+    """A verified client certificate's facts."""
+
+    @property
+    def subject(self) -> str:
+        """RFC 4514, e.g. ``"CN=alice,O=Example"``."""
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def sans(self) -> list[str]:
+        """Subject alternative names: DNS names, IP addresses, e-mail addresses, URIs."""
+    @property
+    def serial(self) -> str:
+        """Hex, colon separated, as openssl prints it."""
+    @property
+    def sha256_fingerprint(self) -> str:
+        """SHA-256 of the DER, lower-case hex."""
+    @property
+    def pem(self) -> str: ...
+
+@final
 class ServerConn:
     """The upstream connection a request was sent over."""
 
@@ -335,6 +377,9 @@ class Session:
     def client_addr(self) -> str: ...
     @property
     def client_conn(self) -> ClientConn: ...
+    @property
+    def tls(self) -> TlsInfo | None:
+        """What the client's TLS handshake settled; None on a plain connection."""
     @property
     def server_conn(self) -> ServerConn | None:
         """None until the request has been sent upstream (set in response_filter, logging)."""
@@ -434,6 +479,8 @@ class Server:
         balancers: Sequence[LoadBalancer] | None = None,
         filters: Sequence[Filter] | None = None,
         routes: Sequence[Route] | None = None,
+        tls: TlsConfig | Sequence[TlsConfig] | None = None,
+        tls_listen: str | Sequence[str] | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is
@@ -454,6 +501,9 @@ class Server:
         at start-up (ValueError naming ``filters[i]``, nothing changed); RuntimeError when
         the server is not running. ``balancers``: the new routes' load balancers, whose
         health checks and DNS refresh start unless this server already runs them."""
+    def reload_tls(self) -> bool:
+        """Read every TLS listener's files again (True if there are any); ValueError naming
+        a file that cannot be used, and the certificates in use stay."""
     def reopen_access_log(self) -> None:
         """Reopen the access log file at its path (after logrotate renamed it): lines logged
         from now on go to the new file. Returns at once; does nothing for stdout or off."""
@@ -463,6 +513,9 @@ class Server:
     @property
     def addrs(self) -> list[str]:
         """Every listener's address, in the order given."""
+    @property
+    def schemes(self) -> list[str]:
+        """Each listener's ``"http"`` or ``"https"``, in the order of ``addrs``."""
     @property
     def port(self) -> int: ...
     @property

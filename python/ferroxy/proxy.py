@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from .filters import Filter
     from .routes import Route
+    from .tls import TlsConfig
 
     CtxT = _TypeVarWithDefault("CtxT", default=Any)
 else:
@@ -90,6 +91,10 @@ class Proxy(Generic[CtxT]):
     #: ``request_filter`` (one that answers ends the request before any hook), response-phase
     #: ones after ``response_filter``.
     filters: Sequence[Filter] = ()
+
+    #: ``ferroxy.TlsConfig`` (or a list of them, chosen by SNI): the listeners speak TLS
+    #: (every ``listen`` address, or the ``tls_listen`` ones when those are given).
+    tls: TlsConfig | Sequence[TlsConfig] | None = None
 
     #: The engine server serving this instance, while one does (set by the server; one at a
     #: time: see :func:`serve_instance`).
@@ -137,6 +142,17 @@ class Proxy(Generic[CtxT]):
                 self.filters = new_filters
             if new_routes is not None:
                 self.routes = new_routes
+
+    def reload_tls(self) -> None:
+        """Read the TLS certificates, keys and CA bundle again from their files, as SIGHUP
+        does for ``python -m ferroxy``: new handshakes use them, open connections keep theirs.
+        A file that cannot be used raises ValueError naming it, and the certificates in use
+        stay. RuntimeError when no server is running this instance."""
+        with _instance_lock(self):
+            server = self._ferroxy_server
+            if server is None or server.stopped:
+                raise RuntimeError(f"{type(self).__name__} is not being served")
+            server.reload_tls()
 
     def new_ctx(self) -> MaybeAwaitable[CtxT]:
         """Create the per-request context passed as ``ctx`` to every hook.

@@ -33,6 +33,7 @@ from .proxy import (
     serve_instance,
 )
 from .routes import Route
+from .tls import TlsConfig
 
 if TYPE_CHECKING:
     # Both in typing from 3.11; type checkers know typing_extensions without it installed.
@@ -73,6 +74,11 @@ class ServerOptions(TypedDict, total=False):
     #: ``host:port`` to serve on, ``fd:N`` for an inherited listening socket, or a list of
     #: them (``ProxyServer``: an ephemeral port on 127.0.0.1).
     listen: str | Sequence[str]
+    #: Listeners that speak TLS, beside ``listen``'s plain ones (with ``tls`` and no
+    #: ``tls_listen``, every ``listen`` address speaks TLS).
+    tls_listen: str | Sequence[str]
+    #: Certificates for the TLS listeners, overriding the app's ``tls`` attribute.
+    tls: TlsConfig | Sequence[TlsConfig]
     #: Engine worker threads; 0 means one per CPU.
     threads: int
     #: Seconds in-flight requests may run on once a graceful shutdown begins.
@@ -153,6 +159,8 @@ class _LoopServer:
             upstream = as_upstream(engine_options.pop("upstream"), "upstream")
         else:
             upstream = resolve_upstream(proxy)
+        if "tls" not in engine_options and proxy.tls is not None:
+            engine_options["tls"] = proxy.tls
         routes = declared(proxy, "routes", Route)
         filters = declared(proxy, "filters", Filter)
         if upstream is None and "upstream_peer" not in hooks and not routes:
@@ -272,7 +280,8 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) -> None:
     """Serve ``app`` (a Proxy subclass, instantiated with no arguments, or an instance) until
-    SIGINT or SIGTERM, then stop gracefully and return. SIGUSR1 reopens the access log file.
+    SIGINT or SIGTERM, then stop gracefully and return. SIGUSR1 reopens the access log file,
+    SIGHUP reloads the TLS certificates.
 
     ``options`` are :class:`ServerOptions`, each defaulting to the engine's (``listen`` too:
     ``_core.DEFAULTS["listen"]``). An unknown option raises TypeError, a bad value ValueError,
@@ -283,8 +292,8 @@ def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) ->
         served = _LoopServer(app, loop, options)
         try:
             served.start()
-            for addr in served.server.addrs:
-                print(f"ferroxy listening on http://{addr}", file=sys.stderr)
+            for addr, scheme in zip(served.server.addrs, served.server.schemes, strict=True):
+                print(f"ferroxy listening on {scheme}://{addr}", file=sys.stderr)
             grace_period = options.get("grace_period", DEFAULT_GRACE_PERIOD)
             installed = _install_signal_handlers(served, grace_period)
             try:
@@ -296,6 +305,15 @@ def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) ->
             served.close()
     finally:
         _close_loop(loop)
+
+
+def _reload_tls(served: _LoopServer) -> None:
+    """SIGHUP: the certificates again from their files; a bad file keeps the old ones."""
+    try:
+        if served.server.reload_tls():
+            _log.info("TLS certificates reloaded")
+    except ValueError as error:
+        _log.error("TLS certificates not reloaded, the old ones stay: %s", error)
 
 
 def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
@@ -317,6 +335,8 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
     handlers = [(signal.SIGINT, on_signal), (signal.SIGTERM, on_signal)]
     if hasattr(signal, "SIGUSR1"):  # not on Windows
         handlers.append((signal.SIGUSR1, served.server.reopen_access_log))
+    if hasattr(signal, "SIGHUP"):
+        handlers.append((signal.SIGHUP, lambda: _reload_tls(served)))
     installed: list[int] = []
     for signum, handler in handlers:
         try:
@@ -430,12 +450,26 @@ class ProxyServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._server.addr}"
+        """The first listener's URL: ``http://`` or ``https://`` and its address."""
+        return f"{self._server.schemes[0]}://{self._server.addr}"
+
+    @property
+    def urls(self) -> list[str]:
+        """Every listener's URL, in the order of ``addrs``."""
+        return [
+            f"{scheme}://{addr}"
+            for addr, scheme in zip(self._server.addrs, self._server.schemes, strict=True)
+        ]
 
     @property
     def python_calls(self) -> int:
         """Phase calls the engine has handed to Python so far."""
         return self._server.python_calls
+
+    def reload_tls(self) -> None:
+        """Read the TLS certificates again, as SIGHUP does for :func:`run` (see
+        ``Proxy.reload_tls``)."""
+        self._server.reload_tls()
 
     def reopen_access_log(self) -> None:
         """Reopen the access log file, as SIGUSR1 does for :func:`run`: lines logged from

@@ -53,8 +53,10 @@ pub struct TlsDigest {
     pub alpn: Option<Vec<u8>>,
     /// The client's certificate chain, DER, leaf first (mutual TLS).
     pub client_certificates: Vec<Vec<u8>>,
-    /// The negotiated TLS version, e.g. "TLSv1.3".
+    /// The negotiated TLS version, e.g. "TLSv1_3".
     pub version: Option<&'static str>,
+    /// The negotiated cipher suite, e.g. "TLS13_AES_256_GCM_SHA384".
+    pub cipher: Option<&'static str>,
 }
 
 /// The upstream connection a request was sent over.

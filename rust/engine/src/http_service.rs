@@ -27,6 +27,7 @@ use crate::body::ProxyBody;
 use crate::client_conn::{ConnectionWatch, Tracked, Watched};
 use crate::digest::DownstreamDigest;
 use crate::error::ErrorSide;
+use crate::listener::DownstreamStream;
 use crate::phase::ProxyHttp;
 use crate::proxy::{ProxyService, ResponseBody};
 use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
@@ -54,7 +55,7 @@ const RELEASE_IDLE_AFTER: Duration = Duration::from_millis(250);
 /// right after the last response: closing in that gap would lose the request.
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
 
-type Io = TimeoutStream<TcpStream>;
+type Io = TimeoutStream<DownstreamStream>;
 type Handling<P> = Pin<Box<dyn Future<Output = Result<Response<P>, Infallible>> + Send>>;
 type Response<P> = http::Response<Tracked<ResponseBody<P>>>;
 
@@ -142,6 +143,9 @@ impl<P: ProxyHttp> HttpProxy<P> {
         shutdown: &mut ShutdownSignal,
     ) -> hyper::Result<()> {
         let watch = Arc::new(ConnectionWatch::default());
+        // A TLS connection keeps hyper's buffers while idle: rustls may hold decrypted bytes
+        // hyper has not read yet, which the socket's readiness would not show.
+        let releasable = matches!(io.get_ref(), DownstreamStream::Tcp(_));
         let mut io = Watched::new(io, watch.clone()).scan_lengths();
         let idle_limit = self
             .config
@@ -192,7 +196,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                     served?;
                     break;
                 }
-                if watch.idle_since(seen) {
+                if (releasable || shutdown.is_shutting_down()) && watch.idle_since(seen) {
                     // Idle: hyper closes at once (or after what is in flight), and hands back
                     // the socket with any bytes it read ahead.
                     Pin::new(&mut *conn).graceful_shutdown();
@@ -218,7 +222,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
             tokio::select! {
                 // A request already on its way wins over shutdown: it is answered, and closes.
                 biased;
-                readable = io.get_ref().get_ref().readable() => readable.map_err(|_| ()).ok(),
+                readable = io.get_ref().get_ref().tcp().readable() => readable.map_err(|_| ()).ok(),
                 () = tokio::time::sleep_until(deadline) => return Ok(()),
                 () = shutdown.begun() => return Ok(()),
             };
@@ -269,18 +273,25 @@ impl<P: ProxyHttp> HttpProxy<P> {
 impl<P: ProxyHttp> Service for HttpProxy<P> {
     fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: DownstreamStream,
         downstream: Arc<DownstreamDigest>,
         mut shutdown: ShutdownSignal,
     ) -> BoxFuture {
         Box::pin(async move {
-            let _ = stream.set_nodelay(true);
-            let head_timeout = self
-                .config
-                .keepalive_timeout
-                .min(self.config.client_read_timeout);
-            let Some(h2) = first_bytes(&stream, &mut shutdown, head_timeout).await else {
-                return;
+            let _ = stream.tcp().set_nodelay(true);
+            let h2 = match &downstream.tls {
+                // Over TLS, ALPN has settled it.
+                Some(tls) => tls.alpn.as_deref() == Some(b"h2"),
+                None => {
+                    let head_timeout = self
+                        .config
+                        .keepalive_timeout
+                        .min(self.config.client_read_timeout);
+                    match first_bytes(stream.tcp(), &mut shutdown, head_timeout).await {
+                        Some(h2) => h2,
+                        None => return,
+                    }
+                }
             };
             // Only writes are timed on the socket (a client that stops reading its
             // response): hyper keeps a read pending for the whole life of a connection, so a

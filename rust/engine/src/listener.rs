@@ -4,6 +4,132 @@
 
 use std::fmt;
 use std::os::fd::{FromRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::tls::server::TlsAcceptor;
+
+/// A listener, and what runs on each of its connections before its service sees it (the
+/// TLS handshake; later the PROXY protocol header).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub listener: Listener,
+    /// Set on a TLS listener: its connections are served once their handshake completes.
+    pub tls: Option<Arc<TlsAcceptor>>,
+}
+
+impl Endpoint {
+    pub fn tls(listener: Listener, acceptor: Arc<TlsAcceptor>) -> Self {
+        Endpoint {
+            listener,
+            tls: Some(acceptor),
+        }
+    }
+}
+
+impl From<Listener> for Endpoint {
+    fn from(listener: Listener) -> Self {
+        Endpoint {
+            listener,
+            tls: None,
+        }
+    }
+}
+
+impl From<&str> for Endpoint {
+    fn from(addr: &str) -> Self {
+        Listener::from(addr).into()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.tls {
+            Some(_) => write!(f, "{} (TLS)", self.listener),
+            None => write!(f, "{}", self.listener),
+        }
+    }
+}
+
+/// An accepted client connection, as a service reads and writes it: plain TCP, or TLS over
+/// TCP once the handshake is done.
+pub enum DownstreamStream {
+    Tcp(TcpStream),
+    /// Boxed: rustls's state is kilobytes, and plain connections should not carry its room.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl DownstreamStream {
+    /// The TCP socket under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            DownstreamStream::Tcp(tcp) => tcp,
+            DownstreamStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for DownstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DownstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DownstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            DownstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            DownstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            DownstreamStream::Tcp(s) => s.is_write_vectored(),
+            DownstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DownstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DownstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listener {

@@ -11,19 +11,20 @@ use tokio::sync::watch;
 use crate::access_log::AccessLog;
 use crate::digest::DownstreamDigest;
 use crate::http_service::{HttpConfig, HttpProxy};
-use crate::listener::Listener;
+use crate::listener::{DownstreamStream, Endpoint, Listener};
 use crate::phase::ProxyHttp;
 use crate::proxy::{ProxyConfig, ProxyService};
 use crate::rules::RulesHandle;
 use crate::service::{BackgroundService, Service, ShutdownSignal};
+use crate::tls::server::TlsAcceptor;
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
 
 /// Everything a proxy server is configured by. `Default` is the one place the engine's
 /// defaults are stated; the Python layer reads them from here.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where to accept connections; at least one.
-    pub listeners: Vec<Listener>,
+    /// Where to accept connections, and which of them speak TLS; at least one.
+    pub listeners: Vec<Endpoint>,
     /// Runtime worker threads; 0 means one per CPU.
     pub threads: usize,
     /// How long in-flight requests may run on after shutdown begins.
@@ -47,7 +48,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listeners: vec![Listener::Addr("127.0.0.1:8080".into())],
+            listeners: vec![Listener::Addr("127.0.0.1:8080".into()).into()],
             threads: 0,
             grace_period: Duration::from_secs(5),
             client_read_timeout: Duration::from_secs(60),
@@ -63,7 +64,7 @@ impl Default for ServerConfig {
 pub struct Server {
     threads: usize,
     grace_period: Duration,
-    services: Vec<(Vec<Listener>, Arc<dyn Service>)>,
+    services: Vec<(Vec<Endpoint>, Arc<dyn Service>)>,
     background: Vec<Box<dyn BackgroundService>>,
     on_stopped: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -118,7 +119,7 @@ impl Server {
     }
 
     /// Serve `listeners` with `service`, and run its background work.
-    pub fn add_service(&mut self, listeners: Vec<Listener>, service: Arc<dyn Service>) {
+    pub fn add_service(&mut self, listeners: Vec<Endpoint>, service: Arc<dyn Service>) {
         self.background.extend(service.background());
         self.services.push((listeners, service));
     }
@@ -143,13 +144,17 @@ impl Server {
                     "a service needs at least one listener",
                 ));
             }
-            for listener in listeners {
-                bound.push((listener.open()?, service.clone()));
+            for endpoint in listeners {
+                bound.push((
+                    endpoint.listener.open()?,
+                    endpoint.tls.clone(),
+                    service.clone(),
+                ));
             }
         }
         let addrs = bound
             .iter()
-            .map(|(l, _)| l.local_addr())
+            .map(|(l, _, _)| l.local_addr())
             .collect::<std::io::Result<Vec<_>>>()?;
         let threads = match self.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -187,9 +192,12 @@ impl Server {
     }
 }
 
+/// An opened listener, the TLS it speaks if any, and the service its connections go to.
+type Bound = (std::net::TcpListener, Option<Arc<TlsAcceptor>>, Arc<dyn Service>);
+
 /// Serve until shutdown is asked for, then give in-flight connections the grace period.
 async fn run(
-    bound: Vec<(std::net::TcpListener, Arc<dyn Service>)>,
+    bound: Vec<Bound>,
     background: Vec<Box<dyn BackgroundService>>,
     mut shutdown: watch::Receiver<Option<Duration>>,
     begin_shutdown: watch::Sender<bool>,
@@ -202,7 +210,7 @@ async fn run(
         tracing::debug!("starting {}", service.name());
         tasks.spawn(service.run(signal.clone()));
     }
-    for (listener, service) in bound {
+    for (listener, tls, service) in bound {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
@@ -210,7 +218,7 @@ async fn run(
                 return;
             }
         };
-        tasks.spawn(accept_loop(listener, service, signal.clone()));
+        tasks.spawn(accept_loop(listener, tls, service, signal.clone()));
     }
     let grace = loop {
         if let Some(grace) = *shutdown.borrow_and_update() {
@@ -243,6 +251,7 @@ async fn run(
 /// this future aborts them.
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<TlsAcceptor>>,
     service: Arc<dyn Service>,
     mut shutdown: ShutdownSignal,
 ) {
@@ -252,12 +261,29 @@ async fn accept_loop(
     let mut connections = tokio::task::JoinSet::new();
     let connection_shutdown = shutdown.clone();
     let serve = |connections: &mut tokio::task::JoinSet<()>, stream, client_addr| {
-        let downstream = Arc::new(DownstreamDigest::tcp(client_addr, local_addr));
-        let serving =
-            service
-                .clone()
-                .serve_connection(stream, downstream, connection_shutdown.clone());
-        connections.spawn(serving);
+        let mut downstream = DownstreamDigest::tcp(client_addr, local_addr);
+        let service = service.clone();
+        let shutdown = connection_shutdown.clone();
+        let Some(tls) = &tls else {
+            let stream = DownstreamStream::Tcp(stream);
+            connections.spawn(service.serve_connection(stream, Arc::new(downstream), shutdown));
+            return;
+        };
+        let tls = tls.clone();
+        // The handshake runs on the connection's own task: a slow client holds up no other.
+        connections.spawn(async move {
+            match tls.accept(stream).await {
+                Ok((stream, digest)) => {
+                    downstream.scheme = crate::digest::Scheme::Https;
+                    downstream.tls = Some(digest);
+                    let stream = DownstreamStream::Tls(Box::new(stream));
+                    service
+                        .serve_connection(stream, Arc::new(downstream), shutdown)
+                        .await;
+                }
+                Err(error) => tracing::info!(client = %client_addr, "{error}"),
+            }
+        });
     };
     loop {
         tokio::select! {

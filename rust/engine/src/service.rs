@@ -6,10 +6,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::digest::DownstreamDigest;
+use crate::listener::DownstreamStream;
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -19,7 +19,7 @@ pub trait Service: Send + Sync + 'static {
     /// in flight and close (the server's grace period bounds how long that may take).
     fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: DownstreamStream,
         downstream: Arc<DownstreamDigest>,
         shutdown: ShutdownSignal,
     ) -> BoxFuture;

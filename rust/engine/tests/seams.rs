@@ -139,7 +139,7 @@ impl ProxyHttp for SeamProxy {
 
 fn config(listeners: Vec<Listener>) -> ServerConfig {
     ServerConfig {
-        listeners,
+        listeners: listeners.into_iter().map(Into::into).collect(),
         threads: 2,
         access_log: None,
         ..Default::default()

@@ -15,6 +15,7 @@ mod proxy;
 mod server;
 mod session;
 mod simulate;
+mod tls;
 mod types;
 
 use pyo3::prelude::*;
@@ -93,6 +94,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PySession>()?;
     m.add_class::<session::ClientConn>()?;
     m.add_class::<session::ServerConn>()?;
+    m.add_class::<tls::TlsInfo>()?;
+    m.add_class::<tls::ClientCert>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;

@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use ferroxy_engine::lb::Upstream;
+use ferroxy_engine::listener::Endpoint;
+use ferroxy_engine::tls::server::TlsAcceptor;
 use ferroxy_engine::upstream::PoolConfig;
 use ferroxy_engine::{
     AccessLog, AccessLogFormat, AccessLogTarget, BackgroundStop, Listener, Routes, Rules, Server,
@@ -79,7 +81,8 @@ impl PyServer {
         dispatcher, *, hooks=None, upstream=None, listen=None, threads=None, grace_period=None,
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
-        access_log_format=None, filters=None, routes=None, balancers=None
+        access_log_format=None, filters=None, routes=None, balancers=None, tls=None,
+        tls_listen=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -99,6 +102,8 @@ impl PyServer {
         filters: Option<&Bound<'_, PyAny>>,
         routes: Option<&Bound<'_, PyAny>>,
         balancers: Option<Vec<PyRef<'_, PyLoadBalancer>>>,
+        tls: Option<&Bound<'_, PyAny>>,
+        tls_listen: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -137,8 +142,12 @@ impl PyServer {
         if let Some(routes) = routes.filter(|r| !r.is_none()) {
             rules.routes = routes_with_objects(routes)?;
         }
+        let tls = match tls.filter(|t| !t.is_none()) {
+            Some(tls) => Some(crate::tls::acceptor_from(tls)?),
+            None => None,
+        };
         let config = ServerConfig {
-            listeners: listen_specs(listen)?,
+            listeners: endpoints(listen, tls_listen, tls.as_ref())?,
             threads: threads.map_or(defaults.threads, |n| n as usize),
             grace_period: non_negative_seconds("grace_period", grace_period)?
                 .unwrap_or(defaults.grace_period),
@@ -297,6 +306,24 @@ impl PyServer {
     }
 
     /// Reopen the access log file at its path (after logrotate renamed it).
+    /// Read every TLS listener's certificate, key and CA files again (`Proxy.reload_tls`,
+    /// SIGHUP): new handshakes use them, open connections keep theirs. A file that cannot be
+    /// used raises ValueError naming it, and the certificates in use stay.
+    fn reload_tls(&self) -> PyResult<bool> {
+        let mut acceptors: Vec<&Arc<TlsAcceptor>> = Vec::new();
+        for endpoint in &self.config.listeners {
+            if let Some(acceptor) = &endpoint.tls {
+                if !acceptors.iter().any(|a| Arc::ptr_eq(a, acceptor)) {
+                    acceptors.push(acceptor);
+                }
+            }
+        }
+        for acceptor in &acceptors {
+            acceptor.reload().map_err(PyValueError::new_err)?;
+        }
+        Ok(!acceptors.is_empty())
+    }
+
     fn reopen_access_log(&self) {
         if let Some(log) = &self.config.access_log {
             log.reopen();
@@ -312,6 +339,22 @@ impl PyServer {
     #[getter]
     fn addrs(&self) -> PyResult<Vec<String>> {
         Ok(self.listening()?.iter().map(ToString::to_string).collect())
+    }
+
+    /// Each listener's scheme ("http" or "https"), in the order of `addrs`.
+    #[getter]
+    fn schemes(&self) -> Vec<&'static str> {
+        self.config
+            .listeners
+            .iter()
+            .map(|endpoint| {
+                if endpoint.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            })
+            .collect()
     }
 
     #[getter]
@@ -532,25 +575,64 @@ impl PyServer {
     }
 }
 
-/// `listen`: one `host:port` or `fd:N`, or a list of them; None for the default.
-fn listen_specs(listen: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Listener>> {
+/// The listeners: `listen`'s, TLS ones when the app has TLS and names no `tls_listen`, then
+/// `tls_listen`'s, always TLS.
+fn endpoints(
+    listen: Option<&Bound<'_, PyAny>>,
+    tls_listen: Option<&Bound<'_, PyAny>>,
+    tls: Option<&Arc<TlsAcceptor>>,
+) -> PyResult<Vec<Endpoint>> {
+    let tls_listen = tls_listen.filter(|l| !l.is_none());
+    let plain = match (listen, tls_listen) {
+        // Only TLS listeners were asked for.
+        (None, Some(_)) => Vec::new(),
+        _ => listen_specs("listen", listen)?,
+    };
+    let mut endpoints: Vec<Endpoint> = match (tls, tls_listen) {
+        (Some(acceptor), None) => plain
+            .into_iter()
+            .map(|listener| Endpoint::tls(listener, acceptor.clone()))
+            .collect(),
+        _ => plain.into_iter().map(Endpoint::from).collect(),
+    };
+    if let Some(tls_listen) = tls_listen {
+        let Some(acceptor) = tls else {
+            return Err(PyValueError::new_err(
+                "tls_listen: TLS listeners need a certificate (the app's `tls`, or tls=)",
+            ));
+        };
+        for listener in listen_specs("tls_listen", Some(tls_listen))? {
+            endpoints.push(Endpoint::tls(listener, acceptor.clone()));
+        }
+    }
+    Ok(endpoints)
+}
+
+/// `field`: one `host:port` or `fd:N`, or a list of them; None for the default.
+fn listen_specs(field: &str, listen: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Listener>> {
     let specs: Vec<String> = match listen {
-        None => return Ok(ServerConfig::default().listeners),
+        None => {
+            return Ok(ServerConfig::default()
+                .listeners
+                .into_iter()
+                .map(|endpoint| endpoint.listener)
+                .collect())
+        }
         Some(one) if one.is_instance_of::<pyo3::types::PyString>() => vec![one.extract()?],
         Some(many) => many
             .try_iter()
             .and_then(|items| items.map(|item| item?.extract::<String>()).collect())
-            .map_err(|_| PyTypeError::new_err("listen must be a str or a list of str"))?,
+            .map_err(|_| PyTypeError::new_err(format!("{field} must be a str or a list of str")))?,
     };
     if specs.is_empty() {
-        return Err(PyValueError::new_err(
-            "listen must name at least one address",
-        ));
+        return Err(PyValueError::new_err(format!(
+            "{field} must name at least one address"
+        )));
     }
     specs
         .iter()
         .map(|spec| {
-            Listener::parse(spec).map_err(|e| PyValueError::new_err(format!("listen: {e}")))
+            Listener::parse(spec).map_err(|e| PyValueError::new_err(format!("{field}: {e}")))
         })
         .collect()
 }

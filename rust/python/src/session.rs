@@ -230,6 +230,13 @@ impl PySession {
             protocol: self.req.get().read(|req| version_str(req.version))?,
         })
     }
+    /// What the client's TLS handshake settled; None on a plain connection.
+    #[getter]
+    fn tls(&self) -> Option<crate::tls::TlsInfo> {
+        self.downstream.tls.as_ref().map(|_| crate::tls::TlsInfo {
+            digest: self.downstream.clone(),
+        })
+    }
     /// The upstream connection the request went out on; None until it has.
     #[getter]
     fn server_conn(&self) -> Option<ServerConn> {

@@ -6,6 +6,7 @@
 //! cipher suites (all AEAD, forward secret): nothing older can be turned on.
 
 pub mod pem;
+pub mod server;
 
 use std::sync::Arc;
 
