@@ -303,3 +303,24 @@ def test_shutdown_sends_goaway_and_closes_an_idle_h2_connection(
     assert closed, "the idle HTTP/2 connection was kept through shutdown"
     assert took < 2.0, f"closed {took:.1f}s after shutdown began"
     assert [code for _, code in goaways(data)][:1] == [0], goaways(data)
+
+
+def test_an_idle_h2_connection_closes_after_the_keepalive_timeout(
+    ferroxy_upstream, ferroxy_proxy
+) -> None:
+    """A client that opens an HTTP/2 connection and then sends nothing cannot hold it (and
+    its memory) forever: it gets a GOAWAY once the keep-alive timeout has passed."""
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+    proxy = ferroxy_proxy(App, keepalive_timeout=0.5)
+    sock = h2_connect(proxy.port)
+    with sock:
+        read_until(sock, lambda data: any(k == SETTINGS for k, *_ in parse_frames(data)))
+        started = time.monotonic()
+        closed, data = wait_closed(sock, timeout=5)
+        took = time.monotonic() - started
+    assert closed, "the idle HTTP/2 connection was kept open"
+    assert 0.3 < took < 3.0, f"closed {took:.1f}s after it went idle"
+    assert [code for _, code in goaways(data)][:1] == [0], goaways(data)

@@ -55,6 +55,15 @@ const RELEASE_IDLE_AFTER: Duration = Duration::from_millis(250);
 /// right after the last response: closing in that gap would lose the request.
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
 
+/// Streams one HTTP/2 client connection may have open at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Bytes of request headers per HTTP/2 request (decoded, as SETTINGS_MAX_HEADER_LIST_SIZE).
+const H2_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams a client may open and reset before we accept them (rapid reset, CVE-2023-44487).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams we reset for a client's protocol errors before the connection ends.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 type Io = TimeoutStream<DownstreamStream>;
 type Handling<P> = Pin<Box<dyn Future<Output = Result<Response<P>, Infallible>> + Send>>;
 type Response<P> = http::Response<Tracked<ResponseBody<P>>>;
@@ -86,7 +95,15 @@ impl<P: ProxyHttp> HttpProxy<P> {
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(head_timeout);
-        auto.http2().timer(TokioTimer::new());
+        // Bounded, as nginx's http2 defaults are: a client cannot hold more streams, header
+        // bytes or unaccepted resets than this (hyper's own defaults, stated here so that
+        // they cannot drift), and an idle connection closes (see serve_h2).
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
         HttpProxy {
             proxy,
             auto,
@@ -246,9 +263,22 @@ impl<P: ProxyHttp> HttpProxy<P> {
             self.auto
                 .serve_connection(TokioIo::new(io), self.handler(downstream, &watch, shutdown)),
         );
-        tokio::select! {
-            served = conn.as_mut() => return served,
-            () = shutdown.begun() => {}
+        // An HTTP/2 connection with nothing in flight closes after the keep-alive timeout,
+        // as an idle HTTP/1.1 one does: otherwise a client could hold its memory forever.
+        let idle_limit = self.config.keepalive_timeout;
+        let mut seen = watch.activity();
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => return served,
+                () = shutdown.begun() => break,
+                () = tokio::time::sleep(idle_limit) => {
+                    if watch.idle_since(seen) {
+                        tracing::debug!(client = %downstream.client_addr, "closing an idle HTTP/2 connection");
+                        break;
+                    }
+                    seen = watch.activity();
+                }
+            }
         }
         // GOAWAY at once: the client learns which streams were taken. hyper then waits for
         // the streams in flight, and for the client to acknowledge a PING: a client that does
