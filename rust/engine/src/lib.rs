@@ -24,6 +24,7 @@ pub mod path;
 pub mod peer;
 pub mod phase;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod response;
 pub mod retry;
 pub mod route;
