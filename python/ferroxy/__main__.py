@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             options["listen"] = args.listen or _core.DEFAULTS["listen"]
         if args.tls_listen:
             options["tls_listen"] = args.tls_listen
+        if args.proxy_protocol:
+            options["proxy_protocol"] = True
         if (args.tls_cert is None) != (args.tls_key is None):
             print("ferroxy: error: --tls-cert and --tls-key go together", file=sys.stderr)
             return _EXIT_USAGE
@@ -138,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         "reloads it",
     )
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every listener expects a PROXY protocol header (v1 or v2) from the load balancer "
+        "in front, and takes the client address from it; connections without one are closed",
+    )
     parser.add_argument(
         "--threads",
         type=_non_negative(int),

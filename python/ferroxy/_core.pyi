@@ -481,6 +481,7 @@ class Server:
         routes: Sequence[Route] | None = None,
         tls: TlsConfig | Sequence[TlsConfig] | None = None,
         tls_listen: str | Sequence[str] | None = None,
+        proxy_protocol: bool | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is

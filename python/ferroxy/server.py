@@ -79,6 +79,10 @@ class ServerOptions(TypedDict, total=False):
     tls_listen: str | Sequence[str]
     #: Certificates for the TLS listeners, overriding the app's ``tls`` attribute.
     tls: TlsConfig | Sequence[TlsConfig]
+    #: Every listener expects a PROXY protocol header (v1 or v2) first, from the L4 load
+    #: balancer in front: its source address becomes ``session.client_addr``. Connections
+    #: without a valid one are closed.
+    proxy_protocol: bool
     #: Engine worker threads; 0 means one per CPU.
     threads: int
     #: Seconds in-flight requests may run on once a graceful shutdown begins.

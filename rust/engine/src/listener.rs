@@ -20,6 +20,10 @@ pub struct Endpoint {
     pub listener: Listener,
     /// Set on a TLS listener: its connections are served once their handshake completes.
     pub tls: Option<Arc<TlsAcceptor>>,
+    /// Every connection begins with a PROXY protocol header (v1 or v2), sent by the L4 load
+    /// balancer in front: its source address is the client's. A connection without a valid
+    /// one is closed.
+    pub proxy_protocol: bool,
 }
 
 impl Endpoint {
@@ -27,7 +31,13 @@ impl Endpoint {
         Endpoint {
             listener,
             tls: Some(acceptor),
+            proxy_protocol: false,
         }
+    }
+
+    pub fn with_proxy_protocol(mut self, expected: bool) -> Self {
+        self.proxy_protocol = expected;
+        self
     }
 }
 
@@ -36,6 +46,7 @@ impl From<Listener> for Endpoint {
         Endpoint {
             listener,
             tls: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -48,10 +59,14 @@ impl From<&str> for Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.tls {
-            Some(_) => write!(f, "{} (TLS)", self.listener),
-            None => write!(f, "{}", self.listener),
+        write!(f, "{}", self.listener)?;
+        if self.proxy_protocol {
+            f.write_str(" (PROXY protocol)")?;
         }
+        if self.tls.is_some() {
+            f.write_str(" (TLS)")?;
+        }
+        Ok(())
     }
 }
 

@@ -14,9 +14,10 @@ use crate::http_service::{HttpConfig, HttpProxy};
 use crate::listener::{DownstreamStream, Endpoint, Listener};
 use crate::phase::ProxyHttp;
 use crate::proxy::{ProxyConfig, ProxyService};
+use crate::proxy_protocol::ProxyHeader;
 use crate::rules::RulesHandle;
 use crate::service::{BackgroundService, Service, ShutdownSignal};
-use crate::tls::server::TlsAcceptor;
+use crate::tls::server::TlsSettings;
 use crate::upstream::{ConnectionPool, PoolConfig, UpstreamClient};
 
 /// Everything a proxy server is configured by. `Default` is the one place the engine's
@@ -145,11 +146,7 @@ impl Server {
                 ));
             }
             for endpoint in listeners {
-                bound.push((
-                    endpoint.listener.open()?,
-                    endpoint.tls.clone(),
-                    service.clone(),
-                ));
+                bound.push((endpoint.listener.open()?, endpoint.clone(), service.clone()));
             }
         }
         let addrs = bound
@@ -192,8 +189,8 @@ impl Server {
     }
 }
 
-/// An opened listener, the TLS it speaks if any, and the service its connections go to.
-type Bound = (std::net::TcpListener, Option<Arc<TlsAcceptor>>, Arc<dyn Service>);
+/// An opened listener, what it expects before its service (TLS, PROXY protocol), and the service its connections go to.
+type Bound = (std::net::TcpListener, Endpoint, Arc<dyn Service>);
 
 /// Serve until shutdown is asked for, then give in-flight connections the grace period.
 async fn run(
@@ -210,7 +207,7 @@ async fn run(
         tracing::debug!("starting {}", service.name());
         tasks.spawn(service.run(signal.clone()));
     }
-    for (listener, tls, service) in bound {
+    for (listener, endpoint, service) in bound {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
@@ -218,7 +215,7 @@ async fn run(
                 return;
             }
         };
-        tasks.spawn(accept_loop(listener, tls, service, signal.clone()));
+        tasks.spawn(accept_loop(listener, endpoint, service, signal.clone()));
     }
     let grace = loop {
         if let Some(grace) = *shutdown.borrow_and_update() {
@@ -251,7 +248,7 @@ async fn run(
 /// this future aborts them.
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<TlsAcceptor>>,
+    endpoint: Endpoint,
     service: Arc<dyn Service>,
     mut shutdown: ShutdownSignal,
 ) {
@@ -260,30 +257,25 @@ async fn accept_loop(
     };
     let mut connections = tokio::task::JoinSet::new();
     let connection_shutdown = shutdown.clone();
+    let endpoint = Arc::new(endpoint);
     let serve = |connections: &mut tokio::task::JoinSet<()>, stream, client_addr| {
-        let mut downstream = DownstreamDigest::tcp(client_addr, local_addr);
+        let downstream = DownstreamDigest::tcp(client_addr, local_addr);
         let service = service.clone();
         let shutdown = connection_shutdown.clone();
-        let Some(tls) = &tls else {
+        if endpoint.tls.is_none() && !endpoint.proxy_protocol {
             let stream = DownstreamStream::Tcp(stream);
             connections.spawn(service.serve_connection(stream, Arc::new(downstream), shutdown));
             return;
-        };
-        let tls = tls.clone();
-        // The handshake runs on the connection's own task: a slow client holds up no other.
-        connections.spawn(async move {
-            match tls.accept(stream).await {
-                Ok((stream, digest)) => {
-                    downstream.scheme = crate::digest::Scheme::Https;
-                    downstream.tls = Some(digest);
-                    let stream = DownstreamStream::Tls(Box::new(stream));
-                    service
-                        .serve_connection(stream, Arc::new(downstream), shutdown)
-                        .await;
-                }
-                Err(error) => tracing::info!(client = %client_addr, "{error}"),
-            }
-        });
+        }
+        // What comes before HTTP runs on the connection's own task: a slow client holds up
+        // no other.
+        connections.spawn(prelude(
+            endpoint.clone(),
+            stream,
+            downstream,
+            service,
+            shutdown,
+        ));
     };
     loop {
         tokio::select! {
@@ -315,6 +307,52 @@ async fn accept_loop(
         }
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// A connection's steps before its service: the PROXY protocol header, then the TLS
+/// handshake, each logged (at info, as nginx logs failed handshakes) and closing the
+/// connection when it fails.
+async fn prelude(
+    endpoint: Arc<Endpoint>,
+    mut stream: tokio::net::TcpStream,
+    mut downstream: DownstreamDigest,
+    service: Arc<dyn Service>,
+    shutdown: ShutdownSignal,
+) {
+    if endpoint.proxy_protocol {
+        let within = endpoint
+            .tls
+            .as_ref()
+            .map_or(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT, |tls| {
+                tls.settings().handshake_timeout
+            });
+        match crate::proxy_protocol::read_header(&mut stream, within).await {
+            Ok(ProxyHeader::Proxied { source, .. }) => downstream.client_addr = source,
+            Ok(ProxyHeader::Local) => {}
+            Err(error) => {
+                let client = downstream.client_addr;
+                tracing::info!(%client, listener = %endpoint.listener, "{error}; connection closed");
+                return;
+            }
+        }
+    }
+    let stream = match &endpoint.tls {
+        None => DownstreamStream::Tcp(stream),
+        Some(tls) => match tls.accept(stream).await {
+            Ok((stream, digest)) => {
+                downstream.scheme = crate::digest::Scheme::Https;
+                downstream.tls = Some(digest);
+                DownstreamStream::Tls(Box::new(stream))
+            }
+            Err(error) => {
+                tracing::info!(client = %downstream.client_addr, "{error}");
+                return;
+            }
+        },
+    };
+    service
+        .serve_connection(stream, Arc::new(downstream), shutdown)
+        .await;
 }
 
 /// Stops a background service started on a running server

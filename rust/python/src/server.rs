@@ -82,7 +82,7 @@ impl PyServer {
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
         access_log_format=None, filters=None, routes=None, balancers=None, tls=None,
-        tls_listen=None
+        tls_listen=None, proxy_protocol=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -104,6 +104,7 @@ impl PyServer {
         balancers: Option<Vec<PyRef<'_, PyLoadBalancer>>>,
         tls: Option<&Bound<'_, PyAny>>,
         tls_listen: Option<&Bound<'_, PyAny>>,
+        proxy_protocol: Option<bool>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -147,7 +148,10 @@ impl PyServer {
             None => None,
         };
         let config = ServerConfig {
-            listeners: endpoints(listen, tls_listen, tls.as_ref())?,
+            listeners: endpoints(listen, tls_listen, tls.as_ref())?
+                .into_iter()
+                .map(|endpoint| endpoint.with_proxy_protocol(proxy_protocol.unwrap_or(false)))
+                .collect(),
             threads: threads.map_or(defaults.threads, |n| n as usize),
             grace_period: non_negative_seconds("grace_period", grace_period)?
                 .unwrap_or(defaults.grace_period),

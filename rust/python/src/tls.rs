@@ -42,9 +42,11 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
         "none" => ClientAuth::None,
         "optional" => ClientAuth::Optional,
         "required" => ClientAuth::Required,
-        other => return Err(PyValueError::new_err(format!(
+        other => {
+            return Err(PyValueError::new_err(format!(
             "TlsConfig.client_auth must be \"none\", \"optional\" or \"required\", got {other:?}"
-        ))),
+        )))
+        }
     };
     if client_auth != ClientAuth::None && client_ca.is_none() {
         return Err(PyValueError::new_err(
