@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,36 @@ def test_sni_defaults_to_the_host_of_addr(tls_upstream, pki, ferroxy_proxy) -> N
     peer = Peer(f"localhost:{tls_upstream.port}", tls=True, ca=pki.ca)
     assert peer.sni is None and peer.tls and peer.ca == pki.ca
     proxy = ferroxy_proxy(fixed_peer(peer))
-    assert httpx.get(proxy.url + "/", timeout=10).json()["tls"] is True
+    echo = httpx.get(proxy.url + "/", timeout=10).json()
+    assert echo["tls"] is True and echo["sni"] == "localhost"
+
+
+def test_empty_sni_sends_none_and_an_ip_literal_sends_none(
+    tls_upstream, pki, ferroxy_proxy
+) -> None:
+    by_name = Peer(f"localhost:{tls_upstream.port}", tls=True, sni="", ca=pki.ca)
+    # The certificate names no IP: the chain is checked, the name cannot be.
+    by_ip = Peer(tls_upstream.addr, tls=True, ca=pki.ca, verify_hostname=False)
+    proxy = ferroxy_proxy(peer_app(lambda s: by_name if s.req.path == "/name" else by_ip))
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        for path in ["/name", "/ip"]:
+            echo = c.get(path).json()
+            assert echo["tls"] is True and echo["sni"] is None, path
+
+
+def test_a_stalled_tls_handshake_counts_against_the_connect_timeout(ferroxy_proxy) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        peer = Peer(addr, tls=True, sni="localhost", connect_timeout=0.3)
+        proxy = ferroxy_proxy(fixed_peer(peer))
+        started = time.monotonic()
+        assert httpx.get(proxy.url + "/", timeout=10).status_code == 504
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
 
 
 def failed_handshake(ferroxy_logs: LogCapture, ferroxy_proxy: Any, peer: Peer, cause: str) -> None:

@@ -3,7 +3,7 @@
 //!
 //! Serves HTTP/1.1 (keep-alive) and h2c prior knowledge on the same port; or, given a
 //! certificate ([`EchoTls`]), TLS with HTTP/1.1 and h2 by ALPN, optionally requiring a client
-//! certificate. The JSON echo says which (`version`, `tls`, `client_cert`).
+//! certificate. The JSON echo says which (`version`, `tls`, `sni`, `client_cert`).
 //!
 //! Routes:
 //! - default (any method/path): drains the request body (streaming, hashed with
@@ -123,10 +123,12 @@ impl EchoTls {
 }
 
 /// What the echo reports of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Conn {
     no: u64,
     tls: bool,
+    /// The server name the client sent, if any.
+    sni: Option<Arc<str>>,
     client_cert: bool,
 }
 
@@ -183,8 +185,9 @@ async fn serve_tls(
                 tasks.spawn(async move {
                     let served = match tls {
                         None => {
-                            let conn = Conn { no: conn_no, tls: false, client_cert: false };
-                            let service = service_fn(move |req| handle(req, conn, stats.clone()));
+                            let conn = Conn { no: conn_no, tls: false, sni: None, client_cert: false };
+                            let service =
+                                service_fn(move |req| handle(req, conn.clone(), stats.clone()));
                             watcher
                                 .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
                                 .await
@@ -197,9 +200,15 @@ async fn serve_tls(
                                     return;
                                 }
                             };
-                            let client_cert = stream.get_ref().1.peer_certificates().is_some();
-                            let conn = Conn { no: conn_no, tls: true, client_cert };
-                            let service = service_fn(move |req| handle(req, conn, stats.clone()));
+                            let session = stream.get_ref().1;
+                            let conn = Conn {
+                                no: conn_no,
+                                tls: true,
+                                sni: session.server_name().map(Arc::from),
+                                client_cert: session.peer_certificates().is_some(),
+                            };
+                            let service =
+                                service_fn(move |req| handle(req, conn.clone(), stats.clone()));
                             watcher
                                 .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
                                 .await
@@ -405,7 +414,7 @@ async fn handle(
             {
                 respond(status, None, Reply::Full(None))
             } else {
-                let json = echo_json(&parts, body_length, &body_sha256, conn);
+                let json = echo_json(&parts, body_length, &body_sha256, &conn);
                 respond(status, Some("application/json"), Reply::Full(Some(json)))
             }
         }
@@ -482,7 +491,7 @@ fn echo_json(
     parts: &http::request::Parts,
     body_length: u64,
     body_sha256: &str,
-    conn: Conn,
+    conn: &Conn,
 ) -> Bytes {
     let lossy = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
     // `keys()` yields each distinct name once; `get_all` gives its values in order.
@@ -512,6 +521,7 @@ fn echo_json(
         "body_sha256": body_sha256,
         "connection": conn.no,
         "tls": conn.tls,
+        "sni": conn.sni.as_deref(),
         "client_cert": conn.client_cert,
     });
     Bytes::from(doc.to_string())
