@@ -383,7 +383,9 @@ class Session:
 @final
 class ProxyError:
     """Why a request could not be proxied: ``kind`` is a short code such as
-    ``"connect_refused"``, ``"read_timeout"``, ``"hook_error"`` or ``"hook_timeout"``."""
+    ``"connect_refused"``, ``"tls_handshake"`` (the message says what failed: wrong hostname,
+    unknown CA, expired certificate), ``"read_timeout"``, ``"hook_error"`` or
+    ``"hook_timeout"``."""
 
     @property
     def kind(self) -> str: ...
