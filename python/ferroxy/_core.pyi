@@ -6,7 +6,7 @@ plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 
 import os
 from collections.abc import Callable, Coroutine, Iterable, Iterator, MutableMapping, Sequence
-from typing import Any, Final, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
+from typing import Any, Final, Literal, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
 from _typeshed import SupportsKeysAndGetItem
 
@@ -218,7 +218,8 @@ class LoadBalancer:
 
 @final
 class Peer:
-    """An upstream to connect to: ``"host:port"`` plus per-peer timeouts in seconds."""
+    """An upstream to connect to: ``"host:port"`` plus per-peer timeouts in seconds, and TLS
+    to it if ``tls`` is set."""
 
     def __new__(
         cls,
@@ -228,9 +229,24 @@ class Peer:
         read_timeout: float | None = ...,
         write_timeout: float | None = ...,
         idle_timeout: float | None = ...,
+        tls: bool = ...,
+        sni: str | None = ...,
+        verify_cert: bool = ...,
+        verify_hostname: bool = ...,
+        ca: str | os.PathLike[str] | None = ...,
+        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = ...,
+        alpn: Literal["h1", "h2", "h2,h1"] | None = ...,
     ) -> Peer:
         """A timeout left out (or None) is the engine's default: ``DEFAULTS["connect_timeout"]``
-        and so on."""
+        and so on.
+
+        With ``tls``: ``sni`` defaults to the host of ``addr`` when it is a name (``""``: send
+        none); the certificate is checked against the webpki roots, or ``ca``'s certificates
+        instead; ``verify_hostname=False`` checks the chain but not the name,
+        ``verify_cert=False`` nothing. ``client_cert`` is ``(cert.pem, key.pem)``. ``alpn``
+        offers ``"h1"`` (default), ``"h2"`` or both (``"h2,h1"``: the upstream picks);
+        without ``tls``, ``"h2"`` is cleartext HTTP/2 with prior knowledge. Files are read
+        here: ValueError naming the field when one is bad."""
     @property
     def addr(self) -> str: ...
     @property
@@ -241,6 +257,20 @@ class Peer:
     def write_timeout(self) -> float: ...
     @property
     def idle_timeout(self) -> float: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def sni(self) -> str | None: ...
+    @property
+    def verify_cert(self) -> bool: ...
+    @property
+    def verify_hostname(self) -> bool: ...
+    @property
+    def ca(self) -> str | None: ...
+    @property
+    def client_cert(self) -> tuple[str, str] | None: ...
+    @property
+    def alpn(self) -> str: ...
 
 @final
 class Response:
@@ -398,7 +428,9 @@ class Session:
 @final
 class ProxyError:
     """Why a request could not be proxied: ``kind`` is a short code such as
-    ``"connect_refused"``, ``"read_timeout"``, ``"hook_error"`` or ``"hook_timeout"``."""
+    ``"connect_refused"``, ``"tls_handshake"`` (the message says what failed: wrong hostname,
+    unknown CA, expired certificate), ``"read_timeout"``, ``"hook_error"`` or
+    ``"hook_timeout"``."""
 
     @property
     def kind(self) -> str: ...
@@ -554,7 +586,14 @@ class Server:
 class EchoUpstream:
     """The built-in echo upstream, on its own runtime. Starts at construction."""
 
-    def __new__(cls, listen: str = "127.0.0.1:0") -> EchoUpstream: ...
+    def __new__(
+        cls,
+        listen: str = "127.0.0.1:0",
+        *,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        client_ca: str | os.PathLike[str] | None = None,
+    ) -> EchoUpstream: ...
     @property
     def addr(self) -> str: ...
     @property

@@ -39,10 +39,23 @@ __all__ = [
 
 class EchoServer:
     """The built-in echo upstream on its own thread: it answers every request with a JSON
-    description of what it received. Serving as soon as it is created."""
+    description of what it received. Serving as soon as it is created.
 
-    def __init__(self, listen: str = "127.0.0.1:0") -> None:
-        self._echo = _core.EchoUpstream(listen)
+    With ``tls_cert`` and ``tls_key`` (PEM files) it serves TLS, HTTP/1.1 and h2 by ALPN; with
+    ``client_ca`` too it requires a client certificate that CA signed. Its JSON says whether a
+    request came over TLS (``tls``) and with a client certificate (``client_cert``)."""
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:0",
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        client_ca: str | None = None,
+    ) -> None:
+        self._echo = _core.EchoUpstream(
+            listen, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca
+        )
         self._stopped = False
 
     @property
@@ -88,9 +101,16 @@ class EchoServer:
         return f"<EchoServer {self.url}{' stopped' if self._stopped else ''}>"
 
 
-def start_upstream(listen: str = "127.0.0.1:0") -> EchoServer:
-    """Start an echo upstream (on an ephemeral port by default)."""
-    return EchoServer(listen)
+def start_upstream(
+    listen: str = "127.0.0.1:0",
+    *,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    client_ca: str | None = None,
+) -> EchoServer:
+    """Start an echo upstream (on an ephemeral port by default); TLS options as
+    :class:`EchoServer`'s."""
+    return EchoServer(listen, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca)
 
 
 def start_proxy(

@@ -1,7 +1,9 @@
 //! Built-in echo upstream: a fast, dependency-free HTTP server used by tests
 //! (`ferroxy_upstream` pytest fixture) and demos (`python -m ferroxy --demo-upstream`).
 //!
-//! Serves HTTP/1.1 (keep-alive) and h2c prior knowledge on the same port.
+//! Serves HTTP/1.1 (keep-alive) and h2c prior knowledge on the same port; or, given a
+//! certificate ([`EchoTls`]), TLS with HTTP/1.1 and h2 by ALPN, optionally requiring a client
+//! certificate. The JSON echo says which (`version`, `tls`, `sni`, `client_cert`).
 //!
 //! Routes:
 //! - default (any method/path): drains the request body (streaming, hashed with
@@ -15,6 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -36,6 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 /// How long `serve` waits for connections to finish after shutdown before
 /// aborting them.
@@ -64,6 +68,70 @@ impl EchoStats {
     }
 }
 
+/// A certificate to serve TLS with, and the CA whose client certificates it requires.
+#[derive(Debug, Clone)]
+pub struct EchoTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set: a client must present a certificate this CA signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl EchoTls {
+    fn acceptor(&self) -> io::Result<TlsAcceptor> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |path: &PathBuf, e: &dyn std::fmt::Display| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {e}", path.display()),
+            )
+        };
+        let certificates = |path: &PathBuf| {
+            CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| invalid(path, &e))
+        };
+        let chain = certificates(&self.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| invalid(&self.key, &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(&self.cert, &e))?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in certificates(ca)? {
+                    roots.add(certificate).map_err(|e| invalid(ca, &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| invalid(ca, &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid(&self.key, &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// What the echo reports of the connection a request came on.
+#[derive(Debug, Clone)]
+struct Conn {
+    no: u64,
+    tls: bool,
+    /// The server name the client sent, if any.
+    sni: Option<Arc<str>>,
+    client_cert: bool,
+}
+
 /// Serve the echo protocol on `listener` until `shutdown` resolves; runs inside
 /// the caller's tokio runtime.
 ///
@@ -73,6 +141,16 @@ impl EchoStats {
 pub async fn serve(
     listener: TcpListener,
     stats: Arc<EchoStats>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    serve_tls(listener, stats, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given.
+async fn serve_tls(
+    listener: TcpListener,
+    stats: Arc<EchoStats>,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -99,13 +177,44 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let conn_no = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
                 let stats = stats.clone();
-                let service = service_fn(move |req| handle(req, conn_no, stats.clone()));
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
+                // The TLS handshake runs on the connection's task: a slow client must not
+                // hold up accepting the next one.
                 tasks.spawn(async move {
-                    if let Err(err) = conn.await {
+                    let served = match tls {
+                        None => {
+                            let conn = Conn { no: conn_no, tls: false, sni: None, client_cert: false };
+                            let service =
+                                service_fn(move |req| handle(req, conn.clone(), stats.clone()));
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
+                                .await
+                        }
+                        Some(acceptor) => {
+                            let stream = match acceptor.accept(stream).await {
+                                Ok(stream) => stream,
+                                Err(err) => {
+                                    tracing::debug!(%err, conn_no, "echo: TLS handshake failed");
+                                    return;
+                                }
+                            };
+                            let session = stream.get_ref().1;
+                            let conn = Conn {
+                                no: conn_no,
+                                tls: true,
+                                sni: session.server_name().map(Arc::from),
+                                client_cert: session.peer_certificates().is_some(),
+                            };
+                            let service =
+                                service_fn(move |req| handle(req, conn.clone(), stats.clone()));
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
+                                .await
+                        }
+                    };
+                    if let Err(err) = served {
                         tracing::debug!(err, conn_no, "echo: connection error");
                     }
                 });
@@ -143,6 +252,13 @@ impl EchoUpstream {
     /// Binds `listen` (e.g. "127.0.0.1:0") before returning; io::Error on bind
     /// failure.
     pub fn start(listen: &str) -> io::Result<EchoUpstream> {
+        EchoUpstream::start_with(listen, None)
+    }
+
+    /// [`EchoUpstream::start`], serving TLS when `tls` is given (its files are read first:
+    /// io::Error naming the file when one is bad).
+    pub fn start_with(listen: &str, tls: Option<&EchoTls>) -> io::Result<EchoUpstream> {
+        let acceptor = tls.map(EchoTls::acceptor).transpose()?;
         let std_listener = bind(listen)?;
         let addr = std_listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,7 +277,7 @@ impl EchoUpstream {
         let serve_stats = stats.clone();
         runtime.spawn(async move {
             // A dropped sender also means "shut down".
-            serve(listener, serve_stats, async {
+            serve_tls(listener, serve_stats, acceptor, async {
                 let _ = shutdown_rx.await;
             })
             .await;
@@ -279,7 +395,7 @@ fn route(path: &str) -> Route {
 
 async fn handle(
     req: Request<Incoming>,
-    conn_no: u64,
+    conn: Conn,
     stats: Arc<EchoStats>,
 ) -> Result<Response<Reply>, hyper::Error> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -298,7 +414,7 @@ async fn handle(
             {
                 respond(status, None, Reply::Full(None))
             } else {
-                let json = echo_json(&parts, body_length, &body_sha256, conn_no);
+                let json = echo_json(&parts, body_length, &body_sha256, &conn);
                 respond(status, Some("application/json"), Reply::Full(Some(json)))
             }
         }
@@ -375,7 +491,7 @@ fn echo_json(
     parts: &http::request::Parts,
     body_length: u64,
     body_sha256: &str,
-    conn_no: u64,
+    conn: &Conn,
 ) -> Bytes {
     let lossy = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
     // `keys()` yields each distinct name once; `get_all` gives its values in order.
@@ -403,7 +519,10 @@ fn echo_json(
         "header_list": header_list,
         "body_length": body_length,
         "body_sha256": body_sha256,
-        "connection": conn_no,
+        "connection": conn.no,
+        "tls": conn.tls,
+        "sni": conn.sni.as_deref(),
+        "client_cert": conn.client_cert,
     });
     Bytes::from(doc.to_string())
 }

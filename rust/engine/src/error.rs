@@ -15,6 +15,9 @@ pub enum ErrorKind {
     ConnectTimeout,
     /// Any other failure to connect (DNS, unreachable, handshake).
     ConnectError,
+    /// The TLS handshake with the upstream failed, its certificate included (wrong
+    /// hostname, unknown CA, expired): the message says what.
+    TlsHandshake,
     /// A load balancer had no healthy backend to pick.
     NoHealthyUpstream,
     /// The upstream sent nothing for longer than the peer's read timeout.
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::ConnectRefused => "connect_refused",
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::ConnectError => "connect_error",
+            ErrorKind::TlsHandshake => "tls_handshake",
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::ReadTimeout => "read_timeout",
             ErrorKind::WriteTimeout => "write_timeout",
@@ -66,7 +70,10 @@ impl ErrorKind {
     pub fn is_connect_failure(self) -> bool {
         matches!(
             self,
-            ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::ConnectError
+            ErrorKind::ConnectRefused
+                | ErrorKind::ConnectTimeout
+                | ErrorKind::ConnectError
+                | ErrorKind::TlsHandshake
         )
     }
 
@@ -76,6 +83,7 @@ impl ErrorKind {
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectTimeout
             | ErrorKind::ConnectError
+            | ErrorKind::TlsHandshake
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::ReadTimeout
             | ErrorKind::WriteTimeout
@@ -99,6 +107,7 @@ impl ErrorKind {
             | ErrorKind::HookTimeout => 504,
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectError
+            | ErrorKind::TlsHandshake
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => 502,

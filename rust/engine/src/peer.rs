@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::client::{TlsOptionError, TlsOptions, UpstreamTls};
+
 /// Timeouts for one upstream. Defaults follow nginx's proxy_* defaults, except connect
 /// (5 s rather than 60 s: a peer that takes longer to accept is down for practical purposes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,12 +41,12 @@ pub enum UpstreamProtocol {
 
 /// Everything that makes two upstream connections differ: a pooled connection serves a peer
 /// only if their keys are equal. Timeouts that are not baked into the connection (connect,
-/// read, idle) are not part of it. TLS (verification, SNI, client certificate, ALPN) will
-/// join the address and protocol here.
+/// read, idle) are not part of it; TLS is (verification, SNI, CA, client certificate, ALPN).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerKey {
     addr: Arc<str>,
     protocol: UpstreamProtocol,
+    tls: Option<Arc<UpstreamTls>>,
     /// Set on the socket when it is opened (see `upstream::connect`).
     write_timeout: Duration,
     /// Of the fields above, computed once: the pool looks a key up twice per request.
@@ -52,17 +54,23 @@ pub struct PeerKey {
 }
 
 impl PeerKey {
-    fn new(addr: Arc<str>, protocol: UpstreamProtocol, write_timeout: Duration) -> Self {
+    fn new(
+        addr: Arc<str>,
+        protocol: UpstreamProtocol,
+        tls: Option<Arc<UpstreamTls>>,
+        write_timeout: Duration,
+    ) -> Self {
         // Seeded once per process, as HashMap's own hasher is: peers may come from requests.
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         let hash = std::hash::BuildHasher::hash_one(
             SEED.get_or_init(Default::default),
-            (&addr, protocol, write_timeout),
+            (&addr, protocol, &tls, write_timeout),
         );
         PeerKey {
             addr,
             protocol,
+            tls,
             write_timeout,
             hash,
         }
@@ -117,6 +125,7 @@ pub struct Peer {
     resolved: Option<SocketAddr>,
     timeouts: PeerTimeouts,
     protocol: UpstreamProtocol,
+    tls: Option<Arc<UpstreamTls>>,
     key: Arc<PeerKey>,
 }
 
@@ -138,31 +147,66 @@ impl Peer {
         let protocol = UpstreamProtocol::default();
         Ok(Peer {
             resolved: addr.parse().ok(),
-            key: Peer::key_for(&addr, protocol, &timeouts),
+            key: Arc::new(PeerKey::new(addr.clone(), protocol, None, timeouts.write)),
             addr,
             timeouts,
             protocol,
+            tls: None,
         })
     }
 
     pub fn with_timeouts(mut self, timeouts: PeerTimeouts) -> Self {
         self.timeouts = timeouts;
-        self.key = Peer::key_for(&self.addr, self.protocol, &timeouts);
-        self
+        self.rekey()
     }
 
     pub fn with_protocol(mut self, protocol: UpstreamProtocol) -> Self {
         self.protocol = protocol;
-        self.key = Peer::key_for(&self.addr, protocol, &self.timeouts);
+        self.rekey()
+    }
+
+    /// Speak TLS to this peer. The files `options` names are read now. With `alpn` "h2" the
+    /// protocol is HTTP/2; with "h1" or "h2,h1" it is what the server picks (known once
+    /// connected: see `UpstreamDigest::protocol`), HTTP/1.1 until then.
+    pub fn with_tls(mut self, options: &TlsOptions) -> Result<Self, TlsOptionError> {
+        let tls = UpstreamTls::new(options, self.host())?;
+        self.protocol = match tls.alpn() {
+            crate::tls::client::Alpn::Http2 => UpstreamProtocol::Http2,
+            _ => UpstreamProtocol::Http1,
+        };
+        self.tls = Some(tls);
+        Ok(self.rekey())
+    }
+
+    fn rekey(mut self) -> Self {
+        self.key = Arc::new(PeerKey::new(
+            self.addr.clone(),
+            self.protocol,
+            self.tls.clone(),
+            self.timeouts.write,
+        ));
         self
     }
 
-    fn key_for(
-        addr: &Arc<str>,
-        protocol: UpstreamProtocol,
-        timeouts: &PeerTimeouts,
-    ) -> Arc<PeerKey> {
-        Arc::new(PeerKey::new(addr.clone(), protocol, timeouts.write))
+    /// The address's host, without the brackets of an IPv6 literal.
+    pub fn host(&self) -> &str {
+        let host = self.addr.rsplit_once(':').map_or(&*self.addr, |(h, _)| h);
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
+    }
+
+    /// Whether connections to it may turn out HTTP/2 (and so be shared).
+    pub fn may_speak_http2(&self) -> bool {
+        self.protocol == UpstreamProtocol::Http2
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.alpn() != crate::tls::client::Alpn::Http1)
     }
 
     pub fn protocol(&self) -> UpstreamProtocol {
@@ -216,6 +260,56 @@ mod tests {
         let h2 = plain.clone().with_protocol(UpstreamProtocol::Http2);
         assert_ne!(plain.key(), h2.key());
         assert_ne!(plain.key(), Peer::new("127.0.0.1:81").unwrap().key());
+    }
+
+    #[test]
+    fn tls_settings_separate_pool_keys() {
+        use crate::tls::client::Alpn;
+        let plain = Peer::new("localhost:443").unwrap();
+        let tls = |options: TlsOptions| plain.clone().with_tls(&options).unwrap();
+        let default = tls(TlsOptions::default());
+        assert_eq!(plain.host(), "localhost");
+        assert_eq!(default.key(), tls(TlsOptions::default()).key());
+        assert_ne!(plain.key(), default.key());
+        let variants = [
+            TlsOptions {
+                sni: Some("other.example".into()),
+                ..Default::default()
+            },
+            TlsOptions {
+                sni: Some(String::new()),
+                ..Default::default()
+            },
+            TlsOptions {
+                verify_cert: false,
+                ..Default::default()
+            },
+            TlsOptions {
+                verify_hostname: false,
+                ..Default::default()
+            },
+            TlsOptions {
+                alpn: Alpn::Http2OrHttp1,
+                ..Default::default()
+            },
+        ];
+        for options in variants {
+            let peer = tls(options.clone());
+            assert_ne!(default.key(), peer.key(), "{options:?}");
+            assert_eq!(peer.key(), tls(options).key());
+        }
+        assert!(tls(TlsOptions {
+            alpn: Alpn::Http2OrHttp1,
+            ..Default::default()
+        })
+        .may_speak_http2());
+        assert!(!default.may_speak_http2());
+        let h2 = tls(TlsOptions {
+            alpn: Alpn::Http2,
+            ..Default::default()
+        });
+        assert_eq!(h2.protocol(), UpstreamProtocol::Http2);
+        assert_eq!(Peer::new("[::1]:443").unwrap().host(), "::1");
     }
 
     #[test]

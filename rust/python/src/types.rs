@@ -9,7 +9,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
-use ferroxy_engine::peer::PeerTimeouts;
+use ferroxy_engine::peer::{PeerTimeouts, UpstreamProtocol};
+use ferroxy_engine::tls::client::{Alpn, TlsOptions};
 use ferroxy_engine::{Error, Peer};
 
 use crate::headers::{HeaderSource, Headers};
@@ -80,14 +81,24 @@ pub fn final_status(field: &str, status: u16) -> PyResult<http::StatusCode> {
 impl PyPeer {
     #[new]
     #[pyo3(signature = (
-        addr, *, connect_timeout=None, read_timeout=None, write_timeout=None, idle_timeout=None
+        addr, *, connect_timeout=None, read_timeout=None, write_timeout=None, idle_timeout=None,
+        tls=false, sni=None, verify_cert=true, verify_hostname=true, ca=None, client_cert=None,
+        alpn=None
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         addr: &str,
         connect_timeout: Option<f64>,
         read_timeout: Option<f64>,
         write_timeout: Option<f64>,
         idle_timeout: Option<f64>,
+        tls: bool,
+        sni: Option<String>,
+        verify_cert: bool,
+        verify_hostname: bool,
+        ca: Option<std::path::PathBuf>,
+        client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+        alpn: Option<&str>,
     ) -> PyResult<Self> {
         let peer = Peer::new(addr).map_err(|e| PyValueError::new_err(format!("Peer.addr: {e}")))?;
         // Timeouts not given keep the engine's defaults, the only place they are stated.
@@ -99,7 +110,49 @@ impl PyPeer {
             write: positive_seconds("Peer.write_timeout", write_timeout)?.unwrap_or(defaults.write),
             idle: positive_seconds("Peer.idle_timeout", idle_timeout)?.unwrap_or(defaults.idle),
         };
-        Ok(PyPeer::of(peer.with_timeouts(timeouts)))
+        let peer = peer.with_timeouts(timeouts);
+        let alpn = alpn
+            .map(Alpn::parse)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("Peer.alpn: {e}")))?;
+        if !tls {
+            let tls_only = [
+                ("sni", sni.is_some()),
+                ("verify_cert", !verify_cert),
+                ("verify_hostname", !verify_hostname),
+                ("ca", ca.is_some()),
+                ("client_cert", client_cert.is_some()),
+            ];
+            if let Some((field, _)) = tls_only.iter().find(|(_, given)| *given) {
+                return Err(PyValueError::new_err(format!(
+                    "Peer.{field}: only applies with tls=True"
+                )));
+            }
+            // Cleartext cannot negotiate: "h2" is h2 with prior knowledge.
+            let protocol = match alpn.unwrap_or_default() {
+                Alpn::Http1 => UpstreamProtocol::Http1,
+                Alpn::Http2 => UpstreamProtocol::Http2,
+                Alpn::Http2OrHttp1 => {
+                    return Err(PyValueError::new_err(
+                        "Peer.alpn: \"h2,h1\" needs tls=True (cleartext cannot negotiate; \
+                         \"h2\" is HTTP/2 with prior knowledge)",
+                    ))
+                }
+            };
+            return Ok(PyPeer::of(peer.with_protocol(protocol)));
+        }
+        let options = TlsOptions {
+            sni,
+            verify_cert,
+            verify_hostname,
+            ca,
+            client_cert,
+            alpn: alpn.unwrap_or_default(),
+        };
+        let peer = peer
+            .with_tls(&options)
+            .map_err(|e| PyValueError::new_err(format!("Peer.{e}")))?;
+        Ok(PyPeer::of(peer))
     }
 
     #[getter]
@@ -121,6 +174,41 @@ impl PyPeer {
     #[getter]
     fn idle_timeout(&self) -> f64 {
         self.inner.timeouts().idle.as_secs_f64()
+    }
+    #[getter]
+    fn tls(&self) -> bool {
+        self.inner.tls().is_some()
+    }
+    #[getter]
+    fn sni(&self) -> Option<&str> {
+        self.inner.tls().and_then(|tls| tls.sni())
+    }
+    #[getter]
+    fn verify_cert(&self) -> bool {
+        self.inner.tls().is_none_or(|tls| tls.verify_cert())
+    }
+    #[getter]
+    fn verify_hostname(&self) -> bool {
+        self.inner.tls().is_none_or(|tls| tls.verify_hostname())
+    }
+    #[getter]
+    fn ca(&self) -> Option<String> {
+        let ca = self.inner.tls().and_then(|tls| tls.ca())?;
+        Some(ca.display().to_string())
+    }
+    #[getter]
+    fn client_cert(&self) -> Option<(String, String)> {
+        let (cert, key) = self.inner.tls().and_then(|tls| tls.client_cert())?;
+        Some((cert.display().to_string(), key.display().to_string()))
+    }
+    /// What was asked for: "h1", "h2" or "h2,h1".
+    #[getter]
+    fn alpn(&self) -> &'static str {
+        match self.inner.tls() {
+            Some(tls) => tls.alpn().as_str(),
+            None if self.inner.protocol() == UpstreamProtocol::Http2 => Alpn::Http2.as_str(),
+            None => Alpn::Http1.as_str(),
+        }
     }
 
     fn __repr__(&self) -> String {

@@ -5,6 +5,7 @@
 //! One provider for the whole engine, ring, and only TLS 1.2 and 1.3 with rustls's default
 //! cipher suites (all AEAD, forward secret): nothing older can be turned on.
 
+pub mod client;
 pub mod pem;
 pub mod server;
 

@@ -1,10 +1,11 @@
-//! Opening a new connection to a peer, with its connect and write timeouts, speaking the
-//! peer's protocol.
+//! Opening a new connection to a peer, with its connect and write timeouts: TCP, then TLS
+//! when the peer has it, then the peer's protocol (over TLS, the one ALPN chose).
 
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_io_timeout::TimeoutStream;
 
@@ -15,15 +16,18 @@ use crate::peer::{Peer, UpstreamProtocol};
 
 pub(super) async fn connect(peer: &Peer, idle_timeout: Duration) -> Result<UpstreamConnection> {
     let timeouts = *peer.timeouts();
-    let stream = tokio::time::timeout(timeouts.connect, open(peer))
+    // One deadline for TCP and the TLS handshake together: both are "connecting".
+    let deadline = tokio::time::Instant::now() + timeouts.connect;
+    let timed_out = || {
+        Error::new(
+            ErrorKind::ConnectTimeout,
+            format!("connect timed out after {:?}", timeouts.connect),
+        )
+        .with_peer(peer)
+    };
+    let stream = tokio::time::timeout_at(deadline, open(peer))
         .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::ConnectTimeout,
-                format!("connect timed out after {:?}", timeouts.connect),
-            )
-            .with_peer(peer)
-        })??;
+        .map_err(|_| timed_out())??;
     let _ = stream.set_nodelay(true);
     let digest = UpstreamDigest {
         peer_addr: stream
@@ -35,18 +39,43 @@ pub(super) async fn connect(peer: &Peer, idle_timeout: Duration) -> Result<Upstr
         protocol: peer.protocol(),
         reused: false,
     };
+    let Some(tls) = peer.tls() else {
+        return speak(peer, stream, digest, idle_timeout).await;
+    };
+    let stream = tokio::time::timeout_at(deadline, tls.connect(stream))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|message| Error::new(ErrorKind::TlsHandshake, message).with_peer(peer))?;
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Http1,
+    };
+    let digest = UpstreamDigest { protocol, ..digest };
+    speak(peer, stream, digest, idle_timeout).await
+}
+
+/// The HTTP handshake over `stream`, in `digest.protocol`.
+async fn speak<S>(
+    peer: &Peer,
+    stream: S,
+    digest: UpstreamDigest,
+    idle_timeout: Duration,
+) -> Result<UpstreamConnection>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     // Only writes are timed on the socket (proxy_send_timeout). hyper keeps a read pending
     // on idle pooled connections, so a socket read timeout would count idle time against the
     // next request; reads are timed per response head and per body frame instead.
     let mut io = TimeoutStream::new(stream);
-    io.set_write_timeout(nonzero(timeouts.write));
+    io.set_write_timeout(nonzero(peer.timeouts().write));
     let io = TokioIo::new(Box::pin(io));
     let handshake_failed = |e: hyper::Error| {
         Error::new(ErrorKind::ConnectError, e.to_string())
             .with_peer(peer)
             .with_cause(e)
     };
-    let sender = match peer.protocol() {
+    let sender = match digest.protocol {
         UpstreamProtocol::Http1 => {
             let (sender, connection) = http1::Builder::new()
                 .handshake(io)

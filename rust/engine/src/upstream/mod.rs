@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::body::{BodyProgress, ProxyBody};
 use crate::digest::UpstreamDigest;
 use crate::error::{Error, ErrorKind, ErrorSide, Result};
-use crate::peer::{Peer, UpstreamProtocol};
+use crate::peer::Peer;
 pub use canned::{CannedUpstream, Received};
 use connection::Sender;
 pub use connection::UpstreamConnection;
@@ -73,7 +73,10 @@ impl UpstreamClient {
         if let Some(conn) = self.pool.checkout(peer) {
             return Ok(conn);
         }
-        if peer.protocol() == UpstreamProtocol::Http2 {
+        // With ALPN "h2,h1" the protocol is known only once connected: opening goes through
+        // the gate all the same, so a burst makes one h2 connection rather than one each (an
+        // h1 answer only serializes the burst's connects).
+        if peer.may_speak_http2() {
             let gate = self.pool.opening_gate(peer);
             let _opening = gate.lock().await;
             // Whoever held the gate before us may have opened one for everybody.
