@@ -291,6 +291,9 @@ def test_bad_tls_config_names_the_field(certs, tmp_path, ferroxy_upstream, ferro
     no_ca = TlsConfig(cert=good.cert, key=good.key, client_auth="required")
     with pytest.raises(ValueError, match="client_ca"):
         ferroxy_proxy(tls_app(ferroxy_upstream.addr, no_ca))
+    strict = TlsConfig(cert=other.cert, key=other.key, client_ca=good.cert, client_auth="required")
+    with pytest.raises(ValueError, match=r"tls\[1\]\.client_ca"):
+        ferroxy_proxy(tls_app(ferroxy_upstream.addr, [good, strict]))
     with pytest.raises(ValueError, match="tls_listen"):
         ferroxy_proxy(tls_app(ferroxy_upstream.addr, None), tls_listen=f"{HOST}:0")
 
@@ -317,3 +320,18 @@ def test_cli_tls_cert_and_sighup_reload(certs, tmp_path, ferroxy_upstream) -> No
         assert wait_until(lambda: "TLS certificates reloaded" in cli.stderr(), timeout=5)
         r = httpx.get(url, verify=renewed.client_context(), timeout=10)
         assert r.status_code == 200
+
+
+def test_a_stalled_handshake_does_not_hold_the_shutdown(certs, ferroxy_upstream) -> None:
+    from ferroxy.testing import start_proxy
+
+    proxy = start_proxy(tls_app(ferroxy_upstream.addr, certs.issue("localhost")), grace_period=20)
+    sock = raw_connect(proxy.port)  # connects, and never says hello
+    try:
+        wait_until(lambda: port_accepts(proxy.port))
+        started = time.monotonic()
+        proxy.stop()
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    assert took < 5, f"shutdown waited {took:.1f}s on a client stuck before its handshake"

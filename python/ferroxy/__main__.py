@@ -10,6 +10,7 @@ bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("ferroxy: error: --tls-cert and --tls-key go together", file=sys.stderr)
             return _EXIT_USAGE
         if args.tls_cert is not None:
-            options["tls"] = TlsConfig(cert=args.tls_cert, key=args.tls_key)
+            options["tls"] = _cli_certificate(app, args.tls_cert, args.tls_key)
         run(app, **options)
     except (OSError, TypeError, ValueError) as error:
         # Everything run() raises is about start-up: binding or the configuration.
@@ -104,6 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if demo_upstream is not None:
             demo_upstream.stop()
     return _EXIT_OK
+
+
+def _cli_certificate(app: Any, cert: str, key: str) -> TlsConfig:
+    """--tls-cert/--tls-key: the app's first TlsConfig with these files, so that its client
+    certificate policy stays (replacing it whole would quietly turn mutual TLS off)."""
+    declared = getattr(app, "tls", None)
+    first = declared if isinstance(declared, TlsConfig) else next(iter(declared or ()), None)
+    if isinstance(first, TlsConfig):
+        return dataclasses.replace(first, cert=cert, key=key)
+    return TlsConfig(cert=cert, key=key)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -314,11 +314,41 @@ async fn accept_loop(
 /// connection when it fails.
 async fn prelude(
     endpoint: Arc<Endpoint>,
-    mut stream: tokio::net::TcpStream,
-    mut downstream: DownstreamDigest,
+    stream: tokio::net::TcpStream,
+    downstream: DownstreamDigest,
     service: Arc<dyn Service>,
     shutdown: ShutdownSignal,
 ) {
+    // A client still in its handshake when shutdown begins (a balancer's TCP probe that
+    // sends nothing) would otherwise hold the stop for the whole grace period.
+    let mut stopping = shutdown.clone();
+    let prepared = prepare(&endpoint, stream, downstream);
+    tokio::select! {
+        prepared = prepared => {
+            if let Some((stream, downstream)) = prepared {
+                service
+                    .serve_connection(stream, Arc::new(downstream), shutdown)
+                    .await;
+            }
+        }
+        // A handshake already under way gets a moment to finish: its request is served as
+        // closing, as a plain connection's would be.
+        () = async {
+            stopping.begun().await;
+            tokio::time::sleep(HANDSHAKE_AFTER_SHUTDOWN).await;
+        } => {}
+    }
+}
+
+/// How long a connection still before its service when shutdown begins may take to get there.
+const HANDSHAKE_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// The PROXY protocol header and the TLS handshake; None when either failed (logged).
+async fn prepare(
+    endpoint: &Endpoint,
+    mut stream: tokio::net::TcpStream,
+    mut downstream: DownstreamDigest,
+) -> Option<(DownstreamStream, DownstreamDigest)> {
     if endpoint.proxy_protocol {
         let within = endpoint
             .tls
@@ -332,7 +362,7 @@ async fn prelude(
             Err(error) => {
                 let client = downstream.client_addr;
                 tracing::info!(%client, listener = %endpoint.listener, "{error}; connection closed");
-                return;
+                return None;
             }
         }
     }
@@ -346,13 +376,11 @@ async fn prelude(
             }
             Err(error) => {
                 tracing::info!(client = %downstream.client_addr, "{error}");
-                return;
+                return None;
             }
         },
     };
-    service
-        .serve_connection(stream, Arc::new(downstream), shutdown)
-        .await;
+    Some((stream, downstream))
 }
 
 /// Stops a background service started on a running server

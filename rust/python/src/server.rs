@@ -309,7 +309,6 @@ impl PyServer {
         Ok(())
     }
 
-    /// Reopen the access log file at its path (after logrotate renamed it).
     /// Read every TLS listener's certificate, key and CA files again (`Proxy.reload_tls`,
     /// SIGHUP): new handshakes use them, open connections keep theirs. A file that cannot be
     /// used raises ValueError naming it, and the certificates in use stay.
@@ -328,6 +327,7 @@ impl PyServer {
         Ok(!acceptors.is_empty())
     }
 
+    /// Reopen the access log file at its path (after logrotate renamed it).
     fn reopen_access_log(&self) {
         if let Some(log) = &self.config.access_log {
             log.reopen();

@@ -30,6 +30,18 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
             "tls: an empty list (give at least one TlsConfig)",
         ));
     };
+    // One listener has one client-certificate policy: a later entry that asks for another
+    // would otherwise be ignored, and fail open.
+    for (i, config) in configs.iter().enumerate().skip(1) {
+        for field in ["client_ca", "client_auth", "handshake_timeout"] {
+            if !config.getattr(field)?.eq(first.getattr(field)?)? {
+                return Err(PyValueError::new_err(format!(
+                    "tls[{i}].{field}: every TlsConfig of one listener shares the first one's \
+                     {field} (set it the same on each)"
+                )));
+            }
+        }
+    }
     let mut certificates = Vec::with_capacity(configs.len());
     for config in &configs {
         certificates.push(CertificateFiles {
