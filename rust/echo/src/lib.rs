@@ -13,6 +13,9 @@
 //! - `/bytes/{n}`: `n` bytes of the pattern `byte[i] = i % 251`, generated lazily.
 //! - `/close`: announces `content-length: 1000000`, sends 1000 bytes, then aborts
 //!   the connection.
+//! - `/trailers`: the JSON echo (which reports the request's trailers on every route) with
+//!   no length, then trailers: the request's own and `x-body-sha256`, declared in a
+//!   `Trailer` header (HTTP/1.1 sends them when the request says `TE: trailers`).
 
 use std::future::Future;
 use std::io;
@@ -25,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRAILER};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -360,7 +363,12 @@ fn bind(listen: &str) -> io::Result<std::net::TcpListener> {
 }
 
 enum Route {
-    Echo { status: StatusCode, delay: Duration },
+    Echo {
+        status: StatusCode,
+        delay: Duration,
+    },
+    /// `/trailers`: the echo, then trailers (see [`Reply::WithTrailers`]).
+    Trailers,
     Bytes(u64),
     Close,
     BadRequest(&'static str),
@@ -370,6 +378,8 @@ fn route(path: &str) -> Route {
     let echo = |status, delay| Route::Echo { status, delay };
     if path == "/close" {
         Route::Close
+    } else if path == "/trailers" {
+        Route::Trailers
     } else if let Some(code) = path.strip_prefix("/status/") {
         match code.parse::<u16>() {
             Ok(code @ 100..=599) => match StatusCode::from_u16(code) {
@@ -402,7 +412,7 @@ async fn handle(
     let response = match route(req.uri().path()) {
         Route::Echo { status, delay } => {
             let (parts, body) = req.into_parts();
-            let (body_length, body_sha256) = drain(body).await?;
+            let (body_length, body_sha256, trailers) = drain(body).await?;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -414,9 +424,33 @@ async fn handle(
             {
                 respond(status, None, Reply::Full(None))
             } else {
-                let json = echo_json(&parts, body_length, &body_sha256, &conn);
+                let json = echo_json(&parts, body_length, &body_sha256, trailers.as_ref(), &conn);
                 respond(status, Some("application/json"), Reply::Full(Some(json)))
             }
+        }
+        Route::Trailers => {
+            let (parts, body) = req.into_parts();
+            let (body_length, body_sha256, trailers) = drain(body).await?;
+            let json = echo_json(&parts, body_length, &body_sha256, trailers.as_ref(), &conn);
+            // The request's trailers come back, with the body's digest beside them.
+            let mut sent = trailers.unwrap_or_default();
+            sent.insert(
+                HeaderName::from_static("x-body-sha256"),
+                HeaderValue::try_from(body_sha256).expect("hex is a valid header value"),
+            );
+            let declared: Vec<&str> = sent.keys().map(HeaderName::as_str).collect();
+            let declared = HeaderValue::try_from(declared.join(", ")).expect("names are valid");
+            let mut response = respond(
+                StatusCode::OK,
+                Some("application/json"),
+                Reply::WithTrailers {
+                    body: Some(json),
+                    trailers: Some(sent),
+                },
+            );
+            // HTTP/1.1 sends only the trailers its head declares.
+            response.headers_mut().insert(TRAILER, declared);
+            response
         }
         Route::Bytes(total) => {
             let mut response = respond(
@@ -463,18 +497,22 @@ fn respond(status: StatusCode, content_type: Option<&'static str>, body: Reply) 
     response
 }
 
-/// Reads the body frame by frame (never buffering it), returning its length and
-/// hex SHA-256.
-async fn drain(mut body: Incoming) -> Result<(u64, String), hyper::Error> {
+/// Reads the body frame by frame (never buffering it), returning its length, hex SHA-256
+/// and trailers.
+async fn drain(mut body: Incoming) -> Result<(u64, String, Option<HeaderMap>), hyper::Error> {
     let mut hasher = Sha256::new();
     let mut length = 0u64;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        if let Some(data) = frame?.data_ref() {
-            hasher.update(data);
-            length += data.len() as u64;
+        match frame?.into_data() {
+            Ok(data) => {
+                hasher.update(&data);
+                length += data.len() as u64;
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
-    Ok((length, hex(&hasher.finalize())))
+    Ok((length, hex(&hasher.finalize()), trailers))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -491,6 +529,7 @@ fn echo_json(
     parts: &http::request::Parts,
     body_length: u64,
     body_sha256: &str,
+    trailers: Option<&HeaderMap>,
     conn: &Conn,
 ) -> Bytes {
     let lossy = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
@@ -519,6 +558,12 @@ fn echo_json(
         "header_list": header_list,
         "body_length": body_length,
         "body_sha256": body_sha256,
+        "trailers": trailers.map(|trailers| {
+            trailers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), Value::String(lossy(value))))
+                .collect::<Map<String, Value>>()
+        }),
         "connection": conn.no,
         "tls": conn.tls,
         "sni": conn.sni.as_deref(),
@@ -551,6 +596,11 @@ enum Reply {
     Truncated {
         first: Option<Bytes>,
         pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
+    /// `/trailers`: one chunk of unknown length (chunked on HTTP/1.1), then trailers.
+    WithTrailers {
+        body: Option<Bytes>,
+        trailers: Option<HeaderMap>,
     },
 }
 
@@ -587,6 +637,12 @@ impl Body for Reply {
                     "echo /close: aborting mid-body",
                 ))))
             }
+            Reply::WithTrailers { body, trailers } => Poll::Ready(
+                body.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
         }
     }
 
@@ -595,6 +651,7 @@ impl Body for Reply {
             Reply::Full(chunk) => chunk.is_none(),
             Reply::Pattern { sent, total } => sent >= total,
             Reply::Truncated { .. } => false,
+            Reply::WithTrailers { body, trailers } => body.is_none() && trailers.is_none(),
         }
     }
 
@@ -604,7 +661,7 @@ impl Body for Reply {
                 SizeHint::with_exact(chunk.as_ref().map_or(0, |c| c.len() as u64))
             }
             Reply::Pattern { sent, total } => SizeHint::with_exact(total - sent),
-            Reply::Truncated { .. } => SizeHint::default(),
+            Reply::Truncated { .. } | Reply::WithTrailers { .. } => SizeHint::default(),
         }
     }
 }

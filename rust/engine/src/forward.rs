@@ -9,12 +9,13 @@ use http::{Uri, Version};
 use crate::digest::Scheme;
 use crate::peer::UpstreamProtocol;
 
-/// Headers that describe one connection, never forwarded, whatever Connection says.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never forwarded, whatever Connection says (RFC 9110
+/// section 7.6.1). `Trailer` is not among them: it declares the trailer fields end to end,
+/// and an HTTP/1.1 hop sends only the trailers it declares.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("proxy-connection"),
@@ -48,9 +49,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
                 .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
     };
     let mut chunked = false;
+    let mut te = false;
     let mut doomed = Vec::new();
     for name in headers.keys() {
         chunked |= name == header::TRANSFER_ENCODING;
+        te |= name == header::TE;
         if HOP_BY_HOP.contains(name) || also.contains(name) || named_in_connection(name) {
             doomed.push(name.clone());
         }
@@ -58,9 +61,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     if chunked {
         doomed.push(header::CONTENT_LENGTH);
     }
+    // A client that accepts trailers says so to each hop, and the next one must hear it
+    // too, or trailers stop at us: gRPC servers refuse calls without `te: trailers`, and an
+    // HTTP/1.1 server sends none unless asked (RFC 9110 section 10.1.4). Nothing else in TE
+    // goes on: transfer codings are the hop's own.
+    let trailers = te && accepts_trailers(headers);
     for name in doomed {
         headers.remove(name);
     }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a TE header lists `trailers` (`TE: gzip, trailers`; parameters aside).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let name = coding.split(';').next().unwrap_or("");
+            name.trim().eq_ignore_ascii_case("trailers")
+        })
 }
 
 /// Build the request head sent upstream from the downstream one: HTTP/1.1, origin-form
@@ -233,7 +257,7 @@ mod tests {
                 ("host", "example.com"),
                 ("connection", "keep-alive, x-secret"),
                 ("x-secret", "1"),
-                ("te", "trailers"),
+                ("te", "gzip"),
                 ("proxy-authorization", "Basic x"),
                 ("x-kept", "yes"),
             ],
@@ -247,6 +271,20 @@ mod tests {
         assert_eq!(up.headers["x-forwarded-host"], "example.com");
         assert_eq!(up.headers["x-forwarded-proto"], "http");
         assert_eq!(up.headers["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn te_goes_on_as_trailers_alone_and_trailer_goes_on() {
+        let req = request(
+            "/x",
+            &[
+                ("te", "gzip;q=0.5, Trailers;q=1"),
+                ("trailer", "x-checksum"),
+            ],
+        );
+        let up = upstream_request(&req, "10.0.0.1".parse().unwrap(), Scheme::Http);
+        assert_eq!(up.headers["te"], "trailers");
+        assert_eq!(up.headers["trailer"], "x-checksum");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod error;
 pub mod filters;
 pub mod flood;
 pub mod forward;
+pub mod grpc;
 pub mod http_service;
 pub mod lb;
 pub mod listener;

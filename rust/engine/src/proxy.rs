@@ -33,10 +33,9 @@ const MAX_CONNECT_ATTEMPTS: usize = 16;
 /// (not yet in `session.tries`).
 #[inline]
 fn retries_left(session: &Session) -> bool {
-    let policy = &session.retry;
-    session.tries.len() < policy.max_retries
-        && policy
-            .deadline
+    session.tries.len() < session.retry.max_retries
+        && session
+            .deadline()
             .is_none_or(|deadline| session.started.elapsed() < deadline)
 }
 
@@ -65,7 +64,7 @@ impl TryLimit {
     fn starting_now(session: &Session) -> Option<TryLimit> {
         let policy = &session.retry;
         let own = policy.try_timeout.map(|t| std::time::Instant::now() + t);
-        let overall = policy.deadline.map(|d| session.started + d);
+        let overall = session.deadline().map(|d| session.started + d);
         match (own, overall) {
             (Some(own), Some(overall)) if overall < own => Some(TryLimit {
                 at: overall,
@@ -323,6 +322,12 @@ impl<P: ProxyHttp> ProxyService<P> {
         }
         let mut page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
             Some(page) => page,
+            None if crate::grpc::is_call(&session.req.headers) => {
+                let deadline_passed = session
+                    .client_deadline
+                    .is_some_and(|deadline| session.started.elapsed() >= deadline);
+                crate::grpc::error_response(&error, deadline_passed)
+            }
             None => Response::error_page(&error),
         };
         if let Some(filters) = &session.rules().filters {

@@ -36,6 +36,9 @@ pub struct Session {
     /// How this request may be tried again: a load balancer's policy, set when it picks
     /// (none for a fixed peer).
     pub retry: RetryPolicy,
+    /// How long the client gave its call, counted from `started`: a gRPC call's
+    /// `grpc-timeout`. Every try ends by then, as by `retry.deadline`.
+    pub client_deadline: Option<std::time::Duration>,
     /// The failed tries so far, in order.
     pub tries: Vec<FailedTry>,
     /// The index of the route that matched, in the router's list (see [`crate::route`]).
@@ -56,6 +59,16 @@ pub struct Session {
 }
 
 impl Session {
+    /// When all tries must be over, counted from `started`: the balancer's retry deadline
+    /// or the client's own (`client_deadline`), whichever comes first.
+    #[inline]
+    pub fn deadline(&self) -> Option<std::time::Duration> {
+        match (self.retry.deadline, self.client_deadline) {
+            (Some(ours), Some(clients)) => Some(ours.min(clients)),
+            (ours, clients) => ours.or(clients),
+        }
+    }
+
     pub fn new(req: http::Request<ProxyBody>, downstream: Arc<DownstreamDigest>) -> Self {
         let (req, body) = req.into_parts();
         Session {
@@ -66,6 +79,12 @@ impl Session {
 
     /// A session for a request head with no body (tests, benchmarks, synthetic requests).
     pub fn from_parts(req: http::request::Parts, downstream: Arc<DownstreamDigest>) -> Self {
+        // gRPC runs over HTTP/2 only: HTTP/1 requests skip the lookup.
+        let client_deadline = if req.version == http::Version::HTTP_2 {
+            crate::grpc::timeout(&req.headers)
+        } else {
+            None
+        };
         Session {
             req,
             downstream,
@@ -76,6 +95,7 @@ impl Session {
             keepalive: true,
             backend: None,
             retry: RetryPolicy::default(),
+            client_deadline,
             tries: Vec::new(),
             route: None,
             strip_prefix: None,
