@@ -135,15 +135,15 @@ def open_connections(port: int, count: int, payload: bytes, answered: bool) -> l
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{len(pending)} responses missing after 30s")
                 for key, _ in selector.select(1.0):
-                    conn = key.fileobj
-                    assert isinstance(conn, socket.socket)
-                    chunk = conn.recv(65536)
+                    ready = key.fileobj
+                    assert isinstance(ready, socket.socket)
+                    chunk = ready.recv(65536)
                     if not chunk:
                         raise RuntimeError("the proxy closed a connection before answering")
-                    pending[conn] += chunk
-                    if response_complete(pending[conn]):
-                        selector.unregister(conn)
-                        del pending[conn]
+                    pending[ready] += chunk
+                    if response_complete(pending[ready]):
+                        selector.unregister(ready)
+                        del pending[ready]
     return conns
 
 
@@ -266,7 +266,7 @@ def main() -> int:
     command = "python bench/idle_memory.py " + " ".join(sys.argv[1:])
     targets = []
     with tempfile.TemporaryDirectory(prefix="ferroxy-idle-") as tmp, fleet_in(Path(tmp)) as fleet:
-        upstream, upstream_ports = start_upstream(fleet)
+        upstream, upstream_ports, _ = start_upstream(fleet)
         starters: dict[str, Callable[[], Server]] = {
             "nginx": lambda: start_nginx(fleet, [upstream.port], worker_connections=needed),
             # Its default thread count on this machine (one per CPU), although pinned.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,6 +81,20 @@ FERROXY_MODES = {
 POOL_SIZE = 100
 #: nginx round robin over the same 100 backends: the pool-of-100 row's yardstick.
 NGINX_POOL_ROW = "nginx, 100 servers, round robin"
+#: The rows behind a TLS listener (HTTP/1.1 and h2 by ALPN, one certificate made at run time),
+#: each measured under the TLS loads below; ferroxy's on the current build only.
+TLS_ROWS = {
+    "nginx": "nginx, TLS",
+    "haproxy": "haproxy, TLS",
+    "ferroxy": "ferroxy-1 rust path, no access log, TLS",
+}
+#: The rows that speak cleartext HTTP/2 with prior knowledge (h2c) to the upstream, measured
+#: under HTTP/1.1 keep-alive like the plain rows. nginx has none: it proxies HTTP/2 upstream
+#: only for gRPC (grpc_pass).
+H2_UPSTREAM_ROWS = {
+    "haproxy": "haproxy, h2 upstream",
+    "ferroxy": "ferroxy-1 rust path, no access log, h2 upstream",
+}
 BASELINE_SUFFIX = " (baseline)"
 
 
@@ -121,6 +137,8 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     h2_port: int | None = None
+    #: "https" for a TLS listener (which offers h2 and http/1.1 by ALPN).
+    scheme: str = "http"
 
     def pids(self) -> list[int]:
         pids, todo = [], [self.proc.pid]
@@ -182,6 +200,7 @@ class Fleet:
         port: int,
         h2_port: int | None = None,
         env: dict[str, str] | None = None,
+        scheme: str = "http",
     ) -> Server:
         log = open(self.file(name, ".log"), "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -191,7 +210,7 @@ class Fleet:
             env={**os.environ, **(env or {})},
             cwd=REPO,
         )
-        server = Server(name, proc, port, h2_port)
+        server = Server(name, proc, port, h2_port, scheme)
         self.servers.append(server)
         wait_for_port(port)
         return server
@@ -224,11 +243,14 @@ http {{
     return conf
 
 
-def start_upstream(fleet: Fleet) -> tuple[Server, list[int]]:
-    """The upstream nginx, and the ports it listens on (the first is the static peer's; all
-    of them are the load-balanced rows' backends)."""
-    ports = free_ports(POOL_SIZE)
-    listens = "\n        ".join(f"listen 127.0.0.1:{port};" for port in ports)
+def start_upstream(fleet: Fleet) -> tuple[Server, list[int], int]:
+    """The upstream nginx, the ports it listens on (the first is the static peer's; all
+    of them are the load-balanced rows' backends), and its cleartext HTTP/2 (h2c, prior
+    knowledge) port, the h2-upstream rows' backend."""
+    *ports, h2c_port = free_ports(POOL_SIZE + 1)
+    listens = "\n        ".join(
+        [f"listen 127.0.0.1:{port};" for port in ports] + [f"listen 127.0.0.1:{h2c_port} http2;"]
+    )
     conf = nginx_conf(
         fleet.workdir,
         f"""
@@ -238,7 +260,8 @@ def start_upstream(fleet: Fleet) -> tuple[Server, list[int]]:
     }}""",
     )
     server = fleet.start("upstream nginx", ["nginx", "-c", str(conf), "-e", "stderr"], ports[0])
-    return server, ports
+    wait_for_port(h2c_port)
+    return server, ports, h2c_port
 
 
 def start_nginx(
@@ -267,9 +290,43 @@ def start_nginx(
     return fleet.start(name, ["nginx", "-c", str(conf), "-e", "stderr"], port, h2_port)
 
 
-def start_haproxy(fleet: Fleet, upstream: int) -> Server:
+def start_nginx_tls(fleet: Fleet, upstream: int, certificate: Certificate) -> Server:
+    """nginx as start_nginx's, behind a TLS listener offering h2 and http/1.1 by ALPN (nginx
+    1.22 spells it ``listen ... ssl http2``), its TLS settings the defaults but for the
+    protocols, TLS 1.2 and 1.3 as ferroxy's."""
     port = free_port()
-    conf = fleet.workdir / "haproxy.cfg"
+    conf = nginx_conf(
+        fleet.workdir,
+        f"""
+    upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {certificate.cert};
+        ssl_certificate_key {certificate.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}""",
+    )
+    argv = ["nginx", "-c", str(conf), "-e", "stderr"]
+    return fleet.start(TLS_ROWS["nginx"], argv, port, port, scheme="https")
+
+
+def start_haproxy(
+    fleet: Fleet,
+    upstream: int,
+    name: str = "haproxy",
+    bind_options: str = "",
+    server_options: str = "",
+    scheme: str = "http",
+) -> Server:
+    """HAProxy in front of ``upstream``; ``bind_options`` and ``server_options`` end its
+    frontend's ``bind`` and its backend's ``server`` lines (TLS, h2 to the upstream)."""
+    port = free_port()
+    conf = fleet.file(name, ".cfg")
     conf.write_text(f"""
 global
     nbthread 1
@@ -281,13 +338,72 @@ defaults
     timeout server 60s
     http-reuse always
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} {bind_options}
     default_backend be
 backend be
-    server up 127.0.0.1:{upstream}
+    server up 127.0.0.1:{upstream} {server_options}
 """)
-    # HAProxy detects the h2 preface on a clear HTTP bind: h2c on the same port.
-    return fleet.start("haproxy", ["haproxy", "-f", str(conf), "-db"], port, port)
+    # HAProxy detects the h2 preface on a clear HTTP bind (h2c on the same port), and picks
+    # h2 by ALPN on a TLS one.
+    return fleet.start(name, ["haproxy", "-f", str(conf), "-db"], port, port, scheme=scheme)
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """One self-signed ECDSA P-256 certificate for localhost and 127.0.0.1, made at run time
+    and served by every TLS row; ``combined`` is both in one file, as HAProxy's ``crt``."""
+
+    cert: Path
+    key: Path
+    combined: Path
+
+    @classmethod
+    def make(cls, workdir: Path) -> Certificate:
+        cert, key, combined = (workdir / n for n in ("tls.crt", "tls.key", "tls.pem"))
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-sha256",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        combined.write_bytes(cert.read_bytes() + key.read_bytes())
+        return cls(cert, key, combined)
+
+
+def negotiated(server: Server) -> str:
+    """The TLS version and cipher a default OpenSSL client settles with ``server``, and the
+    ALPN protocol it picks when offered h2 and http/1.1: what the TLS rows measure."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with (
+        socket.create_connection(("127.0.0.1", server.port), 5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        cipher = tls.cipher()
+        return (
+            f"{tls.version()} {cipher[0] if cipher else '?'}, ALPN {tls.selected_alpn_protocol()}"
+        )
 
 
 def start_mitmproxy(fleet: Fleet, upstream: int) -> Server:
@@ -370,8 +486,11 @@ def start_ferroxy(
     mode: Mode,
     ferroxy: Ferroxy,
     threads: int = 1,
+    h2c_upstream: int | None = None,
+    certificate: Certificate | None = None,
 ) -> tuple[Server, Path | None]:
-    """Start one ferroxy row; also returns the file its access log goes to, if it has one."""
+    """Start one ferroxy row; also returns the file its access log goes to, if it has one.
+    With ``certificate`` its listener serves TLS (``--tls-cert``)."""
     port = free_port()
     argv = [
         ferroxy.python,
@@ -400,7 +519,13 @@ def start_ferroxy(
         "FERROXY_BENCH_UPSTREAM": f"127.0.0.1:{upstreams[0]}",
         "FERROXY_BENCH_POOL": ",".join(f"127.0.0.1:{p}" for p in upstreams),
     }
-    return fleet.start(name, argv, port, port, env=env), access_log
+    if h2c_upstream is not None:
+        env["FERROXY_BENCH_H2C_UPSTREAM"] = f"127.0.0.1:{h2c_upstream}"
+    scheme = "http"
+    if certificate is not None:
+        argv += ["--tls-cert", str(certificate.cert), "--tls-key", str(certificate.key)]
+        scheme = "https"
+    return fleet.start(name, argv, port, port, env=env, scheme=scheme), access_log
 
 
 # ------------------------------------------------------------------------- load
@@ -429,8 +554,17 @@ def _us(value: str, unit: str) -> float:
     return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
 
-def wrk(port: int, seconds: float, connections: int = 50) -> tuple[float, int, float, float]:
-    """requests/s, requests, p50 and p99 in microseconds."""
+def wrk(
+    port: int,
+    seconds: float,
+    connections: int = 50,
+    scheme: str = "http",
+    new_connections: bool = False,
+) -> tuple[float, int, float, float]:
+    """requests/s, requests, p50 and p99 in microseconds. With ``new_connections`` each
+    request asks for ``Connection: close``: the server closes after answering and wrk opens
+    a new connection (a full TLS handshake: wrk resumes no session) for the next."""
+    close = ["-H", "Connection: close"] if new_connections else []
     argv = pinned(
         LOAD_CPU,
         [
@@ -439,7 +573,8 @@ def wrk(port: int, seconds: float, connections: int = 50) -> tuple[float, int, f
             f"-c{connections}",
             f"-d{max(1, round(seconds))}s",
             "--latency",
-            f"http://127.0.0.1:{port}/",
+            *close,
+            f"{scheme}://127.0.0.1:{port}/",
         ],
     )
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
@@ -453,10 +588,20 @@ def wrk(port: int, seconds: float, connections: int = 50) -> tuple[float, int, f
     return rps, total, _us(*p50.groups()), _us(*p99.groups())  # type: ignore[union-attr]
 
 
-def h2load(port: int, seconds: float) -> tuple[float, int]:
+def h2load(port: int, seconds: float, scheme: str = "http") -> tuple[float, int]:
+    """requests/s and requests; over TLS (``scheme="https"``) h2 is chosen by ALPN."""
     argv = pinned(
         LOAD_CPU,
-        ["h2load", "-c", "10", "-m", "10", "-D", str(int(seconds)), f"http://127.0.0.1:{port}/"],
+        [
+            "h2load",
+            "-c",
+            "10",
+            "-m",
+            "10",
+            "-D",
+            str(max(1, int(seconds))),
+            f"{scheme}://127.0.0.1:{port}/",
+        ],
     )
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
@@ -467,6 +612,32 @@ def h2load(port: int, seconds: float) -> tuple[float, int]:
 
 
 Load = Callable[[], tuple[float, int, float | None, float | None]]
+TlsLoad = Callable[[Server, float], tuple[float, int, float | None, float | None]]
+
+
+def tls_keep_alive(server: Server, seconds: float) -> tuple[float, int, float, float]:
+    return wrk(server.port, seconds, scheme=server.scheme)
+
+
+def tls_new_connections(server: Server, seconds: float) -> tuple[float, int, float, float]:
+    return wrk(server.port, seconds, scheme=server.scheme, new_connections=True)
+
+
+def tls_h2(server: Server, seconds: float) -> tuple[float, int, None, None]:
+    rps, total = h2load(server.port, seconds, server.scheme)
+    return rps, total, None, None
+
+
+#: What the TLS rows are measured under: a short name, and a report section's title.
+TLS_LOADS: dict[str, tuple[str, TlsLoad]] = {
+    "keep-alive": ("TLS, HTTP/1.1 keep-alive, `wrk -t1 -c50 --latency`", tls_keep_alive),
+    "new connections": (
+        "TLS, HTTP/1.1, a new connection and a full handshake per request, "
+        "`wrk -t1 -c50 --latency -H 'Connection: close'`",
+        tls_new_connections,
+    ),
+    "h2": ("TLS, HTTP/2 by ALPN, `h2load -c 10 -m 10`", tls_h2),
+}
 
 
 def measured(server: Server, run: Load, max_steal: float = 100.0, tries: int = 1) -> Sample:
@@ -504,7 +675,8 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(results: dict[str, list[Sample]], base: str) -> list[str]:
+def table(results: dict[str, list[Sample]], base: str, label: str = "nginx") -> list[str]:
+    """A row per target, with ratios to the row ``base`` (called ``label`` in the header)."""
     med = {
         name: Sample(
             median([s.rps for s in ss]) or 0.0,
@@ -518,15 +690,16 @@ def table(results: dict[str, list[Sample]], base: str) -> list[str]:
     }
     b = med.get(base)
     rows = [
-        "| target | req/s | vs nginx | p50 us | p99 us | p99 vs nginx | proxy CPU us/req "
-        "| CPU vs nginx | peak RSS MiB | CPU 1 steal % | rounds |",
+        f"| target | req/s | vs {label} | p50 us | p99 us | p99 vs {label} | proxy CPU us/req "
+        f"| CPU vs {label} | peak RSS MiB | CPU 1 steal % | rounds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in med.items():
         rows.append(
-            f"| {name} | {m.rps:,.0f} | {ratio(m.rps, b and b.rps)} | {fmt(m.p50_us)} | "
-            f"{fmt(m.p99_us)} | {ratio(m.p99_us, b and b.p99_us)} | "
-            f"{fmt(m.cpu_us_per_req, '.1f')} | {ratio(m.cpu_us_per_req, b and b.cpu_us_per_req)}"
+            f"| {name} | {m.rps:,.0f} | {ratio(m.rps, b.rps if b else None)} | {fmt(m.p50_us)} | "
+            f"{fmt(m.p99_us)} | {ratio(m.p99_us, b.p99_us if b else None)} | "
+            f"{fmt(m.cpu_us_per_req, '.1f')} | "
+            f"{ratio(m.cpu_us_per_req, b.cpu_us_per_req if b else None)}"
             f" | {fmt(m.rss_mib, '.1f')} | {fmt(m.steal_pct)} | {len(results[name])} |"
         )
     return rows
@@ -689,7 +862,7 @@ def main() -> int:
     if args.smoke:
         args.rounds, args.duration, args.warmup = 1, 2.0, 0.5
         args.only = args.only or "upstream,ferroxy-1"
-    needed = ["nginx", "wrk", "taskset"] + ([] if args.smoke else ["haproxy", "h2load"])
+    needed = ["nginx", "wrk", "taskset"] + ([] if args.smoke else ["haproxy", "h2load", "openssl"])
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)} (see bench/README.md)", file=sys.stderr)
@@ -711,7 +884,7 @@ def main() -> int:
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ferroxy-bench-") as tmp:
         with fleet_in(Path(tmp)) as fleet:
-            upstream, pool_ports = start_upstream(fleet)
+            upstream, pool_ports, h2c_port = start_upstream(fleet)
             targets: dict[str, Server] = {"direct to upstream": upstream}
             if selected("nginx"):
                 targets["nginx"] = start_nginx(fleet, [upstream.port])
@@ -753,13 +926,54 @@ def main() -> int:
                     static_group = group
                 if len(group) == len(sides):
                     ab_modes.append(mode_name)
+            # The h2-upstream and TLS rows: the current build only, and not in a smoke run
+            # (which needs neither HAProxy nor h2load).
+            h2_upstream_group = []
+            if not args.smoke and selected(name := H2_UPSTREAM_ROWS["haproxy"]):
+                targets[name] = start_haproxy(fleet, h2c_port, name, server_options="proto h2")
+                h2_upstream_group.append(name)
+            if not args.smoke and selected(name := H2_UPSTREAM_ROWS["ferroxy"]):
+                h2_mode = Mode("H2Upstream", module="h2_apps")
+                targets[name], _ = start_ferroxy(
+                    fleet, pool_ports, name, h2_mode, current, h2c_upstream=h2c_port
+                )
+                h2_upstream_group.append(name)
+            if h2_upstream_group:
+                groups.append(h2_upstream_group)
+            tls_targets: dict[str, Server] = {}
+            if not args.smoke and any(map(selected, TLS_ROWS.values())):
+                certificate = Certificate.make(fleet.workdir)
+                if selected(name := TLS_ROWS["nginx"]):
+                    tls_targets[name] = start_nginx_tls(fleet, upstream.port, certificate)
+                if selected(name := TLS_ROWS["haproxy"]):
+                    tls_targets[name] = start_haproxy(
+                        fleet,
+                        upstream.port,
+                        name,
+                        bind_options=f"ssl crt {certificate.combined} alpn h2,http/1.1",
+                        scheme="https",
+                    )
+                if selected(name := TLS_ROWS["ferroxy"]):
+                    tls_targets[name], _ = start_ferroxy(
+                        fleet,
+                        pool_ports,
+                        name,
+                        FERROXY_MODES[NO_ACCESS_LOG_ROW],
+                        current,
+                        certificate=certificate,
+                    )
+            tls_groups = [[name] for name in tls_targets]
+            tls_results: dict[str, dict[str, list[Sample]]] = {
+                load: {name: [] for name in tls_targets} for load in TLS_LOADS
+            }
+            tls_settled = {name: negotiated(server) for name, server in tls_targets.items()}
             mitm = None
             if selected("mitmproxy") and shutil.which("mitmdump") and not args.smoke:
                 mitm = start_mitmproxy(fleet, upstream.port)
 
-            width = max(map(len, targets))
-            for server in targets.values():
-                wrk(server.port, args.warmup)
+            width = max(map(len, [*targets, *tls_targets]))
+            for server in [*targets.values(), *tls_targets.values()]:
+                wrk(server.port, args.warmup, scheme=server.scheme)
             h1: dict[str, list[Sample]] = {name: [] for name in targets}
             h2: dict[str, list[Sample]] = {n: [] for n, s in targets.items() if s.h2_port}
             single: dict[str, list[Sample]] = {name: [] for name in targets}
@@ -769,7 +983,7 @@ def main() -> int:
                     server = targets[name]
                     sample = measured(
                         server,
-                        lambda s=server: wrk(s.port, args.duration),
+                        functools.partial(wrk, server.port, args.duration),
                         args.max_steal,
                         args.tries,
                     )
@@ -793,6 +1007,23 @@ def main() -> int:
                 for name in order:
                     rps, _, p50, p99 = wrk(targets[name].port, min(args.duration, 5.0), 1)
                     single[name].append(Sample(rps, p50, p99))
+                tls_order = round_order(tls_groups, round_no)
+                for load, (_, run) in TLS_LOADS.items():
+                    for name in tls_order:
+                        server = tls_targets[name]
+                        sample = measured(
+                            server,
+                            functools.partial(run, server, args.duration),
+                            args.max_steal,
+                            args.tries,
+                        )
+                        tls_results[load][name].append(sample)
+                        print(
+                            f"round {round_no} {name:{width}} {sample.rps:>10,.0f} req/s  "
+                            f"cpu {fmt(sample.cpu_us_per_req, '.1f')} us/req  "
+                            f"steal {fmt(sample.steal_pct)}%  TLS {load}",
+                            flush=True,
+                        )
             if mitm is not None:
                 wrk(mitm.port, 1.0)
                 h1["mitmproxy (1 short round)"] = [measured(mitm, lambda: wrk(mitm.port, 3.0))]
@@ -824,8 +1055,43 @@ def main() -> int:
         "",
         "## HTTP/1.1 keep-alive, `wrk -t1 -c50 --latency`",
         "",
-        *table(h1, "nginx"),
+        *table({n: ss for n, ss in h1.items() if n not in H2_UPSTREAM_ROWS.values()}, "nginx"),
     ]
+    h2_upstream_rows = [H2_UPSTREAM_ROWS["haproxy"], H2_UPSTREAM_ROWS["ferroxy"]]
+    if any(name in h1 for name in h2_upstream_rows):
+        # Each h2-upstream row beside the same proxy with HTTP/1.1 to the upstream.
+        beside = ["haproxy", h2_upstream_rows[0], NO_ACCESS_LOG_ROW, h2_upstream_rows[1]]
+        report += [
+            "",
+            "## HTTP/2 to the upstream (h2c, prior knowledge), HTTP/1.1 keep-alive clients, "
+            "`wrk -t1 -c50 --latency`",
+            "",
+            "The upstream nginx's `listen ... http2` port; each row beside the same proxy "
+            "speaking HTTP/1.1 to the upstream, if it ran. No nginx row: nginx proxies to an "
+            "HTTP/2 upstream only for gRPC (`grpc_pass`), not `proxy_pass`. HAProxy: "
+            '`server ... proto h2`; ferroxy: `Peer(addr, alpn="h2")` (`bench/h2_apps.py`).',
+            "",
+            *table(
+                {n: h1[n] for n in beside if n in h1},
+                H2_UPSTREAM_ROWS["haproxy"],
+                "haproxy h2",
+            ),
+        ]
+    if tls_settled:
+        for load, results in tls_results.items():
+            title = TLS_LOADS[load][0]
+            report += ["", f"## {title}", "", *table(results, TLS_ROWS["nginx"], "nginx")]
+        report += [
+            "",
+            "TLS rows: one self-signed ECDSA P-256 certificate made at run time, one listener "
+            "each offering h2 and http/1.1 by ALPN (nginx `listen ... ssl http2`, HAProxy "
+            "`bind ... ssl crt ... alpn h2,http/1.1`, ferroxy `--tls-cert`), proxying HTTP/1.1 "
+            "to the upstream; wrk offers no ALPN and resumes no session, h2load offers "
+            "TLS_AES_128_GCM_SHA256 first. What a default OpenSSL client (as wrk) settles with "
+            "each: "
+            + "; ".join(f"{name}: {settled}" for name, settled in tls_settled.items())
+            + ".",
+        ]
     if baseline is not None and ab_modes:
         report += [
             "",
@@ -857,8 +1123,8 @@ def main() -> int:
         ]
         base = median([s.rps for s in h2.get("nginx", [])])
         for name, ss in h2.items():
-            rps = median([s.rps for s in ss])
-            report.append(f"| {name} | {fmt(rps, ',.0f')} | {ratio(rps, base)} |")
+            h2_rps = median([s.rps for s in ss])
+            report.append(f"| {name} | {fmt(h2_rps, ',.0f')} | {ratio(h2_rps, base)} |")
     if any(single.values()) and not args.smoke:
         direct = median([s.p50_us for s in single["direct to upstream"]])
         report += [
@@ -869,10 +1135,11 @@ def main() -> int:
             "|---|---:|---:|---:|",
         ]
         for name, ss in single.items():
-            p50 = median([s.p50_us for s in ss])
-            hop = None if p50 is None or direct is None else p50 - direct
+            p50_median = median([s.p50_us for s in ss])
+            hop = None if p50_median is None or direct is None else p50_median - direct
             report.append(
-                f"| {name} | {fmt(p50)} | {fmt(hop)} | {fmt(median([s.p99_us for s in ss]))} |"
+                f"| {name} | {fmt(p50_median)} | {fmt(hop)} | "
+                f"{fmt(median([s.p99_us for s in ss]))} |"
             )
     notes = [
         note
