@@ -118,9 +118,20 @@ def test_certificate_chosen_by_sni_among_three(certs, ferroxy_upstream, ferroxy_
         r = client.get(f"https://localhost:{port}/hello")
     assert r.status_code == 200 and r.json()["path"] == "/hello"
     version, alpn, sni = r.headers["x-tls"].split(" ")
-    assert version in ("TLSv1_3", "TLSv1_2") and alpn == "http/1.1" and sni == "localhost"
-    assert r.headers["x-scheme"] == "https" and r.headers["x-cipher"]
+    assert version in ("TLSv1.3", "TLSv1.2") and alpn == "http/1.1" and sni == "localhost"
+    assert r.headers["x-scheme"] == "https"
     assert r.json()["headers"]["x-forwarded-proto"] == "https"
+    # Named as OpenSSL (and so nginx's $ssl_protocol and $ssl_cipher) names them.
+    with socket.create_connection((HOST, port), timeout=5) as raw:
+        context = certs.client_context()
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /cipher HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(4096)
+            cipher, version, _ = tls.cipher()
+    assert f"x-tls: {version} ".encode() in head
+    assert f"x-cipher: {cipher}\r\n".encode() in head
 
 
 def test_http2_over_tls_by_alpn(certs, ferroxy_upstream, ferroxy_proxy) -> None:
@@ -335,3 +346,45 @@ def test_a_stalled_handshake_does_not_hold_the_shutdown(certs, ferroxy_upstream)
     finally:
         sock.close()
     assert took < 5, f"shutdown waited {took:.1f}s on a client stuck before its handshake"
+
+
+def test_an_idle_tls_connection_is_closed_at_shutdown_with_close_notify(
+    certs, ferroxy_upstream
+) -> None:
+    """An idle keep-alive TLS connection neither holds the shutdown nor is cut without TLS's
+    close_notify (a client that checks for truncation sees a clean end)."""
+    from ferroxy.testing import start_proxy
+
+    proxy = start_proxy(tls_app(ferroxy_upstream.addr, certs.issue("localhost")), grace_period=20)
+    raw = socket.create_connection((HOST, proxy.port), timeout=5)
+    context = certs.client_context()
+    tls = context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
+    try:
+        tls.sendall(b"GET /idle HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while not received.endswith(b"}"):
+            received += tls.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        proxy.stop()
+        took = time.monotonic() - started
+        # What is left is the end of the stream: close_notify, not an abrupt EOF (which
+        # raises SSLEOFError with suppress_ragged_eofs=False).
+        assert tls.recv(65536) == b""
+    finally:
+        tls.close()
+    assert took < 5, f"shutdown waited {took:.1f}s on an idle TLS connection"
+
+
+def test_connection_close_over_tls_ends_with_close_notify(
+    certs, ferroxy_upstream, ferroxy_proxy
+) -> None:
+    proxy = ferroxy_proxy(tls_app(ferroxy_upstream.addr, certs.issue("localhost")))
+    raw = socket.create_connection((HOST, proxy.port), timeout=5)
+    context = certs.client_context()
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+        tls.sendall(b"GET /bye HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := tls.recv(65536):  # SSLEOFError here if the proxy skipped close_notify
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and b'"path":"/bye"' in received

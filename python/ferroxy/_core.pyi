@@ -346,10 +346,10 @@ class TlsInfo:
 
     @property
     def version(self) -> str | None:
-        """``"TLSv1_3"`` or ``"TLSv1_2"``."""
+        """``"TLSv1.3"`` or ``"TLSv1.2"`` (as nginx's ``$ssl_protocol`` writes it)."""
     @property
     def cipher(self) -> str | None:
-        """The cipher suite, e.g. ``"TLS13_AES_256_GCM_SHA384"``."""
+        """The cipher suite's IANA name, e.g. ``"TLS_AES_256_GCM_SHA384"``."""
     @property
     def alpn(self) -> str | None:
         """``"h2"`` or ``"http/1.1"``."""

@@ -53,9 +53,9 @@ pub struct TlsDigest {
     pub alpn: Option<Vec<u8>>,
     /// The client's certificate chain, DER, leaf first (mutual TLS).
     pub client_certificates: Vec<Vec<u8>>,
-    /// The negotiated TLS version, e.g. "TLSv1_3".
+    /// The negotiated TLS version, "TLSv1.3" or "TLSv1.2".
     pub version: Option<&'static str>,
-    /// The negotiated cipher suite, e.g. "TLS13_AES_256_GCM_SHA384".
+    /// The negotiated cipher suite, its IANA name, e.g. "TLS_AES_256_GCM_SHA384".
     pub cipher: Option<&'static str>,
 }
 

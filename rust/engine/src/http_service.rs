@@ -179,13 +179,21 @@ impl<P: ProxyHttp> HttpProxy<P> {
             let mut seen = watch.activity();
             let mut idle_from = Instant::now();
             loop {
-                let period = if shutdown.is_shutting_down() {
+                let shutting_down = shutdown.is_shutting_down();
+                let period = if shutting_down {
                     QUIET_BEFORE_CLOSE
                 } else {
                     RELEASE_IDLE_AFTER
                 };
                 let tick = tokio::time::sleep(period);
                 tokio::pin!(tick);
+                // A connection that keeps its buffers has no use for the tick until shutdown
+                // begins: it waits for that instead, rather than waking every period for as
+                // long as it stays open.
+                let mut stopping = (!releasable && !shutting_down).then(|| {
+                    let mut signal = shutdown.clone();
+                    Box::pin(async move { signal.begun().await })
+                });
                 // The connection first, and the timer polled only once it has fired (or the
                 // task's waker changed): this wakes for every read and write, and a timer's
                 // poll costs more than the check. Shutdown is noticed at the next tick
@@ -197,6 +205,9 @@ impl<P: ProxyHttp> HttpProxy<P> {
                     }
                     if asked_to_stop {
                         return Poll::Pending;
+                    }
+                    if let Some(stopping) = stopping.as_mut() {
+                        return stopping.as_mut().poll(cx).map(|()| None);
                     }
                     let registered = tick_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
                     if registered && !tick.is_elapsed() {
@@ -224,8 +235,18 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 }
             }
             if !asked_to_stop || shutdown.is_shutting_down() {
-                // hyper ended it (the client closed or asked to, an error), or it is idle at
-                // shutdown: the socket closes here.
+                // hyper ended it (the client closed or asked to), or it is idle at shutdown:
+                // the socket closes here. TLS says so first (close_notify), so the client can
+                // tell the end from a truncation; hyper, served without shutdown, leaves that
+                // to us.
+                if !releasable {
+                    let mut io = conn.into_parts().io.into_inner();
+                    let _ = tokio::time::timeout(
+                        QUIET_BEFORE_CLOSE,
+                        tokio::io::AsyncWriteExt::shutdown(&mut io),
+                    )
+                    .await;
+                }
                 return Ok(());
             }
             let parts = conn.into_parts();

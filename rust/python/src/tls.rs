@@ -98,12 +98,12 @@ impl TlsInfo {
 
 #[pymethods]
 impl TlsInfo {
-    /// "TLSv1_3" or "TLSv1_2".
+    /// "TLSv1.3" or "TLSv1.2".
     #[getter]
     fn version(&self) -> Option<&'static str> {
         self.tls().version
     }
-    /// e.g. "TLS13_AES_256_GCM_SHA384".
+    /// The suite's IANA name, e.g. "TLS_AES_256_GCM_SHA384".
     #[getter]
     fn cipher(&self) -> Option<&'static str> {
         self.tls().cipher

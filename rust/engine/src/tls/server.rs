@@ -136,10 +136,32 @@ fn digest_of(conn: &rustls::ServerConnection) -> TlsDigest {
             .peer_certificates()
             .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect())
             .unwrap_or_default(),
-        version: conn.protocol_version().and_then(|v| v.as_str()),
+        version: conn.protocol_version().and_then(version_name),
         cipher: conn
             .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str()),
+            .and_then(|s| cipher_name(s.suite())),
+    }
+}
+
+/// The version as nginx's `$ssl_protocol` and OpenSSL write it ("TLSv1.3"), not rustls's
+/// enum name ("TLSv1_3").
+fn version_name(version: rustls::ProtocolVersion) -> Option<&'static str> {
+    match version {
+        rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+        rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+        other => other.as_str(),
+    }
+}
+
+/// The suite's IANA name, as OpenSSL and nginx give it for TLS 1.3 too ("TLS_AES_128_GCM_SHA256"
+/// where rustls says "TLS13_AES_128_GCM_SHA256"); TLS 1.2 names are the same in both.
+fn cipher_name(suite: rustls::CipherSuite) -> Option<&'static str> {
+    use rustls::CipherSuite;
+    match suite {
+        CipherSuite::TLS13_AES_128_GCM_SHA256 => Some("TLS_AES_128_GCM_SHA256"),
+        CipherSuite::TLS13_AES_256_GCM_SHA384 => Some("TLS_AES_256_GCM_SHA384"),
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => Some("TLS_CHACHA20_POLY1305_SHA256"),
+        other => other.as_str(),
     }
 }
 
