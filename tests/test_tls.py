@@ -96,12 +96,17 @@ def test_certificate_chosen_by_sni_among_three(certs, ferroxy_upstream, ferroxy_
     default = certs.issue("default.test", "localhost")
     exact = certs.issue("a.example.test")
     wildcard = certs.issue("*.b.example.test")
-    proxy = ferroxy_proxy(tls_app(ferroxy_upstream.addr, [default, exact, wildcard]))
+    # Listed after the wildcard that also covers it: the exact name still wins.
+    exact_under_wildcard = certs.issue("z.b.example.test")
+    chain = [default, exact, wildcard, exact_under_wildcard]
+    proxy = ferroxy_proxy(tls_app(ferroxy_upstream.addr, chain))
     assert proxy.url.startswith("https://")
     port = proxy.port
     context = certs.client_context()
     assert dns_names(served_certificate(port, context, "a.example.test")) == ["a.example.test"]
+    assert dns_names(served_certificate(port, context, "A.Example.TEST")) == ["a.example.test"]
     assert dns_names(served_certificate(port, context, "x.b.example.test")) == ["*.b.example.test"]
+    assert dns_names(served_certificate(port, context, "z.b.example.test")) == ["z.b.example.test"]
     # A wildcard covers one label only; an unknown name, and no name, get the first.
     assert dns_names(served_certificate(port, context, "y.x.b.example.test")) == [
         "default.test",
@@ -216,6 +221,12 @@ def test_mutual_tls_optional(certs, tmp_path, ferroxy_upstream, ferroxy_proxy) -
     context.load_cert_chain(*client_identity(client_certs, "carol.test")[:2])
     known = httpx.get(url, verify=context, timeout=10)
     assert "carol.test" in known.headers["x-client-sans"]
+    # Optional is not "anything goes": a certificate from another CA is refused.
+    strangers = Certs(_subdir(tmp_path, "strangers"))
+    context = certs.client_context()
+    context.load_cert_chain(*client_identity(strangers, "mallory.test")[:2])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, verify=context, timeout=10)
 
 
 def _subdir(base: Path, name: str) -> Path:
