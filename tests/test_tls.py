@@ -318,6 +318,13 @@ def test_bad_tls_config_names_the_field(certs, tmp_path, ferroxy_upstream, ferro
         ferroxy_proxy(tls_app(ferroxy_upstream.addr, [good, strict]))
     with pytest.raises(ValueError, match="tls_listen"):
         ferroxy_proxy(tls_app(ferroxy_upstream.addr, None), tls_listen=f"{HOST}:0")
+    wrong_types: list[tuple[TlsConfig, str]] = [
+        (TlsConfig(cert=1, key=good.key), r"TlsConfig\.cert must be a path, got int"),  # type: ignore[arg-type]
+        (TlsConfig(cert=good.cert, key=good.key, handshake_timeout="5"), "handshake_timeout"),  # type: ignore[arg-type]
+    ]
+    for config, message in wrong_types:
+        with pytest.raises(TypeError, match=message):
+            ferroxy_proxy(tls_app(ferroxy_upstream.addr, config))
 
 
 def test_cli_tls_cert_and_sighup_reload(certs, tmp_path, ferroxy_upstream) -> None:

@@ -45,12 +45,13 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
     let mut certificates = Vec::with_capacity(configs.len());
     for config in &configs {
         certificates.push(CertificateFiles {
-            cert: config.getattr("cert")?.extract::<PathBuf>()?,
-            key: config.getattr("key")?.extract::<PathBuf>()?,
+            cert: field(config, "cert", "a path")?,
+            key: field(config, "key", "a path")?,
         });
     }
-    let client_ca: Option<PathBuf> = first.getattr("client_ca")?.extract()?;
-    let client_auth = match first.getattr("client_auth")?.extract::<String>()?.as_str() {
+    let client_ca: Option<PathBuf> = field(first, "client_ca", "a path or None")?;
+    let client_auth: String = field(first, "client_auth", "a string")?;
+    let client_auth = match client_auth.as_str() {
         "none" => ClientAuth::None,
         "optional" => ClientAuth::Optional,
         "required" => ClientAuth::Required,
@@ -67,7 +68,7 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
     }
     let handshake_timeout = positive_seconds(
         "TlsConfig.handshake_timeout",
-        first.getattr("handshake_timeout")?.extract()?,
+        field(first, "handshake_timeout", "a number of seconds or None")?,
     )?
     .unwrap_or(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT);
     let settings = TlsSettings {
@@ -79,6 +80,22 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
     TlsAcceptor::new(settings)
         .map(Arc::new)
         .map_err(|e| PyValueError::new_err(format!("tls: {e}")))
+}
+
+/// `config.name` as a `T`, or a TypeError naming the field and what it must be.
+fn field<'py, T: FromPyObjectOwned<'py>>(
+    config: &Bound<'py, PyAny>,
+    name: &str,
+    must_be: &str,
+) -> PyResult<T> {
+    let value = config.getattr(name)?;
+    value.extract().map_err(|_| {
+        let given = value
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        PyTypeError::new_err(format!("TlsConfig.{name} must be {must_be}, got {given}"))
+    })
 }
 
 /// What the client's TLS handshake settled (`session.tls`; None on a plain connection).
