@@ -59,6 +59,15 @@ pub struct TlsDigest {
     pub cipher: Option<&'static str>,
 }
 
+impl TlsDigest {
+    /// The ALPN protocol as text ("h2"), for logs and hooks.
+    pub fn alpn_text(&self) -> Option<String> {
+        self.alpn
+            .as_ref()
+            .map(|alpn| String::from_utf8_lossy(alpn).into_owned())
+    }
+}
+
 /// The upstream connection a request was sent over.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamDigest {

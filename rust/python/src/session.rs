@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use ferroxy_engine::{DownstreamDigest, UpstreamDigest, UpstreamProtocol};
+use ferroxy_engine::{DownstreamDigest, TlsDigest, UpstreamDigest, UpstreamProtocol};
 
 use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
 use crate::types::final_status;
@@ -326,11 +326,7 @@ impl ClientConn {
     /// The protocol TLS ALPN settled on, e.g. "h2".
     #[getter]
     fn alpn(&self) -> Option<String> {
-        self.digest
-            .tls
-            .as_ref()
-            .and_then(|t| t.alpn.as_ref())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
+        self.digest.tls.as_ref().and_then(TlsDigest::alpn_text)
     }
     fn __repr__(&self) -> String {
         format!(

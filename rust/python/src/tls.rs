@@ -128,10 +128,7 @@ impl TlsInfo {
     /// The protocol ALPN settled on: "h2" or "http/1.1".
     #[getter]
     fn alpn(&self) -> Option<String> {
-        self.tls()
-            .alpn
-            .as_ref()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
+        self.tls().alpn_text()
     }
     /// The server name the client asked for.
     #[getter]
