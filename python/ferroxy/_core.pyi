@@ -31,6 +31,7 @@ class _Defaults(TypedDict):
     client_read_timeout: float
     client_write_timeout: float
     keepalive_timeout: float
+    tunnel_idle_timeout: float
     pool_idle_timeout: float
     pool_max_idle_per_peer: int
     connect_timeout: float
@@ -514,6 +515,7 @@ class Server:
         tls: TlsConfig | Sequence[TlsConfig] | None = None,
         tls_listen: str | Sequence[str] | None = None,
         proxy_protocol: bool | None = None,
+        tunnel_idle_timeout: float | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is

@@ -93,6 +93,9 @@ class ServerOptions(TypedDict, total=False):
     client_write_timeout: float
     #: How long an idle keep-alive connection waits for its next request, in seconds.
     keepalive_timeout: float
+    #: How long a tunnel (a WebSocket, once the upstream's 101 has switched it) may go without
+    #: a byte either way before it is closed, in seconds.
+    tunnel_idle_timeout: float
     #: Upper bound, in seconds, on how long a pooled upstream connection stays idle.
     pool_idle_timeout: float
     #: Idle upstream connections kept per peer.

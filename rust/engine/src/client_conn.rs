@@ -11,7 +11,10 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use parking_lot::Mutex;
+
 use crate::validate::RepeatedLengthScan;
+use hyper::upgrade::OnUpgrade;
 
 /// Shared by a connection's stream, its requests and the loop that serves it.
 #[derive(Default)]
@@ -28,6 +31,9 @@ pub(crate) struct ConnectionWatch {
     /// A request head the client sent had two Content-Length lines (which hyper merges):
     /// the next response closes the connection.
     close_next: AtomicBool,
+    /// The upstream side of a protocol switch whose 101 is on its way to the client: the
+    /// connection becomes a tunnel once it has been sent (see [`crate::upgrade`]).
+    upgrade: Mutex<Option<OnUpgrade>>,
 }
 
 /// A sample of [`ConnectionWatch`]'s activity, to compare with a later one.
@@ -55,6 +61,23 @@ impl ConnectionWatch {
             && now.0 & 1 == 0
             && self.in_flight.load(Ordering::Acquire) == 0
             && !self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Nothing has moved either way since `before` (a tunnel's idle test: no request to
+    /// answer there).
+    pub(crate) fn quiet_since(&self, before: Activity) -> bool {
+        self.activity() == before
+    }
+
+    /// Hand the connection, once the 101 now being sent has gone, the upstream's side of the
+    /// switch.
+    pub(crate) fn switch_after_response(&self, upstream: OnUpgrade) {
+        *self.upgrade.lock() = Some(upstream);
+    }
+
+    /// The switch a 101 just sent asks for, if any.
+    pub(crate) fn take_upgrade(&self) -> Option<OnUpgrade> {
+        self.upgrade.lock().take()
     }
 
     /// After a write or a flush: blocked if it could not go out; activity if bytes went.
@@ -165,6 +188,11 @@ impl<S> Watched<S> {
 
     pub(crate) fn has_unread(&self) -> bool {
         !self.unread.is_empty()
+    }
+
+    /// The bytes are no longer HTTP (a tunnel's): no header lines to look for.
+    pub(crate) fn stop_scanning(&mut self) {
+        self.lengths = None;
     }
 }
 

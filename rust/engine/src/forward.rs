@@ -38,7 +38,10 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 ///
 /// One pass over the names present, rather than a removal per name that might be: each
 /// lookup hashes its name, and most heads carry none of them but Connection.
-fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+///
+/// Returns whether there was an `Upgrade` among them (rare: only then is it worth asking
+/// whether the request wants to switch protocols).
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) -> bool {
     let connection = headers.get_all(header::CONNECTION);
     let named_in_connection = |name: &HeaderName| {
         name != header::HOST
@@ -50,10 +53,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     };
     let mut chunked = false;
     let mut te = false;
+    let mut upgrade = false;
     let mut doomed = Vec::new();
     for name in headers.keys() {
         chunked |= name == header::TRANSFER_ENCODING;
         te |= name == header::TE;
+        upgrade |= name == header::UPGRADE;
         if HOP_BY_HOP.contains(name) || also.contains(name) || named_in_connection(name) {
             doomed.push(name.clone());
         }
@@ -72,6 +77,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    upgrade
 }
 
 /// Whether a TE header lists `trailers` (`TE: gzip, trailers`; parameters aside).
@@ -103,7 +109,12 @@ pub fn upstream_request(
     let headers = &mut parts.headers;
     // With both, the body is re-framed for the upstream: a Content-Length left behind would
     // let the upstream read it differently from us (request smuggling).
-    strip_hop_by_hop(headers, &[header::EXPECT]);
+    if strip_hop_by_hop(headers, &[header::EXPECT]) {
+        // A WebSocket handshake asks the upstream to switch too (see crate::upgrade).
+        if let Some(protocols) = crate::upgrade::requested(req) {
+            crate::upgrade::ask(headers, protocols.clone());
+        }
+    }
     // An absolute-form target (or h2's :authority) names the host; it wins over a Host
     // header (RFC 9112 section 3.2.2), so the upstream sees the host we route by.
     if let Some(value) = req
@@ -132,6 +143,16 @@ pub fn upstream_request(
 /// too, or the client would be told a length the body does not have.
 pub fn response_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers, &[]);
+}
+
+/// Clean a 101 (Switching Protocols) head for the client: as [`response_headers`], but the
+/// upstream's `Upgrade` stays, with the `Connection: upgrade` that goes with it.
+pub fn switching_headers(headers: &mut HeaderMap) {
+    let protocols = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers, &[]);
+    if let Some(protocols) = protocols {
+        crate::upgrade::ask(headers, protocols);
+    }
 }
 
 /// h2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
@@ -211,6 +232,11 @@ pub fn for_upstream_protocol(head: &mut http::request::Parts, protocol: Upstream
         return;
     }
     head.version = Version::HTTP_2;
+    // HTTP/2 has no Upgrade (RFC 9113 section 8.2.2): the request goes as a plain one.
+    if head.headers.contains_key(header::UPGRADE) {
+        head.headers.remove(header::UPGRADE);
+        head.headers.remove(header::CONNECTION);
+    }
     let Some(host) = head.headers.remove(header::HOST) else {
         return;
     };

@@ -43,6 +43,9 @@ pub struct HttpConfig {
     /// How long an idle HTTP/1.1 keep-alive connection waits for its next request (capped
     /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
+    /// How long a tunnel (a WebSocket, after its 101) may go without a byte either way
+    /// before it is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// How long an HTTP/1 connection must have been idle (answered, quiet) before hyper gives its
@@ -144,6 +147,16 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 });
                 let version = req.version();
                 let mut response = service.proxy.handle(req, downstream).await;
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    // The socket becomes a tunnel once the 101 has gone (see serve_http1).
+                    if let Some(switched) = response
+                        .extensions_mut()
+                        .remove::<crate::upgrade::UpstreamUpgrade>()
+                        .and_then(|switched| switched.take())
+                    {
+                        watch.switch_after_response(switched);
+                    }
+                }
                 if shutdown.is_shutting_down() || watch.take_close_next() {
                     crate::proxy::close_after(&mut response, version);
                 }
@@ -233,6 +246,18 @@ impl<P: ProxyHttp> HttpProxy<P> {
                     seen = watch.activity();
                     idle_from = Instant::now();
                 }
+            }
+            if let Some(switched) = watch.take_upgrade().filter(|_| !asked_to_stop) {
+                // A 101 went out: hyper has handed the connection back, and it is a tunnel.
+                let parts = conn.into_parts();
+                let mut io = parts.io.into_inner();
+                io.set_unread(parts.read_buf);
+                io.stop_scanning();
+                let idle = self.config.tunnel_idle_timeout;
+                if let Err(error) = crate::upgrade::tunnel(io, switched, &watch, idle).await {
+                    tracing::debug!(client = %downstream.client_addr, "tunnel ended: {error}");
+                }
+                return Ok(());
             }
             if !asked_to_stop || shutdown.is_shutting_down() {
                 // hyper ended it (the client closed or asked to), or it is idle at shutdown:

@@ -35,6 +35,7 @@ pub mod service;
 pub mod session;
 pub mod simulate;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod validate;
 

@@ -168,6 +168,26 @@ enum Tried {
     ConnectFailed(Error, bool),
 }
 
+/// An upstream's 101: taken when the client asked to switch to what the upstream switched
+/// to (see [`crate::upgrade`]), and refused (502) otherwise, rather than tunnelling bytes we
+/// would no longer read as HTTP.
+fn switching(session: &Session, head: &mut http::response::Parts) -> Result<()> {
+    let asked = crate::upgrade::requested(&session.req);
+    let switched_to = head.headers.get(http::header::UPGRADE);
+    let agreed = match (asked, switched_to) {
+        (Some(asked), Some(to)) => crate::upgrade::offers(asked, to),
+        _ => false,
+    };
+    if !agreed {
+        return Err(Error::new(
+            ErrorKind::UpstreamProtocol,
+            "the upstream switched protocols to one the client did not ask for",
+        ));
+    }
+    forward::switching_headers(&mut head.headers);
+    Ok(())
+}
+
 /// A body of known, small length, read to its end (a body with a length has no trailers).
 async fn read_whole(mut body: ProxyBody) -> Result<Bytes> {
     let mut whole = bytes::BytesMut::new();
@@ -289,12 +309,14 @@ impl<P: ProxyHttp> ProxyService<P> {
                 connection,
                 upload,
             }) => {
-                let pooled = PoolReturn {
-                    connection,
-                    pool: self.upstream.pool().clone(),
-                    upload,
-                };
-                return (http::Response::from_parts(head, body), Some(pooled), None);
+                // A connection that switched protocols is the tunnel's, not the pool's.
+                let pooled =
+                    (head.status != http::StatusCode::SWITCHING_PROTOCOLS).then(|| PoolReturn {
+                        connection,
+                        pool: self.upstream.pool().clone(),
+                        upload,
+                    });
+                return (http::Response::from_parts(head, body), pooled, None);
             }
             Ok(Proxied::Local(mut response)) => {
                 if let Some(filters) = &session.rules().filters {
@@ -403,7 +425,11 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(backend) = &session.backend {
             backend.observe(Observation::Status(head.status.as_u16()));
         }
-        forward::response_headers(&mut head.headers);
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            switching(session, &mut head)?;
+        } else {
+            forward::response_headers(&mut head.headers);
+        }
         self.proxy.response_filter(session, &mut head, ctx).await?;
         session.with_rules(|rules, session| {
             if let Some(filters) = &rules.filters {

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     /// How long an idle HTTP/1.1 keep-alive connection waits for its next request (capped
     /// by client_read_timeout: hyper times the idle wait and the head together).
     pub keepalive_timeout: Duration,
+    /// How long a tunnel (a WebSocket, after its 101) may go without a byte either way.
+    pub tunnel_idle_timeout: Duration,
     pub pool: PoolConfig,
     /// Where a line per request goes; `None` for no access log. (Open one with
     /// [`AccessLog::open`]; the Python layer's default is stdout in nginx's combined format.)
@@ -55,6 +57,9 @@ impl Default for ServerConfig {
             client_read_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
+            // nginx's 60 s (proxy_read_timeout) cuts WebSockets whose clients ping less
+            // often; HAProxy's advice for `timeout tunnel` is an hour.
+            tunnel_idle_timeout: Duration::from_secs(300),
             pool: PoolConfig::default(),
             access_log: None,
             rules: RulesHandle::default(),
@@ -112,6 +117,7 @@ impl Server {
                 client_read_timeout: config.client_read_timeout,
                 client_write_timeout: config.client_write_timeout,
                 keepalive_timeout: config.keepalive_timeout,
+                tunnel_idle_timeout: config.tunnel_idle_timeout,
             },
         );
         let mut server = Server::new(config.threads, config.grace_period);

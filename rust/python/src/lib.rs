@@ -54,6 +54,10 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         server.client_write_timeout.as_secs_f64(),
     )?;
     defaults.set_item("keepalive_timeout", server.keepalive_timeout.as_secs_f64())?;
+    defaults.set_item(
+        "tunnel_idle_timeout",
+        server.tunnel_idle_timeout.as_secs_f64(),
+    )?;
     defaults.set_item("pool_idle_timeout", server.pool.idle_timeout.as_secs_f64())?;
     defaults.set_item("pool_max_idle_per_peer", server.pool.max_idle_per_peer)?;
     defaults.set_item("connect_timeout", peer.connect.as_secs_f64())?;

@@ -82,7 +82,7 @@ impl PyServer {
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
         access_log_format=None, filters=None, routes=None, balancers=None, tls=None,
-        tls_listen=None, proxy_protocol=None
+        tls_listen=None, proxy_protocol=None, tunnel_idle_timeout=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -105,6 +105,7 @@ impl PyServer {
         tls: Option<&Bound<'_, PyAny>>,
         tls_listen: Option<&Bound<'_, PyAny>>,
         proxy_protocol: Option<bool>,
+        tunnel_idle_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -161,6 +162,8 @@ impl PyServer {
                 .unwrap_or(defaults.client_write_timeout),
             keepalive_timeout: positive_seconds("keepalive_timeout", keepalive_timeout)?
                 .unwrap_or(defaults.keepalive_timeout),
+            tunnel_idle_timeout: positive_seconds("tunnel_idle_timeout", tunnel_idle_timeout)?
+                .unwrap_or(defaults.tunnel_idle_timeout),
             pool: PoolConfig {
                 idle_timeout: non_negative_seconds("pool_idle_timeout", pool_idle_timeout)?
                     .unwrap_or(defaults.pool.idle_timeout),

@@ -81,7 +81,8 @@ where
                 .handshake(io)
                 .await
                 .map_err(handshake_failed)?;
-            drive(peer, connection);
+            // With upgrades: a 101 hands the socket to the tunnel (see crate::upgrade).
+            drive(peer, connection.with_upgrades());
             Sender::Http1(sender)
         }
         UpstreamProtocol::Http2 => {

@@ -142,7 +142,14 @@ impl UpstreamClient {
                     return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
                 };
                 match sent {
-                    Ok(response) => {
+                    Ok(mut response) => {
+                        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            // The connection is the upgrade's now: the client's side takes
+                            // it from the head once its own 101 has gone.
+                            let switched = hyper::upgrade::on(&mut response);
+                            let switched = crate::upgrade::UpstreamUpgrade::new(switched);
+                            response.extensions_mut().insert(switched);
+                        }
                         let (head, body) = response.into_parts();
                         return Ok(Exchange {
                             head,
