@@ -21,6 +21,7 @@ from ._core import (
     TlsInfo,
     __version__,
 )
+from .compression import Compression
 from .proxy import Proxy, blocking
 from .routes import Route
 from .server import ProxyServer, ServerOptions, run
@@ -29,6 +30,7 @@ from .tls import TlsConfig
 __all__ = [
     "ClientCert",
     "ClientConn",
+    "Compression",
     "Headers",
     "HealthCheck",
     "LoadBalancer",

@@ -10,6 +10,7 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, TypedDict, TypeVar,
 
 from _typeshed import SupportsKeysAndGetItem
 
+from .compression import Compression
 from .filters import Condition, Filter
 from .routes import Route
 from .tls import TlsConfig
@@ -21,6 +22,12 @@ __version__: str
 #: The phases an app can override, in the order the engine runs them (the engine's
 #: ``phase::HOOK_NAMES``).
 HOOK_NAMES: Final[tuple[str, ...]]
+
+class _CompressionDefaults(TypedDict):
+    encodings: list[str]
+    types: list[str]
+    min_length: int
+    levels: dict[str, int]
 
 class _Defaults(TypedDict):
     listen: str
@@ -38,6 +45,7 @@ class _Defaults(TypedDict):
     read_timeout: float
     write_timeout: float
     idle_timeout: float
+    compression: _CompressionDefaults
 
 #: The engine's defaults (``ServerConfig``, ``PoolConfig`` and ``PeerTimeouts::default()``),
 #: by the keyword of ``Server(...)`` or ``Peer(...)`` that overrides each.
@@ -516,6 +524,7 @@ class Server:
         tls_listen: str | Sequence[str] | None = None,
         proxy_protocol: bool | None = None,
         tunnel_idle_timeout: float | None = None,
+        compression: Compression | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
         ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is

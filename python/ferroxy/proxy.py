@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     # installed, and at run time the default changes nothing.
     from typing_extensions import TypeVar as _TypeVarWithDefault
 
+    from .compression import Compression
     from .filters import Filter
     from .routes import Route
     from .tls import TlsConfig
@@ -95,6 +96,10 @@ class Proxy(Generic[CtxT]):
     #: ``ferroxy.TlsConfig`` (or a list of them, chosen by SNI): the listeners speak TLS
     #: (every ``listen`` address, or the ``tls_listen`` ones when those are given).
     tls: TlsConfig | Sequence[TlsConfig] | None = None
+
+    #: ``ferroxy.Compression``: responses compressed in Rust (gzip, brotli, zstd) for clients
+    #: that accept it. None (the default) sends them as the upstream did.
+    compression: Compression | None = None
 
     #: The engine server serving this instance, while one does (set by the server; one at a
     #: time: see :func:`serve_instance`).

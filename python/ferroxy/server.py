@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, TypedDict
 from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
+from .compression import Compression
 from .filters import Filter
 from .proxy import (
     Proxy,
@@ -79,6 +80,8 @@ class ServerOptions(TypedDict, total=False):
     tls_listen: str | Sequence[str]
     #: Certificates for the TLS listeners, overriding the app's ``tls`` attribute.
     tls: TlsConfig | Sequence[TlsConfig]
+    #: Response compression, overriding the app's ``compression`` attribute.
+    compression: Compression
     #: Every listener expects a PROXY protocol header (v1 or v2) first, from the L4 load
     #: balancer in front: its source address becomes ``session.client_addr``. Connections
     #: without a valid one are closed.
@@ -168,6 +171,8 @@ class _LoopServer:
             upstream = resolve_upstream(proxy)
         if "tls" not in engine_options and proxy.tls is not None:
             engine_options["tls"] = proxy.tls
+        if "compression" not in engine_options and proxy.compression is not None:
+            engine_options["compression"] = proxy.compression
         routes = declared(proxy, "routes", Route)
         filters = declared(proxy, "filters", Filter)
         if upstream is None and "upstream_peer" not in hooks and not routes:

@@ -31,6 +31,67 @@ enum Source {
     /// Streamed with a limit (a `MaxBodySize` filter); boxed, as rare.
     Limited(Box<Limited>),
     Full(Option<Bytes>),
+    /// Compressed on its way (a `Compression` setting); boxed, as rare.
+    Coded(Box<Coded>),
+}
+
+/// A body passed through an encoder: output goes out once a frame's worth has gathered, when
+/// the source has nothing more for now (flushed, so a slow stream is not held back), and at
+/// the end.
+struct Coded {
+    inner: ProxyBody,
+    /// None once the source has ended and the encoder's last bytes have gone.
+    encoder: Option<crate::compression::Encoder>,
+    /// The source's trailers, sent after the encoder's last bytes.
+    trailers: Option<http::HeaderMap>,
+}
+
+/// Output gathered before it goes out as a frame of its own.
+const CODED_FRAME: usize = 16 * 1024;
+
+impl Coded {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        };
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        encoder.write(&data)?;
+                        if encoder.ready() >= CODED_FRAME {
+                            return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
+                        }
+                    }
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        return self.finish();
+                    }
+                },
+                Poll::Ready(None) => return self.finish(),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Pending => {
+                    encoder.flush()?;
+                    if encoder.ready() > 0 {
+                        return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// The encoder's last bytes, then (on the next poll) the trailers.
+    fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let last = match self.encoder.take() {
+            Some(mut encoder) => encoder.finish()?,
+            None => Bytes::new(),
+        };
+        if !last.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(last))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
 }
 
 struct Limited {
@@ -86,10 +147,25 @@ impl ProxyBody {
                     limited.max = limited.max.min(max);
                     Source::Limited(limited)
                 }
-                full @ Source::Full(_) => full,
+                // Made whole, or coded (a response: never limited).
+                other @ (Source::Full(_) | Source::Coded(_)) => other,
             };
         }
         true
+    }
+
+    /// This body, compressed by `encoder` on its way.
+    pub fn encoded(self, encoder: crate::compression::Encoder) -> Self {
+        ProxyBody {
+            side: self.side,
+            source: Source::Coded(Box::new(Coded {
+                inner: self,
+                encoder: Some(encoder),
+                trailers: None,
+            })),
+            idle: None,
+            finished: None,
+        }
     }
 
     /// Tells, later, whether this body has been read to its end. An empty body is finished
@@ -143,6 +219,7 @@ impl Body for ProxyBody {
                 polled.map_err(stream_error)
             }
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Coded(coded) => coded.poll_frame(cx),
         };
         match &polled {
             Poll::Pending => {
@@ -175,6 +252,7 @@ impl Body for ProxyBody {
             Source::Streamed(incoming) => incoming.is_end_stream(),
             Source::Limited(limited) => limited.incoming.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
+            Source::Coded(coded) => coded.encoder.is_none() && coded.trailers.is_none(),
         }
     }
 
@@ -185,6 +263,8 @@ impl Body for ProxyBody {
             Source::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            // Unknown until it has been coded.
+            Source::Coded(_) => SizeHint::default(),
         }
     }
 }

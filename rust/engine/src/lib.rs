@@ -12,6 +12,7 @@
 pub mod access_log;
 pub mod body;
 pub mod client_conn;
+pub mod compression;
 pub mod digest;
 pub mod error;
 pub mod filters;

@@ -219,6 +219,8 @@ pub struct ProxyConfig {
     /// The declarative filters and routes run between the phases, swappable while serving
     /// (see [`crate::rules`]).
     pub rules: RulesHandle,
+    /// Compress upstream responses for clients that accept it; `None` leaves them as sent.
+    pub compression: Option<Arc<crate::compression::Compression>>,
 }
 
 pub struct ProxyService<P: ProxyHttp> {
@@ -436,9 +438,17 @@ impl<P: ProxyHttp> ProxyService<P> {
                 filters.on_response(session, &mut head);
             }
         });
+        let mut body = exchange.body;
+        if let Some(compression) = &self.config.compression {
+            let length = body.size_hint().exact();
+            let req = &session.req;
+            if let Some(encoder) = compression.start(&req.method, &req.headers, &mut head, length) {
+                body = body.encoded(encoder);
+            }
+        }
         Ok(Proxied::Upstream {
             head,
-            body: exchange.body,
+            body,
             connection: exchange.connection,
             upload: progress,
         })

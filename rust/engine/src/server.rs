@@ -46,6 +46,8 @@ pub struct ServerConfig {
     /// The declarative filters and routes the proxy runs between the phases. Keep a clone
     /// to reload them while the server runs ([`RulesHandle::store`]).
     pub rules: RulesHandle,
+    /// Compress upstream responses for clients that accept it (see [`crate::compression`]).
+    pub compression: Option<crate::compression::Compression>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +65,7 @@ impl Default for ServerConfig {
             pool: PoolConfig::default(),
             access_log: None,
             rules: RulesHandle::default(),
+            compression: None,
         }
     }
 }
@@ -109,6 +112,7 @@ impl Server {
             ProxyConfig {
                 access_log: config.access_log,
                 rules: config.rules,
+                compression: config.compression.map(Arc::new),
             },
         );
         let http = HttpProxy::new(

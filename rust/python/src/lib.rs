@@ -6,6 +6,7 @@ mod alloc;
 mod bench;
 mod bridge;
 mod call;
+mod compression;
 mod echo;
 mod filters;
 mod headers;
@@ -64,6 +65,7 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     defaults.set_item("read_timeout", peer.read.as_secs_f64())?;
     defaults.set_item("write_timeout", peer.write.as_secs_f64())?;
     defaults.set_item("idle_timeout", peer.idle.as_secs_f64())?;
+    defaults.set_item("compression", compression::defaults(py)?)?;
     Ok(defaults)
 }
 

@@ -82,7 +82,7 @@ impl PyServer {
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
         access_log_format=None, filters=None, routes=None, balancers=None, tls=None,
-        tls_listen=None, proxy_protocol=None, tunnel_idle_timeout=None
+        tls_listen=None, proxy_protocol=None, tunnel_idle_timeout=None, compression=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -106,6 +106,7 @@ impl PyServer {
         tls_listen: Option<&Bound<'_, PyAny>>,
         proxy_protocol: Option<bool>,
         tunnel_idle_timeout: Option<f64>,
+        compression: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -171,6 +172,10 @@ impl PyServer {
                     .unwrap_or(defaults.pool.max_idle_per_peer),
             },
             rules: rules.into(),
+            compression: match compression.filter(|c| !c.is_none()) {
+                Some(config) => Some(crate::compression::compression_from(config)?),
+                None => None,
+            },
             // After the other options, so that a bad one leaves no file created.
             access_log: AccessLog::open(&access_log_target, access_log_format)?,
         };
@@ -444,6 +449,7 @@ impl PyServer {
         let config = ferroxy_engine::proxy::ProxyConfig {
             access_log: None,
             rules: self.config.rules.clone(),
+            compression: self.config.compression.clone().map(Arc::new),
         };
         crate::simulate::start(
             self.proxy(),
