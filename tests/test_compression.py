@@ -52,6 +52,9 @@ class Origin(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             return
         body = TEXT[: int(query.get("size", len(TEXT)))]
+        if "coded" in query:  # really encoded, as an upstream that compresses itself
+            body = encode(query["coded"], body)
+            query["encoding"] = query["coded"]
         self.send_response(200)
         self.send_header("Content-Type", query.get("type", "text/plain; charset=utf-8"))
         self.send_header("Content-Length", str(len(body)))
@@ -99,6 +102,33 @@ def decode(encoding: str, data: bytes) -> bytes:
         return bytes(brotli.decompress(data))
     assert encoding == "zstd"
     return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+
+
+def encode(encoding: str, data: bytes) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(data)
+    if encoding == "br":
+        return bytes(brotli.compress(data, quality=5))
+    return bytes(zstandard.ZstdCompressor().compress(data))
+
+
+@pytest.mark.parametrize("upstream_coding", ["gzip", "br", "zstd"])
+def test_an_upstreams_coding_the_client_cannot_take_is_decoded(
+    proxy: Any, upstream_coding: str
+) -> None:
+    url = f"{proxy.url}/text?coded={upstream_coding}"
+    plain = fetch(url, "identity")
+    assert "content-encoding" not in plain.headers
+    assert plain.read_raw == TEXT  # type: ignore[attr-defined]
+    assert plain.headers["etag"] == 'W/"v1"'
+    # Taken as it is by a client that accepts it; encoded again for one that takes another.
+    same = fetch(url, upstream_coding)
+    assert same.headers["content-encoding"] == upstream_coding
+    assert same.read_raw == encode(upstream_coding, TEXT)  # type: ignore[attr-defined]
+    other = "gzip" if upstream_coding != "gzip" else "br"
+    again = fetch(url, other)
+    assert again.headers["content-encoding"] == other
+    assert decode(other, again.read_raw) == TEXT  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])

@@ -406,3 +406,23 @@ def test_connection_close_over_tls_ends_with_close_notify(
         while chunk := tls.recv(65536):  # SSLEOFError here if the proxy skipped close_notify
             received += chunk
     assert received.startswith(b"HTTP/1.1 200") and b'"path":"/bye"' in received
+
+
+def test_a_keepalive_timeout_over_tls_ends_with_close_notify(
+    certs, ferroxy_upstream, ferroxy_proxy
+) -> None:
+    proxy = ferroxy_proxy(
+        tls_app(ferroxy_upstream.addr, certs.issue("localhost")), keepalive_timeout=0.5
+    )
+    for send_a_request in (True, False):
+        raw = socket.create_connection((HOST, proxy.port), timeout=5)
+        context = certs.client_context()
+        tls = context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
+        with tls:
+            if send_a_request:
+                tls.sendall(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                received = b""
+                while not received.endswith(b"}"):
+                    received += tls.recv(65536)
+            # Idle past the keep-alive timeout: closed, with close_notify (SSLEOFError without).
+            assert tls.recv(65536) == b"", send_a_request

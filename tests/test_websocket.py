@@ -143,6 +143,7 @@ def test_bytes_sent_with_the_handshake_are_not_lost(backend: Backend, ferroxy_pr
         head, _, rest = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
         assert b"upgrade: websocket" in head.lower()
+        assert b"connection: upgrade" in head.lower()
         while len(rest) < 2 + len(payload):
             rest += sock.recv(4096)
     # The echo: an unmasked text frame of the same payload.
@@ -213,3 +214,64 @@ def test_an_upstream_that_switches_unasked_is_refused(ferroxy_proxy: Any) -> Non
             assert read_response(rfile).status == 502
     finally:
         listener.close()
+
+
+def test_wss_through_the_tls_listener(backend: Backend, ferroxy_proxy: Any, tmp_path: Any) -> None:
+    import ssl
+
+    import trustme
+    from ferroxy import TlsConfig
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("proxy.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "p.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "p.key"))
+
+    class App(Proxy):
+        upstream = f"{HOST}:{backend.port}"
+        tls = TlsConfig(cert=str(tmp_path / "p.crt"), key=str(tmp_path / "p.key"))
+
+    proxy = ferroxy_proxy(App)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    url = f"wss://{HOST}:{proxy.port}/secure"
+    with connect(url, ssl=context, server_hostname="proxy.test", max_size=None) as ws:
+        ws.send("over tls")
+        assert ws.recv(timeout=5) == "over tls"
+        big = os.urandom(1 << 20)
+        ws.send(big)
+        assert ws.recv(timeout=10) == big
+
+
+def test_an_http2_upstream_gets_a_plain_request(ferroxy_upstream: Any, ferroxy_proxy: Any) -> None:
+    """HTTP/2 has no Upgrade: the handshake reaches an h2 upstream as a plain request, and
+    its ordinary answer reaches the client, which then knows there is no WebSocket."""
+    from ferroxy import Peer
+
+    class App(Proxy):
+        upstream = Peer(ferroxy_upstream.addr, alpn="h2")
+
+    proxy = ferroxy_proxy(App)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://{HOST}:{proxy.port}/h2")
+    assert refused.value.response.status_code == 200
+
+
+def test_shutdown_with_an_open_tunnel_waits_only_the_grace_period(
+    backend: Backend, ferroxy_upstream: Any
+) -> None:
+    from ferroxy.testing import start_proxy
+
+    class App(Proxy):
+        upstream = f"{HOST}:{backend.port}"
+
+    proxy = start_proxy(App, grace_period=1, access_log=False)
+    with connect(f"ws://{HOST}:{proxy.port}/held") as ws:
+        ws.send("x")
+        assert ws.recv(timeout=5) == "x"
+        started = time.monotonic()
+        proxy.stop()
+        took = time.monotonic() - started
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+    assert took < 4, f"shutdown took {took:.1f}s with a tunnel open (grace period 1 s)"

@@ -27,6 +27,7 @@ class _CompressionDefaults(TypedDict):
     encodings: list[str]
     types: list[str]
     min_length: int
+    decompress: bool
     levels: dict[str, int]
 
 class _Defaults(TypedDict):

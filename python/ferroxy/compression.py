@@ -21,9 +21,12 @@ class Compression:
     (HEAD, 204, 304), or marked ``Cache-Control: no-transform``. A compressed response loses
     its Content-Length and gets ``Vary: Accept-Encoding``; its ETag is weakened.
 
+    An upstream's own gzip, brotli or zstd is decoded for a client that does not take it
+    (``decompress``), and encoded again in a coding the client does take.
+
     A field left None takes the engine's default (``_core.DEFAULTS["compression"]``):
     ``("zstd", "br", "gzip")``; text, JSON, JavaScript, XML, WebAssembly and SVG; 256 bytes;
-    levels gzip 6, brotli 4, zstd 3.
+    levels gzip 6, brotli 4, zstd 3; decompress.
     """
 
     #: Codings to offer, from ``"zstd"``, ``"br"`` and ``"gzip"``, in order of preference.
@@ -35,3 +38,6 @@ class Compression:
     #: One level for every coding (gzip 1-9, brotli 0-11, zstd 1-19; higher is smaller and
     #: slower), in place of each one's default.
     level: int | None = None
+    #: Decode an upstream's gzip, brotli or zstd body for a client that does not accept that
+    #: coding (encoding it again in one the client takes, when there is one). Default: True.
+    decompress: bool | None = None

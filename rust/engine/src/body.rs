@@ -35,40 +35,110 @@ enum Source {
     Coded(Box<Coded>),
 }
 
-/// A body passed through an encoder: output goes out once a frame's worth has gathered, when
-/// the source has nothing more for now (flushed, so a slow stream is not held back), and at
-/// the end.
+/// A body passed through a decoder, an encoder, or both (see [`crate::compression::Plan`]).
+/// Encoded output goes out once a frame's worth has gathered, when the source has nothing
+/// more for now (flushed, so a slow stream is not held back), and at the end.
 struct Coded {
-    inner: ProxyBody,
-    /// None once the source has ended and the encoder's last bytes have gone.
+    plain: Plain,
+    /// None when not encoding, or once its last bytes have gone.
     encoder: Option<crate::compression::Encoder>,
-    /// The source's trailers, sent after the encoder's last bytes.
+    /// The coded stream has ended: only the trailers may be left.
+    finished: bool,
+}
+
+/// The source as plain bytes: decoded when it came encoded.
+struct Plain {
+    inner: ProxyBody,
+    decoder: Option<crate::compression::Decoder>,
+    /// The source has sent its last frame.
+    source_ended: bool,
+    /// The source's trailers, sent after the coded body's last bytes.
     trailers: Option<http::HeaderMap>,
 }
 
-/// Output gathered before it goes out as a frame of its own.
+/// Encoded output gathered before it goes out as a frame of its own.
 const CODED_FRAME: usize = 16 * 1024;
+
+impl Plain {
+    /// The next plain bytes; `None` at the end.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        use crate::compression::Decoded;
+        loop {
+            if let Some(decoder) = &mut self.decoder {
+                match decoder.output()? {
+                    Decoded::Bytes(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                    Decoded::Done if self.source_ended => return Poll::Ready(None),
+                    // Until the source ends too: anything more from it is an error.
+                    Decoded::Done => {}
+                    Decoded::Hungry if self.source_ended => {
+                        return Poll::Ready(Some(Err("the coded body is truncated".into())));
+                    }
+                    Decoded::Hungry => {}
+                }
+            } else if self.source_ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match &mut self.decoder {
+                        Some(decoder) => decoder.feed(data),
+                        None => return Poll::Ready(Some(Ok(data))),
+                    },
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        self.end_of_source();
+                    }
+                },
+                Poll::Ready(None) => self.end_of_source(),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn end_of_source(&mut self) {
+        self.source_ended = true;
+        if let Some(decoder) = &mut self.decoder {
+            decoder.end();
+        }
+    }
+}
 
 impl Coded {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.finished {
+            return Poll::Ready(self.plain.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
         let Some(encoder) = self.encoder.as_mut() else {
-            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            return match self.plain.poll(cx) {
+                Poll::Ready(Some(Ok(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    Poll::Ready(self.plain.trailers.take().map(|t| Ok(Frame::trailers(t))))
+                }
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
+                Poll::Pending => Poll::Pending,
+            };
         };
         loop {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        encoder.write(&data)?;
-                        if encoder.ready() >= CODED_FRAME {
-                            return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
-                        }
+            match self.plain.poll(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    encoder.write(&data)?;
+                    if encoder.ready() >= CODED_FRAME {
+                        return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
                     }
-                    Err(frame) => {
-                        self.trailers = frame.into_trailers().ok();
-                        return self.finish();
+                }
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    let last = match self.encoder.take() {
+                        Some(mut encoder) => encoder.finish()?,
+                        None => Bytes::new(),
+                    };
+                    if !last.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(last))));
                     }
-                },
-                Poll::Ready(None) => return self.finish(),
+                    return Poll::Ready(self.plain.trailers.take().map(|t| Ok(Frame::trailers(t))));
+                }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Pending => {
                     encoder.flush()?;
@@ -79,18 +149,6 @@ impl Coded {
                 }
             }
         }
-    }
-
-    /// The encoder's last bytes, then (on the next poll) the trailers.
-    fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let last = match self.encoder.take() {
-            Some(mut encoder) => encoder.finish()?,
-            None => Bytes::new(),
-        };
-        if !last.is_empty() {
-            return Poll::Ready(Some(Ok(Frame::data(last))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 }
 
@@ -154,14 +212,22 @@ impl ProxyBody {
         true
     }
 
-    /// This body, compressed by `encoder` on its way.
-    pub fn encoded(self, encoder: crate::compression::Encoder) -> Self {
+    /// This body, decoded and encoded on its way as `plan` says (as it is, for an empty one).
+    pub fn coded(self, plan: crate::compression::Plan) -> Self {
+        if plan.decode.is_none() && plan.encode.is_none() {
+            return self;
+        }
         ProxyBody {
             side: self.side,
             source: Source::Coded(Box::new(Coded {
-                inner: self,
-                encoder: Some(encoder),
-                trailers: None,
+                plain: Plain {
+                    inner: self,
+                    decoder: plan.decode,
+                    source_ended: false,
+                    trailers: None,
+                },
+                encoder: plan.encode,
+                finished: false,
             })),
             idle: None,
             finished: None,
@@ -252,7 +318,7 @@ impl Body for ProxyBody {
             Source::Streamed(incoming) => incoming.is_end_stream(),
             Source::Limited(limited) => limited.incoming.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
-            Source::Coded(coded) => coded.encoder.is_none() && coded.trailers.is_none(),
+            Source::Coded(coded) => coded.finished && coded.plain.trailers.is_none(),
         }
     }
 

@@ -8,7 +8,8 @@
 //! Content-Length, says `Vary: Accept-Encoding`, and its ETag is weakened (`W/"..."`): the
 //! bytes are no longer the upstream's, byte for byte (RFC 9110 section 8.8.1).
 
-use std::io::Write;
+use std::collections::VecDeque;
+use std::io::{BufRead, Read, Write};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -64,6 +65,17 @@ pub struct Compression {
     pub min_length: u64,
     /// Level per coding; `None` takes [`Encoding::default_level`].
     pub level: Option<u32>,
+    /// Decode an upstream's gzip, brotli or zstd body for a client that does not accept it
+    /// (and encode it again in a coding the client does take, when there is one).
+    pub decompress: bool,
+}
+
+/// What to do to one response's body: decode the upstream's coding, encode in the client's,
+/// or both (in that order).
+#[derive(Default)]
+pub struct Plan {
+    pub decode: Option<Decoder>,
+    pub encode: Option<Encoder>,
 }
 
 impl Default for Compression {
@@ -85,20 +97,21 @@ impl Default for Compression {
             .to_vec(),
             min_length: 256,
             level: None,
+            decompress: true,
         }
     }
 }
 
 impl Compression {
-    /// The encoder for this response, with its head changed to match; None to leave it as it
-    /// is.
+    /// What to do to this response's body, with its head changed to match; an empty plan
+    /// leaves it as it is.
     pub fn start(
         &self,
         method: &Method,
         request_headers: &HeaderMap,
         response: &mut http::response::Parts,
         body_length: Option<u64>,
-    ) -> Option<Encoder> {
+    ) -> Plan {
         let status = response.status;
         if *method == Method::HEAD
             || status.is_informational()
@@ -106,20 +119,42 @@ impl Compression {
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::PARTIAL_CONTENT
         {
-            return None;
+            return Plan::default();
         }
         let headers = &response.headers;
-        if headers.contains_key(header::CONTENT_ENCODING)
-            || headers.contains_key(header::CONTENT_RANGE)
+        if headers.contains_key(header::CONTENT_RANGE)
             || has_token(headers, header::CACHE_CONTROL, "no-transform")
-            || body_length.is_some_and(|length| length < self.min_length)
-            || !self.compresses(headers.get(header::CONTENT_TYPE))
         {
-            return None;
+            return Plan::default();
+        }
+        let mut plan = Plan::default();
+        let mut length = body_length;
+        if let Some(coding) = headers.get(header::CONTENT_ENCODING) {
+            // Decoded only when this client cannot take it, and we can read it.
+            let Some(upstream) = coding.to_str().ok().and_then(decodable) else {
+                return Plan::default();
+            };
+            if !self.decompress || acceptance(request_headers, upstream.as_str()) > 0 {
+                return Plan::default();
+            }
+            plan.decode = Some(Decoder::new(upstream));
+            length = None;
+            let headers = &mut response.headers;
+            headers.remove(header::CONTENT_ENCODING);
+            headers.remove(header::CONTENT_LENGTH);
+            weaken_etag(headers);
+            add_vary(headers);
+        }
+        if length.is_some_and(|length| length < self.min_length)
+            || !self.compresses(response.headers.get(header::CONTENT_TYPE))
+        {
+            return plan;
         }
         // Whatever the answer to this client, a cache must key it by Accept-Encoding.
         add_vary(&mut response.headers);
-        let encoding = choose(request_headers, &self.encodings)?;
+        let Some(encoding) = choose(request_headers, &self.encodings) else {
+            return plan;
+        };
         let headers = &mut response.headers;
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(
@@ -128,7 +163,8 @@ impl Compression {
         );
         weaken_etag(headers);
         let level = self.level.unwrap_or_else(|| encoding.default_level());
-        Some(Encoder::new(encoding, level))
+        plan.encode = Some(Encoder::new(encoding, level));
+        plan
     }
 
     fn compresses(&self, content_type: Option<&HeaderValue>) -> bool {
@@ -144,6 +180,17 @@ impl Compression {
                     .is_some_and(|(f, _)| f.eq_ignore_ascii_case(family)),
                 None => media.eq_ignore_ascii_case(listed),
             })
+    }
+}
+
+/// The coding a `Content-Encoding` names, when it is one we decode (one coding only: a
+/// stack of them is passed on as it is).
+fn decodable(coding: &str) -> Option<Encoding> {
+    match coding.trim().to_ascii_lowercase().as_str() {
+        "gzip" | "x-gzip" => Some(Encoding::Gzip),
+        "br" => Some(Encoding::Brotli),
+        "zstd" => Some(Encoding::Zstd),
+        _ => None,
     }
 }
 
@@ -339,6 +386,167 @@ impl Encoder {
     }
 }
 
+/// A streaming decoder whose output comes in pieces of at most [`DECODED_PIECE`] bytes,
+/// whatever the input: a small compressed body can stand for gigabytes, and those are
+/// streamed to the client as it reads them, never held.
+pub struct Decoder {
+    reader: Reader,
+    /// The coded stream has ended.
+    done: bool,
+    /// Bytes came after its end: not part of it, and a client would take them for content.
+    trailing: bool,
+}
+
+/// The most decoded output held at once (and the size of the frames it goes out in).
+pub const DECODED_PIECE: usize = 16 * 1024;
+
+enum Reader {
+    Gzip(flate2::bufread::GzDecoder<Feed>),
+    Brotli(Box<brotli::Decompressor<Feed>>),
+    Zstd(zstd::stream::read::Decoder<'static, Feed>),
+}
+
+/// What the decoder says after being asked for output.
+pub enum Decoded {
+    /// Output (at most [`DECODED_PIECE`] bytes).
+    Bytes(Bytes),
+    /// It needs more input first.
+    Hungry,
+    /// The coded stream has ended.
+    Done,
+}
+
+impl Decoder {
+    pub fn new(encoding: Encoding) -> Self {
+        let feed = Feed::default();
+        let reader = match encoding {
+            Encoding::Gzip => Reader::Gzip(flate2::bufread::GzDecoder::new(feed)),
+            Encoding::Brotli => Reader::Brotli(Box::new(brotli::Decompressor::new(feed, 4096))),
+            Encoding::Zstd => Reader::Zstd(
+                zstd::stream::read::Decoder::with_buffer(feed).expect("zstd makes a decoder"),
+            ),
+        };
+        Decoder {
+            reader,
+            done: false,
+            trailing: false,
+        }
+    }
+
+    /// Give the decoder more of the coded body.
+    pub fn feed(&mut self, input: Bytes) {
+        if input.is_empty() {
+            return;
+        }
+        if self.done {
+            self.trailing = true;
+            return;
+        }
+        self.feed_mut().chunks.push_back(input);
+    }
+
+    /// The coded body has ended: what is left must decode to the end of its stream.
+    pub fn end(&mut self) {
+        self.feed_mut().ended = true;
+    }
+
+    /// As much output as is ready, up to [`DECODED_PIECE`] bytes.
+    pub fn output(&mut self) -> std::io::Result<Decoded> {
+        if self.done {
+            return self.finished();
+        }
+        let mut piece = vec![0; DECODED_PIECE];
+        let mut filled = 0;
+        while filled < piece.len() {
+            let read = match &mut self.reader {
+                Reader::Gzip(r) => r.read(&mut piece[filled..]),
+                Reader::Brotli(r) => r.read(&mut piece[filled..]),
+                Reader::Zstd(r) => r.read(&mut piece[filled..]),
+            };
+            match read {
+                Ok(0) => {
+                    self.done = true;
+                    // Brotli reads ahead into a buffer of its own, and tells of bytes left in
+                    // it only when asked again.
+                    let swallowed = match &mut self.reader {
+                        Reader::Brotli(r) => r.read(&mut [0; 1]).is_err(),
+                        _ => false,
+                    };
+                    let feed = self.feed_mut();
+                    self.trailing = swallowed || feed.chunks.iter().any(|chunk| !chunk.is_empty());
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled > 0 {
+            piece.truncate(filled);
+            return Ok(Decoded::Bytes(Bytes::from(piece)));
+        }
+        if self.done {
+            return self.finished();
+        }
+        Ok(Decoded::Hungry)
+    }
+
+    fn finished(&self) -> std::io::Result<Decoded> {
+        if self.trailing {
+            return Err(std::io::Error::other(
+                "data after the end of the coded body",
+            ));
+        }
+        Ok(Decoded::Done)
+    }
+
+    fn feed_mut(&mut self) -> &mut Feed {
+        match &mut self.reader {
+            Reader::Gzip(r) => r.get_mut(),
+            Reader::Brotli(r) => r.get_mut(),
+            Reader::Zstd(r) => r.get_mut(),
+        }
+    }
+}
+
+/// The coded bytes received so far, read by a decoder: `WouldBlock` while more may come,
+/// the end of input once the body has ended.
+#[derive(Default)]
+struct Feed {
+    chunks: VecDeque<Bytes>,
+    ended: bool,
+}
+
+impl Read for Feed {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Feed {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.chunks.front().is_some_and(Bytes::is_empty) {
+            self.chunks.pop_front();
+        }
+        match self.chunks.front() {
+            Some(chunk) => Ok(chunk),
+            None if self.ended => Ok(&[]),
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        if let Some(chunk) = self.chunks.front_mut() {
+            bytes::Buf::advance(chunk, n);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,8 +602,8 @@ mod tests {
     fn a_compressed_head_says_so() {
         let config = Compression::default();
         let mut head = response("text/html; charset=utf-8");
-        let encoder = config.start(&Method::GET, &accept("gzip"), &mut head, Some(10_000));
-        assert!(encoder.is_some());
+        let plan = config.start(&Method::GET, &accept("gzip"), &mut head, Some(10_000));
+        assert!(plan.encode.is_some() && plan.decode.is_none());
         assert_eq!(head.headers["content-encoding"], "gzip");
         assert_eq!(head.headers["vary"], "Accept-Encoding");
         assert_eq!(head.headers["etag"], "W/\"v1\"");
@@ -407,7 +615,8 @@ mod tests {
         let config = Compression::default();
         let gzip = accept("gzip");
         let none = |head: &mut http::response::Parts, method: Method, length: Option<u64>| {
-            config.start(&method, &gzip, head, length).is_none()
+            let plan = config.start(&method, &gzip, head, length);
+            plan.encode.is_none() && plan.decode.is_none()
         };
         assert!(none(&mut response("image/png"), Method::GET, Some(10_000)));
         assert!(none(&mut response("text/plain"), Method::GET, Some(100)));
@@ -416,10 +625,11 @@ mod tests {
             Method::HEAD,
             Some(10_000)
         ));
+        // Already in a coding the client takes.
         let mut encoded = response("text/plain");
         encoded
             .headers
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         assert!(none(&mut encoded, Method::GET, Some(10_000)));
         let mut no_transform = response("text/plain");
         no_transform.headers.insert(
@@ -439,9 +649,112 @@ mod tests {
                 &mut refused,
                 Some(10_000)
             )
+            .encode
             .is_none());
         assert_eq!(refused.headers["vary"], "Accept-Encoding");
         assert_eq!(refused.headers["etag"], "\"v1\"");
+    }
+
+    #[test]
+    fn a_coding_the_client_does_not_take_is_decoded_and_encoded_again() {
+        let config = Compression::default();
+        let mut head = response("text/plain");
+        head.headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+        let plan = config.start(&Method::GET, &accept("gzip"), &mut head, Some(10_000));
+        assert!(plan.decode.is_some() && plan.encode.is_some());
+        assert_eq!(head.headers["content-encoding"], "gzip");
+        // A client that takes no coding gets it plain.
+        let mut head = response("text/plain");
+        head.headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+        let plan = config.start(&Method::GET, &HeaderMap::new(), &mut head, Some(10_000));
+        assert!(plan.decode.is_some() && plan.encode.is_none());
+        assert!(!head.headers.contains_key("content-encoding"));
+        assert!(!head.headers.contains_key("content-length"));
+        // One we cannot read is passed on as it is.
+        let mut head = response("text/plain");
+        head.headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip, br"),
+        );
+        let plan = config.start(&Method::GET, &HeaderMap::new(), &mut head, Some(10_000));
+        assert!(plan.decode.is_none() && plan.encode.is_none());
+    }
+
+    /// `data` encoded whole in `encoding`.
+    fn encoded(encoding: Encoding, data: &[u8]) -> Vec<u8> {
+        let mut encoder = Encoder::new(encoding, encoding.default_level());
+        encoder.write(data).unwrap();
+        let mut out = encoder.take().to_vec();
+        out.extend_from_slice(&encoder.finish().unwrap());
+        out
+    }
+
+    /// Feed `coded` in `chunk`-byte pieces, draining as it goes; the output and its largest
+    /// piece.
+    fn decode_in_pieces(
+        encoding: Encoding,
+        coded: &[u8],
+        chunk: usize,
+    ) -> std::io::Result<(Vec<u8>, usize)> {
+        let mut decoder = Decoder::new(encoding);
+        let mut out = Vec::new();
+        let mut largest = 0;
+        let mut drain = |decoder: &mut Decoder, out: &mut Vec<u8>| -> std::io::Result<bool> {
+            loop {
+                match decoder.output()? {
+                    Decoded::Bytes(bytes) => {
+                        largest = largest.max(bytes.len());
+                        out.extend_from_slice(&bytes);
+                    }
+                    Decoded::Hungry => return Ok(false),
+                    Decoded::Done => return Ok(true),
+                }
+            }
+        };
+        for piece in coded.chunks(chunk) {
+            decoder.feed(Bytes::copy_from_slice(piece));
+            drain(&mut decoder, &mut out)?;
+        }
+        decoder.end();
+        assert!(drain(&mut decoder, &mut out)?, "not done at the end");
+        Ok((out, largest))
+    }
+
+    #[test]
+    fn decoding_streams_in_bounded_pieces() {
+        // 64 MiB of zeros: a few kilobytes coded; never more than a piece decoded at once.
+        let zeros = vec![0u8; 64 << 20];
+        for encoding in ALL {
+            let coded = encoded(encoding, &zeros);
+            assert!(coded.len() < 1 << 20, "{encoding:?}: {}", coded.len());
+            let (out, largest) = decode_in_pieces(encoding, &coded, 1000)
+                .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
+            assert!(out.len() == zeros.len(), "{encoding:?}");
+            assert!(largest <= DECODED_PIECE, "{encoding:?}: {largest}");
+        }
+    }
+
+    #[test]
+    fn truncated_or_trailing_input_is_an_error() {
+        let text = b"some text that compresses ".repeat(1000);
+        for encoding in ALL {
+            let coded = encoded(encoding, &text);
+            let (out, _) = decode_in_pieces(encoding, &coded, 7).unwrap();
+            assert!(out == text, "{encoding:?}");
+            let truncated = &coded[..coded.len() - 4];
+            assert!(
+                decode_in_pieces(encoding, truncated, 100).is_err(),
+                "{encoding:?} truncated"
+            );
+            let mut trailing = coded.clone();
+            trailing.extend_from_slice(b"junk after the end");
+            assert!(
+                decode_in_pieces(encoding, &trailing, 100).is_err(),
+                "{encoding:?} trailing"
+            );
+        }
     }
 
     fn round_trip(encoding: Encoding) {

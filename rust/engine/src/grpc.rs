@@ -22,7 +22,6 @@ pub enum Code {
     Unknown = 2,
     DeadlineExceeded = 4,
     PermissionDenied = 7,
-    ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
@@ -39,7 +38,6 @@ impl Code {
             403 => Code::PermissionDenied,
             404 => Code::Unimplemented,
             429 | 502 | 503 | 504 => Code::Unavailable,
-            413 => Code::ResourceExhausted,
             _ => Code::Unknown,
         }
     }
@@ -83,9 +81,15 @@ fn parse_timeout(text: &[u8]) -> Option<Duration> {
 
 /// The trailers-only answer to a call the proxy could not complete: `DEADLINE_EXCEEDED` when
 /// the call's own deadline ran out (`deadline_passed`), otherwise the code for the error's
-/// HTTP status (an unreachable upstream is `UNAVAILABLE`), with the error's text as the
-/// message.
-pub fn error_response(error: &Error, deadline_passed: bool) -> Response {
+/// HTTP status (an unreachable upstream is `UNAVAILABLE`). The message says what kind of
+/// failure it was (`Bad Gateway: connect_refused`) and no more: the details (the upstream's
+/// address, the OS error) are for our log, not for any client. `request_type` is the call's
+/// content type: a gRPC-Web client is answered in its own.
+pub fn error_response(
+    error: &Error,
+    deadline_passed: bool,
+    request_type: Option<&HeaderValue>,
+) -> Response {
     let timed_out = matches!(
         error.kind,
         ErrorKind::ReadTimeout | ErrorKind::ConnectTimeout
@@ -97,9 +101,21 @@ pub fn error_response(error: &Error, deadline_passed: bool) -> Response {
     };
     let mut response = Response::new(StatusCode::OK, bytes::Bytes::new());
     let headers = &mut response.headers;
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let content_type = match request_type.map(HeaderValue::as_bytes) {
+        Some(t) if t.starts_with(b"application/grpc-web-text") => "application/grpc-web-text",
+        Some(t) if t.starts_with(b"application/grpc-web") => "application/grpc-web",
+        _ => "application/grpc",
+    };
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(GRPC_STATUS.clone(), code.header_value());
-    if let Ok(message) = HeaderValue::from_str(&percent_encode(&error.to_string())) {
+    let message = if code == Code::DeadlineExceeded {
+        "deadline exceeded".to_owned()
+    } else {
+        let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let reason = status.canonical_reason().unwrap_or("Error");
+        format!("{reason}: {}", error.kind.as_str())
+    };
+    if let Ok(message) = HeaderValue::from_str(&percent_encode(&message)) {
         headers.insert(GRPC_MESSAGE.clone(), message);
     }
     response
@@ -162,20 +178,36 @@ mod tests {
 
     #[test]
     fn an_unreachable_upstream_is_unavailable() {
-        let error = Error::new(ErrorKind::ConnectRefused, "connection refused");
-        let response = error_response(&error, false);
+        let error = Error::new(
+            ErrorKind::ConnectRefused,
+            "connect to 10.0.0.7:50051 failed",
+        );
+        let response = error_response(&error, false, None);
         assert_eq!(response.status, StatusCode::OK);
         assert_eq!(response.headers["content-type"], "application/grpc");
         assert_eq!(response.headers["grpc-status"], "14");
+        // What failed, without where: the address is for our log only.
+        assert_eq!(
+            response.headers["grpc-message"],
+            "Bad Gateway: connect_refused"
+        );
         assert!(response.body.is_empty());
+        let web = HeaderValue::from_static("application/grpc-web+proto");
+        let response = error_response(&error, false, Some(&web));
+        assert_eq!(response.headers["content-type"], "application/grpc-web");
     }
 
     #[test]
     fn a_passed_deadline_is_deadline_exceeded() {
         let error = Error::new(ErrorKind::ReadTimeout, "the request's deadline passed");
-        assert_eq!(error_response(&error, true).headers["grpc-status"], "4");
+        let passed = error_response(&error, true, None);
+        assert_eq!(passed.headers["grpc-status"], "4");
+        assert_eq!(passed.headers["grpc-message"], "deadline exceeded");
         // The same timeout with the call's deadline still ahead is the proxy's own limit.
-        assert_eq!(error_response(&error, false).headers["grpc-status"], "14");
+        assert_eq!(
+            error_response(&error, false, None).headers["grpc-status"],
+            "14"
+        );
     }
 
     #[test]

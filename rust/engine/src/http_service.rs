@@ -48,6 +48,12 @@ pub struct HttpConfig {
     pub tunnel_idle_timeout: Duration,
 }
 
+/// End the stream as the protocol says (close_notify over TLS), if the client reads within
+/// a moment; hyper, served without shutdown, leaves that to us.
+async fn close_tls<S: tokio::io::AsyncWrite + Unpin>(io: &mut S) {
+    let _ = tokio::time::timeout(QUIET_BEFORE_CLOSE, tokio::io::AsyncWriteExt::shutdown(io)).await;
+}
+
 /// How long an HTTP/1 connection must have been idle (answered, quiet) before hyper gives its
 /// buffers back. Checked this often, so a connection is released 1-2 periods into its idle
 /// time; a busy connection never is, and pays one timer tick per period.
@@ -147,17 +153,22 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 });
                 let version = req.version();
                 let mut response = service.proxy.handle(req, downstream).await;
+                let closing = shutdown.is_shutting_down() || watch.take_close_next();
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    // The socket becomes a tunnel once the 101 has gone (see serve_http1).
-                    if let Some(switched) = response
+                    let switched = response
                         .extensions_mut()
                         .remove::<crate::upgrade::UpstreamUpgrade>()
-                        .and_then(|switched| switched.take())
-                    {
-                        watch.switch_after_response(switched);
+                        .and_then(|switched| switched.take());
+                    match switched {
+                        // A connection that closes after this response is no tunnel: the
+                        // switch is refused, and the upstream's side dropped.
+                        Some(_) if closing => crate::upgrade::refuse(&mut response),
+                        // The socket becomes a tunnel once the 101 has gone (see serve_http1).
+                        Some(switched) => watch.switch_after_response(switched),
+                        None => {}
                     }
                 }
-                if shutdown.is_shutting_down() || watch.take_close_next() {
+                if closing {
                     crate::proxy::close_after(&mut response, version);
                 }
                 Ok(response.map(|body| Tracked::new(body, in_flight)))
@@ -234,7 +245,14 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 })
                 .await;
                 if let Some(served) = woke {
-                    served?;
+                    if let Err(error) = served {
+                        // A keep-alive timeout or a bad request ends here: TLS still says so.
+                        if !releasable {
+                            let mut io = conn.into_parts().io.into_inner();
+                            close_tls(&mut io).await;
+                        }
+                        return Err(error);
+                    }
                     break;
                 }
                 if (releasable || shutdown.is_shutting_down()) && watch.idle_since(seen) {
@@ -254,9 +272,12 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 io.set_unread(parts.read_buf);
                 io.stop_scanning();
                 let idle = self.config.tunnel_idle_timeout;
-                if let Err(error) = crate::upgrade::tunnel(io, switched, &watch, idle).await {
+                if let Err(error) = crate::upgrade::tunnel(&mut io, switched, &watch, idle).await {
                     tracing::debug!(client = %downstream.client_addr, "tunnel ended: {error}");
                 }
+                // Its end said to the client (close_notify over TLS, a FIN over TCP), when
+                // the upstream's end or the idle timeout ended it.
+                close_tls(&mut io).await;
                 return Ok(());
             }
             if !asked_to_stop || shutdown.is_shutting_down() {
@@ -266,11 +287,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 // to us.
                 if !releasable {
                     let mut io = conn.into_parts().io.into_inner();
-                    let _ = tokio::time::timeout(
-                        QUIET_BEFORE_CLOSE,
-                        tokio::io::AsyncWriteExt::shutdown(&mut io),
-                    )
-                    .await;
+                    close_tls(&mut io).await;
                 }
                 return Ok(());
             }

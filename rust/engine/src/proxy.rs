@@ -184,6 +184,16 @@ fn switching(session: &Session, head: &mut http::response::Parts) -> Result<()> 
             "the upstream switched protocols to one the client did not ask for",
         ));
     }
+    // A request the proxy takes nothing after (one with a body it could not trust, or a
+    // client's `Connection: close`) does not become a tunnel: bytes after it would reach the
+    // upstream unread.
+    if !session.keepalive {
+        return Err(Error::new(
+            ErrorKind::InvalidRequest,
+            "an upgrade on a connection that must close after this request",
+        )
+        .with_status(400));
+    }
     forward::switching_headers(&mut head.headers);
     Ok(())
 }
@@ -286,7 +296,14 @@ impl<P: ProxyHttp> ProxyService<P> {
             close_after(&mut response, session.req.version);
         }
         let state = request.state.take().expect("state is still here");
-        let status = response.status().as_u16();
+        let mut status = response.status().as_u16();
+        if let Some(error) = error.as_ref().filter(|_| status == 200) {
+            // A gRPC call's failure is answered 200 with its grpc-status: the log says the
+            // failure's own status, so that monitoring by 5xx sees it.
+            if crate::grpc::is_call(&state.session.req.headers) {
+                status = error.status;
+            }
+        }
         let finish = self.finish(state, status, error);
         response.map(|body| ResponseBody {
             inner: body,
@@ -311,13 +328,17 @@ impl<P: ProxyHttp> ProxyService<P> {
                 connection,
                 upload,
             }) => {
-                // A connection that switched protocols is the tunnel's, not the pool's.
-                let pooled =
-                    (head.status != http::StatusCode::SWITCHING_PROTOCOLS).then(|| PoolReturn {
-                        connection,
-                        pool: self.upstream.pool().clone(),
-                        upload,
-                    });
+                // A connection that switched protocols is the tunnel's, not the pool's (told by
+                // what the upstream client left, not the status a filter may have changed).
+                let switched = head
+                    .extensions
+                    .get::<crate::upgrade::UpstreamUpgrade>()
+                    .is_some();
+                let pooled = (!switched).then(|| PoolReturn {
+                    connection,
+                    pool: self.upstream.pool().clone(),
+                    upload,
+                });
                 return (http::Response::from_parts(head, body), pooled, None);
             }
             Ok(Proxied::Local(mut response)) => {
@@ -350,7 +371,8 @@ impl<P: ProxyHttp> ProxyService<P> {
                 let deadline_passed = session
                     .client_deadline
                     .is_some_and(|deadline| session.started.elapsed() >= deadline);
-                crate::grpc::error_response(&error, deadline_passed)
+                let request_type = session.req.headers.get(http::header::CONTENT_TYPE);
+                crate::grpc::error_response(&error, deadline_passed, request_type)
             }
             None => Response::error_page(&error),
         };
@@ -442,9 +464,8 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(compression) = &self.config.compression {
             let length = body.size_hint().exact();
             let req = &session.req;
-            if let Some(encoder) = compression.start(&req.method, &req.headers, &mut head, length) {
-                body = body.encoded(encoder);
-            }
+            let plan = compression.start(&req.method, &req.headers, &mut head, length);
+            body = body.coded(plan);
         }
         Ok(Proxied::Upstream {
             head,

@@ -67,6 +67,14 @@ pub fn offers(asked: &HeaderValue, to: &HeaderValue) -> bool {
     !to.is_empty() && asked.split(',').any(|p| p.trim().eq_ignore_ascii_case(to))
 }
 
+/// Turn a 101 that must not take effect into a 503: the connection closes after it.
+pub(crate) fn refuse<B>(response: &mut http::Response<B>) {
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.remove(header::UPGRADE);
+    headers.remove(header::CONNECTION);
+}
+
 /// Put back on `headers` (which lost them as hop-by-hop) what asks the next hop to switch
 /// to `protocols`.
 pub fn ask(headers: &mut HeaderMap, protocols: HeaderValue) {
@@ -78,7 +86,7 @@ pub fn ask(headers: &mut HeaderMap, protocols: HeaderValue) {
 /// anything for `idle`. Bytes the client sent after its request and the upstream after its
 /// 101 (each read already by hyper) go first.
 pub(crate) async fn tunnel<D>(
-    mut downstream: D,
+    downstream: &mut D,
     upstream: OnUpgrade,
     watch: &ConnectionWatch,
     idle: Duration,
@@ -90,7 +98,7 @@ where
         .await
         .map_err(|e| std::io::Error::other(format!("upstream upgrade failed: {e}")))?;
     let mut upstream = TokioIo::new(upgraded);
-    let copying = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let copying = tokio::io::copy_bidirectional(downstream, &mut upstream);
     tokio::pin!(copying);
     // Both directions go through the client's socket, whose watch sees every byte.
     let mut seen = watch.activity();

@@ -63,11 +63,14 @@ pub fn compression_from(config: &Bound<'_, PyAny>) -> PyResult<Compression> {
             )))
         }
     };
+    let decompress = optional::<bool>(&field("decompress")?, "decompress", "a bool")?
+        .unwrap_or(defaults.decompress);
     Ok(Compression {
         encodings,
         types,
         min_length,
         level,
+        decompress,
     })
 }
 
@@ -94,6 +97,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("encodings", names)?;
     dict.set_item("types", defaults.types)?;
     dict.set_item("min_length", defaults.min_length)?;
+    dict.set_item("decompress", defaults.decompress)?;
     let levels = PyDict::new(py);
     for encoding in [Encoding::Gzip, Encoding::Brotli, Encoding::Zstd] {
         levels.set_item(encoding.as_str(), encoding.default_level())?;
