@@ -35,6 +35,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod simulate;
+pub mod tcp_proxy;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -1,0 +1,277 @@
+//! L4 proxying: each accepted connection (plain, or TLS terminated by its listener) is joined
+//! to one upstream connection, and bytes are copied both ways until either side closes or
+//! nothing has moved for the idle timeout. The upstream is a fixed peer or a balancer's pick,
+//! tried again on another backend when connecting fails; a pick counts as in flight for as
+//! long as its connection lasts (least connections sees it), and connect failures reach the
+//! balancer's passive health checks.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::digest::DownstreamDigest;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lb::{LoadBalancer, Observation, Selected, Upstream};
+use crate::listener::DownstreamStream;
+use crate::peer::Peer;
+use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
+
+/// How a TCP proxy serves its connections.
+#[derive(Debug, Clone)]
+pub struct TcpProxyConfig {
+    pub upstream: Upstream,
+    /// Close a connection once no byte has moved either way for this long.
+    pub idle_timeout: Duration,
+    /// Connect attempts per client connection, each to a backend not tried yet when the
+    /// balancer has one.
+    pub connect_tries: usize,
+}
+
+impl TcpProxyConfig {
+    /// HAProxy's `timeout client`/`timeout server` advice for TCP is minutes; a connection
+    /// that says nothing for ten is gone.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const DEFAULT_CONNECT_TRIES: usize = 3;
+
+    pub fn new(upstream: Upstream) -> Self {
+        TcpProxyConfig {
+            upstream,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            connect_tries: Self::DEFAULT_CONNECT_TRIES,
+        }
+    }
+}
+
+pub struct TcpProxy {
+    config: TcpProxyConfig,
+}
+
+impl TcpProxy {
+    pub fn new(config: TcpProxyConfig) -> Self {
+        TcpProxy { config }
+    }
+
+    /// A connection to the upstream for `client`, with the balancer's pick it came from.
+    async fn connect(&self, client: &DownstreamDigest) -> Result<(Upstreamed, Option<Selected>)> {
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let (peer, selected) = match &self.config.upstream {
+                Upstream::Peer(peer) => (peer.clone(), None),
+                Upstream::Balanced(balancer) => pick(balancer, &tried)?,
+            };
+            match open(&peer).await {
+                Ok(stream) => {
+                    if let Some(selected) = &selected {
+                        selected.observe(Observation::Status(200));
+                    }
+                    return Ok((stream, selected));
+                }
+                Err(error) => {
+                    if let Some(selected) = &selected {
+                        selected.observe(Observation::ConnectFailed);
+                    }
+                    tried.push(peer.addr().to_owned());
+                    let balanced = matches!(self.config.upstream, Upstream::Balanced(_));
+                    if !balanced || tried.len() >= self.config.connect_tries.max(1) {
+                        return Err(error);
+                    }
+                    let client = client.client_addr;
+                    tracing::debug!(%client, "{error}; trying another backend");
+                }
+            }
+        }
+    }
+}
+
+fn pick(balancer: &LoadBalancer, tried: &[String]) -> Result<(Peer, Option<Selected>)> {
+    let tried: Vec<&str> = tried.iter().map(String::as_str).collect();
+    let selected = balancer.select_untried(None, &tried).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NoHealthyUpstream,
+            format!("none of {} backends is healthy", balancer.backends().len()),
+        )
+    })?;
+    Ok((selected.peer().clone(), Some(selected)))
+}
+
+/// TCP to the peer within its connect timeout, then TLS when it has it.
+async fn open(peer: &Peer) -> Result<Upstreamed> {
+    let within = peer.timeouts().connect;
+    let timed_out = || {
+        Error::new(
+            ErrorKind::ConnectTimeout,
+            format!("connect timed out after {within:?}"),
+        )
+        .with_peer(peer)
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    let connecting = async {
+        match peer.socket_addr() {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect(peer.addr()).await,
+        }
+    };
+    let stream = tokio::time::timeout_at(deadline, connecting)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| Error::from_connect(e, peer))?;
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = peer.tls() else {
+        return Ok(Upstreamed::Tcp(stream));
+    };
+    let stream = tokio::time::timeout_at(deadline, tls.connect(stream))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|message| Error::new(ErrorKind::TlsHandshake, message).with_peer(peer))?;
+    Ok(Upstreamed::Tls(Box::new(stream)))
+}
+
+/// The upstream side of a TCP proxy connection.
+enum Upstreamed {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Service for TcpProxy {
+    fn serve_connection(
+        self: Arc<Self>,
+        stream: DownstreamStream,
+        downstream: Arc<DownstreamDigest>,
+        _shutdown: ShutdownSignal,
+    ) -> BoxFuture {
+        Box::pin(async move {
+            let client = downstream.client_addr;
+            // Held for the connection's life: the backend counts it in flight.
+            let (upstream, _selected) = match self.connect(&downstream).await {
+                Ok(connected) => connected,
+                Err(error) => {
+                    tracing::warn!(%client, "{error}; connection closed");
+                    return;
+                }
+            };
+            let moved = Arc::new(AtomicU64::new(0));
+            let mut downstream_io = Counted::new(stream, moved.clone());
+            let copied = match upstream {
+                Upstreamed::Tcp(mut up) => {
+                    copy(
+                        &mut downstream_io,
+                        &mut up,
+                        &moved,
+                        self.config.idle_timeout,
+                    )
+                    .await
+                }
+                Upstreamed::Tls(mut up) => {
+                    copy(
+                        &mut downstream_io,
+                        &mut *up,
+                        &moved,
+                        self.config.idle_timeout,
+                    )
+                    .await
+                }
+            };
+            match copied {
+                Ok(Some((to_upstream, to_client))) => {
+                    tracing::debug!(%client, to_upstream, to_client, "TCP connection ended")
+                }
+                Ok(None) => tracing::debug!(%client, "TCP connection idle; closed"),
+                Err(error) => tracing::debug!(%client, "TCP connection ended: {error}"),
+            }
+        })
+    }
+
+    fn background(&self) -> Vec<Box<dyn BackgroundService>> {
+        match &self.config.upstream {
+            Upstream::Balanced(balancer) => balancer.background_services(),
+            Upstream::Peer(_) => Vec::new(),
+        }
+    }
+}
+
+/// Copy both ways; `None` when it stopped for being idle (nothing moved for `idle`).
+async fn copy<D, U>(
+    downstream: &mut D,
+    upstream: &mut U,
+    moved: &AtomicU64,
+    idle: Duration,
+) -> std::io::Result<Option<(u64, u64)>>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let copying = tokio::io::copy_bidirectional(downstream, upstream);
+    tokio::pin!(copying);
+    let mut seen = moved.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            copied = &mut copying => return copied.map(Some),
+            () = tokio::time::sleep(idle) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    return Ok(None);
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// The client's stream, counting every read and write that moved bytes (both directions
+/// pass through it), for the idle timeout.
+struct Counted<S> {
+    inner: S,
+    moved: Arc<AtomicU64>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, moved: Arc<AtomicU64>) -> Self {
+        Counted { inner, moved }
+    }
+
+    fn count(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.count();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.count();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
