@@ -275,3 +275,31 @@ def test_shutdown_with_an_open_tunnel_waits_only_the_grace_period(
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=5)
     assert took < 4, f"shutdown took {took:.1f}s with a tunnel open (grace period 1 s)"
+
+
+def test_autobahn_cases_1_to_7_through_the_proxy(backend: Backend, ferroxy_proxy: Any) -> None:
+    """kosoku's Autobahn cases 1.* to 7.* (framing, pings, reserved bits, opcodes,
+    fragmentation, UTF-8, closing) give through the proxy exactly the verdicts they give
+    against the upstream directly: the tunnel changes nothing. Cases the upstream itself
+    fails (websockets 7.1.5: a close between fragments) are the only failures allowed."""
+    import asyncio
+
+    kosoku = pytest.importorskip("kosoku")
+    proxy = proxy_for(ferroxy_proxy, backend)
+    cases = [f"{n}.*" for n in range(1, 8)]
+
+    def failures(url: str) -> tuple[int, list[str]]:
+        """How many cases ran, and which failed (OK, NON-STRICT and INFORMATIONAL pass: the
+        first two trade places by timing alone)."""
+        try:
+            results = asyncio.run(kosoku.run_fuzzingclient(url, cases=cases, concurrency=4))
+        except kosoku.FailureError as failed:
+            results = failed.results
+        bad = [r.case_id for r in results if r.behavior.value in ("FAILED", "UNIMPLEMENTED")]
+        return len(results), sorted(bad)
+
+    direct = failures(f"ws://{HOST}:{backend.port}")
+    ran, failed = failures(f"ws://{HOST}:{proxy.port}")
+    assert ran == direct[0] and ran > 200
+    assert failed == direct[1]
+    assert failed in ([], ["7.1.5"]), failed
