@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use parking_lot::Mutex;
 
+use crate::upgrade::Switch;
 use crate::validate::RepeatedLengthScan;
-use hyper::upgrade::OnUpgrade;
 
 /// Shared by a connection's stream, its requests and the loop that serves it.
 #[derive(Default)]
@@ -33,7 +33,7 @@ pub(crate) struct ConnectionWatch {
     close_next: AtomicBool,
     /// The upstream side of a protocol switch whose 101 is on its way to the client: the
     /// connection becomes a tunnel once it has been sent (see [`crate::upgrade`]).
-    upgrade: Mutex<Option<OnUpgrade>>,
+    upgrade: Mutex<Option<Switch>>,
 }
 
 /// A sample of [`ConnectionWatch`]'s activity, to compare with a later one.
@@ -71,12 +71,12 @@ impl ConnectionWatch {
 
     /// Hand the connection, once the 101 now being sent has gone, the upstream's side of the
     /// switch.
-    pub(crate) fn switch_after_response(&self, upstream: OnUpgrade) {
+    pub(crate) fn switch_after_response(&self, upstream: Switch) {
         *self.upgrade.lock() = Some(upstream);
     }
 
     /// The switch a 101 just sent asks for, if any.
-    pub(crate) fn take_upgrade(&self) -> Option<OnUpgrade> {
+    pub(crate) fn take_upgrade(&self) -> Option<Switch> {
         self.upgrade.lock().take()
     }
 

@@ -40,6 +40,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod validate;
+pub mod websocket;
 
 pub use access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
 pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};

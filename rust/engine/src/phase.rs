@@ -110,6 +110,18 @@ pub trait ProxyHttp: Send + Sync + 'static {
         async { None }
     }
 
+    /// For a WebSocket handshake (a request asking to switch protocols): the filter that sees
+    /// each message of the tunnel it becomes, or `None` (the default) for a tunnel that only
+    /// copies bytes. With one, the handshake goes without `Sec-WebSocket-Extensions`, so that
+    /// no extension (permessage-deflate) hides the messages from it.
+    fn websocket_filter(
+        &self,
+        _session: &Session,
+        _ctx: &mut Self::Ctx,
+    ) -> Option<std::sync::Arc<dyn crate::websocket::MessageFilter>> {
+        None
+    }
+
     /// Always last, once the response has been sent (or has failed). Synchronous because it
     /// runs when the response body is dropped; implementations that need to do I/O hand the
     /// work off rather than block. Default: nothing (the access log is the engine's own).

@@ -171,7 +171,7 @@ enum Tried {
 /// An upstream's 101: taken when the client asked to switch to what the upstream switched
 /// to (see [`crate::upgrade`]), and refused (502) otherwise, rather than tunnelling bytes we
 /// would no longer read as HTTP.
-fn switching(session: &Session, head: &mut http::response::Parts) -> Result<()> {
+fn switching(session: &mut Session, head: &mut http::response::Parts) -> Result<()> {
     let asked = crate::upgrade::requested(&session.req);
     let switched_to = head.headers.get(http::header::UPGRADE);
     let agreed = match (asked, switched_to) {
@@ -195,6 +195,9 @@ fn switching(session: &Session, head: &mut http::response::Parts) -> Result<()> 
         .with_status(400));
     }
     forward::switching_headers(&mut head.headers);
+    if let Some(switch) = head.extensions.get::<crate::upgrade::UpstreamUpgrade>() {
+        switch.set_filter(session.websocket.take());
+    }
     Ok(())
 }
 
@@ -575,6 +578,14 @@ impl<P: ProxyHttp> ProxyService<P> {
             // Session::upstream_request).
             session.upstream_request();
             let mut head = session.take_upstream_request().expect("just built");
+            if head.headers.contains_key(http::header::UPGRADE) {
+                if session.websocket.is_none() {
+                    session.websocket = self.proxy.websocket_filter(session, ctx);
+                }
+                if session.websocket.is_some() {
+                    head.headers.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+                }
+            }
             let filtered = self
                 .proxy
                 .upstream_request_filter(session, &mut head, ctx)

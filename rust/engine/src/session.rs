@@ -39,6 +39,9 @@ pub struct Session {
     /// How long the client gave its call, counted from `started`: a gRPC call's
     /// `grpc-timeout`. Every try ends by then, as by `retry.deadline`.
     pub client_deadline: Option<std::time::Duration>,
+    /// What sees the messages of the tunnel this request's handshake asks for, once
+    /// `websocket_filter` gave one.
+    pub websocket: Option<std::sync::Arc<dyn crate::websocket::MessageFilter>>,
     /// The failed tries so far, in order.
     pub tries: Vec<FailedTry>,
     /// The index of the route that matched, in the router's list (see [`crate::route`]).
@@ -96,6 +99,7 @@ impl Session {
             backend: None,
             retry: RetryPolicy::default(),
             client_deadline,
+            websocket: None,
             tries: Vec::new(),
             route: None,
             strip_prefix: None,

@@ -17,19 +17,37 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::client_conn::ConnectionWatch;
+use crate::websocket::MessageFilter;
 
 /// The upstream side of a switch: left in the 101 response's extensions by the upstream
 /// client, taken by the downstream connection once the 101 has been sent. Shared, as
 /// extensions must be `Clone`; it is taken once.
 #[derive(Clone)]
-pub struct UpstreamUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
+pub struct UpstreamUpgrade(Arc<Mutex<Option<Switch>>>);
+
+/// A tunnel about to begin: the upstream's side, and what sees its messages (if anything).
+pub struct Switch {
+    upstream: OnUpgrade,
+    filter: Option<Arc<dyn MessageFilter>>,
+}
 
 impl UpstreamUpgrade {
     pub fn new(upgrade: OnUpgrade) -> Self {
-        UpstreamUpgrade(Arc::new(Mutex::new(Some(upgrade))))
+        let switch = Switch {
+            upstream: upgrade,
+            filter: None,
+        };
+        UpstreamUpgrade(Arc::new(Mutex::new(Some(switch))))
     }
 
-    pub fn take(&self) -> Option<OnUpgrade> {
+    /// Have the tunnel's messages seen by `filter` (a tunnel without one copies bytes).
+    pub fn set_filter(&self, filter: Option<Arc<dyn MessageFilter>>) {
+        if let Some(switch) = self.0.lock().as_mut() {
+            switch.filter = filter;
+        }
+    }
+
+    pub fn take(&self) -> Option<Switch> {
         self.0.lock().take()
     }
 }
@@ -87,24 +105,32 @@ pub fn ask(headers: &mut HeaderMap, protocols: HeaderValue) {
 /// 101 (each read already by hyper) go first.
 pub(crate) async fn tunnel<D>(
     downstream: &mut D,
-    upstream: OnUpgrade,
+    switch: Switch,
     watch: &ConnectionWatch,
     idle: Duration,
 ) -> std::io::Result<()>
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let upgraded = upstream
+    let upgraded = switch
+        .upstream
         .await
         .map_err(|e| std::io::Error::other(format!("upstream upgrade failed: {e}")))?;
     let mut upstream = TokioIo::new(upgraded);
-    let copying = tokio::io::copy_bidirectional(downstream, &mut upstream);
+    let copying = async {
+        match switch.filter {
+            Some(filter) => crate::websocket::relay_both(downstream, &mut upstream, filter).await,
+            None => tokio::io::copy_bidirectional(downstream, &mut upstream)
+                .await
+                .map(|_| ()),
+        }
+    };
     tokio::pin!(copying);
     // Both directions go through the client's socket, whose watch sees every byte.
     let mut seen = watch.activity();
     loop {
         tokio::select! {
-            copied = &mut copying => return copied.map(|_| ()),
+            copied = &mut copying => return copied,
             () = tokio::time::sleep(idle) => {
                 if watch.quiet_since(seen) {
                     return Ok(());
