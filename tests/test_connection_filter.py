@@ -8,6 +8,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,30 @@ def test_an_async_hook_decides_after_awaiting(
     assert ferroxy_upstream.requests == 1
 
 
+def test_connections_wait_for_an_async_hook_concurrently(
+    ferroxy_upstream: EchoServer, ferroxy_proxy: Any
+) -> None:
+    class App(Reporting):
+        upstream = ferroxy_upstream.addr
+
+        async def connection_filter(self, client_addr: str) -> bool:
+            await asyncio.sleep(0.5)
+            return True
+
+    proxy = ferroxy_proxy(App)
+    statuses: list[int] = []
+    clients = [
+        threading.Thread(target=lambda: statuses.append(get_status(proxy.port))) for _ in range(8)
+    ]
+    started = time.monotonic()
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(10)
+    # Eight half-second checks one after another would take 4 s.
+    assert statuses == [200] * 8 and time.monotonic() - started < 3.0
+
+
 def test_a_hook_that_raises_refuses_and_the_proxy_keeps_serving(
     ferroxy_upstream: EchoServer, ferroxy_proxy: Any, ferroxy_logs: Any
 ) -> None:
@@ -148,7 +173,7 @@ def test_a_hook_past_hook_timeout_refuses(
 
     proxy = ferroxy_proxy(App, hook_timeout=0.2)
     assert refused(proxy.port, simple_request("GET", "/slow"))
-    assert "hook_timeout" in ferroxy_logs.dump()
+    wait_until(lambda: "hook_timeout" in ferroxy_logs.dump())
     assert ferroxy_upstream.requests == 0
 
 

@@ -389,16 +389,19 @@ class Dispatcher:
             if type(accepted) is not bool:
                 raise _WrongResult(accepted, "True (serve the connection) or False (close it)")
         except BaseException as error:
-            # Fail closed: a filter that cannot answer lets no one in.
-            call.answer(False)
-            if self._timed_out(error):
-                _log.warning(
-                    "hook connection_filter was still running after hook_timeout (%ss): "
-                    "connection refused",
-                    self._hook_timeout,
-                )
-            else:
-                self._report(hook, error)
+            # Fail closed: a filter that cannot answer lets no one in (said before the
+            # connection closes).
+            try:
+                if self._timed_out(error):
+                    _log.warning(
+                        "hook connection_filter was still running after hook_timeout (%ss): "
+                        "connection refused",
+                        self._hook_timeout,
+                    )
+                else:
+                    self._report(hook, error)
+            finally:
+                call.answer(False)
             if _must_propagate(error):
                 raise
             return hook
