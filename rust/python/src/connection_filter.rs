@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use ferroxy_engine::connection_filter::{ConnectionFilter, IpAccess, Verdict};
 
 use crate::bridge::{Bridge, Job};
+use crate::call::{deliver, Delivery};
 
 /// The hook's name, as the app writes it and as `hooks=` names it.
 pub const HOOK: &str = "connection_filter";
@@ -82,8 +83,8 @@ impl ConnectionCall {
             .lock()
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this call was already answered"))?;
-        // The connection may be gone (the client left, the server stopped): nobody to tell.
-        let _ = reply.send(accept);
+        // With the batch's other answers, as a phase's reply is (see `call::deliver`).
+        deliver(Delivery::Connection(reply, accept));
         Ok(())
     }
 }
