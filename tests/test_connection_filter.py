@@ -327,3 +327,14 @@ def test_refused_before_the_tls_handshake(
             assert client.get(f"https://localhost:{proxy.port}/tls/{i}").status_code == 200
     assert len(asked) == 3
     assert ferroxy_upstream.requests == 3
+
+
+def test_the_engine_takes_a_hook_or_a_declared_filter_not_both() -> None:
+    from ferroxy import _core
+
+    with pytest.raises(ValueError, match="give one or the other"):
+        _core.Server(
+            object(),  # type: ignore[arg-type]
+            hooks=["connection_filter"],
+            connection_filter=filters.IPAccess(allow=["::1"]),
+        )

@@ -160,7 +160,8 @@ impl PyServer {
             match connection_filter.filter(|f| !f.is_none()) {
                 Some(_) if hooks.connection_filter => {
                     return Err(PyValueError::new_err(
-                        "connection_filter: the app has a connection_filter hook already; give                          one or the other",
+                        "connection_filter: the app has a connection_filter hook already; give \
+                         one or the other",
                     ))
                 }
                 Some(declared) => Some(Arc::new(ip_access_from(declared)?)),
