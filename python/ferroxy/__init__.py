@@ -22,6 +22,7 @@ from ._core import (
     __version__,
 )
 from .compression import Compression
+from .listener import Listener
 from .proxy import Proxy, blocking
 from .routes import Route
 from .server import ProxyServer, ServerOptions, run
@@ -33,6 +34,7 @@ __all__ = [
     "Compression",
     "Headers",
     "HealthCheck",
+    "Listener",
     "LoadBalancer",
     "Peer",
     "Proxy",

@@ -85,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "slow_hook_threshold": args.slow_hook_threshold,
             "hook_timeout": args.hook_timeout,
         }
-        if args.listen or not args.tls_listen:
-            options["listen"] = args.listen or _core.DEFAULTS["listen"]
+        # Without --listen, the app's `listen`, else the engine's default (none with only
+        # --tls-listen).
+        if args.listen:
+            options["listen"] = args.listen
         if args.tls_listen:
             options["tls_listen"] = args.tls_listen
         if args.proxy_protocol:
@@ -134,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=(
             "address to serve on, or fd:N for an inherited listening socket; repeat to listen"
-            f" on several (default: {_core.DEFAULTS['listen']})"
+            f" on several (default: the app's `listen`, else {_core.DEFAULTS['listen']})"
         ),
     )
     parser.add_argument(

@@ -11,7 +11,8 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, TypedDict, TypeVar,
 from _typeshed import SupportsKeysAndGetItem
 
 from .compression import Compression
-from .filters import Condition, Filter
+from .filters import Condition, Filter, IPAccess
+from .listener import Listener
 from .routes import Route
 from .tls import TlsConfig
 
@@ -66,6 +67,9 @@ def check_condition(condition: Condition, /) -> None:
 
 def check_route(route: Route, /) -> None:
     """Check ``route`` as the engine will run it: ValueError naming the field."""
+
+def check_ip_access(access: IPAccess, /) -> None:
+    """Check ``access`` as the engine will run it: ValueError naming the entry."""
 
 def step(phase: Coroutine[Any, Any, Any], threshold: float) -> tuple[bool, Any, float] | None:
     """Take one step of ``phase`` (``send(None)``), timed: ``None`` when it finished within
@@ -489,14 +493,26 @@ class Call:
         """``hook`` was still running after ``seconds`` (the hook timeout) and was abandoned:
         a 504, and later hooks see ``error.kind == "hook_timeout"``."""
 
+@final
+class ConnectionCall:
+    """One ``connection_filter`` call handed to Python; the dispatcher answers it once."""
+
+    @property
+    def client_addr(self) -> str:
+        """``host:port``, as ``Session.client_addr`` shows it (``[::1]:5000`` for IPv6)."""
+    def answer(self, accept: bool) -> None:
+        """Serve the connection (True) or close it unanswered (False)."""
+
 class Dispatcher(Protocol):
-    """What Server.run_pending calls, on the thread that runs it."""
+    """What Server.run_pending calls, on the thread that runs it. ``connection_phase`` is
+    called only for an app whose ``hooks`` name ``connection_filter``."""
 
     def request_phase(self, call: Call, /) -> None: ...
     def response_phase(self, call: Call, /) -> None: ...
     def connect_fail_phase(self, call: Call, /) -> None: ...
     def fail_phase(self, call: Call, /) -> None: ...
     def logging_phase(self, session: Session, error: ProxyError | None, /) -> None: ...
+    def connection_phase(self, call: ConnectionCall, /) -> None: ...
     def emit_logs(self, records: list[tuple[str, int, str]], /) -> None: ...
     def stopped(self) -> None: ...
 
@@ -508,7 +524,7 @@ class Server:
         *,
         hooks: Iterable[str] | None = None,
         upstream: Peer | LoadBalancer | None = None,
-        listen: str | Sequence[str] | None = ...,
+        listen: str | Listener | Sequence[str | Listener] | None = ...,
         threads: int | None = ...,
         grace_period: float | None = ...,
         client_read_timeout: float | None = ...,
@@ -526,9 +542,11 @@ class Server:
         proxy_protocol: bool | None = None,
         tunnel_idle_timeout: float | None = None,
         compression: Compression | None = None,
+        connection_filter: IPAccess | None = None,
     ) -> Server:
         """An option left out (or None) is the engine's default, as in ``DEFAULTS``;
-        ``hooks`` are names from ``HOOK_NAMES`` (ValueError for another). ``access_log`` is
+        ``hooks`` are names from ``HOOK_NAMES``, or ``"connection_filter"`` (ValueError for
+        another; not together with ``connection_filter=``, the declarative one). ``access_log`` is
         a file path, ``"-"`` (stdout, also True) or ``"off"`` (also False); the file is opened
         here (OSError names it). ``access_log_format`` is ``"combined"``, ``"json"`` or a
         template such as ``"{client} {status}"`` (ValueError names what is wrong)."""

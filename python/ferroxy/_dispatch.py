@@ -57,7 +57,7 @@ from time import perf_counter
 from typing import Any, Final
 
 from . import _core
-from ._core import Call, Peer, ProxyError, Response, Session
+from ._core import Call, ConnectionCall, Peer, ProxyError, Response, Session
 from ._pool import DaemonPool
 from .proxy import Proxy, is_blocking
 
@@ -158,6 +158,9 @@ class Dispatcher:
         self._fail_to_connect = hooks.bind("fail_to_connect")
         self._fail_to_proxy = hooks.bind("fail_to_proxy")
         self._logging = hooks.bind("logging")
+        # Only asked for when the app has one (a method: an IPAccess runs in Rust).
+        if "connection_filter" in overridden:
+            self._connection_filter = hooks.bind("connection_filter")
 
         def runner(*names: str) -> Callable[[_Phase], None]:
             # Chosen once per phase: see the module docstring.
@@ -170,6 +173,7 @@ class Dispatcher:
         self._run_connect_fail = runner("fail_to_connect")
         self._run_fail = runner("fail_to_proxy")
         self._run_logging = runner("logging")
+        self._run_connection = runner("connection_filter")
 
     # -- the Dispatcher protocol, called by Server.run_pending --------------------------
 
@@ -187,6 +191,9 @@ class Dispatcher:
 
     def logging_phase(self, session: Session, error: ProxyError | None, /) -> None:
         self._run_logging(self._log_request(session, error))
+
+    def connection_phase(self, call: ConnectionCall, /) -> None:
+        self._run_connection(self._connection(call))
 
     def emit_logs(self, records: list[tuple[str, int, str]], /) -> None:
         loggers = self._loggers
@@ -371,6 +378,34 @@ class Dispatcher:
                 self._report(hook, failure)
             if _must_propagate(failure):
                 raise
+        return hook
+
+    async def _connection(self, call: ConnectionCall) -> str:
+        hook = "connection_filter"
+        try:
+            accepted = self._connection_filter(call.client_addr)
+            if type(accepted) is not bool and isawaitable(accepted):
+                accepted = await accepted
+            if type(accepted) is not bool:
+                raise _WrongResult(accepted, "True (serve the connection) or False (close it)")
+        except BaseException as error:
+            # Fail closed: a filter that cannot answer lets no one in (said before the
+            # connection closes).
+            try:
+                if self._timed_out(error):
+                    _log.warning(
+                        "hook connection_filter was still running after hook_timeout (%ss): "
+                        "connection refused",
+                        self._hook_timeout,
+                    )
+                else:
+                    self._report(hook, error)
+            finally:
+                call.answer(False)
+            if _must_propagate(error):
+                raise
+            return hook
+        call.answer(accepted)
         return hook
 
     async def _late_ctx(self, session: Session) -> Any:

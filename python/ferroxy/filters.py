@@ -54,6 +54,7 @@ __all__ = [
     "Filter",
     "Header",
     "Host",
+    "IPAccess",
     "MaxBodySize",
     "Method",
     "Not",
@@ -284,6 +285,32 @@ class Not(Condition):
     def __init__(self, condition: Condition) -> None:
         (self.condition,) = _conditions(self, (condition,))
         self._checked()
+
+
+# Connection filters -------------------------------------------------------------------------
+
+
+class IPAccess(_Declared):
+    """Which clients may connect at all, as ``Proxy.connection_filter`` (or the
+    ``connection_filter`` server option): nginx's ``allow`` / ``deny``, run in Rust on each
+    new connection, after its PROXY protocol header (so the client behind a load balancer is
+    judged) and before its TLS handshake. A refused connection is closed at once, with no
+    response, and no hook or upstream sees it.
+
+    ``deny`` wins: a client in one of its networks is refused, then one in ``allow`` is
+    served; anyone else is refused when ``allow`` names networks (``allow`` alone: only
+    those), served when it names none (``deny`` alone: all but those). CIDRs or addresses,
+    IPv4 or IPv6 (``"::1"``); a bad one raises ValueError naming it (``IPAccess.allow[1]``).
+    """
+
+    __slots__ = ("allow", "deny")
+
+    def __init__(self, *, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow = _texts(self, "allow", allow)
+        self.deny = _texts(self, "deny", deny)
+        if not self.allow and not self.deny:
+            raise ValueError("IPAccess.allow: give allow= or deny= (or both)")
+        _core.check_ip_access(self)
 
 
 # Filters ------------------------------------------------------------------------------------

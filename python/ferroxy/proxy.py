@@ -13,6 +13,9 @@ Hooks run in this order for every request, each receiving the per-request ``ctx`
 7. ``fail_to_proxy(session, error, ctx)`` runs instead of 4-6 when anything failed.
 8. ``logging(session, error, ctx)`` always runs last.
 
+Once per connection, before any of these and before its TLS handshake,
+``connection_filter(client_addr)`` may refuse the client: the connection is closed unanswered.
+
 Any hook may be written as ``def`` or ``async def``. Only the hooks a subclass overrides are
 ever called: the engine skips a phase entirely when its hook is the base class's. A ``def``
 hook that blocks (a synchronous HTTP client, a database driver) is decorated with
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
     from typing_extensions import TypeVar as _TypeVarWithDefault
 
     from .compression import Compression
-    from .filters import Filter
+    from .filters import Filter, IPAccess
+    from .listener import Listener
     from .routes import Route
     from .tls import TlsConfig
 
@@ -100,6 +104,20 @@ class Proxy(Generic[CtxT]):
     #: ``ferroxy.Compression``: responses compressed in Rust (gzip, brotli, zstd) for clients
     #: that accept it. None (the default) sends them as the upstream did.
     compression: Compression | None = None
+
+    #: Where to serve, when the server is not told (the ``listen`` option wins): a
+    #: ``"host:port"`` (or ``"fd:N"``), a ``ferroxy.Listener`` with its own TLS and PROXY
+    #: protocol settings, or a list of them.
+    listen: str | Listener | Sequence[str | Listener] | None = None
+
+    #: Which clients may connect, asked once per connection (not per request), after its
+    #: PROXY protocol header and before its TLS handshake: a ``ferroxy.filters.IPAccess``
+    #: (allow/deny CIDRs, run in Rust), or a method
+    #: ``def connection_filter(self, client_addr: str) -> bool`` (or ``async def``; may be
+    #: ``@ferroxy.blocking``) given ``client_addr`` as ``session.client_addr`` shows it.
+    #: False closes the connection at once, unanswered; so does a hook that raises (its
+    #: traceback is logged) or returns anything but a bool.
+    connection_filter: IPAccess | Callable[[str], MaybeAwaitable[bool]] | None = None
 
     #: The engine server serving this instance, while one does (set by the server; one at a
     #: time: see :func:`serve_instance`).

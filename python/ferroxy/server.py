@@ -24,7 +24,8 @@ from . import _core
 from ._core import LoadBalancer, Peer
 from ._dispatch import Dispatcher, HookSettings
 from .compression import Compression
-from .filters import Filter
+from .filters import Filter, IPAccess
+from .listener import Listener
 from .proxy import (
     Proxy,
     as_upstream,
@@ -72,9 +73,11 @@ class ServerOptions(TypedDict, total=False):
     and the ``ferroxy_proxy`` fixture. An option left out keeps the engine's default (see
     ``ferroxy._core.DEFAULTS``); an unknown one raises TypeError naming it."""
 
-    #: ``host:port`` to serve on, ``fd:N`` for an inherited listening socket, or a list of
-    #: them (``ProxyServer``: an ephemeral port on 127.0.0.1).
-    listen: str | Sequence[str]
+    #: ``host:port`` to serve on, ``fd:N`` for an inherited listening socket, a
+    #: ``ferroxy.Listener`` with its own TLS and PROXY protocol settings, or a list of them;
+    #: overrides the app's ``listen`` (without either: the engine's default, and for
+    #: ``ProxyServer`` an ephemeral port on 127.0.0.1).
+    listen: str | Listener | Sequence[str | Listener]
     #: Listeners that speak TLS, beside ``listen``'s plain ones (with ``tls`` and no
     #: ``tls_listen``, every ``listen`` address speaks TLS).
     tls_listen: str | Sequence[str]
@@ -82,10 +85,13 @@ class ServerOptions(TypedDict, total=False):
     tls: TlsConfig | Sequence[TlsConfig]
     #: Response compression, overriding the app's ``compression`` attribute.
     compression: Compression
-    #: Every listener expects a PROXY protocol header (v1 or v2) first, from the L4 load
-    #: balancer in front: its source address becomes ``session.client_addr``. Connections
-    #: without a valid one are closed.
+    #: Every listener given as an address (not a ``Listener``) expects a PROXY protocol
+    #: header (v1 or v2) first, from the L4 load balancer in front: its source address
+    #: becomes ``session.client_addr``. Connections without a valid one are closed.
     proxy_protocol: bool
+    #: Which clients may connect (``ferroxy.filters.IPAccess``), overriding the app's
+    #: ``connection_filter``.
+    connection_filter: IPAccess
     #: Engine worker threads; 0 means one per CPU.
     threads: int
     #: Seconds in-flight requests may run on once a graceful shutdown begins.
@@ -160,11 +166,23 @@ class _LoopServer:
         app: type[Proxy[Any]] | Proxy[Any],
         loop: asyncio.AbstractEventLoop,
         options: ServerOptions,
+        *,
+        default_listen: str | None = None,
     ) -> None:
         proxy = _instantiate(app)
         cls = type(proxy)
         hooks = overridden_hooks(cls)
         engine_options: dict[str, Any] = dict(options)
+        if "listen" not in engine_options:
+            listen = proxy.listen if proxy.listen is not None else default_listen
+            if listen is not None:
+                engine_options["listen"] = listen
+        if engine_options.get("connection_filter") is None:
+            declared_filter = _connection_filter(proxy)
+            if isinstance(declared_filter, IPAccess):
+                engine_options["connection_filter"] = declared_filter
+            elif declared_filter is not None:
+                hooks = hooks | {CONNECTION_HOOK}
         if "upstream" in engine_options:
             upstream = as_upstream(engine_options.pop("upstream"), "upstream")
         else:
@@ -252,6 +270,21 @@ class _LoopServer:
         self._log_level_timer = self.loop.call_later(
             _LOG_LEVEL_REFRESH_SECONDS, self._refresh_log_level
         )
+
+
+#: The hook asked once per connection rather than per request (``Proxy.connection_filter``).
+CONNECTION_HOOK: Final = "connection_filter"
+
+
+def _connection_filter(app: Proxy[Any]) -> IPAccess | object | None:
+    """``app.connection_filter``: an IPAccess, a hook to call, or None; TypeError otherwise."""
+    value = app.connection_filter
+    if value is None or isinstance(value, IPAccess) or callable(value):
+        return value
+    raise TypeError(
+        f"{type(app).__name__}.connection_filter must be a ferroxy.filters.IPAccess or a "
+        f"method, not {type(value).__name__}"
+    )
 
 
 def _hook_settings(options: dict[str, Any]) -> HookSettings:
@@ -393,14 +426,15 @@ class ProxyServer:
     ``start()`` returns once the listener is bound (raising here if binding or the
     configuration fails); ``stop()`` shuts down gracefully and joins the thread. Also a
     context manager. No signal handlers are installed. ``options`` are :func:`run`'s, but
-    ``listen`` defaults to an ephemeral port on 127.0.0.1.
+    ``listen`` defaults (when the app has no ``listen`` either) to an ephemeral port on
+    127.0.0.1.
     """
 
     def __init__(
         self, app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]
     ) -> None:
         self._app = app
-        self._options: ServerOptions = {"listen": _EPHEMERAL_LISTEN, **options}
+        self._options = options
         self._served: _LoopServer | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
@@ -412,7 +446,7 @@ class ProxyServer:
         # the thread only runs the loop.
         loop = asyncio.new_event_loop()
         try:
-            served = _LoopServer(self._app, loop, self._options)
+            served = _LoopServer(self._app, loop, self._options, default_listen=_EPHEMERAL_LISTEN)
             served.start()
         except BaseException:
             loop.close()

@@ -6,13 +6,16 @@
 //! Homes: `phase` (the trait), `proxy` (runs the phases), `access_log` (the per-request log), `session` and `digest` (one
 //! request and its connections), `validate` (requests refused before any phase), `forward` (proxy header semantics), `body` (streaming),
 //! `upstream` (peer connections and the pool), `peer`, `lb` (load balancing over backends), `filters` and `route` (declarative filters and routes, run between the phases), `path` (the canonical request path they match), `rules` (the two together, swapped whole by a reload), `error`, `server` with `listener`,
-//! `service` and `http_service` (what runs and where it listens), `flood` (HTTP/2 control-frame
+//! `service` and `http_service` (what runs and where it listens), `connection_filter` (which
+//! connections are served at all) with `cidr` (the networks it and the filters match), `flood` (HTTP/2 control-frame
 //! floods, watched on the client socket).
 
 pub mod access_log;
 pub mod body;
+pub mod cidr;
 pub mod client_conn;
 pub mod compression;
+pub mod connection_filter;
 pub mod digest;
 pub mod error;
 pub mod filters;
@@ -43,6 +46,7 @@ pub mod validate;
 pub mod websocket;
 
 pub use access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
+pub use connection_filter::{ConnectionFilter, IpAccess};
 pub use digest::{DownstreamDigest, Scheme, TlsDigest, UpstreamDigest};
 pub use error::{Error, ErrorKind, ErrorSide};
 pub use listener::Listener;

@@ -11,10 +11,11 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::connection_filter::ConnectionFilter;
 use crate::tls::server::TlsAcceptor;
 
-/// A listener, and what runs on each of its connections before its service sees it (the
-/// TLS handshake; later the PROXY protocol header).
+/// A listener, and what runs on each of its connections before its service sees it: the
+/// PROXY protocol header, the connection filter, the TLS handshake, in that order.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub listener: Listener,
@@ -24,6 +25,9 @@ pub struct Endpoint {
     /// balancer in front: its source address is the client's. A connection without a valid
     /// one is closed.
     pub proxy_protocol: bool,
+    /// Asked for every connection, after its PROXY protocol header and before its TLS
+    /// handshake: one it refuses is closed at once, nothing written.
+    pub connection_filter: Option<Arc<dyn ConnectionFilter>>,
 }
 
 impl Endpoint {
@@ -32,11 +36,17 @@ impl Endpoint {
             listener,
             tls: Some(acceptor),
             proxy_protocol: false,
+            connection_filter: None,
         }
     }
 
     pub fn with_proxy_protocol(mut self, expected: bool) -> Self {
         self.proxy_protocol = expected;
+        self
+    }
+
+    pub fn with_connection_filter(mut self, filter: Option<Arc<dyn ConnectionFilter>>) -> Self {
+        self.connection_filter = filter;
         self
     }
 }
@@ -47,6 +57,7 @@ impl From<Listener> for Endpoint {
             listener,
             tls: None,
             proxy_protocol: false,
+            connection_filter: None,
         }
     }
 }

@@ -272,7 +272,10 @@ async fn accept_loop(
         let downstream = DownstreamDigest::tcp(client_addr, local_addr);
         let service = service.clone();
         let shutdown = connection_shutdown.clone();
-        if endpoint.tls.is_none() && !endpoint.proxy_protocol {
+        if endpoint.tls.is_none()
+            && !endpoint.proxy_protocol
+            && endpoint.connection_filter.is_none()
+        {
             let stream = DownstreamStream::Tcp(stream);
             connections.spawn(service.serve_connection(stream, Arc::new(downstream), shutdown));
             return;
@@ -319,9 +322,9 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
-/// A connection's steps before its service: the PROXY protocol header, then the TLS
-/// handshake, each logged (at info, as nginx logs failed handshakes) and closing the
-/// connection when it fails.
+/// A connection's steps before its service: the PROXY protocol header, the connection
+/// filter, then the TLS handshake, each logged (at info, as nginx logs failed handshakes) and
+/// closing the connection when it fails.
 async fn prelude(
     endpoint: Arc<Endpoint>,
     stream: tokio::net::TcpStream,
@@ -353,25 +356,43 @@ async fn prelude(
 /// How long a connection still before its service when shutdown begins may take to get there.
 const HANDSHAKE_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
 
-/// The PROXY protocol header and the TLS handshake; None when either failed (logged).
+/// The PROXY protocol header, the connection filter and the TLS handshake; None when one
+/// failed or refused (logged).
 async fn prepare(
     endpoint: &Endpoint,
     mut stream: tokio::net::TcpStream,
     mut downstream: DownstreamDigest,
 ) -> Option<(DownstreamStream, DownstreamDigest)> {
+    // The steps before HTTP share the handshake's bound: a client (or a filter) that takes
+    // longer is not served.
+    let within = endpoint
+        .tls
+        .as_ref()
+        .map_or(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT, |tls| {
+            tls.settings().handshake_timeout
+        });
     if endpoint.proxy_protocol {
-        let within = endpoint
-            .tls
-            .as_ref()
-            .map_or(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT, |tls| {
-                tls.settings().handshake_timeout
-            });
         match crate::proxy_protocol::read_header(&mut stream, within).await {
             Ok(ProxyHeader::Proxied { source, .. }) => downstream.client_addr = source,
             Ok(ProxyHeader::Local) => {}
             Err(error) => {
                 let client = downstream.client_addr;
                 tracing::info!(%client, listener = %endpoint.listener, "{error}; connection closed");
+                return None;
+            }
+        }
+    }
+    if let Some(filter) = &endpoint.connection_filter {
+        // After the PROXY header: the filter judges the client, not the balancer.
+        let client = downstream.client_addr;
+        match tokio::time::timeout(within, filter.should_accept(client)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%client, listener = %endpoint.listener, "connection refused by the connection filter");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(%client, listener = %endpoint.listener, "the connection filter did not answer within {:.1}s; connection refused", within.as_secs_f64());
                 return None;
             }
         }

@@ -388,6 +388,72 @@ fn a_server_answers_on_an_inherited_listening_socket() {
     assert_eq!(get(addr, "/"), 200);
 }
 
+/// A connection filter that counts the clients it was asked about.
+#[derive(Debug)]
+struct Counting {
+    access: ferroxy_engine::IpAccess,
+    asked: AtomicUsize,
+}
+
+impl ferroxy_engine::ConnectionFilter for Counting {
+    fn should_accept(&self, client: SocketAddr) -> ferroxy_engine::connection_filter::Verdict<'_> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        self.access.should_accept(client)
+    }
+}
+
+#[test]
+fn a_refused_connection_is_closed_unanswered_and_never_proxied() {
+    let echo = EchoUpstream::start("127.0.0.1:0").unwrap();
+    let none: [&str; 0] = [];
+    let refusing = Arc::new(Counting {
+        access: ferroxy_engine::IpAccess::allow_deny(&none, &["127.0.0.0/8"]).unwrap(),
+        asked: AtomicUsize::new(0),
+    });
+    let accepting = Arc::new(Counting {
+        access: ferroxy_engine::IpAccess::allow_deny(&["127.0.0.1"], &none).unwrap(),
+        asked: AtomicUsize::new(0),
+    });
+    let endpoint = |filter: &Arc<Counting>| {
+        let filter: Arc<dyn ferroxy_engine::ConnectionFilter> = filter.clone();
+        ferroxy_engine::listener::Endpoint::from(Listener::from("127.0.0.1:0"))
+            .with_connection_filter(Some(filter))
+    };
+    let config = ServerConfig {
+        listeners: vec![endpoint(&refusing), endpoint(&accepting)],
+        threads: 2,
+        access_log: None,
+        ..Default::default()
+    };
+    let server = Server::proxy(config, SeamProxy::to(echo_peer(&echo)).0)
+        .start()
+        .unwrap();
+    let (refused_addr, accepted_addr) = (server.local_addrs()[0], server.local_addrs()[1]);
+
+    let refused = connect(refused_addr);
+    (&refused)
+        .write_all(b"GET / HTTP/1.1\r\nhost: example.test\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    // Closed without a byte: EOF, or a reset for the request it never read.
+    let _ = (&refused).read_to_end(&mut answer);
+    assert!(answer.is_empty(), "refused, yet answered {answer:?}");
+    assert_eq!(refusing.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        echo.stats().connections(),
+        0,
+        "the upstream saw the refused client"
+    );
+
+    // Asked once per connection, not per request.
+    let kept_alive = connect(accepted_addr);
+    for _ in 0..3 {
+        assert_eq!(request(&kept_alive, "/").0, 200);
+    }
+    assert_eq!(accepting.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(echo.stats().requests(), 3);
+}
+
 #[test]
 fn a_client_that_goes_away_mid_upload_is_blamed_for_it() {
     let echo = EchoUpstream::start("127.0.0.1:0").unwrap();

@@ -13,12 +13,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::call::PhaseJob;
+use crate::connection_filter::ConnectionJob;
 use crate::session::SessionRef;
 use crate::types::error_object;
 
 pub enum Job {
     /// A phase whose outcome a tokio task awaits.
     Phase(PhaseJob),
+    /// The `connection_filter` hook, for a connection just accepted.
+    Connection(ConnectionJob),
     /// The `logging` hook: fire and forget.
     Logging {
         session: SessionRef,
@@ -33,7 +36,7 @@ pub struct Bridge {
     wake_pending: AtomicBool,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
-    /// Phase calls handed to Python: lets tests prove the pure-Rust path makes none.
+    /// Hook calls handed to Python: lets tests prove the pure-Rust path makes none.
     python_calls: AtomicU64,
     /// Between start and stop: only then does a Python loop watch this bridge.
     serving: AtomicBool,
@@ -55,7 +58,10 @@ impl Bridge {
     }
 
     pub fn submit(&self, job: Job) {
-        if matches!(job, Job::Phase(_) | Job::Logging { .. }) {
+        if matches!(
+            job,
+            Job::Phase(_) | Job::Connection(_) | Job::Logging { .. }
+        ) {
             self.python_calls.fetch_add(1, Ordering::Relaxed);
         }
         self.queue.lock().push(job);

@@ -132,13 +132,13 @@ impl Call {
             .lock()
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this call was already completed"))?;
-        deliver(
+        deliver(Delivery::Phase(
             reply,
             Reply {
                 outcome,
                 session: Some(self.session.clone_ref(py)),
             },
-        );
+        ));
         Ok(())
     }
 
@@ -179,7 +179,28 @@ pub fn step(
     Ok(Some((finished, value.unbind(), held)))
 }
 
-type Delivery = (oneshot::Sender<Reply>, Reply);
+/// An answer for an engine task: a phase's reply, or a connection filter's verdict.
+// Phase, the big variant, is nearly every delivery: boxing it would cost an allocation per
+// trip (as for Outcome).
+#[allow(clippy::large_enum_variant)]
+pub enum Delivery {
+    Phase(oneshot::Sender<Reply>, Reply),
+    Connection(oneshot::Sender<bool>, bool),
+}
+
+impl Delivery {
+    fn send(self) {
+        // The engine task may be gone (client disconnected): nothing to tell it then.
+        match self {
+            Delivery::Phase(sender, reply) => {
+                let _ = sender.send(reply);
+            }
+            Delivery::Connection(sender, accept) => {
+                let _ = sender.send(accept);
+            }
+        }
+    }
+}
 
 thread_local! {
     /// Replies held back while `run_pending` runs a batch on this thread.
@@ -189,17 +210,16 @@ thread_local! {
 /// Send a reply now, or at the end of the batch being run. Each send wakes an engine
 /// thread, and a woken thread on the same core preempts the Python thread: sending a batch's
 /// replies together costs one switch per batch instead of one per call.
-fn deliver(sender: oneshot::Sender<Reply>, reply: Reply) {
+pub fn deliver(delivery: Delivery) {
     let unsent = HELD.with(|held| match held.borrow_mut().as_mut() {
         Some(batch) => {
-            batch.push((sender, reply));
+            batch.push(delivery);
             None
         }
-        None => Some((sender, reply)),
+        None => Some(delivery),
     });
-    if let Some((sender, reply)) = unsent {
-        // The engine task may be gone (client disconnected): nothing to tell it then.
-        let _ = sender.send(reply);
+    if let Some(delivery) = unsent {
+        delivery.send();
     }
 }
 
@@ -218,8 +238,8 @@ impl Drop for HoldReplies {
         let batch = HELD
             .with(|held| held.borrow_mut().take())
             .unwrap_or_default();
-        for (sender, reply) in batch {
-            let _ = sender.send(reply);
+        for delivery in batch {
+            delivery.send();
         }
     }
 }

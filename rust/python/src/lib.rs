@@ -7,6 +7,7 @@ mod bench;
 mod bridge;
 mod call;
 mod compression;
+mod connection_filter;
 mod echo;
 mod filters;
 mod headers;
@@ -77,6 +78,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filters::check_filter, m)?)?;
     m.add_function(wrap_pyfunction!(filters::check_condition, m)?)?;
     m.add_function(wrap_pyfunction!(filters::check_route, m)?)?;
+    m.add_function(wrap_pyfunction!(connection_filter::check_ip_access, m)?)?;
     m.add_function(wrap_pyfunction!(call::step, m)?)?;
     m.add("HOOK_NAMES", PyTuple::new(m.py(), HOOK_NAMES)?)?;
     m.add("DEFAULTS", defaults(m.py())?)?;
@@ -103,6 +105,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tls::TlsInfo>()?;
     m.add_class::<tls::ClientCert>()?;
     m.add_class::<call::Call>()?;
+    m.add_class::<connection_filter::ConnectionCall>()?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;
     m.add_class::<simulate::SimulationResult>()?;

@@ -34,12 +34,18 @@ pub struct Hooks {
     pub response_filter: bool,
     pub fail_to_proxy: bool,
     pub logging: bool,
+    /// Asked per connection, not per request: not a phase (see `connection_filter`).
+    pub connection_filter: bool,
 }
 
 impl Hooks {
     pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut hooks = Hooks::default();
         for name in names {
+            if name == crate::connection_filter::HOOK {
+                hooks.connection_filter = true;
+                continue;
+            }
             if !HOOK_NAMES.contains(&name) {
                 return Err(format!("unknown hook {name:?}"));
             }

@@ -10,6 +10,7 @@ use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyVa
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use ferroxy_engine::connection_filter::ConnectionFilter;
 use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::listener::Endpoint;
 use ferroxy_engine::tls::server::TlsAcceptor;
@@ -21,6 +22,7 @@ use ferroxy_engine::{
 
 use crate::bridge::{error_arg, Bridge, Job};
 use crate::call::{Call, HoldReplies, PhaseKind};
+use crate::connection_filter::{ip_access_from, ConnectionCall, PyConnectionFilter};
 use crate::lb::PyLoadBalancer;
 use crate::logs::{self, log_python_error};
 use crate::proxy::{Hooks, PyProxy};
@@ -33,6 +35,8 @@ struct Dispatcher {
     connect_fail_phase: Py<PyAny>,
     fail_phase: Py<PyAny>,
     logging_phase: Py<PyAny>,
+    /// Only for an app with a `connection_filter` hook.
+    connection_phase: Option<Py<PyAny>>,
     emit_logs: Py<PyAny>,
     stopped: Py<PyAny>,
 }
@@ -82,7 +86,8 @@ impl PyServer {
         client_read_timeout=None, client_write_timeout=None, keepalive_timeout=None,
         pool_idle_timeout=None, pool_max_idle_per_peer=None, access_log=None,
         access_log_format=None, filters=None, routes=None, balancers=None, tls=None,
-        tls_listen=None, proxy_protocol=None, tunnel_idle_timeout=None, compression=None
+        tls_listen=None, proxy_protocol=None, tunnel_idle_timeout=None, compression=None,
+        connection_filter=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -107,6 +112,7 @@ impl PyServer {
         proxy_protocol: Option<bool>,
         tunnel_idle_timeout: Option<f64>,
         compression: Option<&Bound<'_, PyAny>>,
+        connection_filter: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let hook_names: Vec<String> = match hooks {
             Some(names) => names
@@ -149,11 +155,31 @@ impl PyServer {
             Some(tls) => Some(crate::tls::acceptor_from(tls)?),
             None => None,
         };
+        let bridge = Arc::new(Bridge::new()?);
+        let connection_filter: Option<Arc<dyn ConnectionFilter>> =
+            match connection_filter.filter(|f| !f.is_none()) {
+                Some(_) if hooks.connection_filter => {
+                    return Err(PyValueError::new_err(
+                        "connection_filter: the app has a connection_filter hook already; give \
+                         one or the other",
+                    ))
+                }
+                Some(declared) => Some(Arc::new(ip_access_from(declared)?)),
+                None if hooks.connection_filter => Some(Arc::new(PyConnectionFilter {
+                    bridge: bridge.clone(),
+                })),
+                None => None,
+            };
         let config = ServerConfig {
-            listeners: endpoints(listen, tls_listen, tls.as_ref())?
-                .into_iter()
-                .map(|endpoint| endpoint.with_proxy_protocol(proxy_protocol.unwrap_or(false)))
-                .collect(),
+            listeners: endpoints(
+                listen,
+                tls_listen,
+                tls.as_ref(),
+                proxy_protocol.unwrap_or(false),
+            )?
+            .into_iter()
+            .map(|endpoint| endpoint.with_connection_filter(connection_filter.clone()))
+            .collect(),
             threads: threads.map_or(defaults.threads, |n| n as usize),
             grace_period: non_negative_seconds("grace_period", grace_period)?
                 .unwrap_or(defaults.grace_period),
@@ -191,10 +217,13 @@ impl PyServer {
             connect_fail_phase: method("connect_fail_phase")?,
             fail_phase: method("fail_phase")?,
             logging_phase: method("logging_phase")?,
+            connection_phase: hooks
+                .connection_filter
+                .then(|| method("connection_phase"))
+                .transpose()?,
             emit_logs: method("emit_logs")?,
             stopped: method("stopped")?,
         };
-        let bridge = Arc::new(Bridge::new()?);
         logs::register_loop(&bridge);
         Ok(PyServer {
             bridge,
@@ -568,6 +597,20 @@ impl PyServer {
                 }
                 Ok(())
             }
+            Job::Connection(job) => {
+                let call = Bound::new(py, ConnectionCall::from_job(job))?;
+                // Without a connection_phase nobody answers: the dropped call refuses.
+                let Some(method) = &self.dispatcher.connection_phase else {
+                    return Ok(());
+                };
+                if let Err(error) = method.call1(py, (&call,)) {
+                    if call.get().is_pending() {
+                        let _ = call.call_method1("answer", (false,));
+                    }
+                    return Err(error);
+                }
+                Ok(())
+            }
             Job::Logging { mut session, error } => {
                 let session = session.object(py)?;
                 let error = error_arg(py, error)?;
@@ -588,37 +631,184 @@ impl PyServer {
     }
 }
 
-/// The listeners: `listen`'s, TLS ones when the app has TLS and names no `tls_listen`, then
-/// `tls_listen`'s, always TLS.
+/// The listeners, in order: `listen`'s, then `tls_listen`'s. A `listen` address given as a
+/// string is configured by the shorthand options: TLS when the app has `tls` and no
+/// `tls_listen` is given, the PROXY protocol when `proxy_protocol` is set; a
+/// `ferroxy.Listener` says all about itself. `tls_listen`'s always speak TLS, with the app's
+/// `tls`. An address named twice raises ValueError naming both places.
 fn endpoints(
     listen: Option<&Bound<'_, PyAny>>,
     tls_listen: Option<&Bound<'_, PyAny>>,
     tls: Option<&Arc<TlsAcceptor>>,
+    proxy_protocol: bool,
 ) -> PyResult<Vec<Endpoint>> {
     let tls_listen = tls_listen.filter(|l| !l.is_none());
-    let plain = match (listen, tls_listen) {
+    let given = match (listen, tls_listen) {
         // Only TLS listeners were asked for.
         (None, Some(_)) => Vec::new(),
-        _ => listen_specs("listen", listen)?,
+        _ => listen_entries(listen)?,
     };
-    let mut endpoints: Vec<Endpoint> = match (tls, tls_listen) {
-        (Some(acceptor), None) => plain
-            .into_iter()
-            .map(|listener| Endpoint::tls(listener, acceptor.clone()))
-            .collect(),
-        _ => plain.into_iter().map(Endpoint::from).collect(),
-    };
+    let shorthand_tls = if tls_listen.is_none() { tls } else { None };
+    let mut named: Vec<(String, Endpoint)> = Vec::new();
+    for (i, entry) in given.into_iter().enumerate() {
+        let field = match listen {
+            Some(one) if !is_list(one) => "listen".to_owned(),
+            _ => format!("listen[{i}]"),
+        };
+        let endpoint = match entry {
+            ListenEntry::Addr(listener) => {
+                let endpoint = match shorthand_tls {
+                    Some(acceptor) => Endpoint::tls(listener, acceptor.clone()),
+                    None => Endpoint::from(listener),
+                };
+                endpoint.with_proxy_protocol(proxy_protocol)
+            }
+            ListenEntry::Own(object) => own_endpoint(&field, &object)?,
+        };
+        named.push((field, endpoint));
+    }
     if let Some(tls_listen) = tls_listen {
         let Some(acceptor) = tls else {
             return Err(PyValueError::new_err(
                 "tls_listen: TLS listeners need a certificate (the app's `tls`, or tls=)",
             ));
         };
-        for listener in listen_specs("tls_listen", Some(tls_listen))? {
-            endpoints.push(Endpoint::tls(listener, acceptor.clone()));
+        let several = is_list(tls_listen);
+        for (i, listener) in listen_specs("tls_listen", Some(tls_listen))?
+            .into_iter()
+            .enumerate()
+        {
+            let field = if several {
+                format!("tls_listen[{i}]")
+            } else {
+                "tls_listen".to_owned()
+            };
+            let endpoint =
+                Endpoint::tls(listener, acceptor.clone()).with_proxy_protocol(proxy_protocol);
+            named.push((field, endpoint));
         }
     }
-    Ok(endpoints)
+    for (i, (field, endpoint)) in named.iter().enumerate() {
+        if let Some((earlier, _)) = named[..i]
+            .iter()
+            .find(|(_, other)| same_socket(&other.listener, &endpoint.listener))
+        {
+            return Err(PyValueError::new_err(format!(
+                "{field}: {} is already {earlier}: each address has one listener",
+                endpoint.listener
+            )));
+        }
+    }
+    Ok(named.into_iter().map(|(_, endpoint)| endpoint).collect())
+}
+
+/// One `listen` entry: an address the shorthand options configure, or a `ferroxy.Listener`.
+enum ListenEntry<'py> {
+    Addr(Listener),
+    Own(Bound<'py, PyAny>),
+}
+
+fn is_listener_object(value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(value.hasattr("addr")? && value.hasattr("proxy_protocol")?)
+}
+
+/// A list (not one address, not one Listener).
+fn is_list(value: &Bound<'_, PyAny>) -> bool {
+    !value.is_instance_of::<pyo3::types::PyString>() && !is_listener_object(value).unwrap_or(false)
+}
+
+/// `listen`: one entry or a list of them; None for the default.
+fn listen_entries<'py>(listen: Option<&Bound<'py, PyAny>>) -> PyResult<Vec<ListenEntry<'py>>> {
+    let Some(listen) = listen else {
+        return Ok(listen_specs("listen", None)?
+            .into_iter()
+            .map(ListenEntry::Addr)
+            .collect());
+    };
+    let items: Vec<Bound<'py, PyAny>> = if is_list(listen) {
+        listen
+            .try_iter()
+            .and_then(|items| items.collect::<PyResult<_>>())
+            .map_err(|_| {
+                PyTypeError::new_err("listen must be a str, a ferroxy.Listener, or a list of them")
+            })?
+    } else {
+        vec![listen.clone()]
+    };
+    if items.is_empty() {
+        return Err(PyValueError::new_err(
+            "listen must name at least one address",
+        ));
+    }
+    let several = is_list(listen);
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = if several {
+                format!("listen[{i}]")
+            } else {
+                "listen".to_owned()
+            };
+            if is_listener_object(&item)? {
+                return Ok(ListenEntry::Own(item));
+            }
+            let spec: String = item.extract().map_err(|_| {
+                let kind = item
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                PyTypeError::new_err(format!(
+                    "{field} must be a str or a ferroxy.Listener, not {kind}"
+                ))
+            })?;
+            Listener::parse(&spec)
+                .map(ListenEntry::Addr)
+                .map_err(|e| PyValueError::new_err(format!("{field}: {e}")))
+        })
+        .collect()
+}
+
+/// A `ferroxy.Listener(addr, tls=, proxy_protocol=)` as the engine's endpoint; errors name
+/// `field` (`listen[2].tls: ...`).
+fn own_endpoint(field: &str, object: &Bound<'_, PyAny>) -> PyResult<Endpoint> {
+    let within = |error: PyErr| {
+        let py = object.py();
+        if error.is_instance_of::<PyValueError>(py) {
+            PyValueError::new_err(format!("{field}.{}", error.value(py)))
+        } else if error.is_instance_of::<PyTypeError>(py) {
+            PyTypeError::new_err(format!("{field}.{}", error.value(py)))
+        } else {
+            error
+        }
+    };
+    let addr: String = object
+        .getattr("addr")?
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{field}.addr must be a str")))?;
+    let listener =
+        Listener::parse(&addr).map_err(|e| PyValueError::new_err(format!("{field}.addr: {e}")))?;
+    let proxy_protocol: bool = object
+        .getattr("proxy_protocol")?
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{field}.proxy_protocol must be a bool")))?;
+    let tls = object.getattr("tls")?;
+    let endpoint = if tls.is_none() {
+        Endpoint::from(listener)
+    } else {
+        Endpoint::tls(listener, crate::tls::acceptor_from(&tls).map_err(within)?)
+    };
+    Ok(endpoint.with_proxy_protocol(proxy_protocol))
+}
+
+/// Whether two listeners would be the same socket: one descriptor twice, or one address and
+/// port twice (port 0, a fresh port each time, never clashes).
+fn same_socket(a: &Listener, b: &Listener) -> bool {
+    match (a, b) {
+        (Listener::Fd(a), Listener::Fd(b)) => a == b,
+        (Listener::Addr(a), Listener::Addr(b)) => a == b && !a.ends_with(":0"),
+        _ => false,
+    }
 }
 
 /// `field`: one `host:port` or `fd:N`, or a list of them; None for the default.

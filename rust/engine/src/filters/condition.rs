@@ -3,9 +3,9 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use regex::Regex;
 
+use crate::cidr::Networks;
 use crate::lb::hash_key;
 
 /// How a text (a path, a header's value, ...) is tested.
@@ -93,8 +93,8 @@ pub enum Condition {
     /// The client's address is in one of `inside` (any address when empty) and in none of
     /// `outside`.
     ClientIp {
-        inside: Vec<IpNet>,
-        outside: Vec<IpNet>,
+        inside: Networks,
+        outside: Networks,
     },
     All(Vec<Condition>),
     Any(Vec<Condition>),
@@ -130,29 +130,9 @@ impl Condition {
         inside: &[impl AsRef<str>],
         outside: &[impl AsRef<str>],
     ) -> Result<Self, crate::lb::ConfigError> {
-        fn networks(
-            field: &str,
-            list: &[impl AsRef<str>],
-        ) -> Result<Vec<IpNet>, crate::lb::ConfigError> {
-            list.iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    let text = text.as_ref();
-                    text.parse::<IpNet>()
-                        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-                        .map(|net| net.trunc())
-                        .map_err(|_| {
-                            crate::lb::ConfigError::new(
-                                format!("{field}[{i}]"),
-                                format!("{text:?} is not a CIDR"),
-                            )
-                        })
-                })
-                .collect()
-        }
         Ok(Condition::ClientIp {
-            inside: networks("in_", inside)?,
-            outside: networks("not_in", outside)?,
+            inside: Networks::parse("in_", inside)?,
+            outside: Networks::parse("not_in", outside)?,
         })
     }
 
@@ -173,10 +153,7 @@ impl Condition {
                 hash_key::cookie(req, name).is_some_and(|value| test.matches(value))
             }
             Condition::ClientIp { inside, outside } => {
-                // A v4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
-                let ip = client.to_canonical();
-                (inside.is_empty() || inside.iter().any(|net| net.contains(&ip)))
-                    && !outside.iter().any(|net| net.contains(&ip))
+                (inside.is_empty() || inside.contains(client)) && !outside.contains(client)
             }
             Condition::All(all) => all.iter().all(|c| c.matches(req, client)),
             Condition::Any(any) => any.iter().any(|c| c.matches(req, client)),
@@ -284,11 +261,8 @@ mod tests {
 
     #[test]
     fn client_ip_lists_v4_v6_and_mapped() {
-        let nets = |list: &[&str]| list.iter().map(|n| n.parse().unwrap()).collect::<Vec<_>>();
-        let allowed = Condition::ClientIp {
-            inside: nets(&["10.0.0.0/8", "2001:db8::/32"]),
-            outside: nets(&["10.9.0.0/16"]),
-        };
+        let allowed =
+            Condition::client_ip(&["10.0.0.0/8", "2001:db8::/32"], &["10.9.0.0/16"]).unwrap();
         let r = req("GET", "/", &[]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(allowed.matches(&r, ip("10.1.2.3")));
