@@ -106,7 +106,7 @@ def decode(encoding: str, data: bytes) -> bytes:
 
 def encode(encoding: str, data: bytes) -> bytes:
     if encoding == "gzip":
-        return gzip.compress(data)
+        return gzip.compress(data, mtime=0)  # the same bytes each time
     if encoding == "br":
         return bytes(brotli.compress(data, quality=5))
     return bytes(zstandard.ZstdCompressor().compress(data))
