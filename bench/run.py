@@ -845,6 +845,9 @@ def main() -> int:
     )
     parser.add_argument("--tries", type=int, default=3, help="measurements per sample at most")
     parser.add_argument("--only", default="", help="comma-separated substrings of target names")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated substrings of target names to leave out"
+    )
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     parser.add_argument(
         "--baseline",
@@ -877,9 +880,11 @@ def main() -> int:
         print(f"warning: the baseline imports the same ferroxy: {current.module}", file=sys.stderr)
     sides = ([(baseline, BASELINE_SUFFIX)] if baseline else []) + [(current, "")]
     wanted = [w for w in args.only.split(",") if w]
+    unwanted = [w for w in args.skip.split(",") if w]
 
     def selected(name: str) -> bool:
-        return not wanted or any(w in name for w in wanted)
+        chosen = not wanted or any(w in name for w in wanted)
+        return chosen and not any(w in name for w in unwanted)
 
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ferroxy-bench-") as tmp:
