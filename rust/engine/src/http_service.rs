@@ -249,7 +249,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                         // A keep-alive timeout or a bad request ends here: TLS still says so.
                         if !releasable {
                             let mut io = conn.into_parts().io.into_inner();
-                            close_tls(&mut io).await;
+                            Box::pin(close_tls(&mut io)).await;
                         }
                         return Err(error);
                     }
@@ -272,12 +272,15 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 io.set_unread(parts.read_buf);
                 io.stop_scanning();
                 let idle = self.config.tunnel_idle_timeout;
-                if let Err(error) = crate::upgrade::tunnel(&mut io, switched, &watch, idle).await {
+                // Boxed, as the TLS close above and below: rare, and inline their futures
+                // would weigh on every connection's, idle ones included, for its whole life.
+                let tunnel = Box::pin(crate::upgrade::tunnel(&mut io, switched, &watch, idle));
+                if let Err(error) = tunnel.await {
                     tracing::debug!(client = %downstream.client_addr, "tunnel ended: {error}");
                 }
                 // Its end said to the client (close_notify over TLS, a FIN over TCP), when
                 // the upstream's end or the idle timeout ended it.
-                close_tls(&mut io).await;
+                Box::pin(close_tls(&mut io)).await;
                 return Ok(());
             }
             if !asked_to_stop || shutdown.is_shutting_down() {
@@ -287,7 +290,7 @@ impl<P: ProxyHttp> HttpProxy<P> {
                 // to us.
                 if !releasable {
                     let mut io = conn.into_parts().io.into_inner();
-                    close_tls(&mut io).await;
+                    Box::pin(close_tls(&mut io)).await;
                 }
                 return Ok(());
             }

@@ -335,7 +335,9 @@ async fn prelude(
     // A client still in its handshake when shutdown begins (a balancer's TCP probe that
     // sends nothing) would otherwise hold the stop for the whole grace period.
     let mut stopping = shutdown.clone();
-    let prepared = prepare(&endpoint, stream, downstream);
+    // Boxed: the handshake's future (rustls's connection state among it) would otherwise be
+    // part of this one, which lives as long as the connection, idle or not.
+    let prepared = Box::pin(prepare(&endpoint, stream, downstream));
     tokio::select! {
         prepared = prepared => {
             if let Some((stream, downstream)) = prepared {
