@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::digest::DownstreamDigest;
 use crate::error::{Error, ErrorKind, Result};
@@ -20,6 +19,7 @@ use crate::lb::{LoadBalancer, Observation, Selected, Upstream};
 use crate::listener::DownstreamStream;
 use crate::peer::Peer;
 use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
+use crate::upstream::Transport;
 
 /// How a TCP proxy serves its connections.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ impl TcpProxy {
     }
 
     /// A connection to the upstream for `client`, with the balancer's pick it came from.
-    async fn connect(&self, client: &DownstreamDigest) -> Result<(Upstreamed, Option<Selected>)> {
+    async fn connect(&self, client: &DownstreamDigest) -> Result<(Transport, Option<Selected>)> {
         let mut tried: Vec<String> = Vec::new();
         loop {
             let (peer, selected) = match &self.config.upstream {
@@ -99,42 +99,10 @@ fn pick(balancer: &LoadBalancer, tried: &[String]) -> Result<(Peer, Option<Selec
     Ok((selected.peer().clone(), Some(selected)))
 }
 
-/// TCP to the peer within its connect timeout, then TLS when it has it.
-async fn open(peer: &Peer) -> Result<Upstreamed> {
-    let within = peer.timeouts().connect;
-    let timed_out = || {
-        Error::new(
-            ErrorKind::ConnectTimeout,
-            format!("connect timed out after {within:?}"),
-        )
-        .with_peer(peer)
-    };
-    let deadline = tokio::time::Instant::now() + within;
-    let connecting = async {
-        match peer.socket_addr() {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(peer.addr()).await,
-        }
-    };
-    let stream = tokio::time::timeout_at(deadline, connecting)
+async fn open(peer: &Peer) -> Result<Transport> {
+    crate::upstream::transport(peer)
         .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| Error::from_connect(e, peer))?;
-    let _ = stream.set_nodelay(true);
-    let Some(tls) = peer.tls() else {
-        return Ok(Upstreamed::Tcp(stream));
-    };
-    let stream = tokio::time::timeout_at(deadline, tls.connect(stream))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|message| Error::new(ErrorKind::TlsHandshake, message).with_peer(peer))?;
-    Ok(Upstreamed::Tls(Box::new(stream)))
-}
-
-/// The upstream side of a TCP proxy connection.
-enum Upstreamed {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+        .map(|(transport, _)| transport)
 }
 
 impl Service for TcpProxy {
@@ -157,7 +125,7 @@ impl Service for TcpProxy {
             let moved = Arc::new(AtomicU64::new(0));
             let mut downstream_io = Counted::new(stream, moved.clone());
             let copied = match upstream {
-                Upstreamed::Tcp(mut up) => {
+                Transport::Tcp(mut up) => {
                     copy(
                         &mut downstream_io,
                         &mut up,
@@ -166,7 +134,7 @@ impl Service for TcpProxy {
                     )
                     .await
                 }
-                Upstreamed::Tls(mut up) => {
+                Transport::Tls(mut up) => {
                     copy(
                         &mut downstream_io,
                         &mut *up,

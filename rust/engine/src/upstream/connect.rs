@@ -15,8 +15,30 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::peer::{Peer, UpstreamProtocol};
 
 pub(super) async fn connect(peer: &Peer, idle_timeout: Duration) -> Result<UpstreamConnection> {
+    let (stream, digest) = match transport(peer).await? {
+        (Transport::Tcp(stream), digest) => (stream, digest),
+        (Transport::Tls(stream), digest) => {
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => UpstreamProtocol::Http2,
+                _ => UpstreamProtocol::Http1,
+            };
+            let digest = UpstreamDigest { protocol, ..digest };
+            return speak(peer, *stream, digest, idle_timeout).await;
+        }
+    };
+    speak(peer, stream, digest, idle_timeout).await
+}
+
+/// A connection to a peer before any protocol: TCP, or TLS over it when the peer has it.
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// TCP to `peer`, then TLS when it has it, within its connect timeout (one deadline for
+/// both: both are "connecting"); shared by the HTTP client and the TCP proxy.
+pub async fn transport(peer: &Peer) -> Result<(Transport, UpstreamDigest)> {
     let timeouts = *peer.timeouts();
-    // One deadline for TCP and the TLS handshake together: both are "connecting".
     let deadline = tokio::time::Instant::now() + timeouts.connect;
     let timed_out = || {
         Error::new(
@@ -40,18 +62,13 @@ pub(super) async fn connect(peer: &Peer, idle_timeout: Duration) -> Result<Upstr
         reused: false,
     };
     let Some(tls) = peer.tls() else {
-        return speak(peer, stream, digest, idle_timeout).await;
+        return Ok((Transport::Tcp(stream), digest));
     };
     let stream = tokio::time::timeout_at(deadline, tls.connect(stream))
         .await
         .map_err(|_| timed_out())?
         .map_err(|message| Error::new(ErrorKind::TlsHandshake, message).with_peer(peer))?;
-    let protocol = match stream.get_ref().1.alpn_protocol() {
-        Some(b"h2") => UpstreamProtocol::Http2,
-        _ => UpstreamProtocol::Http1,
-    };
-    let digest = UpstreamDigest { protocol, ..digest };
-    speak(peer, stream, digest, idle_timeout).await
+    Ok((Transport::Tls(Box::new(stream)), digest))
 }
 
 /// The HTTP handshake over `stream`, in `digest.protocol`.

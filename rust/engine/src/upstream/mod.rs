@@ -14,6 +14,7 @@ use crate::digest::UpstreamDigest;
 use crate::error::{Error, ErrorKind, ErrorSide, Result};
 use crate::peer::Peer;
 pub use canned::{CannedUpstream, Received};
+pub use connect::{transport, Transport};
 use connection::Sender;
 pub use connection::UpstreamConnection;
 pub use pool::{ConnectionPool, PoolConfig};
