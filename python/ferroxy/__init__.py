@@ -13,6 +13,7 @@ from ._core import (
     LoadBalancer,
     Peer,
     ProxyError,
+    RequestBodyError,
     RequestHeader,
     Response,
     ResponseHeader,
@@ -23,12 +24,13 @@ from ._core import (
 )
 from .compression import Compression
 from .listener import Listener
-from .proxy import Proxy, blocking
+from .proxy import DROP, Proxy, blocking
 from .routes import Route
 from .server import ProxyServer, ServerOptions, run
 from .tls import TlsConfig
 
 __all__ = [
+    "DROP",
     "ClientCert",
     "ClientConn",
     "Compression",
@@ -40,6 +42,7 @@ __all__ = [
     "Proxy",
     "ProxyError",
     "ProxyServer",
+    "RequestBodyError",
     "RequestHeader",
     "Response",
     "ResponseHeader",

@@ -142,7 +142,8 @@ fn must_keep(session: &Session, kept: &Option<Bytes>) -> bool {
 /// Reads the request body into `kept` (see [`must_keep`]).
 async fn keep_for_resend(session: &mut Session, kept: &mut Option<Bytes>) -> Result<()> {
     let bytes = match session.take_body() {
-        Some(body) if !body.is_end_stream() => read_whole(body).await?,
+        // Of known, small length (a body with a length has no trailers).
+        Some(body) if !body.is_end_stream() => body.read_whole().await?,
         _ => Bytes::new(),
     };
     *kept = Some(bytes);
@@ -199,17 +200,6 @@ fn switching(session: &mut Session, head: &mut http::response::Parts) -> Result<
         switch.set_filter(session.websocket.take());
     }
     Ok(())
-}
-
-/// A body of known, small length, read to its end (a body with a length has no trailers).
-async fn read_whole(mut body: ProxyBody) -> Result<Bytes> {
-    let mut whole = bytes::BytesMut::new();
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        if let Ok(data) = frame.map_err(Error::from_upstream)?.into_data() {
-            whole.extend_from_slice(&data);
-        }
-    }
-    Ok(whole.freeze())
 }
 
 /// Have the client's connection close once `response` is sent. HTTP/1 only: hyper reads
@@ -429,6 +419,13 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
+        let has_body = session.body_mut().is_some_and(|body| !body.is_end_stream());
+        if has_body {
+            if let Some(filter) = self.proxy.request_body_filter(session, ctx) {
+                let body = session.take_body().expect("checked above");
+                session.set_body(body.filtered(filter));
+            }
+        }
         let mut kept: Option<Bytes> = None;
         // Filled by the try that gets a response head (an out-slot rather than a return value:
         // the exchange is big, and each level it is returned through copies it).
@@ -464,6 +461,15 @@ impl<P: ProxyHttp> ProxyService<P> {
             }
         });
         let mut body = exchange.body;
+        if crate::body::response_has_body(&session.req.method, head.status)
+            && head.status != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            if let Some(filter) = self.proxy.response_body_filter(session, &head, ctx) {
+                head.headers.remove(http::header::CONTENT_LENGTH);
+                crate::compression::weaken_etag(&mut head.headers);
+                body = body.filtered(filter);
+            }
+        }
         if let Some(compression) = &self.config.compression {
             let length = body.size_hint().exact();
             let req = &session.req;
@@ -578,6 +584,10 @@ impl<P: ProxyHttp> ProxyService<P> {
             // Session::upstream_request).
             session.upstream_request();
             let mut head = session.take_upstream_request().expect("just built");
+            if session.body_mut().is_some_and(|body| body.is_filtered()) {
+                // The filter may change the length: the body goes chunked (HTTP/1.1).
+                head.headers.remove(http::header::CONTENT_LENGTH);
+            }
             if head.headers.contains_key(http::header::UPGRADE) {
                 if session.websocket.is_none() {
                     session.websocket = self.proxy.websocket_filter(session, ctx);

@@ -176,6 +176,36 @@ impl Session {
         self.body.as_mut()
     }
 
+    /// Read the request body whole, up to `limit` bytes, before the upstream is chosen
+    /// (Pingora's `read_request_body`, pingora#575): a phase may route or answer by what it
+    /// says. The bytes are then the body sent upstream (its trailers, if any, are not), so
+    /// reading it again gives them again. Fails with a 413 above `limit` (said before
+    /// reading when the length is known), with the client's error when its upload fails,
+    /// and once the body has been sent.
+    pub async fn read_request_body(&mut self, limit: u64) -> crate::error::Result<bytes::Bytes> {
+        use crate::error::{Error, ErrorKind};
+        let Some(mut body) = self.body.take() else {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "the request body was read after it had been sent upstream",
+            ));
+        };
+        if !body.limit(limit) {
+            return Err(Error::new(
+                ErrorKind::BodyTooLarge,
+                format!("the request body is longer than {limit} bytes"),
+            ));
+        }
+        let whole = body.read_whole().await?;
+        self.body = Some(ProxyBody::full(whole.clone()));
+        Ok(whole)
+    }
+
+    /// Put a request body (back) in place: the one a hook read whole, or filtered.
+    pub fn set_body(&mut self, body: ProxyBody) {
+        self.body = Some(body);
+    }
+
     /// The downstream request body, for the proxy to forward; `None` once taken.
     pub fn take_body(&mut self) -> Option<ProxyBody> {
         self.body.take()

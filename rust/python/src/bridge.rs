@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use crate::call::PhaseJob;
 use crate::connection_filter::ConnectionJob;
 use crate::session::SessionRef;
+use crate::stream::StreamJob;
 use crate::types::error_object;
 
 pub enum Job {
@@ -22,6 +23,10 @@ pub enum Job {
     Phase(PhaseJob),
     /// The `connection_filter` hook, for a connection just accepted.
     Connection(ConnectionJob),
+    /// The request body a hook awaits (see [`crate::call::Outcome::ReadBody`]).
+    BodyRead(crate::call::BodyReadJob),
+    /// A body chunk or WebSocket message for its hook (see [`crate::stream`]).
+    Stream(StreamJob),
     /// The `logging` hook: fire and forget.
     Logging {
         session: SessionRef,
@@ -60,7 +65,7 @@ impl Bridge {
     pub fn submit(&self, job: Job) {
         if matches!(
             job,
-            Job::Phase(_) | Job::Connection(_) | Job::Logging { .. }
+            Job::Phase(_) | Job::Connection(_) | Job::Stream(_) | Job::Logging { .. }
         ) {
             self.python_calls.fetch_add(1, Ordering::Relaxed);
         }

@@ -17,6 +17,7 @@ mod proxy;
 mod server;
 mod session;
 mod simulate;
+mod stream;
 mod tls;
 mod types;
 
@@ -106,6 +107,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tls::ClientCert>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<connection_filter::ConnectionCall>()?;
+    m.add_class::<stream::StreamCall>()?;
+    m.add(
+        "RequestBodyError",
+        m.py().get_type::<call::RequestBodyError>(),
+    )?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;
     m.add_class::<simulate::SimulationResult>()?;

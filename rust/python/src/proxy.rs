@@ -19,10 +19,13 @@ use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
 use crate::bridge::{Bridge, Job};
-use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
+use crate::call::{BodyReadJob, Outcome, PhaseJob, PhaseKind, Reply, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
-use crate::session::{PySession, RouteRef, SessionRef};
+use crate::session::{PySession, RouteRef, SessionRef, SharedSession};
+use crate::stream::{PyBodyFilter, PyMessageFilter, StreamHook, StreamSession};
 use crate::types::Chosen;
+use ferroxy_engine::body_filter::BodyFilter;
+use ferroxy_engine::websocket::MessageFilter;
 
 /// Which hooks the Python app overrides; the rest never cross into Python.
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,6 +37,9 @@ pub struct Hooks {
     pub response_filter: bool,
     pub fail_to_proxy: bool,
     pub logging: bool,
+    pub request_body_filter: bool,
+    pub response_body_filter: bool,
+    pub websocket_message: bool,
     /// Asked per connection, not per request: not a phase (see `connection_filter`).
     pub connection_filter: bool,
 }
@@ -57,11 +63,20 @@ impl Hooks {
                 "response_filter" => hooks.response_filter = true,
                 "fail_to_proxy" => hooks.fail_to_proxy = true,
                 "logging" => hooks.logging = true,
+                "request_body_filter" => hooks.request_body_filter = true,
+                "response_body_filter" => hooks.response_body_filter = true,
+                "websocket_message" => hooks.websocket_message = true,
                 // new_ctx needs no trip of its own: made on the first trip that happens.
                 _ => {}
             }
         }
         Ok(hooks)
+    }
+
+    /// Whether the app has hooks that run beside the phases, per chunk or message (see
+    /// [`crate::stream`]).
+    pub fn has_streams(&self) -> bool {
+        self.request_body_filter || self.response_body_filter || self.websocket_message
     }
 
     /// The Python hooks that run in one trip from `request_filter` on: request_filter, then
@@ -121,6 +136,12 @@ pub struct PyCtx {
     /// upstream_request_filter has run for this attempt in an earlier trip; the engine holds
     /// its result.
     upstream_request_filtered: bool,
+    /// The session object the request's stream jobs share with its phases; only for an app
+    /// with stream hooks (see [`crate::session::SharedSession`]).
+    shared: Option<SharedSession>,
+    /// `read_request_body` failed in this request's trip: the request's error (a 413, say),
+    /// unless the hook answered the client itself.
+    body_error: Option<Error>,
 }
 
 fn placeholder_request() -> http::request::Parts {
@@ -140,6 +161,7 @@ impl PyProxy {
         let is_new = ctx.session.is_none();
         SessionRef {
             py: ctx.session.take(),
+            shared: ctx.shared.clone(),
             req: slot,
             downstream: session.downstream.clone(),
             upstream: session.upstream_digest,
@@ -151,6 +173,33 @@ impl PyProxy {
             // A response-phase template may make it after the first trip.
             request_id: session.request_id.clone(),
         }
+    }
+
+    /// What the request's stream jobs need to reach its session object.
+    fn stream_session(&self, session: &Session, ctx: &mut PyCtx) -> StreamSession {
+        StreamSession {
+            shared: ctx.shared.get_or_insert_with(Default::default).clone(),
+            req: ctx
+                .req
+                .get_or_insert_with(|| Arc::new(Mutex::new(None)))
+                .clone(),
+            downstream: session.downstream.clone(),
+            upstream: session.upstream_digest,
+            request_id: session.request_id.clone(),
+        }
+    }
+
+    fn body_filter(
+        &self,
+        hook: StreamHook,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        Some(Arc::new(PyBodyFilter {
+            bridge: self.bridge.clone(),
+            hook,
+            session: self.stream_session(session, ctx),
+        }))
     }
 
     /// Hand a phase to Python and wait for its outcome. The request head goes to Python
@@ -175,13 +224,44 @@ impl PyProxy {
             error,
             reply,
         }));
-        let reply = replied.await;
+        let mut replied = replied;
+        let reply = loop {
+            match replied.await {
+                Ok(Reply {
+                    outcome:
+                        Outcome::ReadBody {
+                            limit,
+                            waiter,
+                            resume,
+                        },
+                    session: object,
+                }) => {
+                    ctx.session = object;
+                    // Boxed: rare, and inline it would grow every trip's future.
+                    let result = Box::pin(session.read_request_body(limit)).await;
+                    if let Err(error) = &result {
+                        ctx.body_error = Some(error.clone());
+                    }
+                    let (reply, next) = oneshot::channel();
+                    self.bridge.submit(Job::BodyRead(BodyReadJob {
+                        waiter,
+                        result,
+                        resume,
+                        reply,
+                    }));
+                    replied = next;
+                }
+                other => break other,
+            }
+        };
         if let Some(req) = slot.lock().take() {
             session.req = req;
         }
         match reply {
             Ok(reply) => {
-                ctx.session = reply.session;
+                if reply.session.is_some() {
+                    ctx.session = reply.session;
+                }
                 reply.outcome
             }
             Err(_) => Outcome::Fail(Error::new(
@@ -213,6 +293,9 @@ impl PyProxy {
             .await
         {
             Outcome::Respond(response) => Ok(Some(response)),
+            Outcome::Fail(_) | Outcome::Proceed { .. } if ctx.body_error.is_some() => {
+                Err(ctx.body_error.take().expect("checked"))
+            }
             Outcome::Proceed {
                 peer,
                 upstream_request,
@@ -231,6 +314,7 @@ impl PyProxy {
                 ErrorKind::Internal,
                 "a request phase answered as fail_to_connect",
             )),
+            Outcome::ReadBody { .. } => unreachable!("trip() reads the body and goes on"),
         }
     }
 }
@@ -239,7 +323,48 @@ impl ProxyHttp for PyProxy {
     type Ctx = PyCtx;
 
     fn new_ctx(&self) -> PyCtx {
-        PyCtx::default()
+        PyCtx {
+            // Made up front: a stream job and a phase may be the first to reach Python.
+            shared: self.hooks.has_streams().then(Default::default),
+            ..PyCtx::default()
+        }
+    }
+
+    fn request_body_filter(
+        &self,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        if !self.hooks.request_body_filter {
+            return None;
+        }
+        self.body_filter(StreamHook::RequestBody, session, ctx)
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &Session,
+        _upstream_response: &http::response::Parts,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        if !self.hooks.response_body_filter {
+            return None;
+        }
+        self.body_filter(StreamHook::ResponseBody, session, ctx)
+    }
+
+    fn websocket_filter(
+        &self,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn MessageFilter>> {
+        if !self.hooks.websocket_message {
+            return None;
+        }
+        Some(Arc::new(PyMessageFilter {
+            bridge: self.bridge.clone(),
+            session: self.stream_session(session, ctx),
+        }))
     }
 
     async fn request_filter(
@@ -348,7 +473,7 @@ impl ProxyHttp for PyProxy {
             Outcome::Retry(retry) => error.retry = retry,
             // The hook raised: its error is the request's (a 500), not retried.
             Outcome::Fail(failed) => return failed,
-            Outcome::Proceed { .. } | Outcome::Respond(_) => {}
+            Outcome::Proceed { .. } | Outcome::Respond(_) | Outcome::ReadBody { .. } => {}
         }
         error
     }
@@ -382,7 +507,11 @@ impl ProxyHttp for PyProxy {
         }
         match outcome {
             Outcome::Fail(error) => Err(error),
-            Outcome::Proceed { .. } | Outcome::Respond(_) | Outcome::Retry(_) => Ok(()),
+            // (A body read is a request trip's: `trip` has seen to it.)
+            Outcome::Proceed { .. }
+            | Outcome::Respond(_)
+            | Outcome::Retry(_)
+            | Outcome::ReadBody { .. } => Ok(()),
         }
     }
 
@@ -407,7 +536,10 @@ impl ProxyHttp for PyProxy {
             .await
         {
             Outcome::Respond(response) => Some(response),
-            Outcome::Proceed { .. } | Outcome::Fail(_) | Outcome::Retry(_) => None,
+            Outcome::Proceed { .. }
+            | Outcome::Fail(_)
+            | Outcome::Retry(_)
+            | Outcome::ReadBody { .. } => None,
         }
     }
 

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 
 use ferroxy_engine::{DownstreamDigest, TlsDigest, UpstreamDigest, UpstreamProtocol};
 
+use crate::call::{deliver, Delivery, Outcome, Reply, ReplySlot};
 use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
 use crate::types::final_status;
 
@@ -181,7 +182,11 @@ pub struct PySession {
     request_id: Option<http::HeaderValue>,
     #[pyo3(get, set)]
     ctx: Py<PyAny>,
+    /// The reply of the request trip running now, for `read_request_body` (see
+    /// [`crate::call::Outcome::ReadBody`]); empty once the trip has ended.
+    pub reading: Option<ReplySlot>,
 }
+
 
 impl PySession {
     /// The head to send upstream, built from `req` as it stands now, the way the engine
@@ -216,6 +221,38 @@ impl PySession {
     #[getter]
     fn req(&self, py: Python<'_>) -> Py<PyRequestHeader> {
         self.req.clone_ref(py)
+    }
+    /// Await the whole request body (at most `limit` bytes) in a request-side hook, before
+    /// the upstream is chosen; it is then what goes upstream. RequestBodyError above the
+    /// limit (413) or when the upload fails; RuntimeError outside a request-side hook.
+    // 1 MiB when not told: nginx's `client_max_body_size` (a literal, for the signature
+    // Python shows).
+    #[pyo3(signature = (limit = 1048576))]
+    fn read_request_body(slf: &Bound<'_, Self>, limit: u64) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let not_now = || {
+            pyo3::exceptions::PyRuntimeError::new_err(
+                "read_request_body() is awaited in request_filter (or upstream_peer), once at \
+                 a time",
+            )
+        };
+        let resume = slf.borrow().reading.clone().ok_or_else(not_now)?;
+        let sender = resume.lock().take().ok_or_else(not_now)?;
+        let waiter = py
+            .import("asyncio")?
+            .call_method0("get_running_loop")?
+            .call_method0("create_future")?
+            .unbind();
+        let reply = Reply {
+            outcome: Outcome::ReadBody {
+                limit,
+                waiter: waiter.clone_ref(py),
+                resume,
+            },
+            session: Some(slf.clone().unbind()),
+        };
+        deliver(Delivery::Phase(sender, reply));
+        Ok(waiter)
     }
     #[getter]
     fn client_addr(&self) -> String {
@@ -384,10 +421,18 @@ pub struct RouteRef {
     pub routes: Arc<Py<pyo3::types::PyTuple>>,
 }
 
+/// A request's session object, for jobs that run beside its phases (body chunks, WebSocket
+/// messages): the first job the Python thread runs makes it or finds it here, so every job
+/// of the request sees one object and one `ctx`. Only requests of an app with such hooks
+/// have one.
+pub type SharedSession = Arc<Mutex<Option<Py<PySession>>>>;
+
 /// The engine side's handle on a request's Python session: the shared request slot, and the
 /// Python object once the Python thread has made it (it is made lazily, on that thread).
 pub struct SessionRef {
     pub py: Option<Py<PySession>>,
+    /// Where the request's jobs meet their one object (see [`SharedSession`]).
+    pub shared: Option<SharedSession>,
     pub req: RequestSlot,
     pub downstream: Arc<DownstreamDigest>,
     /// The upstream connection's facts as of this trip, for the session to show.
@@ -399,6 +444,21 @@ pub struct SessionRef {
 
 impl SessionRef {
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
+        let Some(shared) = self.shared.clone() else {
+            return self.own_object(py);
+        };
+        let mut cell = shared.lock();
+        if self.py.is_none() {
+            self.py = cell.as_ref().map(|session| session.clone_ref(py));
+        }
+        let session = self.own_object(py)?;
+        if cell.is_none() {
+            *cell = Some(session.clone_ref(py));
+        }
+        Ok(session)
+    }
+
+    fn own_object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
             if self.upstream.is_some() || self.request_id.is_some() {
                 let mut session = session.borrow_mut(py);
@@ -422,6 +482,7 @@ impl SessionRef {
                 route: self.route.take(),
                 request_id: self.request_id.take(),
                 ctx: py.None(),
+                reading: None,
             },
         )?;
         self.py = Some(session.clone_ref(py));
