@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HOST, pattern_block, run_cli, write_app
+from conftest import HOST, pattern_block, run_cli, wait_until, write_app
 from ferroxy import Peer, Proxy, Session
 
 MB = 1_000_000
@@ -216,6 +216,7 @@ def test_100mb_each_way_filtered_over_http2(filter_proxy: Any, mode: str, tmp_pa
 
 def test_chunks_keep_drop_and_the_end_is_told(ferroxy_upstream: Any, ferroxy_proxy: Any) -> None:
     calls: list[tuple[int, bool]] = []
+    logged: list[str] = []
 
     class App(Proxy):
         upstream = ferroxy_upstream.addr
@@ -225,14 +226,19 @@ def test_chunks_keep_drop_and_the_end_is_told(ferroxy_upstream: Any, ferroxy_pro
         ) -> bytes | None:
             calls.append((len(chunk), end_of_stream))
             if end_of_stream:
-                return chunk + b"\n-- filtered"
+                # The request is there to read.
+                return chunk + f"\n-- filtered {session.req.path}".encode()
             return None
+
+        def logging(self, session: Session, error: Any, ctx: Any) -> None:
+            logged.append(session.req.path)
 
     proxy = ferroxy_proxy(App)
     r = httpx.get(proxy.url + "/bytes/100000")
     assert r.status_code == 200
-    assert r.content.endswith(b"\n-- filtered")
-    assert len(r.content) == 100_000 + len(b"\n-- filtered")
+    assert r.content.endswith(b"\n-- filtered /bytes/100000")
+    assert len(r.content) == 100_000 + len(b"\n-- filtered /bytes/100000")
+    wait_until(lambda: logged == ["/bytes/100000"])
     # Every chunk came in order, the end once, last.
     assert sum(n for n, _ in calls) == 100_000
     assert [end for _, end in calls].count(True) == 1 and calls[-1][1]
@@ -244,7 +250,7 @@ def test_chunks_keep_drop_and_the_end_is_told(ferroxy_upstream: Any, ferroxy_pro
     # A request without a body never reaches request_body_filter (none is overridden here),
     # and an empty response body is still told its end.
     empty = httpx.get(proxy.url + "/bytes/0")
-    assert empty.content == b"\n-- filtered"
+    assert empty.content == b"\n-- filtered /bytes/0"
 
 
 def test_a_bodyless_request_skips_the_request_body_filter(

@@ -252,7 +252,8 @@ class Proxy(Generic[CtxT]):
         ``end_of_stream`` True, as ``request_body_filter`` is. Not called for responses
         without a body (HEAD, 204, 304). The response then loses its Content-Length (chunked
         over HTTP/1.1) and its ETag becomes weak. The next chunk is read from the upstream
-        only once the client has taken this one. An exception cuts the response off (the
+        only once the client has taken this one. ``session.req`` shows the request as it
+        was sent (edits to it change nothing now). An exception cuts the response off (the
         client sees it incomplete) and logs the traceback."""
         return None
 

@@ -144,6 +144,16 @@ pub struct PyCtx {
     body_error: Option<Error>,
 }
 
+/// `req` without its extensions (which cannot be cloned, and which no hook reads).
+fn head_copy(req: &http::request::Parts) -> http::request::Parts {
+    let mut copy = placeholder_request();
+    copy.method = req.method.clone();
+    copy.uri = req.uri.clone();
+    copy.version = req.version;
+    copy.headers = req.headers.clone();
+    copy
+}
+
 fn placeholder_request() -> http::request::Parts {
     http::Request::new(()).into_parts().0
 }
@@ -350,6 +360,14 @@ impl ProxyHttp for PyProxy {
         if !self.hooks.response_body_filter {
             return None;
         }
+        // The engine keeps its request head to the end (the access log reads it), so the
+        // chunks' hooks read a copy: from here on only `logging` sees the head, and it would
+        // find the same.
+        let slot = ctx
+            .req
+            .get_or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone();
+        slot.lock().get_or_insert_with(|| head_copy(&session.req));
         self.body_filter(StreamHook::ResponseBody, session, ctx)
     }
 

@@ -187,7 +187,6 @@ pub struct PySession {
     pub reading: Option<ReplySlot>,
 }
 
-
 impl PySession {
     /// The head to send upstream, built from `req` as it stands now, the way the engine
     /// builds it (one function does it for both).
