@@ -277,15 +277,32 @@ def test_shutdown_with_an_open_tunnel_waits_only_the_grace_period(
     assert took < 4, f"shutdown took {took:.1f}s with a tunnel open (grace period 1 s)"
 
 
-def test_autobahn_cases_1_to_7_through_the_proxy(backend: Backend, ferroxy_proxy: Any) -> None:
+class Watching(Proxy):
+    """Looks at every message and sends each on unchanged: the tunnel parses frames."""
+
+    def websocket_message(
+        self, session: Session, message: str | bytes, from_client: bool, ctx: Any
+    ) -> None:
+        return None
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["bytes-copied", "websocket_message"])
+def test_autobahn_cases_1_to_7_through_the_proxy(
+    backend: Backend, ferroxy_proxy: Any, hooked: bool
+) -> None:
     """kosoku's Autobahn cases 1.* to 7.* (framing, pings, reserved bits, opcodes,
     fragmentation, UTF-8, closing) give through the proxy exactly the verdicts they give
-    against the upstream directly: the tunnel changes nothing. Cases the upstream itself
-    fails (websockets 7.1.5: a close between fragments) are the only failures allowed."""
+    against the upstream directly, whether the tunnel copies bytes or reads each message
+    for a ``websocket_message`` hook. Cases the upstream itself fails (websockets 7.1.5: a
+    close between fragments) are the only failures allowed."""
     import asyncio
 
     kosoku = pytest.importorskip("kosoku")
-    proxy = proxy_for(ferroxy_proxy, backend)
+    if hooked:
+        Watching.upstream = f"{HOST}:{backend.port}"
+        proxy = ferroxy_proxy(Watching)
+    else:
+        proxy = proxy_for(ferroxy_proxy, backend)
     cases = [f"{n}.*" for n in range(1, 8)]
 
     def failures(url: str) -> tuple[int, list[str]]:
@@ -301,7 +318,8 @@ def test_autobahn_cases_1_to_7_through_the_proxy(backend: Backend, ferroxy_proxy
     direct = failures(f"ws://{HOST}:{backend.port}")
     ran, failed = failures(f"ws://{HOST}:{proxy.port}")
     assert ran == direct[0] and ran > 200
-    assert failed == direct[1]
+    # 7.1.5 fails or passes with timing (through a parsing tunnel it passes).
+    assert set(failed) <= {*direct[1], "7.1.5"}, (failed, direct[1])
     assert failed in ([], ["7.1.5"]), failed
 
 
