@@ -553,3 +553,104 @@ def test_a_read_body_is_filtered_on_its_way_up(ferroxy_upstream: Any, ferroxy_pr
     proxy = ferroxy_proxy(App)
     echo = httpx.post(proxy.url + "/", content=b"hello").json()
     assert echo["body_sha256"] == hashlib.sha256(b"HELLO").hexdigest()
+
+
+def _stalled_upload(port: int, path: str) -> bytes:
+    """A request whose body never comes in full: 10 bytes of 1,000, then silence; returns
+    the status line the proxy answers with."""
+    import socket
+
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b"0123456789"
+        )
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_a_hook_that_stops_waiting_for_the_body_still_answers(
+    ferroxy_upstream: Any, ferroxy_proxy: Any
+) -> None:
+    """hook_timeout while a hook awaits the body: a 504; the hook's own timeout: its own
+    answer. Either way the proxy serves the next request."""
+    from ferroxy import Response
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        async def request_filter(self, session: Session, ctx: Any) -> Response | None:
+            if session.req.path == "/patient":
+                try:
+                    await asyncio.wait_for(session.read_request_body(), 0.3)
+                except TimeoutError:
+                    return Response(408, body=b"your body is late\n")
+            else:
+                await session.read_request_body()
+            return None
+
+    proxy = ferroxy_proxy(App, hook_timeout=0.6)
+    assert _stalled_upload(proxy.port, "/patient") == b"HTTP/1.1 408 Request Timeout"
+    assert _stalled_upload(proxy.port, "/impatient") == b"HTTP/1.1 504 Gateway Timeout"
+    assert httpx.post(proxy.url + "/", content=b"on time").json()["body_length"] == 7
+
+
+def test_read_request_body_in_upstream_peer_and_again_on_a_retry(
+    ferroxy_upstream: Any, ferroxy_proxy: Any
+) -> None:
+    """An app without request_filter reads the body in upstream_peer; the retry's
+    upstream_peer reads it again (the same bytes), and request_body_filter filters what each
+    try sends, from the client's bytes."""
+    from conftest import free_port
+
+    dead = f"{HOST}:{free_port()}"
+    bodies: list[bytes] = []
+
+    class App(Proxy):
+        async def upstream_peer(self, session: Session, ctx: Any) -> Peer:
+            bodies.append(await session.read_request_body(limit=1000))
+            return Peer(dead if len(bodies) == 1 else ferroxy_upstream.addr)
+
+        def fail_to_connect(self, session: Session, peer: Any, error: Any, ctx: Any) -> bool | None:
+            return True
+
+        def request_body_filter(
+            self, session: Session, chunk: bytes, end_of_stream: bool, ctx: Any
+        ) -> bytes | None:
+            return chunk.upper()
+
+    proxy = ferroxy_proxy(App)
+    echo = httpx.post(proxy.url + "/", content=b"twice read").json()
+    assert bodies == [b"twice read", b"twice read"]
+    assert echo["body_sha256"] == hashlib.sha256(b"TWICE READ").hexdigest()
+    assert echo["body_length"] == len(b"TWICE READ")
+
+
+def test_bodyless_and_partial_responses_are_not_filtered(
+    ferroxy_upstream: Any, ferroxy_proxy: Any
+) -> None:
+    calls: list[int] = []
+
+    class App(Proxy):
+        upstream = ferroxy_upstream.addr
+
+        def response_filter(self, session: Session, upstream_response: Any, ctx: Any) -> None:
+            if session.req.path == "/bytes/50":
+                # As a range answer would be: its Content-Range says which bytes these are.
+                upstream_response.status = 206
+                upstream_response.headers["content-range"] = "bytes 0-49/100"
+
+        def response_body_filter(
+            self, session: Session, chunk: bytes, end_of_stream: bool, ctx: Any
+        ) -> bytes | None:
+            calls.append(len(chunk))
+            return b"changed"
+
+    proxy = ferroxy_proxy(App)
+    assert httpx.get(proxy.url + "/status/204").status_code == 204
+    assert httpx.get(proxy.url + "/status/304").status_code == 304
+    partial = httpx.get(proxy.url + "/bytes/50")
+    assert partial.status_code == 206
+    assert partial.content == pattern_block()[:50]
+    assert partial.headers["content-length"] == "50"
+    assert calls == []
+    assert httpx.get(proxy.url + "/bytes/10").content == b"changed"

@@ -444,11 +444,14 @@ class Session:
         else the client's ``x-request-id``; None without either."""
     def read_request_body(self, limit: int = 1048576) -> Awaitable[bytes]:
         """Await the whole request body, at most ``limit`` bytes (default 1 MiB, nginx's
-        ``client_max_body_size``), in ``request_filter`` (or ``upstream_peer``), before the
-        upstream is chosen; the bytes read are then the body sent upstream, and reading
-        again gives them again. Raises RequestBodyError above the limit (``status`` 413)
-        or when the client's upload fails (left unhandled, the client gets that status);
-        RuntimeError outside those hooks."""
+        ``client_max_body_size``), in ``request_filter``, ``upstream_peer`` or
+        ``upstream_request_filter``, before it goes upstream; the bytes read are then the
+        body sent upstream (through ``request_body_filter``, if any), and reading again, in
+        a retry's ``upstream_peer`` too, gives them again. Raises RequestBodyError above the
+        limit (``status`` 413) or when the client's upload fails (left unhandled, the
+        client gets that status); RuntimeError outside those hooks. A hook that stops
+        waiting (``hook_timeout``, ``asyncio.wait_for``) may still answer the client; it
+        cannot send the request on without the body."""
     def upstream_request(self) -> RequestHeader:
         """A preview of ``req`` as the engine would forward it now (hop-by-hop headers
         removed, X-Forwarded-* set). Edits to it are not sent: edit ``upstream_request`` in

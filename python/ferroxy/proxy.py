@@ -239,8 +239,9 @@ class Proxy(Generic[CtxT]):
         without its Content-Length (chunked over HTTP/1.1), as the length may change. The
         next chunk is read only once this one is answered: a slow hook slows the client.
         ``session.req`` is not available here (the engine holds the head meanwhile): decide
-        in ``request_filter`` and keep what you need in ``ctx``. An exception ends the
-        request with a 500 (if the upstream has not answered yet)."""
+        in ``request_filter`` and keep what you need in ``ctx``. A request sent again (a
+        retry) is filtered again, from the client's bytes. An exception ends the request
+        with a 500 (if the upstream has not answered yet)."""
         return None
 
     def response_body_filter(
@@ -250,7 +251,8 @@ class Proxy(Generic[CtxT]):
         it (compression, when set, encodes what this returns); return the bytes to send
         instead (``b""`` for none), or None to send it unchanged. Called in order, then with
         ``end_of_stream`` True, as ``request_body_filter`` is. Not called for responses
-        without a body (HEAD, 204, 304). The response then loses its Content-Length (chunked
+        without a body (HEAD, 204, 304), nor for a 206 (its Content-Range describes the
+        bytes as sent). The response then loses its Content-Length (chunked
         over HTTP/1.1) and its ETag becomes weak. The next chunk is read from the upstream
         only once the client has taken this one. ``session.req`` shows the request as it
         was sent (edits to it change nothing now). An exception cuts the response off (the
@@ -264,8 +266,9 @@ class Proxy(Generic[CtxT]):
         ``bytes``, fragments joined); return the message to send instead, None to send it
         unchanged, or ``ferroxy.DROP`` to send nothing. Messages come in order per direction;
         ping, pong and close frames pass on their own. Without this hook the tunnel copies
-        bytes without parsing them. A hook that raises drops that message (the traceback is
-        logged) and the tunnel goes on."""
+        bytes without parsing them. A hook that raises (or outlives ``hook_timeout``) drops
+        that message (the traceback is logged) and the tunnel goes on. ``session.req`` is
+        not available here: decide at the handshake, in ``request_filter``, into ``ctx``."""
         return None
 
     def fail_to_proxy(

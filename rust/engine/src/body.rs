@@ -269,11 +269,6 @@ impl ProxyBody {
         Ok(whole.freeze())
     }
 
-    /// Whether this body goes through a body filter (its length is then unknown).
-    pub fn is_filtered(&self) -> bool {
-        matches!(self.source, Source::Filtered(_))
-    }
-
     /// Tells, later, whether this body has been read to its end. An empty body is finished
     /// already and needs no shared flag.
     pub fn progress(&mut self) -> BodyProgress {

@@ -150,11 +150,17 @@ async fn keep_for_resend(session: &mut Session, kept: &mut Option<Bytes>) -> Res
     Ok(())
 }
 
-/// The body this try sends: the kept one, else the client's (streamed; sent only once).
+/// The body this try sends: the kept one, else the client's (streamed; sent only once);
+/// through the request's body filter, if it has one (a resent body is filtered again, from
+/// the client's bytes).
 fn body_to_send(session: &mut Session, kept: &Option<Bytes>) -> ProxyBody {
-    match kept {
+    let body = match kept {
         Some(bytes) => ProxyBody::full(bytes.clone()),
         None => session.take_body().unwrap_or_else(ProxyBody::empty),
+    };
+    match &session.request_body_filter {
+        Some(filter) if !body.is_end_stream() => body.filtered(filter.clone()),
+        _ => body,
     }
 }
 
@@ -419,12 +425,10 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
-        let has_body = session.body_mut().is_some_and(|body| !body.is_end_stream());
-        if has_body {
-            if let Some(filter) = self.proxy.request_body_filter(session, ctx) {
-                let body = session.take_body().expect("checked above");
-                session.set_body(body.filtered(filter));
-            }
+        // Asked here, applied as each try sends the body (a body read whole later, in a
+        // retry's upstream_peer, is read as the client sent it).
+        if session.body_mut().is_some_and(|body| !body.is_end_stream()) {
+            session.request_body_filter = self.proxy.request_body_filter(session, ctx);
         }
         let mut kept: Option<Bytes> = None;
         // Filled by the try that gets a response head (an out-slot rather than a return value:
@@ -461,8 +465,10 @@ impl<P: ProxyHttp> ProxyService<P> {
             }
         });
         let mut body = exchange.body;
+        // Not a 206 either: its Content-Range describes the bytes as they came.
         if crate::body::response_has_body(&session.req.method, head.status)
             && head.status != http::StatusCode::SWITCHING_PROTOCOLS
+            && head.status != http::StatusCode::PARTIAL_CONTENT
         {
             if let Some(filter) = self.proxy.response_body_filter(session, &head, ctx) {
                 head.headers.remove(http::header::CONTENT_LENGTH);
@@ -584,7 +590,7 @@ impl<P: ProxyHttp> ProxyService<P> {
             // Session::upstream_request).
             session.upstream_request();
             let mut head = session.take_upstream_request().expect("just built");
-            if session.body_mut().is_some_and(|body| body.is_filtered()) {
+            if session.request_body_filter.is_some() {
                 // The filter may change the length: the body goes chunked (HTTP/1.1).
                 head.headers.remove(http::header::CONTENT_LENGTH);
             }

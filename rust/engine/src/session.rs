@@ -42,6 +42,9 @@ pub struct Session {
     /// What sees the messages of the tunnel this request's handshake asks for, once
     /// `websocket_filter` gave one.
     pub websocket: Option<std::sync::Arc<dyn crate::websocket::MessageFilter>>,
+    /// What each try's request body goes through, once `request_body_filter` gave it (see
+    /// [`crate::body_filter`]).
+    pub request_body_filter: Option<std::sync::Arc<dyn crate::body_filter::BodyFilter>>,
     /// The failed tries so far, in order.
     pub tries: Vec<FailedTry>,
     /// The index of the route that matched, in the router's list (see [`crate::route`]).
@@ -100,6 +103,7 @@ impl Session {
             retry: RetryPolicy::default(),
             client_deadline,
             websocket: None,
+            request_body_filter: None,
             tries: Vec::new(),
             route: None,
             strip_prefix: None,
@@ -191,6 +195,8 @@ impl Session {
             ));
         };
         if !body.limit(limit) {
+            // Left in place: a read with a larger limit may follow.
+            self.body = Some(body);
             return Err(Error::new(
                 ErrorKind::BodyTooLarge,
                 format!("the request body is longer than {limit} bytes"),

@@ -23,8 +23,8 @@ pub enum Job {
     Phase(PhaseJob),
     /// The `connection_filter` hook, for a connection just accepted.
     Connection(ConnectionJob),
-    /// The request body a hook awaits (see [`crate::call::Outcome::ReadBody`]).
-    BodyRead(crate::call::BodyReadJob),
+    /// The request body a hook awaits (see [`crate::body_read`]).
+    BodyRead(crate::body_read::BodyReadJob),
     /// A body chunk or WebSocket message for its hook (see [`crate::stream`]).
     Stream(StreamJob),
     /// The `logging` hook: fire and forget.

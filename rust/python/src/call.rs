@@ -1,12 +1,10 @@
 //! One phase handed to Python, and how Python answers it.
 
 use std::cell::RefCell;
-use std::sync::Arc;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
 use ferroxy_engine::{Error, Response};
@@ -63,62 +61,6 @@ pub enum Outcome {
     Fail(Error),
     /// `fail_to_connect` decided: try again (true) or not (false).
     Retry(bool),
-    /// Not the end of the trip: a hook awaits `session.read_request_body(limit)`. The engine
-    /// reads the body and answers with a [`BodyReadJob`], which puts a new sender in `resume`
-    /// (the call's own) for the rest of the trip.
-    ReadBody {
-        limit: u64,
-        waiter: Py<PyAny>,
-        resume: ReplySlot,
-    },
-}
-
-/// Where a call's reply goes, shared with its session while a request trip runs so that
-/// `session.read_request_body` can hand the engine its request mid-trip.
-pub type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Reply>>>>;
-
-/// The request body a hook awaits, read (or failed), and the sender for the rest of its trip.
-pub struct BodyReadJob {
-    pub waiter: Py<PyAny>,
-    pub result: Result<bytes::Bytes, Error>,
-    pub resume: ReplySlot,
-    pub reply: oneshot::Sender<Reply>,
-}
-
-pyo3::create_exception!(
-    ferroxy,
-    RequestBodyError,
-    pyo3::exceptions::PyException,
-    "session.read_request_body() could not read the body: longer than its limit (`status` \
-     413), or the client's upload failed. Left unhandled, the client gets that status."
-);
-
-/// Resolve the future a hook awaits with the body the engine read, on the Python thread.
-pub fn resume_body_read(py: Python<'_>, job: BodyReadJob) -> PyResult<()> {
-    let waiter = job.waiter.bind(py);
-    if waiter.call_method0("done")?.is_truthy()? {
-        // The hook stopped waiting (its hook_timeout cancelled it): nobody will finish the
-        // trip, so finish it here.
-        let outcome = Outcome::Fail(Error::hook(
-            "request_filter",
-            "stopped waiting for the request body",
-        ));
-        let _ = job.reply.send(Reply {
-            outcome,
-            session: None,
-        });
-        return Ok(());
-    }
-    *job.resume.lock() = Some(job.reply);
-    match job.result {
-        Ok(bytes) => waiter.call_method1("set_result", (PyBytes::new(py, &bytes),))?,
-        Err(error) => {
-            let raised = RequestBodyError::new_err(error.message.clone());
-            raised.value(py).setattr("status", error.status)?;
-            waiter.call_method1("set_exception", (raised.value(py),))?
-        }
-    };
-    Ok(())
 }
 
 /// The answer to a phase, with the session object so later phases reuse it (and its ctx).
@@ -136,6 +78,8 @@ pub struct PhaseJob {
     pub upstream_response: Option<ResponseSlot>,
     pub error: Option<Error>,
     pub reply: oneshot::Sender<Reply>,
+    /// A request trip's: where `session.read_request_body` asks for the body.
+    pub body_reads: Option<oneshot::Sender<crate::body_read::BodyReadRequest>>,
 }
 
 #[pyclass(module = "ferroxy._core", frozen)]
@@ -145,7 +89,7 @@ pub struct Call {
     upstream_request: Mutex<UpstreamRequest>,
     upstream_response: Option<Py<PyResponseHeader>>,
     error: Option<Py<PyProxyError>>,
-    reply: ReplySlot,
+    reply: Mutex<Option<oneshot::Sender<Reply>>>,
 }
 
 /// The upstream request head of a request trip: not needed yet, built (or handed over) and
@@ -173,19 +117,17 @@ impl Call {
             .map(|slot| Py::new(py, PyResponseHeader { slot }))
             .transpose()?;
         let error = job.error.map(|e| error_object(py, e)).transpose()?;
-        let reply = Arc::new(Mutex::new(Some(job.reply)));
-        // A request trip's hooks may read the body mid-trip (see `Outcome::ReadBody`).
-        session.borrow_mut(py).reading = match job.kind {
-            PhaseKind::Request(_) => Some(reply.clone()),
-            _ => None,
-        };
+        if let Some(body_reads) = job.body_reads {
+            // A request trip's hooks may ask for the body (see `crate::body_read`).
+            session.borrow_mut(py).reading = Some(body_reads);
+        }
         let call = Call {
             session,
             steps,
             upstream_request: Mutex::new(upstream_request),
             upstream_response,
             error,
-            reply,
+            reply: Mutex::new(Some(job.reply)),
         };
         Ok((job.kind, Bound::new(py, call)?))
     }

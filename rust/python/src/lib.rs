@@ -4,6 +4,7 @@
 mod alloc;
 #[cfg(feature = "bridge-bench")]
 mod bench;
+mod body_read;
 mod bridge;
 mod call;
 mod compression;
@@ -110,7 +111,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::StreamCall>()?;
     m.add(
         "RequestBodyError",
-        m.py().get_type::<call::RequestBodyError>(),
+        m.py().get_type::<body_read::RequestBodyError>(),
     )?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;

@@ -18,8 +18,9 @@ use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
+use crate::body_read::{BodyReadRequest, PendingRead};
 use crate::bridge::{Bridge, Job};
-use crate::call::{BodyReadJob, Outcome, PhaseJob, PhaseKind, Reply, RequestSteps};
+use crate::call::{Outcome, PhaseJob, PhaseKind, Reply, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
 use crate::session::{PySession, RouteRef, SessionRef, SharedSession};
 use crate::stream::{PyBodyFilter, PyMessageFilter, StreamHook, StreamSession};
@@ -225,7 +226,15 @@ impl PyProxy {
     ) -> Outcome {
         let session_ref = self.session_ref(session, ctx);
         let slot = session_ref.req.clone();
-        let (reply, replied) = oneshot::channel();
+        let (reply, mut replied) = oneshot::channel();
+        // A request trip's hooks may ask for the body (see crate::body_read).
+        let (body_reads, body_asks) = match kind {
+            PhaseKind::Request(_) => {
+                let (asks, asked) = oneshot::channel();
+                (Some(asks), Some(asked))
+            }
+            _ => (None, None),
+        };
         self.bridge.submit(Job::Phase(PhaseJob {
             kind,
             session: session_ref,
@@ -233,51 +242,80 @@ impl PyProxy {
             upstream_response,
             error,
             reply,
+            body_reads,
         }));
-        let mut replied = replied;
-        let reply = loop {
-            match replied.await {
-                Ok(Reply {
-                    outcome:
-                        Outcome::ReadBody {
-                            limit,
-                            waiter,
-                            resume,
-                        },
-                    session: object,
-                }) => {
-                    ctx.session = object;
+        let reply = match body_asks {
+            None => replied.await,
+            Some(mut asked) => tokio::select! {
+                biased;
+                reply = &mut replied => reply,
+                ask = &mut asked => match ask {
                     // Boxed: rare, and inline it would grow every trip's future.
-                    let result = Box::pin(session.read_request_body(limit)).await;
-                    if let Err(error) = &result {
-                        ctx.body_error = Some(error.clone());
-                    }
-                    let (reply, next) = oneshot::channel();
-                    self.bridge.submit(Job::BodyRead(BodyReadJob {
-                        waiter,
-                        result,
-                        resume,
-                        reply,
-                    }));
-                    replied = next;
-                }
-                other => break other,
-            }
+                    Ok(ask) => Box::pin(self.serve_body_read(ask, &mut replied, session, ctx)).await,
+                    // No ask can come now: the reply decides.
+                    Err(_) => replied.await,
+                },
+            },
         };
         if let Some(req) = slot.lock().take() {
             session.req = req;
         }
         match reply {
             Ok(reply) => {
-                if reply.session.is_some() {
-                    ctx.session = reply.session;
-                }
+                ctx.session = reply.session;
                 reply.outcome
             }
             Err(_) => Outcome::Fail(Error::new(
                 ErrorKind::Internal,
                 "the Python dispatcher dropped the call",
             )),
+        }
+    }
+
+    /// Read the body a hook asked for while its trip runs, answer the hook, and wait for the
+    /// trip's reply. A reply that comes first (the hook stopped waiting) abandons the read:
+    /// what is left of the body cannot be sent then, so the connection closes after this
+    /// request, and a trip that went on to the upstream fails.
+    async fn serve_body_read(
+        &self,
+        ask: BodyReadRequest,
+        replied: &mut oneshot::Receiver<Reply>,
+        session: &mut Session,
+        ctx: &mut PyCtx,
+    ) -> Result<Reply, oneshot::error::RecvError> {
+        let pending = PendingRead::new(self.bridge.clone(), ask);
+        let read = {
+            let reading = session.read_request_body(pending.limit());
+            tokio::select! {
+                biased;
+                reply = &mut *replied => Err(reply),
+                read = reading => Ok(read),
+            }
+        };
+        match read {
+            Ok(read) => {
+                if let Err(error) = &read {
+                    ctx.body_error = Some(error.clone());
+                }
+                pending.finish(read);
+                replied.await
+            }
+            Err(reply) => {
+                session.keepalive = false;
+                if matches!(
+                    &reply,
+                    Ok(Reply {
+                        outcome: Outcome::Proceed { .. },
+                        ..
+                    })
+                ) {
+                    ctx.body_error = Some(Error::new(
+                        ErrorKind::Internal,
+                        "a hook went on without the request body it was reading",
+                    ));
+                }
+                reply
+            }
         }
     }
 
@@ -324,7 +362,6 @@ impl PyProxy {
                 ErrorKind::Internal,
                 "a request phase answered as fail_to_connect",
             )),
-            Outcome::ReadBody { .. } => unreachable!("trip() reads the body and goes on"),
         }
     }
 }
@@ -491,7 +528,7 @@ impl ProxyHttp for PyProxy {
             Outcome::Retry(retry) => error.retry = retry,
             // The hook raised: its error is the request's (a 500), not retried.
             Outcome::Fail(failed) => return failed,
-            Outcome::Proceed { .. } | Outcome::Respond(_) | Outcome::ReadBody { .. } => {}
+            Outcome::Proceed { .. } | Outcome::Respond(_) => {}
         }
         error
     }
@@ -525,11 +562,7 @@ impl ProxyHttp for PyProxy {
         }
         match outcome {
             Outcome::Fail(error) => Err(error),
-            // (A body read is a request trip's: `trip` has seen to it.)
-            Outcome::Proceed { .. }
-            | Outcome::Respond(_)
-            | Outcome::Retry(_)
-            | Outcome::ReadBody { .. } => Ok(()),
+            Outcome::Proceed { .. } | Outcome::Respond(_) | Outcome::Retry(_) => Ok(()),
         }
     }
 
@@ -554,10 +587,7 @@ impl ProxyHttp for PyProxy {
             .await
         {
             Outcome::Respond(response) => Some(response),
-            Outcome::Proceed { .. }
-            | Outcome::Fail(_)
-            | Outcome::Retry(_)
-            | Outcome::ReadBody { .. } => None,
+            Outcome::Proceed { .. } | Outcome::Fail(_) | Outcome::Retry(_) => None,
         }
     }
 

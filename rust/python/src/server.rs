@@ -618,7 +618,7 @@ impl PyServer {
                 }
                 Ok(())
             }
-            Job::BodyRead(job) => crate::call::resume_body_read(py, job),
+            Job::BodyRead(job) => crate::body_read::resume(py, job),
             Job::Stream(job) => {
                 let call = Bound::new(py, StreamCall::from_job(py, job)?)?;
                 // Without a stream_phase nobody answers: the dropped call fails the stream.

@@ -11,7 +11,6 @@ use pyo3::prelude::*;
 
 use ferroxy_engine::{DownstreamDigest, TlsDigest, UpstreamDigest, UpstreamProtocol};
 
-use crate::call::{deliver, Delivery, Outcome, Reply, ReplySlot};
 use crate::headers::{detached, HeaderSource, Headers, RequestSlot, ResponseSlot};
 use crate::types::final_status;
 
@@ -182,9 +181,11 @@ pub struct PySession {
     request_id: Option<http::HeaderValue>,
     #[pyo3(get, set)]
     ctx: Py<PyAny>,
-    /// The reply of the request trip running now, for `read_request_body` (see
-    /// [`crate::call::Outcome::ReadBody`]); empty once the trip has ended.
-    pub reading: Option<ReplySlot>,
+    /// Where `read_request_body` asks the engine for the body: the latest request trip's
+    /// channel (see [`crate::body_read`]); a send fails once that trip has ended.
+    pub reading: Option<tokio::sync::oneshot::Sender<crate::body_read::BodyReadRequest>>,
+    /// The body `read_request_body` read, given again to later reads.
+    pub read_body: Option<Py<pyo3::types::PyBytes>>,
 }
 
 impl PySession {
@@ -228,30 +229,7 @@ impl PySession {
     // Python shows).
     #[pyo3(signature = (limit = 1048576))]
     fn read_request_body(slf: &Bound<'_, Self>, limit: u64) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        let not_now = || {
-            pyo3::exceptions::PyRuntimeError::new_err(
-                "read_request_body() is awaited in request_filter (or upstream_peer), once at \
-                 a time",
-            )
-        };
-        let resume = slf.borrow().reading.clone().ok_or_else(not_now)?;
-        let sender = resume.lock().take().ok_or_else(not_now)?;
-        let waiter = py
-            .import("asyncio")?
-            .call_method0("get_running_loop")?
-            .call_method0("create_future")?
-            .unbind();
-        let reply = Reply {
-            outcome: Outcome::ReadBody {
-                limit,
-                waiter: waiter.clone_ref(py),
-                resume,
-            },
-            session: Some(slf.clone().unbind()),
-        };
-        deliver(Delivery::Phase(sender, reply));
-        Ok(waiter)
+        crate::body_read::ask(slf, limit)
     }
     #[getter]
     fn client_addr(&self) -> String {
@@ -459,11 +437,15 @@ impl SessionRef {
 
     fn own_object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
-            if self.upstream.is_some() || self.request_id.is_some() {
+            if self.upstream.is_some() || self.request_id.is_some() || self.route.is_some() {
                 let mut session = session.borrow_mut(py);
                 session.set_upstream(self.upstream);
                 if let Some(id) = self.request_id.take() {
                     session.request_id = Some(id);
+                }
+                // The first trip's, when a stream job made the object before it.
+                if let Some(route) = self.route.take() {
+                    session.route.get_or_insert(route);
                 }
             }
             return Ok(session.clone_ref(py));
@@ -482,6 +464,7 @@ impl SessionRef {
                 request_id: self.request_id.take(),
                 ctx: py.None(),
                 reading: None,
+                read_body: None,
             },
         )?;
         self.py = Some(session.clone_ref(py));
