@@ -349,6 +349,8 @@ impl Body for ProxyBody {
         polled
     }
 
+    // Inline: asked per request (has it a body to filter?), and across crates.
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Streamed(incoming) => incoming.is_end_stream(),

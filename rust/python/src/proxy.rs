@@ -377,6 +377,8 @@ impl ProxyHttp for PyProxy {
         }
     }
 
+    // Inline, as the other per-request checks of a hook's presence: most apps have none.
+    #[inline]
     fn request_body_filter(
         &self,
         session: &Session,
@@ -388,6 +390,7 @@ impl ProxyHttp for PyProxy {
         self.body_filter(StreamHook::RequestBody, session, ctx)
     }
 
+    #[inline]
     fn response_body_filter(
         &self,
         session: &Session,
