@@ -329,16 +329,19 @@ impl<P: ProxyHttp> ProxyService<P> {
             }) => {
                 // A connection that switched protocols is the tunnel's, not the pool's (told by
                 // what the upstream client left, not the status a filter may have changed).
-                let switched = head
+                if head
                     .extensions
                     .get::<crate::upgrade::UpstreamUpgrade>()
-                    .is_some();
-                let pooled = (!switched).then(|| PoolReturn {
+                    .is_some()
+                {
+                    return (http::Response::from_parts(head, body), None, None);
+                }
+                let pooled = PoolReturn {
                     connection,
                     pool: self.upstream.pool().clone(),
                     upload,
-                });
-                return (http::Response::from_parts(head, body), pooled, None);
+                };
+                return (http::Response::from_parts(head, body), Some(pooled), None);
             }
             Ok(Proxied::Local(mut response)) => {
                 if let Some(filters) = &session.rules().filters {
@@ -447,7 +450,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 }
             }
         };
-        let exchange: Exchange = answer.expect("the try that succeeded left its exchange");
+        let mut exchange: Exchange = answer.expect("the try that succeeded left its exchange");
         session.upstream_digest = Some(*exchange.connection.digest());
         let mut head = exchange.head;
         if let Some(backend) = &session.backend {
@@ -464,30 +467,44 @@ impl<P: ProxyHttp> ProxyService<P> {
                 filters.on_response(session, &mut head);
             }
         });
-        let mut body = exchange.body;
+        self.shape_response_body(session, &mut head, &mut exchange.body, ctx);
+        Ok(Proxied::Upstream {
+            head,
+            body: exchange.body,
+            connection: exchange.connection,
+            upload: progress,
+        })
+    }
+
+    /// Put the response body through what the app has it go through: its body filter, then
+    /// compression. In place, as the rare case: a body moved through here and back would be
+    /// copied on every request.
+    fn shape_response_body(
+        &self,
+        session: &Session,
+        head: &mut http::response::Parts,
+        body: &mut ProxyBody,
+        ctx: &mut P::Ctx,
+    ) {
         // Not a 206 either: its Content-Range describes the bytes as they came.
         if crate::body::response_has_body(&session.req.method, head.status)
             && head.status != http::StatusCode::SWITCHING_PROTOCOLS
             && head.status != http::StatusCode::PARTIAL_CONTENT
         {
-            if let Some(filter) = self.proxy.response_body_filter(session, &head, ctx) {
+            if let Some(filter) = self.proxy.response_body_filter(session, head, ctx) {
                 head.headers.remove(http::header::CONTENT_LENGTH);
                 crate::compression::weaken_etag(&mut head.headers);
-                body = body.filtered(filter);
+                let unfiltered = std::mem::replace(body, ProxyBody::empty());
+                *body = unfiltered.filtered(filter);
             }
         }
         if let Some(compression) = &self.config.compression {
             let length = body.size_hint().exact();
             let req = &session.req;
-            let plan = compression.start(&req.method, &req.headers, &mut head, length);
-            body = body.coded(plan);
+            let plan = compression.start(&req.method, &req.headers, head, length);
+            let plain = std::mem::replace(body, ProxyBody::empty());
+            *body = plain.coded(plan);
         }
-        Ok(Proxied::Upstream {
-            head,
-            body,
-            connection: exchange.connection,
-            upload: progress,
-        })
     }
 
     /// Send the request over `connection` and wait for the response head, left in `answer`
