@@ -142,7 +142,8 @@ pub struct PyCtx {
     shared: Option<SharedSession>,
     /// `read_request_body` failed in this request's trip: the request's error (a 413, say),
     /// unless the hook answered the client itself.
-    body_error: Option<Error>,
+    /// Boxed: rare, and the ctx is part of every request's state.
+    body_error: Option<Box<Error>>,
 }
 
 /// `req` without its extensions (which cannot be cloned, and which no hook reads).
@@ -295,7 +296,7 @@ impl PyProxy {
         match read {
             Ok(read) => {
                 if let Err(error) = &read {
-                    ctx.body_error = Some(error.clone());
+                    ctx.body_error = Some(Box::new(error.clone()));
                 }
                 pending.finish(read);
                 replied.await
@@ -309,10 +310,10 @@ impl PyProxy {
                         ..
                     })
                 ) {
-                    ctx.body_error = Some(Error::new(
+                    ctx.body_error = Some(Box::new(Error::new(
                         ErrorKind::Internal,
                         "a hook went on without the request body it was reading",
-                    ));
+                    )));
                 }
                 reply
             }
@@ -342,7 +343,7 @@ impl PyProxy {
         {
             Outcome::Respond(response) => Ok(Some(response)),
             Outcome::Fail(_) | Outcome::Proceed { .. } if ctx.body_error.is_some() => {
-                Err(ctx.body_error.take().expect("checked"))
+                Err(*ctx.body_error.take().expect("checked"))
             }
             Outcome::Proceed {
                 peer,
