@@ -320,7 +320,7 @@ impl<P: ProxyHttp> ProxyService<P> {
         session: &mut Session,
         ctx: &mut P::Ctx,
     ) -> (http::Response<ProxyBody>, Option<PoolReturn>, Option<Error>) {
-        let error = match self.proxy_phases(session, ctx).await {
+        let mut error = match self.proxy_phases(session, ctx).await {
             Ok(Proxied::Upstream {
                 head,
                 body,
@@ -329,19 +329,20 @@ impl<P: ProxyHttp> ProxyService<P> {
             }) => {
                 // A connection that switched protocols is the tunnel's, not the pool's (told by
                 // what the upstream client left, not the status a filter may have changed).
-                if head
+                let switched = head
                     .extensions
                     .get::<crate::upgrade::UpstreamUpgrade>()
-                    .is_some()
-                {
-                    return (http::Response::from_parts(head, body), None, None);
-                }
-                let pooled = PoolReturn {
-                    connection,
-                    pool: self.upstream.pool().clone(),
-                    upload,
+                    .is_some();
+                let pooled = if switched {
+                    None
+                } else {
+                    Some(PoolReturn {
+                        connection,
+                        pool: self.upstream.pool().clone(),
+                        upload,
+                    })
                 };
-                return (http::Response::from_parts(head, body), Some(pooled), None);
+                return (http::Response::from_parts(head, body), pooled, None);
             }
             Ok(Proxied::Local(mut response)) => {
                 if let Some(filters) = &session.rules().filters {
@@ -349,11 +350,23 @@ impl<P: ProxyHttp> ProxyService<P> {
                 }
                 return (response.into_http(), None, None);
             }
-            Err(mut error) => {
-                error.tries = std::mem::take(&mut session.tries).into_boxed_slice();
-                error
-            }
+            Err(error) => error,
         };
+        error.tries = std::mem::take(&mut session.tries).into_boxed_slice();
+        // Boxed: rare, and inline it would make every request's future (and its moves)
+        // bigger.
+        let page = Box::pin(self.error_page(session, ctx, &error)).await;
+        (page, None, Some(error))
+    }
+
+    /// The answer to a request that failed: `fail_to_proxy`'s, or the engine's page (a gRPC
+    /// status for a gRPC call).
+    async fn error_page(
+        &self,
+        session: &mut Session,
+        ctx: &mut P::Ctx,
+        error: &Error,
+    ) -> http::Response<ProxyBody> {
         if error.side == ErrorSide::Client {
             // What follows on a connection whose client erred cannot be trusted to be framed
             // as we think.
@@ -367,21 +380,21 @@ impl<P: ProxyHttp> ProxyService<P> {
         } else if error.kind != ErrorKind::HookError {
             tracing::warn!(%client, side = error.side.as_str(), "{error}");
         }
-        let mut page = match self.proxy.fail_to_proxy(session, &error, ctx).await {
+        let mut page = match self.proxy.fail_to_proxy(session, error, ctx).await {
             Some(page) => page,
             None if crate::grpc::is_call(&session.req.headers) => {
                 let deadline_passed = session
                     .client_deadline
                     .is_some_and(|deadline| session.started.elapsed() >= deadline);
                 let request_type = session.req.headers.get(http::header::CONTENT_TYPE);
-                crate::grpc::error_response(&error, deadline_passed, request_type)
+                crate::grpc::error_response(error, deadline_passed, request_type)
             }
-            None => Response::error_page(&error),
+            None => Response::error_page(error),
         };
         if let Some(filters) = &session.rules().filters {
             filters.on_local_response(session, &mut page.headers);
         }
-        (page.into_http(), None, Some(error))
+        page.into_http()
     }
 
     async fn proxy_phases(&self, session: &mut Session, ctx: &mut P::Ctx) -> Result<Proxied> {

@@ -32,6 +32,15 @@ pub struct Switch {
 }
 
 impl UpstreamUpgrade {
+    /// The connection is the upgrade's now: the client's side takes it from the head once its
+    /// own 101 has gone. (hyper's `upgrade::on` is this removal, for whole messages.)
+    #[cold]
+    pub fn keep(head: &mut http::response::Parts) {
+        if let Some(upgrade) = head.extensions.remove::<OnUpgrade>() {
+            head.extensions.insert(UpstreamUpgrade::new(upgrade));
+        }
+    }
+
     pub fn new(upgrade: OnUpgrade) -> Self {
         let switch = Switch {
             upstream: upgrade,

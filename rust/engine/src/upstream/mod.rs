@@ -143,15 +143,13 @@ impl UpstreamClient {
                     return Err(Error::new(ErrorKind::ReadTimeout, message).with_peer(peer));
                 };
                 match sent {
-                    Ok(mut response) => {
-                        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            // The connection is the upgrade's now: the client's side takes
-                            // it from the head once its own 101 has gone.
-                            let switched = hyper::upgrade::on(&mut response);
-                            let switched = crate::upgrade::UpstreamUpgrade::new(switched);
-                            response.extensions_mut().insert(switched);
+                    Ok(response) => {
+                        // Split at once: a response kept whole while it may change would be
+                        // copied on every request.
+                        let (mut head, body) = response.into_parts();
+                        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                            crate::upgrade::UpstreamUpgrade::keep(&mut head);
                         }
-                        let (head, body) = response.into_parts();
                         return Ok(Exchange {
                             head,
                             body: ProxyBody::streamed(body, read_timeout, ErrorSide::Upstream),
