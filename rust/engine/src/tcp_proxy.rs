@@ -3,8 +3,10 @@
 //! nothing has moved for the idle timeout. The upstream is a fixed peer or a balancer's pick,
 //! tried again on another backend when connecting fails; a pick counts as in flight for as
 //! long as its connection lasts (least connections sees it), and connect failures reach the
-//! balancer's passive health checks.
+//! balancer's passive health checks. Or a [`PeerChooser`] names the peer for each connection
+//! (the Python face's `upstream_peer(client_addr)` hook).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,10 +23,43 @@ use crate::peer::Peer;
 use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
 use crate::upstream::Transport;
 
+/// The peer for one connection, as a [`PeerChooser`] decides it.
+pub type PeerFuture = Pin<Box<dyn Future<Output = Result<Peer>> + Send>>;
+
+/// Chooses the upstream per connection, from the client's side of it. An error closes that
+/// connection only.
+pub trait PeerChooser: Send + Sync {
+    fn upstream_peer(&self, client: &DownstreamDigest) -> PeerFuture;
+}
+
+/// Where a TCP proxy's connections go.
+#[derive(Clone)]
+pub enum TcpUpstream {
+    /// A fixed peer or a balancer's pick (with its retries and passive health).
+    Fixed(Upstream),
+    /// Whatever the chooser says, connection by connection (one connect attempt).
+    Chosen(Arc<dyn PeerChooser>),
+}
+
+impl std::fmt::Debug for TcpUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpUpstream::Fixed(upstream) => f.debug_tuple("Fixed").field(upstream).finish(),
+            TcpUpstream::Chosen(_) => f.write_str("Chosen(..)"),
+        }
+    }
+}
+
+impl From<Upstream> for TcpUpstream {
+    fn from(upstream: Upstream) -> Self {
+        TcpUpstream::Fixed(upstream)
+    }
+}
+
 /// How a TCP proxy serves its connections.
 #[derive(Debug, Clone)]
 pub struct TcpProxyConfig {
-    pub upstream: Upstream,
+    pub upstream: TcpUpstream,
     /// Close a connection once no byte has moved either way for this long.
     pub idle_timeout: Duration,
     /// Connect attempts per client connection, each to a backend not tried yet when the
@@ -38,9 +73,9 @@ impl TcpProxyConfig {
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     pub const DEFAULT_CONNECT_TRIES: usize = 3;
 
-    pub fn new(upstream: Upstream) -> Self {
+    pub fn new(upstream: impl Into<TcpUpstream>) -> Self {
         TcpProxyConfig {
-            upstream,
+            upstream: upstream.into(),
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
             connect_tries: Self::DEFAULT_CONNECT_TRIES,
         }
@@ -58,9 +93,16 @@ impl TcpProxy {
 
     /// A connection to the upstream for `client`, with the balancer's pick it came from.
     async fn connect(&self, client: &DownstreamDigest) -> Result<(Transport, Option<Selected>)> {
+        let upstream = match &self.config.upstream {
+            TcpUpstream::Fixed(upstream) => upstream,
+            TcpUpstream::Chosen(chooser) => {
+                let peer = chooser.upstream_peer(client).await?;
+                return Ok((open(&peer).await?, None));
+            }
+        };
         let mut tried: Vec<String> = Vec::new();
         loop {
-            let (peer, selected) = match &self.config.upstream {
+            let (peer, selected) = match upstream {
                 Upstream::Peer(peer) => (peer.clone(), None),
                 Upstream::Balanced(balancer) => pick(balancer, &tried)?,
             };
@@ -76,7 +118,7 @@ impl TcpProxy {
                         selected.observe(Observation::ConnectFailed);
                     }
                     tried.push(peer.addr().to_owned());
-                    let balanced = matches!(self.config.upstream, Upstream::Balanced(_));
+                    let balanced = matches!(upstream, Upstream::Balanced(_));
                     if !balanced || tried.len() >= self.config.connect_tries.max(1) {
                         return Err(error);
                     }
@@ -156,8 +198,8 @@ impl Service for TcpProxy {
 
     fn background(&self) -> Vec<Box<dyn BackgroundService>> {
         match &self.config.upstream {
-            Upstream::Balanced(balancer) => balancer.background_services(),
-            Upstream::Peer(_) => Vec::new(),
+            TcpUpstream::Fixed(Upstream::Balanced(balancer)) => balancer.background_services(),
+            TcpUpstream::Fixed(Upstream::Peer(_)) | TcpUpstream::Chosen(_) => Vec::new(),
         }
     }
 }
