@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use crate::call::PhaseJob;
 use crate::connection_filter::ConnectionJob;
 use crate::session::SessionRef;
+use crate::tcp::PeerJob;
 use crate::types::error_object;
 
 pub enum Job {
@@ -22,6 +23,8 @@ pub enum Job {
     Phase(PhaseJob),
     /// The `connection_filter` hook, for a connection just accepted.
     Connection(ConnectionJob),
+    /// A TCP proxy's `upstream_peer(client_addr)` hook, for a connection just accepted.
+    TcpPeer(PeerJob),
     /// The `logging` hook: fire and forget.
     Logging {
         session: SessionRef,
@@ -60,7 +63,7 @@ impl Bridge {
     pub fn submit(&self, job: Job) {
         if matches!(
             job,
-            Job::Phase(_) | Job::Connection(_) | Job::Logging { .. }
+            Job::Phase(_) | Job::Connection(_) | Job::TcpPeer(_) | Job::Logging { .. }
         ) {
             self.python_calls.fetch_add(1, Ordering::Relaxed);
         }

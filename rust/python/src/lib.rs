@@ -17,6 +17,7 @@ mod proxy;
 mod server;
 mod session;
 mod simulate;
+mod tcp;
 mod tls;
 mod types;
 
@@ -67,6 +68,12 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     defaults.set_item("write_timeout", peer.write.as_secs_f64())?;
     defaults.set_item("idle_timeout", peer.idle.as_secs_f64())?;
     defaults.set_item("compression", compression::defaults(py)?)?;
+    let tcp = ferroxy_engine::tcp_proxy::TcpProxyConfig::DEFAULT_IDLE_TIMEOUT;
+    defaults.set_item("tcp_idle_timeout", tcp.as_secs_f64())?;
+    defaults.set_item(
+        "tcp_connect_tries",
+        ferroxy_engine::tcp_proxy::TcpProxyConfig::DEFAULT_CONNECT_TRIES,
+    )?;
     Ok(defaults)
 }
 
@@ -110,5 +117,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<simulate::Simulation>()?;
     m.add_class::<simulate::SimulationResult>()?;
     m.add_class::<echo::PyEchoUpstream>()?;
+    m.add_class::<tcp::PyTcpServer>()?;
+    m.add_class::<tcp::TcpPeerCall>()?;
+    m.add_class::<tcp::PyTcpEchoUpstream>()?;
     Ok(())
 }
