@@ -165,6 +165,13 @@ def test_tls_is_terminated_and_plain_tcp_goes_behind(
         assert round_trip(service.addr, plain, timeout=5) != plain
 
 
+def test_a_fixed_upstream_runs_no_python_per_connection(echoes: list[TcpEchoServer]) -> None:
+    with serve(tcp_app(echoes[0].addr)) as server:
+        for _ in range(20):
+            assert round_trip(server.addrs[0][0], b"rust only") == b"rust only"
+        assert server.services[0].python_calls == 0
+
+
 def test_a_dead_backend_is_passed_over(echoes: list[TcpEchoServer]) -> None:
     pool = LoadBalancer([closed_port(), echoes[0].addr], strategy="round_robin")
     with serve(tcp_app(pool)) as server:
@@ -255,6 +262,25 @@ def test_a_failing_upstream_peer_closes_only_that_connection(
         assert failed, ferroxy_logs.dump()
         assert "no upstream for connection 2" in LogCapture.text(failed[0])
         assert "Traceback" in LogCapture.text(failed[0])
+
+
+def test_an_upstream_peer_past_hook_timeout_closes_its_connection(
+    echoes: list[TcpEchoServer], ferroxy_logs: LogCapture
+) -> None:
+    class Tcp(TcpProxy):
+        async def upstream_peer(self, client_addr: str) -> str:
+            if slow:
+                await asyncio.sleep(30)
+            return echoes[0].addr
+
+    slow = True
+    with serve((Tcp, {"hook_timeout": 0.2})) as server:
+        started = time.monotonic()
+        assert round_trip(server.addrs[0][0], b"late") == b""
+        assert time.monotonic() - started < 5
+        slow = False
+        assert round_trip(server.addrs[0][0], b"on time") == b"on time"
+    assert ferroxy_logs.matching(lambda r: "hook_timeout" in r.getMessage()), ferroxy_logs.dump()
 
 
 def test_connection_filter_refuses(echoes: list[TcpEchoServer]) -> None:

@@ -711,9 +711,11 @@ def _is_tcp(app: App) -> bool:
 class ServiceInfo:
     """One of a started :class:`Server`'s services: where it listens."""
 
-    def __init__(self, app: Proxy[Any] | TcpProxy, addrs: list[str], schemes: list[str]) -> None:
+    def __init__(self, served: _LoopServer | _TcpLoopServer) -> None:
+        self._engine = served.server
+        addrs, schemes = served.server.addrs, served.server.schemes
         #: The app instance serving.
-        self.app = app
+        self.app = served.proxy
         #: Every listener's ``host:port``, in the order ``listen`` gave them.
         self.addrs = addrs
         #: Every listener's URL: ``http://``, ``https://``, ``tcp://`` or ``tls://``.
@@ -727,6 +729,11 @@ class ServiceInfo:
     @property
     def url(self) -> str:
         return self.urls[0]
+
+    @property
+    def python_calls(self) -> int:
+        """Hook calls the engine has handed to Python for this service so far."""
+        return self._engine.python_calls
 
     def __repr__(self) -> str:
         return f"<{type(self.app).__name__} on {', '.join(self.urls)}>"
@@ -785,10 +792,7 @@ class Server:
         """Each started service's listeners, in the order they were added."""
         if not self._served:
             raise RuntimeError("the Server has not been started")
-        return [
-            ServiceInfo(served.proxy, served.server.addrs, served.server.schemes)
-            for served in self._served
-        ]
+        return [ServiceInfo(served) for served in self._served]
 
     @property
     def addrs(self) -> list[list[str]]:
