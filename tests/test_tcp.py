@@ -264,6 +264,50 @@ def test_a_failing_upstream_peer_closes_only_that_connection(
         assert "Traceback" in LogCapture.text(failed[0])
 
 
+def test_a_pool_select_pick_counts_in_flight_while_its_connection_lasts(
+    echoes: list[TcpEchoServer],
+) -> None:
+    pool = LoadBalancer([echo.addr for echo in echoes], strategy="least_connections")
+
+    class Tcp(TcpProxy):
+        def upstream_peer(self, client_addr: str) -> Peer:
+            return pool.select()
+
+    def in_flight() -> list[int]:
+        return sorted(backend["in_flight"] for backend in pool.backends())
+
+    with serve(Tcp) as server:
+        addr = server.addrs[0][0]
+        with socket.create_connection(split(addr), timeout=10) as first:
+            assert exchange(first, b"one") == b"one"
+            assert in_flight() == [0, 1]
+            # Least connections sends the next one to the other backend.
+            with socket.create_connection(split(addr), timeout=10) as second:
+                assert exchange(second, b"two") == b"two"
+                assert in_flight() == [1, 1]
+            assert wait_until(lambda: in_flight() == [0, 1]), in_flight()
+        assert wait_until(lambda: in_flight() == [0, 0]), in_flight()
+    assert echoes[0].connections == 1 and echoes[1].connections == 1
+
+
+def test_the_proxy_protocol_gives_the_hooks_the_real_client(echoes: list[TcpEchoServer]) -> None:
+    seen: list[str] = []
+
+    class Tcp(TcpProxy):
+        proxy_protocol = True
+
+        def upstream_peer(self, client_addr: str) -> str:
+            seen.append(client_addr)
+            return echoes[0].addr
+
+    with serve(Tcp) as server, socket.create_connection(split(server.addrs[0][0])) as conn:
+        conn.settimeout(10)
+        conn.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 80\r\n")
+        # The header is the proxy's: the upstream sees only what follows.
+        assert exchange(conn, b"after the header") == b"after the header"
+    assert seen == ["203.0.113.7:5555"]
+
+
 def test_an_upstream_peer_past_hook_timeout_closes_its_connection(
     echoes: list[TcpEchoServer], ferroxy_logs: LogCapture
 ) -> None:

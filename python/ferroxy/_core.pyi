@@ -623,7 +623,8 @@ class TcpPeerCall:
     def client_addr(self) -> str:
         """``host:port`` of the client whose connection needs an upstream."""
     def answer(self, peer: Peer) -> None:
-        """Connect the client to ``peer``."""
+        """Connect the client to ``peer`` (a ``pool.select()`` pick counts in flight on its
+        backend while the connection lasts)."""
     def fail(self, message: str) -> None:
         """The hook failed: close the client's connection."""
 

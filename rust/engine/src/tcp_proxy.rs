@@ -24,7 +24,25 @@ use crate::service::{BackgroundService, BoxFuture, Service, ShutdownSignal};
 use crate::upstream::Transport;
 
 /// The peer for one connection, as a [`PeerChooser`] decides it.
-pub type PeerFuture = Pin<Box<dyn Future<Output = Result<Peer>> + Send>>;
+pub type PeerFuture = Pin<Box<dyn Future<Output = Result<Choice>> + Send>>;
+
+/// A chooser's answer: the peer, and the balancer's pick behind it when it made one (then
+/// the connection counts in flight on that backend while it lasts, and its connect outcome
+/// reaches the backend's passive health).
+#[derive(Debug)]
+pub struct Choice {
+    pub peer: Peer,
+    pub selected: Option<Selected>,
+}
+
+impl From<Peer> for Choice {
+    fn from(peer: Peer) -> Self {
+        Choice {
+            peer,
+            selected: None,
+        }
+    }
+}
 
 /// Chooses the upstream per connection, from the client's side of it. An error closes that
 /// connection only.
@@ -96,8 +114,15 @@ impl TcpProxy {
         let upstream = match &self.config.upstream {
             TcpUpstream::Fixed(upstream) => upstream,
             TcpUpstream::Chosen(chooser) => {
-                let peer = chooser.upstream_peer(client).await?;
-                return Ok((open(&peer).await?, None));
+                let Choice { peer, selected } = chooser.upstream_peer(client).await?;
+                let opened = open(&peer).await;
+                if let Some(selected) = &selected {
+                    selected.observe(match opened {
+                        Ok(_) => Observation::Status(200),
+                        Err(_) => Observation::ConnectFailed,
+                    });
+                }
+                return Ok((opened?, selected));
             }
         };
         let mut tried: Vec<String> = Vec::new();

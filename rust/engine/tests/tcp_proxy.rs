@@ -138,7 +138,7 @@ impl PeerChooser for Rotating {
         let chosen = if n % self.fail_every == 0 {
             Err(Error::new(ErrorKind::HookError, "no peer for this one"))
         } else {
-            Ok(self.peers[n % self.peers.len()].clone())
+            Ok(self.peers[n % self.peers.len()].clone().into())
         };
         Box::pin(async move {
             // The answer comes later, as a hook's does.

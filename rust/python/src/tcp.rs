@@ -19,8 +19,10 @@ use ferroxy_engine::connection_filter::ConnectionFilter;
 use ferroxy_engine::error::{Error, ErrorKind};
 use ferroxy_engine::lb::{LoadBalancer, Upstream};
 use ferroxy_engine::listener::Endpoint;
-use ferroxy_engine::tcp_proxy::{PeerChooser, PeerFuture, TcpProxy, TcpProxyConfig, TcpUpstream};
-use ferroxy_engine::{DownstreamDigest, Peer, Server, ServerConfig, ServerHandle};
+use ferroxy_engine::tcp_proxy::{
+    Choice, PeerChooser, PeerFuture, TcpProxy, TcpProxyConfig, TcpUpstream,
+};
+use ferroxy_engine::{DownstreamDigest, Server, ServerConfig, ServerHandle};
 
 use crate::bridge::{Bridge, Job};
 use crate::call::HoldReplies;
@@ -34,7 +36,7 @@ use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
 /// goes (`Err`: the hook failed, the connection is closed).
 pub struct PeerJob {
     pub client_addr: SocketAddr,
-    pub reply: oneshot::Sender<Result<Peer, String>>,
+    pub reply: oneshot::Sender<Result<Choice, String>>,
 }
 
 /// The `upstream_peer(client_addr)` hook, asked from the engine's tokio tasks.
@@ -50,7 +52,7 @@ impl PeerChooser for PyPeerChooser {
             .submit(Job::TcpPeer(PeerJob { client_addr, reply }));
         Box::pin(async move {
             match replied.await {
-                Ok(Ok(peer)) => Ok(peer),
+                Ok(Ok(choice)) => Ok(choice),
                 Ok(Err(message)) => Err(Error::new(ErrorKind::HookError, message)),
                 // The dispatcher dropped the call, or the server stopped.
                 Err(_) => Err(Error::new(
@@ -67,11 +69,11 @@ impl PeerChooser for PyPeerChooser {
 #[pyclass(module = "ferroxy._core", frozen)]
 pub struct TcpPeerCall {
     client_addr: SocketAddr,
-    reply: Mutex<Option<oneshot::Sender<Result<Peer, String>>>>,
+    reply: Mutex<Option<oneshot::Sender<Result<Choice, String>>>>,
 }
 
 impl TcpPeerCall {
-    fn send(&self, answer: Result<Peer, String>) -> PyResult<()> {
+    fn send(&self, answer: Result<Choice, String>) -> PyResult<()> {
         let reply = self
             .reply
             .lock()
@@ -94,9 +96,14 @@ impl TcpPeerCall {
         self.client_addr.to_string()
     }
 
-    /// Connect this client to `peer`.
+    /// Connect this client to `peer`; a `pool.select()` pick counts in flight on its
+    /// backend while the connection lasts.
     fn answer(&self, peer: PyRef<'_, PyPeer>) -> PyResult<()> {
-        self.send(Ok(peer.inner.clone()))
+        let chosen = peer.chosen();
+        self.send(Ok(Choice {
+            peer: chosen.peer,
+            selected: chosen.pick.map(|pick| pick.selected),
+        }))
     }
 
     /// The hook failed: close the connection.
