@@ -375,6 +375,19 @@ def test_bad_configuration_names_the_field(echoes: list[TcpEchoServer]) -> None:
         serve(tcp_app(echoes[0].addr, connection_filter="127.0.0.1"))
     with pytest.raises(TypeError, match="Proxy or TcpProxy"):
         Server([object])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="unknown options bogus"):
+        Server(bogus=1)
+    # A service that cannot start leaves none running, and the Server may try again.
+    busy = socket.socket()
+    busy.bind((HOST, 0))
+    busy.listen()
+    taken = f"{HOST}:{busy.getsockname()[1]}"
+    server = Server().add(tcp_app(echoes[0].addr)).add(tcp_app(echoes[0].addr), listen=taken)
+    with pytest.raises(OSError, match=taken):
+        server.start()
+    busy.close()
+    with server:
+        assert round_trip(server.addrs[1][0], b"again") == b"again"
 
 
 def test_http_and_tcp_services_in_one_server(

@@ -155,6 +155,8 @@ def _instantiate(app: type[Proxy[Any]] | Proxy[Any]) -> Proxy[Any]:
         return app
     if isinstance(app, type) and issubclass(app, Proxy):
         return app()
+    if isinstance(app, TcpProxy) or (isinstance(app, type) and issubclass(app, TcpProxy)):
+        raise TypeError(f"{app!r} is a TcpProxy: serve it with ferroxy.Server")
     raise TypeError(f"expected a Proxy subclass or instance, not {app!r}")
 
 
@@ -631,7 +633,8 @@ class _TcpLoopServer:
                 if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
                     raise ValueError(f"{where} must be an int >= 1, got {tries!r}")
             elif field == "proxy_protocol" and not isinstance(engine_options[field], bool):
-                raise TypeError(f"{where} must be a bool, not {type(engine_options[field])}")
+                kind = type(engine_options[field]).__name__
+                raise TypeError(f"{where} must be a bool, not {kind}")
         engine_options["balancers"] = balancers_of(
             tcp, upstream, list(engine_options.pop("balancers", ()))
         )
@@ -767,12 +770,12 @@ class Server:
             raise TypeError(f"Server: unknown options {', '.join(sorted(unknown))}")
         self._options = options
         self._services: list[tuple[App, dict[str, Any]]] = []
-        for app in services:
-            self.add(app)
         self._served: list[_LoopServer | _TcpLoopServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        for app in services:
+            self.add(app)
 
     def add(self, app: App, **options: Any) -> Self:
         """Add a service; ``options`` are its own (see the class docstring). Returns self."""
@@ -782,7 +785,7 @@ class Server:
             raise TypeError(
                 f"Server services are Proxy or TcpProxy subclasses or instances, not {app!r}"
             )
-        if getattr(self, "_loop", None) is not None:
+        if self._loop is not None:
             raise RuntimeError("add services before the server starts")
         self._services.append((app, options))
         return self
@@ -838,6 +841,8 @@ class Server:
         except BaseException:
             self._close_all()
             loop.close()
+            # Nothing is left running: it may be started again.
+            self._served, self._loop = [], None
             raise
         self._thread = threading.Thread(target=self._serve, name="ferroxy-server", daemon=True)
         self._thread.start()
