@@ -360,3 +360,21 @@ def test_cli_one_tcp_target(tmp_path: Path, ferroxy_upstream, ferroxy_tcp_upstre
     with run_cli(f"{app}:Tcp") as cli:
         assert _tcp_echo_round_trip(cli.port, b"one tcp target") == b"one tcp target"
         _stop(cli)
+
+
+def test_the_tcp_example_listens_for_http_and_proxies_tcp(
+    ferroxy_upstream, ferroxy_tcp_upstream
+) -> None:
+    """examples/tcp.py as its docstring runs it, with the TCP upstream from REDIS."""
+    example = REPO_ROOT / "examples" / "tcp.py"
+    tcp_port = free_port()
+    with run_cli(
+        f"{example}:App",
+        f"{example}:Redis",
+        "--listen",
+        f"{HOST}:{tcp_port}",
+        env={"REDIS": ferroxy_tcp_upstream.addr},
+    ) as cli:
+        wait_for_port(tcp_port, proc=cli.proc, describe=cli.describe)
+        # Echoed: the hook sent it to REDIS's address, the echo upstream.
+        assert _tcp_echo_round_trip(tcp_port, b"PING\r\n") == b"PING\r\n"
