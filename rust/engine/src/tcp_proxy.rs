@@ -5,6 +5,10 @@
 //! long as its connection lasts (least connections sees it), and connect failures reach the
 //! balancer's passive health checks. Or a [`PeerChooser`] names the peer for each connection
 //! (the Python face's `upstream_peer(client_addr)` hook).
+//!
+//! On Linux, when both sides are plain TCP, the bytes go socket to socket with splice(2)
+//! through a pipe per direction, never copied into user space (see [`splice`]); with TLS on
+//! either side they are copied by `tokio::io::copy_bidirectional`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -190,6 +194,16 @@ impl Service for TcpProxy {
                 }
             };
             let moved = Arc::new(AtomicU64::new(0));
+            let idle = self.config.idle_timeout;
+            #[cfg(target_os = "linux")]
+            let (stream, upstream) = match (stream, upstream) {
+                (DownstreamStream::Tcp(down), Transport::Tcp(up)) => {
+                    let copied = idle_bounded(splice::both_ways(&down, &up, &moved), &moved, idle);
+                    report(client, copied.await);
+                    return;
+                }
+                other => other,
+            };
             let mut downstream_io = Counted::new(stream, moved.clone());
             let copied = match upstream {
                 Transport::Tcp(mut up) => {
@@ -211,13 +225,7 @@ impl Service for TcpProxy {
                     .await
                 }
             };
-            match copied {
-                Ok(Some((to_upstream, to_client))) => {
-                    tracing::debug!(%client, to_upstream, to_client, "TCP connection ended")
-                }
-                Ok(None) => tracing::debug!(%client, "TCP connection idle; closed"),
-                Err(error) => tracing::debug!(%client, "TCP connection ended: {error}"),
-            }
+            report(client, copied);
         })
     }
 
@@ -226,6 +234,16 @@ impl Service for TcpProxy {
             TcpUpstream::Fixed(Upstream::Balanced(balancer)) => balancer.background_services(),
             TcpUpstream::Fixed(Upstream::Peer(_)) | TcpUpstream::Chosen(_) => Vec::new(),
         }
+    }
+}
+
+fn report(client: std::net::SocketAddr, copied: std::io::Result<Option<(u64, u64)>>) {
+    match copied {
+        Ok(Some((to_upstream, to_client))) => {
+            tracing::debug!(%client, to_upstream, to_client, "TCP connection ended")
+        }
+        Ok(None) => tracing::debug!(%client, "TCP connection idle; closed"),
+        Err(error) => tracing::debug!(%client, "TCP connection ended: {error}"),
     }
 }
 
@@ -240,7 +258,20 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let copying = tokio::io::copy_bidirectional(downstream, upstream);
+    idle_bounded(
+        tokio::io::copy_bidirectional(downstream, upstream),
+        moved,
+        idle,
+    )
+    .await
+}
+
+/// `copying` (both ways), unless nothing has moved (`moved` unchanged) for `idle`: `None`.
+async fn idle_bounded(
+    copying: impl Future<Output = std::io::Result<(u64, u64)>>,
+    moved: &AtomicU64,
+    idle: Duration,
+) -> std::io::Result<Option<(u64, u64)>> {
     tokio::pin!(copying);
     let mut seen = moved.load(Ordering::Relaxed);
     loop {
@@ -308,5 +339,106 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// splice(2) from socket to socket through a pipe, one per direction: the kernel moves the
+/// pages, and the proxy's worker does no copy of its own. Measured on loopback, 1 GiB each
+/// way through one worker thread (A/B in one build, 4 pairs, a shared 2-core machine): the
+/// worker spent 0.77-0.96 s of CPU with splice against 1.54-1.73 s with
+/// `copy_bidirectional`, and the transfer was as fast or faster in every pair (372-814 MB/s
+/// against 355-514 MB/s each way).
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// A pipe's default capacity: one splice in fills it, one splice out empties it.
+    const CHUNK: usize = 64 * 1024;
+
+    /// Both directions at once, as `copy_bidirectional`: each ends at its reader's EOF by
+    /// shutting its writer's write side. Bytes moved (to the upstream, to the client).
+    pub async fn both_ways(
+        downstream: &TcpStream,
+        upstream: &TcpStream,
+        moved: &AtomicU64,
+    ) -> io::Result<(u64, u64)> {
+        tokio::try_join!(
+            one_way(downstream, upstream, moved),
+            one_way(upstream, downstream, moved)
+        )
+    }
+
+    async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
+        let (pipe_out, pipe_in) = pipe()?;
+        let mut total = 0u64;
+        loop {
+            // The pipe is empty here, so EAGAIN can only mean the socket has nothing yet.
+            let n = from
+                .async_io(Interest::READABLE, || {
+                    splice(from.as_raw_fd(), pipe_in.as_raw_fd(), CHUNK)
+                })
+                .await?;
+            if n == 0 {
+                shutdown_write(to);
+                return Ok(total);
+            }
+            moved.fetch_add(1, Ordering::Relaxed);
+            let mut pending = n;
+            while pending > 0 {
+                let written = to
+                    .async_io(Interest::WRITABLE, || {
+                        splice(pipe_out.as_raw_fd(), to.as_raw_fd(), pending)
+                    })
+                    .await?;
+                if written == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                pending -= written;
+                moved.fetch_add(1, Ordering::Relaxed);
+            }
+            total += n as u64;
+        }
+    }
+
+    /// A non-blocking pipe: (read end, write end).
+    fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+        let mut fds: [RawFd; 2] = [-1; 2];
+        // SAFETY: pipe2 writes two new descriptors into `fds`, a valid array of two.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created, and nothing else owns them.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    }
+
+    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        // SAFETY: no offsets (null: both ends are a socket or a pipe); the descriptors are
+        // borrowed from streams alive for this call.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// The peer reads EOF; a socket already gone has nothing to be told.
+    fn shutdown_write(stream: &TcpStream) {
+        // SAFETY: a socket descriptor borrowed from a live stream.
+        unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
     }
 }
