@@ -7,8 +7,8 @@
 //! (the Python face's `upstream_peer(client_addr)` hook).
 //!
 //! On Linux, when both sides are plain TCP, the bytes go socket to socket with splice(2)
-//! through a pipe per direction, never copied into user space (see [`splice`]); with TLS on
-//! either side they are copied by `tokio::io::copy_bidirectional`.
+//! through a pipe, never copied into user space (see [`splice`]); with TLS on either side
+//! they are copied by `tokio::io::copy_bidirectional`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -342,18 +342,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-/// splice(2) from socket to socket through a pipe, one per direction: the kernel moves the
-/// pages, and the proxy's worker does no copy of its own. Measured on loopback, 1 GiB each
+/// splice(2) from socket to socket through a pipe (see [`Pipe`]): the kernel moves the pages,
+/// and the proxy's worker does no copy of its own. Measured on loopback, 1 GiB each
 /// way through one worker thread (A/B in one build, 4 pairs, a shared 2-core machine): the
-/// worker spent 0.77-0.96 s of CPU with splice against 1.54-1.73 s with
-/// `copy_bidirectional`, and the transfer was as fast or faster in every pair (372-814 MB/s
-/// against 355-514 MB/s each way).
+/// worker spent 0.81-1.02 s of CPU with splice against 1.51-1.86 s with
+/// `copy_bidirectional`, and the transfer was as fast or faster in every pair (344-439 MB/s
+/// against 316-385 MB/s each way; the echo upstream in the same process was the limit).
 #[cfg(target_os = "linux")]
 mod splice {
     use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    use parking_lot::Mutex;
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
@@ -374,25 +375,37 @@ mod splice {
     }
 
     async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
-        let (pipe_out, pipe_in) = pipe()?;
         let mut total = 0u64;
         loop {
-            // The pipe is empty here, so EAGAIN can only mean the socket has nothing yet.
-            let n = from
-                .async_io(Interest::READABLE, || {
-                    splice(from.as_raw_fd(), pipe_in.as_raw_fd(), CHUNK)
-                })
-                .await?;
-            if n == 0 {
-                shutdown_write(to);
-                return Ok(total);
-            }
+            from.readable().await?;
+            let pipe = Pipe::take()?;
+            // The pipe is empty, so EAGAIN can only mean the socket has nothing yet.
+            let read = from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
+            });
+            let n = match read {
+                Ok(0) => {
+                    pipe.give_back();
+                    shutdown_write(to);
+                    return Ok(total);
+                }
+                Ok(n) => n,
+                Err(error) => {
+                    pipe.give_back();
+                    if error.kind() == io::ErrorKind::WouldBlock {
+                        continue;
+                    }
+                    return Err(error);
+                }
+            };
             moved.fetch_add(1, Ordering::Relaxed);
             let mut pending = n;
             while pending > 0 {
+                // On an error (or the copy dropped here) the pipe still holds bytes: it is
+                // closed with them, never given back.
                 let written = to
                     .async_io(Interest::WRITABLE, || {
-                        splice(pipe_out.as_raw_fd(), to.as_raw_fd(), pending)
+                        splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
                     })
                     .await?;
                 if written == 0 {
@@ -401,19 +414,48 @@ mod splice {
                 pending -= written;
                 moved.fetch_add(1, Ordering::Relaxed);
             }
+            pipe.give_back();
             total += n as u64;
         }
     }
 
-    /// A non-blocking pipe: (read end, write end).
-    fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-        let mut fds: [RawFd; 2] = [-1; 2];
-        // SAFETY: pipe2 writes two new descriptors into `fds`, a valid array of two.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
+    /// A non-blocking pipe. A connection holds one only while bytes are in it (between a
+    /// splice in and the splice out that empties it); empty ones wait in [`IDLE`] for the
+    /// next chunk of any connection. So pipes cost descriptors per chunk in flight, not two
+    /// per connection, and stay few enough for the per-user pipe budget
+    /// (`pipe-user-pages-soft`, past which an unprivileged user's pipes shrink to one page).
+    struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    /// Empty pipes, at most [`KEEP_IDLE`].
+    static IDLE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+    const KEEP_IDLE: usize = 256;
+
+    impl Pipe {
+        fn take() -> io::Result<Pipe> {
+            if let Some(pipe) = IDLE.lock().pop() {
+                return Ok(pipe);
+            }
+            let mut fds: [RawFd; 2] = [-1; 2];
+            // SAFETY: pipe2 writes two new descriptors into `fds`, a valid array of two.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: both descriptors were just created, and nothing else owns them.
+            let (read, write) =
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            Ok(Pipe { read, write })
         }
-        // SAFETY: both descriptors were just created, and nothing else owns them.
-        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+
+        /// For the next chunk; only an empty pipe may be given back.
+        fn give_back(self) {
+            let mut idle = IDLE.lock();
+            if idle.len() < KEEP_IDLE {
+                idle.push(self);
+            }
+        }
     }
 
     fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
