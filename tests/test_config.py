@@ -121,6 +121,9 @@ def test_hook_names_are_the_engines_and_the_proxy_methods() -> None:
         "upstream_request_filter",
         "fail_to_connect",
         "response_filter",
+        "request_body_filter",
+        "response_body_filter",
+        "websocket_message",
         "fail_to_proxy",
         "logging",
     )

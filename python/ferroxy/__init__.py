@@ -15,6 +15,7 @@ from ._core import (
     LoadBalancer,
     Peer,
     ProxyError,
+    RequestBodyError,
     RequestHeader,
     Response,
     ResponseHeader,
@@ -25,13 +26,14 @@ from ._core import (
 )
 from .compression import Compression
 from .listener import Listener
-from .proxy import Proxy, blocking
+from .proxy import DROP, Proxy, blocking
 from .routes import Route
 from .server import ProxyServer, Server, ServerOptions, run
 from .tcp import TcpProxy
 from .tls import TlsConfig
 
 __all__ = [
+    "DROP",
     "ClientCert",
     "ClientConn",
     "Compression",
@@ -43,6 +45,7 @@ __all__ = [
     "Proxy",
     "ProxyError",
     "ProxyServer",
+    "RequestBodyError",
     "RequestHeader",
     "Response",
     "ResponseHeader",

@@ -5,7 +5,15 @@ plumbing used by ``ferroxy.server`` and ``ferroxy.testing``.
 """
 
 import os
-from collections.abc import Callable, Coroutine, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, Final, Literal, Protocol, TypeAlias, TypedDict, TypeVar, final, overload
 
 from _typeshed import SupportsKeysAndGetItem
@@ -437,10 +445,26 @@ class Session:
     def request_id(self) -> str | None:
         """The request's id: the one a filter gave or read (``RequestId``, ``{request_id}``),
         else the client's ``x-request-id``; None without either."""
+    def read_request_body(self, limit: int = 1048576) -> Awaitable[bytes]:
+        """Await the whole request body, at most ``limit`` bytes (default 1 MiB, nginx's
+        ``client_max_body_size``), in ``request_filter``, ``upstream_peer`` or
+        ``upstream_request_filter``, before it goes upstream; the bytes read are then the
+        body sent upstream (through ``request_body_filter``, if any), and reading again, in
+        a retry's ``upstream_peer`` too, gives them again. Raises RequestBodyError above the
+        limit (``status`` 413) or when the client's upload fails (left unhandled, the
+        client gets that status); RuntimeError outside those hooks. A hook that stops
+        waiting (``hook_timeout``, ``asyncio.wait_for``) may still answer the client; it
+        cannot send the request on without the body."""
     def upstream_request(self) -> RequestHeader:
         """A preview of ``req`` as the engine would forward it now (hop-by-hop headers
         removed, X-Forwarded-* set). Edits to it are not sent: edit ``upstream_request`` in
         upstream_request_filter for that."""
+
+class RequestBodyError(Exception):
+    """``Session.read_request_body`` could not read the body; ``status`` says why (413: over
+    the limit)."""
+
+    status: int
 
 @final
 class ProxyError:
@@ -506,9 +530,38 @@ class ConnectionCall:
     def answer(self, accept: bool) -> None:
         """Serve the connection (True) or close it unanswered (False)."""
 
+@final
+class StreamCall:
+    """One body chunk or WebSocket message handed to Python; the dispatcher answers it once."""
+
+    @property
+    def hook(self) -> str:
+        """``request_body_filter``, ``response_body_filter`` or ``websocket_message``."""
+    @property
+    def session(self) -> Session: ...
+    @property
+    def data(self) -> bytes | str:
+        """The chunk, or the message (str for a text one)."""
+    @property
+    def flag(self) -> bool:
+        """``end_of_stream`` for a chunk, ``from_client`` for a message."""
+    def is_pending(self) -> bool:
+        """Not answered yet."""
+    def keep(self) -> None:
+        """Send it as it came."""
+    def replace(self, data: bytes | bytearray | memoryview | str) -> None:
+        """Send ``data`` instead (str only for a message); TypeError for another type."""
+    def drop(self) -> None:
+        """Send nothing for this message (TypeError for a chunk)."""
+    def fail(self, hook: str, message: str) -> None:
+        """``hook`` failed: a body ends with the error, a message is dropped."""
+    def time_out(self, hook: str, seconds: float) -> None:
+        """``hook`` ran past the hook timeout and was abandoned."""
+
 class Dispatcher(Protocol):
     """What Server.run_pending calls, on the thread that runs it. ``connection_phase`` is
-    called only for an app whose ``hooks`` name ``connection_filter``."""
+    called only for an app whose ``hooks`` name ``connection_filter``, ``stream_phase``
+    only for one whose hooks name a body filter or ``websocket_message``."""
 
     def request_phase(self, call: Call, /) -> None: ...
     def response_phase(self, call: Call, /) -> None: ...
@@ -516,6 +569,7 @@ class Dispatcher(Protocol):
     def fail_phase(self, call: Call, /) -> None: ...
     def logging_phase(self, session: Session, error: ProxyError | None, /) -> None: ...
     def connection_phase(self, call: ConnectionCall, /) -> None: ...
+    def stream_phase(self, call: StreamCall, /) -> None: ...
     def emit_logs(self, records: list[tuple[str, int, str]], /) -> None: ...
     def stopped(self) -> None: ...
 

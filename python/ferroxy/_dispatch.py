@@ -57,9 +57,18 @@ from time import perf_counter
 from typing import Any, Final
 
 from . import _core
-from ._core import Call, ConnectionCall, Peer, ProxyError, Response, Session
+from ._core import (
+    Call,
+    ConnectionCall,
+    Peer,
+    ProxyError,
+    RequestBodyError,
+    Response,
+    Session,
+    StreamCall,
+)
 from ._pool import DaemonPool
-from .proxy import Proxy, is_blocking
+from .proxy import Drop, Proxy, is_blocking
 
 __all__ = ["Dispatcher", "HookSettings"]
 
@@ -68,6 +77,9 @@ _log: Final = logging.getLogger("ferroxy")
 # Results of these types are never awaitable: checking the type first spares the slow
 # inspect.isawaitable() (an ABC instance check) for the usual hook results.
 _PLAIN_RESULT_TYPES: Final = frozenset({type(None), Response, Peer, str, dict})
+
+# The same for body filters and WebSocket messages.
+_STREAM_RESULT_TYPES: Final = frozenset({type(None), bytes, str})
 
 # Distinct upstream strings are few in practice; the bound only stops a hook that builds
 # a new string per request from growing the cache without limit.
@@ -161,6 +173,12 @@ class Dispatcher:
         # Only asked for when the app has one (a method: an IPAccess runs in Rust).
         if "connection_filter" in overridden:
             self._connection_filter = hooks.bind("connection_filter")
+        # Per chunk or message, by the hook's name (StreamCall.hook); only those overridden.
+        self._stream_hooks: dict[str, Callable[..., Any]] = {
+            name: hooks.bind(name)
+            for name in ("request_body_filter", "response_body_filter", "websocket_message")
+            if name in overridden
+        }
 
         def runner(*names: str) -> Callable[[_Phase], None]:
             # Chosen once per phase: see the module docstring.
@@ -174,6 +192,9 @@ class Dispatcher:
         self._run_fail = runner("fail_to_proxy")
         self._run_logging = runner("logging")
         self._run_connection = runner("connection_filter")
+        self._stream_runners: dict[str, Callable[[_Phase], None]] = {
+            name: runner(name) for name in self._stream_hooks
+        }
 
     # -- the Dispatcher protocol, called by Server.run_pending --------------------------
 
@@ -194,6 +215,9 @@ class Dispatcher:
 
     def connection_phase(self, call: ConnectionCall, /) -> None:
         self._run_connection(self._connection(call))
+
+    def stream_phase(self, call: StreamCall, /) -> None:
+        self._stream_runners[call.hook](self._stream(call))
 
     def emit_logs(self, records: list[tuple[str, int, str]], /) -> None:
         loggers = self._loggers
@@ -408,6 +432,31 @@ class Dispatcher:
         call.answer(accepted)
         return hook
 
+    async def _stream(self, call: StreamCall) -> str:
+        session = call.session
+        hook = "new_ctx"
+        try:
+            ctx = session.ctx
+            if ctx is None and self._new_ctx is not None:
+                ctx = await self._late_ctx(session)
+            hook = call.hook
+            result = self._stream_hooks[hook](session, call.data, call.flag, ctx)
+            if type(result) not in _STREAM_RESULT_TYPES and isawaitable(result):
+                result = await result
+            if result is None:
+                call.keep()
+            elif type(result) is Drop:
+                call.drop()
+            else:
+                call.replace(result)
+        except BaseException as error:
+            if call.is_pending():
+                self._hook_failed(call, hook, error)
+            elif _must_propagate(error):
+                raise
+            return hook
+        return hook
+
     async def _late_ctx(self, session: Session) -> Any:
         """Make the ctx when no earlier trip made one (see the module docstring). Callers
         check first: once it exists, a trip costs no coroutine for it."""
@@ -418,7 +467,7 @@ class Dispatcher:
         session.ctx = ctx
         return ctx
 
-    def _hook_failed(self, call: Call, hook: str, error: BaseException) -> None:
+    def _hook_failed(self, call: Call | StreamCall, hook: str, error: BaseException) -> None:
         """Report why ``hook`` failed and fail the call; re-raise what must not be swallowed."""
         if self._timed_out(error):
             # The engine logs it, as it does an upstream's timeout.
@@ -438,6 +487,11 @@ class Dispatcher:
             self._failures.failed(hook, message, None)
             return message
         message = f"{type(error).__name__}: {error}"
+        if isinstance(error, RequestBodyError):
+            # The client's doing (a body over the limit, an upload cut off), answered with
+            # its own status: no traceback, as the engine logs client errors at debug.
+            _log.debug("hook %s: %s", hook, message)
+            return message
         if isinstance(error, asyncio.CancelledError):
             # Expected when the server stops with the hook still waiting: no traceback.
             _log.warning("hook %s was cancelled", hook)

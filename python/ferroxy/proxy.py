@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from inspect import iscoroutinefunction
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast, final
 
 from . import _core
 from ._core import (
@@ -40,7 +40,7 @@ from ._core import (
     Session,
 )
 
-__all__ = ["HOOK_NAMES", "MaybeAwaitable", "Proxy", "blocking", "is_blocking"]
+__all__ = ["DROP", "HOOK_NAMES", "Drop", "MaybeAwaitable", "Proxy", "blocking", "is_blocking"]
 
 _T = TypeVar("_T")
 _Hook = TypeVar("_Hook", bound=Callable[..., object])
@@ -66,6 +66,20 @@ else:
 
 #: What a hook returns: the value itself (``def``) or an awaitable of it (``async def``).
 MaybeAwaitable: TypeAlias = _T | Awaitable[_T]
+
+
+@final
+class Drop:
+    """The type of :data:`DROP` (any instance means the same)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ferroxy.DROP"
+
+
+#: Returned by ``websocket_message``: send nothing for this message.
+DROP: Final = Drop()
 
 #: Every hook, in the order the engine runs them (the engine's list: ``phase::HOOK_NAMES``).
 HOOK_NAMES: Final[tuple[str, ...]] = _core.HOOK_NAMES
@@ -213,6 +227,48 @@ class Proxy(Generic[CtxT]):
         whether the proxy will ask ``upstream_peer`` (or the balancer) again, as the retry
         policy allows; return True to retry anyway, False to fail now, None to leave it.
         ``error.tries`` lists the failed tries before this one."""
+        return None
+
+    def request_body_filter(
+        self, session: Session, chunk: bytes, end_of_stream: bool, ctx: CtxT
+    ) -> MaybeAwaitable[bytes | None]:
+        """See each chunk of the request body on its way upstream; return the bytes to send
+        instead (``b""`` for none), or None to send it unchanged. Called in order, then with
+        ``end_of_stream`` True (with the last chunk, or with ``b""`` after it), so a filter
+        may add to the end. Only for requests with a body. The request then goes upstream
+        without its Content-Length (chunked over HTTP/1.1), as the length may change. The
+        next chunk is read only once this one is answered: a slow hook slows the client.
+        ``session.req`` is not available here (the engine holds the head meanwhile): decide
+        in ``request_filter`` and keep what you need in ``ctx``. A request sent again (a
+        retry) is filtered again, from the client's bytes. An exception ends the request
+        with a 500 (if the upstream has not answered yet)."""
+        return None
+
+    def response_body_filter(
+        self, session: Session, chunk: bytes, end_of_stream: bool, ctx: CtxT
+    ) -> MaybeAwaitable[bytes | None]:
+        """See each chunk of the response body on its way to the client, as the upstream sent
+        it (compression, when set, encodes what this returns); return the bytes to send
+        instead (``b""`` for none), or None to send it unchanged. Called in order, then with
+        ``end_of_stream`` True, as ``request_body_filter`` is. Not called for responses
+        without a body (HEAD, 204, 304), nor for a 206 (its Content-Range describes the
+        bytes as sent). The response then loses its Content-Length (chunked
+        over HTTP/1.1) and its ETag becomes weak. The next chunk is read from the upstream
+        only once the client has taken this one. ``session.req`` shows the request as it
+        was sent (edits to it change nothing now). An exception cuts the response off (the
+        client sees it incomplete) and logs the traceback."""
+        return None
+
+    def websocket_message(
+        self, session: Session, message: str | bytes, from_client: bool, ctx: CtxT
+    ) -> MaybeAwaitable[str | bytes | Drop | None]:
+        """See each message of a WebSocket the request became (text as ``str``, binary as
+        ``bytes``, fragments joined); return the message to send instead, None to send it
+        unchanged, or ``ferroxy.DROP`` to send nothing. Messages come in order per direction;
+        ping, pong and close frames pass on their own. Without this hook the tunnel copies
+        bytes without parsing them. A hook that raises (or outlives ``hook_timeout``) drops
+        that message (the traceback is logged) and the tunnel goes on. ``session.req`` is
+        not available here: decide at the handshake, in ``request_filter``, into ``ctx``."""
         return None
 
     def fail_to_proxy(

@@ -16,6 +16,15 @@ use std::future::Future;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether a response to `method` with `status` carries a body (RFC 9110 6.4.1): not one to
+/// HEAD, nor a 1xx, 204 or 304.
+pub fn response_has_body(method: &http::Method, status: http::StatusCode) -> bool {
+    *method != http::Method::HEAD
+        && !status.is_informational()
+        && status != http::StatusCode::NO_CONTENT
+        && status != http::StatusCode::NOT_MODIFIED
+}
+
 /// A body the proxy sends: one streamed from the other side, or one it made itself.
 pub struct ProxyBody {
     source: Source,
@@ -33,6 +42,8 @@ enum Source {
     Full(Option<Bytes>),
     /// Compressed on its way (a `Compression` setting); boxed, as rare.
     Coded(Box<Coded>),
+    /// Through a body filter (see [`crate::body_filter`]); boxed, as rare.
+    Filtered(Box<crate::body_filter::Filtered>),
 }
 
 /// A body passed through a decoder, an encoder, or both (see [`crate::compression::Plan`]).
@@ -205,8 +216,8 @@ impl ProxyBody {
                     limited.max = limited.max.min(max);
                     Source::Limited(limited)
                 }
-                // Made whole, or coded (a response: never limited).
-                other @ (Source::Full(_) | Source::Coded(_)) => other,
+                // Made whole, or coded or filtered (a response, or past the limit's step).
+                other @ (Source::Full(_) | Source::Coded(_) | Source::Filtered(_)) => other,
             };
         }
         true
@@ -232,6 +243,30 @@ impl ProxyBody {
             idle: None,
             finished: None,
         }
+    }
+
+    /// This body through `filter`, chunk by chunk. Its length is unknown from here on.
+    pub fn filtered(self, filter: std::sync::Arc<dyn crate::body_filter::BodyFilter>) -> Self {
+        ProxyBody {
+            side: self.side,
+            source: Source::Filtered(Box::new(crate::body_filter::Filtered::new(self, filter))),
+            idle: None,
+            finished: None,
+        }
+    }
+
+    /// The body's data frames, read to the end and joined; its trailers are dropped. For
+    /// bodies kept whole: bounded by a length or a [`ProxyBody::limit`].
+    pub async fn read_whole(mut self) -> crate::error::Result<Bytes> {
+        let mut whole = bytes::BytesMut::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
+        {
+            let frame = frame.map_err(crate::error::Error::from_upstream)?;
+            if let Ok(data) = frame.into_data() {
+                whole.extend_from_slice(&data);
+            }
+        }
+        Ok(whole.freeze())
     }
 
     /// Tells, later, whether this body has been read to its end. An empty body is finished
@@ -286,6 +321,7 @@ impl Body for ProxyBody {
             }
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Source::Coded(coded) => coded.poll_frame(cx),
+            Source::Filtered(filtered) => filtered.poll_frame(cx),
         };
         match &polled {
             Poll::Pending => {
@@ -313,12 +349,15 @@ impl Body for ProxyBody {
         polled
     }
 
+    // Inline: asked per request (has it a body to filter?), and across crates.
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Streamed(incoming) => incoming.is_end_stream(),
             Source::Limited(limited) => limited.incoming.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
             Source::Coded(coded) => coded.finished && coded.plain.trailers.is_none(),
+            Source::Filtered(filtered) => filtered.is_end_stream(),
         }
     }
 
@@ -329,8 +368,8 @@ impl Body for ProxyBody {
             Source::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            // Unknown until it has been coded.
-            Source::Coded(_) => SizeHint::default(),
+            // Unknown until it has been coded or filtered.
+            Source::Coded(_) | Source::Filtered(_) => SizeHint::default(),
         }
     }
 }

@@ -113,11 +113,7 @@ impl Compression {
         body_length: Option<u64>,
     ) -> Plan {
         let status = response.status;
-        if *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || status == StatusCode::PARTIAL_CONTENT
+        if !crate::body::response_has_body(method, status) || status == StatusCode::PARTIAL_CONTENT
         {
             return Plan::default();
         }
@@ -267,7 +263,8 @@ fn add_vary(headers: &mut HeaderMap) {
     }
 }
 
-fn weaken_etag(headers: &mut HeaderMap) {
+/// A strong ETag says byte for byte: a body changed on its way keeps only a weak one.
+pub(crate) fn weaken_etag(headers: &mut HeaderMap) {
     let Some(etag) = headers.get(header::ETAG) else {
         return;
     };

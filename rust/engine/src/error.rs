@@ -264,6 +264,10 @@ fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         if let Some(body) = e.downcast_ref::<BodyError>() {
             return body.kind();
         }
+        // Ours, passed through a body (a body filter that failed).
+        if let Some(own) = e.downcast_ref::<Error>() {
+            return own.kind;
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return io_kind(io);
         }

@@ -12,6 +12,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod body_filter;
 pub mod cidr;
 pub mod client_conn;
 pub mod compression;

@@ -27,6 +27,9 @@ pub const HOOK_NAMES: &[&str] = &[
     "upstream_request_filter",
     "fail_to_connect",
     "response_filter",
+    "request_body_filter",
+    "response_body_filter",
+    "websocket_message",
     "fail_to_proxy",
     "logging",
 ];
@@ -108,6 +111,33 @@ pub trait ProxyHttp: Send + Sync + 'static {
         _ctx: &mut Self::Ctx,
     ) -> impl Future<Output = Option<Response>> + Send {
         async { None }
+    }
+
+    /// Once `request_filter` has passed the request on: the filter that sees each chunk of
+    /// its body on the way upstream, or `None` (the default) to stream it as it came. With
+    /// one, the request goes upstream without its Content-Length (chunked, over HTTP/1.1),
+    /// as the filter may change the length. A body read whole in `request_filter` is
+    /// filtered too.
+    fn request_body_filter(
+        &self,
+        _session: &Session,
+        _ctx: &mut Self::Ctx,
+    ) -> Option<std::sync::Arc<dyn crate::body_filter::BodyFilter>> {
+        None
+    }
+
+    /// After `response_filter`, for a response that has a body (not for HEAD, 1xx, 204 or
+    /// 304): the filter that sees each chunk of it on the way to the client, or `None` (the
+    /// default). With one, the response loses its Content-Length (chunked over HTTP/1.1) and
+    /// its strong ETag is weakened. It sees the body as the upstream sent it; compression,
+    /// when configured, encodes what it leaves.
+    fn response_body_filter(
+        &self,
+        _session: &Session,
+        _upstream_response: &http::response::Parts,
+        _ctx: &mut Self::Ctx,
+    ) -> Option<std::sync::Arc<dyn crate::body_filter::BodyFilter>> {
+        None
     }
 
     /// For a WebSocket handshake (a request asking to switch protocols): the filter that sees

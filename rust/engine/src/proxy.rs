@@ -142,18 +142,25 @@ fn must_keep(session: &Session, kept: &Option<Bytes>) -> bool {
 /// Reads the request body into `kept` (see [`must_keep`]).
 async fn keep_for_resend(session: &mut Session, kept: &mut Option<Bytes>) -> Result<()> {
     let bytes = match session.take_body() {
-        Some(body) if !body.is_end_stream() => read_whole(body).await?,
+        // Of known, small length (a body with a length has no trailers).
+        Some(body) if !body.is_end_stream() => body.read_whole().await?,
         _ => Bytes::new(),
     };
     *kept = Some(bytes);
     Ok(())
 }
 
-/// The body this try sends: the kept one, else the client's (streamed; sent only once).
+/// The body this try sends: the kept one, else the client's (streamed; sent only once);
+/// through the request's body filter, if it has one (a resent body is filtered again, from
+/// the client's bytes).
 fn body_to_send(session: &mut Session, kept: &Option<Bytes>) -> ProxyBody {
-    match kept {
+    let body = match kept {
         Some(bytes) => ProxyBody::full(bytes.clone()),
         None => session.take_body().unwrap_or_else(ProxyBody::empty),
+    };
+    match &session.request_body_filter {
+        Some(filter) if !body.is_end_stream() => body.filtered(filter.clone()),
+        _ => body,
     }
 }
 
@@ -199,17 +206,6 @@ fn switching(session: &mut Session, head: &mut http::response::Parts) -> Result<
         switch.set_filter(session.websocket.take());
     }
     Ok(())
-}
-
-/// A body of known, small length, read to its end (a body with a length has no trailers).
-async fn read_whole(mut body: ProxyBody) -> Result<Bytes> {
-    let mut whole = bytes::BytesMut::new();
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        if let Ok(data) = frame.map_err(Error::from_upstream)?.into_data() {
-            whole.extend_from_slice(&data);
-        }
-    }
-    Ok(whole.freeze())
 }
 
 /// Have the client's connection close once `response` is sent. HTTP/1 only: hyper reads
@@ -333,16 +329,19 @@ impl<P: ProxyHttp> ProxyService<P> {
             }) => {
                 // A connection that switched protocols is the tunnel's, not the pool's (told by
                 // what the upstream client left, not the status a filter may have changed).
-                let switched = head
+                if head
                     .extensions
                     .get::<crate::upgrade::UpstreamUpgrade>()
-                    .is_some();
-                let pooled = (!switched).then(|| PoolReturn {
+                    .is_some()
+                {
+                    return (http::Response::from_parts(head, body), None, None);
+                }
+                let pooled = PoolReturn {
                     connection,
                     pool: self.upstream.pool().clone(),
                     upload,
-                });
-                return (http::Response::from_parts(head, body), pooled, None);
+                };
+                return (http::Response::from_parts(head, body), Some(pooled), None);
             }
             Ok(Proxied::Local(mut response)) => {
                 if let Some(filters) = &session.rules().filters {
@@ -429,6 +428,11 @@ impl<P: ProxyHttp> ProxyService<P> {
         if let Some(response) = self.proxy.request_filter(session, ctx).await? {
             return Ok(Proxied::Local(response));
         }
+        // Asked here, applied as each try sends the body (a body read whole later, in a
+        // retry's upstream_peer, is read as the client sent it).
+        if session.body_mut().is_some_and(|body| !body.is_end_stream()) {
+            session.request_body_filter = self.proxy.request_body_filter(session, ctx);
+        }
         let mut kept: Option<Bytes> = None;
         // Filled by the try that gets a response head (an out-slot rather than a return value:
         // the exchange is big, and each level it is returned through copies it).
@@ -446,7 +450,7 @@ impl<P: ProxyHttp> ProxyService<P> {
                 }
             }
         };
-        let exchange: Exchange = answer.expect("the try that succeeded left its exchange");
+        let mut exchange: Exchange = answer.expect("the try that succeeded left its exchange");
         session.upstream_digest = Some(*exchange.connection.digest());
         let mut head = exchange.head;
         if let Some(backend) = &session.backend {
@@ -463,19 +467,44 @@ impl<P: ProxyHttp> ProxyService<P> {
                 filters.on_response(session, &mut head);
             }
         });
-        let mut body = exchange.body;
-        if let Some(compression) = &self.config.compression {
-            let length = body.size_hint().exact();
-            let req = &session.req;
-            let plan = compression.start(&req.method, &req.headers, &mut head, length);
-            body = body.coded(plan);
-        }
+        self.shape_response_body(session, &mut head, &mut exchange.body, ctx);
         Ok(Proxied::Upstream {
             head,
-            body,
+            body: exchange.body,
             connection: exchange.connection,
             upload: progress,
         })
+    }
+
+    /// Put the response body through what the app has it go through: its body filter, then
+    /// compression. In place, as the rare case: a body moved through here and back would be
+    /// copied on every request.
+    fn shape_response_body(
+        &self,
+        session: &Session,
+        head: &mut http::response::Parts,
+        body: &mut ProxyBody,
+        ctx: &mut P::Ctx,
+    ) {
+        // Not a 206 either: its Content-Range describes the bytes as they came.
+        if crate::body::response_has_body(&session.req.method, head.status)
+            && head.status != http::StatusCode::SWITCHING_PROTOCOLS
+            && head.status != http::StatusCode::PARTIAL_CONTENT
+        {
+            if let Some(filter) = self.proxy.response_body_filter(session, head, ctx) {
+                head.headers.remove(http::header::CONTENT_LENGTH);
+                crate::compression::weaken_etag(&mut head.headers);
+                let unfiltered = std::mem::replace(body, ProxyBody::empty());
+                *body = unfiltered.filtered(filter);
+            }
+        }
+        if let Some(compression) = &self.config.compression {
+            let length = body.size_hint().exact();
+            let req = &session.req;
+            let plan = compression.start(&req.method, &req.headers, head, length);
+            let plain = std::mem::replace(body, ProxyBody::empty());
+            *body = plain.coded(plan);
+        }
     }
 
     /// Send the request over `connection` and wait for the response head, left in `answer`
@@ -578,6 +607,10 @@ impl<P: ProxyHttp> ProxyService<P> {
             // Session::upstream_request).
             session.upstream_request();
             let mut head = session.take_upstream_request().expect("just built");
+            if session.request_body_filter.is_some() {
+                // The filter may change the length: the body goes chunked (HTTP/1.1).
+                head.headers.remove(http::header::CONTENT_LENGTH);
+            }
             if head.headers.contains_key(http::header::UPGRADE) {
                 if session.websocket.is_none() {
                     session.websocket = self.proxy.websocket_filter(session, ctx);

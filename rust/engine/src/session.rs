@@ -42,6 +42,9 @@ pub struct Session {
     /// What sees the messages of the tunnel this request's handshake asks for, once
     /// `websocket_filter` gave one.
     pub websocket: Option<std::sync::Arc<dyn crate::websocket::MessageFilter>>,
+    /// What each try's request body goes through, once `request_body_filter` gave it (see
+    /// [`crate::body_filter`]).
+    pub request_body_filter: Option<std::sync::Arc<dyn crate::body_filter::BodyFilter>>,
     /// The failed tries so far, in order.
     pub tries: Vec<FailedTry>,
     /// The index of the route that matched, in the router's list (see [`crate::route`]).
@@ -74,14 +77,22 @@ impl Session {
 
     pub fn new(req: http::Request<ProxyBody>, downstream: Arc<DownstreamDigest>) -> Self {
         let (req, body) = req.into_parts();
-        Session {
-            body: Some(body),
-            ..Session::from_parts(req, downstream)
-        }
+        Session::with_body(req, downstream, Some(body))
     }
 
     /// A session for a request head with no body (tests, benchmarks, synthetic requests).
     pub fn from_parts(req: http::request::Parts, downstream: Arc<DownstreamDigest>) -> Self {
+        Session::with_body(req, downstream, None)
+    }
+
+    /// Built in one piece: `Session { body, ..Session::from_parts(..) }` would build a whole
+    /// session and copy it again (three memcpy calls per request, callgrind says).
+    #[inline]
+    fn with_body(
+        req: http::request::Parts,
+        downstream: Arc<DownstreamDigest>,
+        body: Option<ProxyBody>,
+    ) -> Self {
         // gRPC runs over HTTP/2 only: HTTP/1 requests skip the lookup.
         let client_deadline = if req.version == http::Version::HTTP_2 {
             crate::grpc::timeout(&req.headers)
@@ -100,6 +111,7 @@ impl Session {
             retry: RetryPolicy::default(),
             client_deadline,
             websocket: None,
+            request_body_filter: None,
             tries: Vec::new(),
             route: None,
             strip_prefix: None,
@@ -107,7 +119,7 @@ impl Session {
             cors: Default::default(),
             rules: None,
             upstream_request: None,
-            body: None,
+            body,
         }
     }
 
@@ -174,6 +186,38 @@ impl Session {
     /// The downstream request body, while it has not been taken.
     pub fn body_mut(&mut self) -> Option<&mut ProxyBody> {
         self.body.as_mut()
+    }
+
+    /// Read the request body whole, up to `limit` bytes, before the upstream is chosen
+    /// (Pingora's `read_request_body`, pingora#575): a phase may route or answer by what it
+    /// says. The bytes are then the body sent upstream (its trailers, if any, are not), so
+    /// reading it again gives them again. Fails with a 413 above `limit` (said before
+    /// reading when the length is known), with the client's error when its upload fails,
+    /// and once the body has been sent.
+    pub async fn read_request_body(&mut self, limit: u64) -> crate::error::Result<bytes::Bytes> {
+        use crate::error::{Error, ErrorKind};
+        let Some(mut body) = self.body.take() else {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "the request body was read after it had been sent upstream",
+            ));
+        };
+        if !body.limit(limit) {
+            // Left in place: a read with a larger limit may follow.
+            self.body = Some(body);
+            return Err(Error::new(
+                ErrorKind::BodyTooLarge,
+                format!("the request body is longer than {limit} bytes"),
+            ));
+        }
+        let whole = body.read_whole().await?;
+        self.body = Some(ProxyBody::full(whole.clone()));
+        Ok(whole)
+    }
+
+    /// Put a request body (back) in place: the one a hook read whole, or filtered.
+    pub fn set_body(&mut self, body: ProxyBody) {
+        self.body = Some(body);
     }
 
     /// The downstream request body, for the proxy to forward; `None` once taken.

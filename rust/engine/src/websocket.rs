@@ -213,9 +213,16 @@ where
                         deliver(message, to, filter, from_client).await?;
                     }
                 }
-                // Out of order, or an unknown opcode: the endpoint judges it (and fails the
-                // connection, as RFC 6455 says it must).
-                _ => to.write_all(&frame.raw).await?,
+                // Out of order (a new message before the last one ended, a continuation of
+                // none), or an unknown opcode: the endpoint judges it, and fails the
+                // connection as RFC 6455 says it must. What was being gathered goes first,
+                // so that it sees the frames in the order they came.
+                _ => {
+                    if let Some(message) = gathering.take() {
+                        forward(to, message.raw).await?;
+                    }
+                    to.write_all(&frame.raw).await?
+                }
             }
         }
         if buf.capacity() - buf.len() < 4096 {

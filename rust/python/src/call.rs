@@ -78,6 +78,8 @@ pub struct PhaseJob {
     pub upstream_response: Option<ResponseSlot>,
     pub error: Option<Error>,
     pub reply: oneshot::Sender<Reply>,
+    /// A request trip's: where `session.read_request_body` asks for the body.
+    pub body_reads: Option<oneshot::Sender<crate::body_read::BodyReadRequest>>,
 }
 
 #[pyclass(module = "ferroxy._core", frozen)]
@@ -115,6 +117,10 @@ impl Call {
             .map(|slot| Py::new(py, PyResponseHeader { slot }))
             .transpose()?;
         let error = job.error.map(|e| error_object(py, e)).transpose()?;
+        if let Some(body_reads) = job.body_reads {
+            // A request trip's hooks may ask for the body (see `crate::body_read`).
+            session.borrow_mut(py).reading = Some(body_reads);
+        }
         let call = Call {
             session,
             steps,
@@ -186,6 +192,10 @@ pub fn step(
 pub enum Delivery {
     Phase(oneshot::Sender<Reply>, Reply),
     Connection(oneshot::Sender<bool>, bool),
+    Stream(
+        oneshot::Sender<crate::stream::StreamAnswer>,
+        crate::stream::StreamAnswer,
+    ),
 }
 
 impl Delivery {
@@ -197,6 +207,9 @@ impl Delivery {
             }
             Delivery::Connection(sender, accept) => {
                 let _ = sender.send(accept);
+            }
+            Delivery::Stream(sender, answer) => {
+                let _ = sender.send(answer);
             }
         }
     }

@@ -4,6 +4,7 @@
 mod alloc;
 #[cfg(feature = "bridge-bench")]
 mod bench;
+mod body_read;
 mod bridge;
 mod call;
 mod compression;
@@ -17,6 +18,7 @@ mod proxy;
 mod server;
 mod session;
 mod simulate;
+mod stream;
 mod tcp;
 mod tls;
 mod types;
@@ -113,6 +115,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tls::ClientCert>()?;
     m.add_class::<call::Call>()?;
     m.add_class::<connection_filter::ConnectionCall>()?;
+    m.add_class::<stream::StreamCall>()?;
+    m.add(
+        "RequestBodyError",
+        m.py().get_type::<body_read::RequestBodyError>(),
+    )?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<simulate::Simulation>()?;
     m.add_class::<simulate::SimulationResult>()?;

@@ -18,11 +18,15 @@ use ferroxy_engine::lb::Upstream;
 use ferroxy_engine::phase::HOOK_NAMES;
 use ferroxy_engine::{Error, ErrorKind, Peer, ProxyHttp, Response, Session};
 
+use crate::body_read::{BodyReadRequest, PendingRead};
 use crate::bridge::{Bridge, Job};
-use crate::call::{Outcome, PhaseJob, PhaseKind, RequestSteps};
+use crate::call::{Outcome, PhaseJob, PhaseKind, Reply, RequestSteps};
 use crate::headers::{RequestSlot, ResponseSlot};
-use crate::session::{PySession, RouteRef, SessionRef};
+use crate::session::{PySession, RouteRef, SessionRef, SharedSession};
+use crate::stream::{PyBodyFilter, PyMessageFilter, StreamHook, StreamSession};
 use crate::types::Chosen;
+use ferroxy_engine::body_filter::BodyFilter;
+use ferroxy_engine::websocket::MessageFilter;
 
 /// Which hooks the Python app overrides; the rest never cross into Python.
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,6 +38,9 @@ pub struct Hooks {
     pub response_filter: bool,
     pub fail_to_proxy: bool,
     pub logging: bool,
+    pub request_body_filter: bool,
+    pub response_body_filter: bool,
+    pub websocket_message: bool,
     /// Asked per connection, not per request: not a phase (see `connection_filter`).
     pub connection_filter: bool,
 }
@@ -57,11 +64,20 @@ impl Hooks {
                 "response_filter" => hooks.response_filter = true,
                 "fail_to_proxy" => hooks.fail_to_proxy = true,
                 "logging" => hooks.logging = true,
+                "request_body_filter" => hooks.request_body_filter = true,
+                "response_body_filter" => hooks.response_body_filter = true,
+                "websocket_message" => hooks.websocket_message = true,
                 // new_ctx needs no trip of its own: made on the first trip that happens.
                 _ => {}
             }
         }
         Ok(hooks)
+    }
+
+    /// Whether the app has hooks that run beside the phases, per chunk or message (see
+    /// [`crate::stream`]).
+    pub fn has_streams(&self) -> bool {
+        self.request_body_filter || self.response_body_filter || self.websocket_message
     }
 
     /// The Python hooks that run in one trip from `request_filter` on: request_filter, then
@@ -121,6 +137,23 @@ pub struct PyCtx {
     /// upstream_request_filter has run for this attempt in an earlier trip; the engine holds
     /// its result.
     upstream_request_filtered: bool,
+    /// The session object the request's stream jobs share with its phases; only for an app
+    /// with stream hooks (see [`crate::session::SharedSession`]).
+    shared: Option<SharedSession>,
+    /// `read_request_body` failed in this request's trip: the request's error (a 413, say),
+    /// unless the hook answered the client itself.
+    /// Boxed: rare, and the ctx is part of every request's state.
+    body_error: Option<Box<Error>>,
+}
+
+/// `req` without its extensions (which cannot be cloned, and which no hook reads).
+fn head_copy(req: &http::request::Parts) -> http::request::Parts {
+    let mut copy = placeholder_request();
+    copy.method = req.method.clone();
+    copy.uri = req.uri.clone();
+    copy.version = req.version;
+    copy.headers = req.headers.clone();
+    copy
 }
 
 fn placeholder_request() -> http::request::Parts {
@@ -140,6 +173,7 @@ impl PyProxy {
         let is_new = ctx.session.is_none();
         SessionRef {
             py: ctx.session.take(),
+            shared: ctx.shared.clone(),
             req: slot,
             downstream: session.downstream.clone(),
             upstream: session.upstream_digest,
@@ -151,6 +185,33 @@ impl PyProxy {
             // A response-phase template may make it after the first trip.
             request_id: session.request_id.clone(),
         }
+    }
+
+    /// What the request's stream jobs need to reach its session object.
+    fn stream_session(&self, session: &Session, ctx: &mut PyCtx) -> StreamSession {
+        StreamSession {
+            shared: ctx.shared.get_or_insert_with(Default::default).clone(),
+            req: ctx
+                .req
+                .get_or_insert_with(|| Arc::new(Mutex::new(None)))
+                .clone(),
+            downstream: session.downstream.clone(),
+            upstream: session.upstream_digest,
+            request_id: session.request_id.clone(),
+        }
+    }
+
+    fn body_filter(
+        &self,
+        hook: StreamHook,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        Some(Arc::new(PyBodyFilter {
+            bridge: self.bridge.clone(),
+            hook,
+            session: self.stream_session(session, ctx),
+        }))
     }
 
     /// Hand a phase to Python and wait for its outcome. The request head goes to Python
@@ -166,7 +227,15 @@ impl PyProxy {
     ) -> Outcome {
         let session_ref = self.session_ref(session, ctx);
         let slot = session_ref.req.clone();
-        let (reply, replied) = oneshot::channel();
+        let (reply, mut replied) = oneshot::channel();
+        // A request trip's hooks may ask for the body (see crate::body_read).
+        let (body_reads, body_asks) = match kind {
+            PhaseKind::Request(_) => {
+                let (asks, asked) = oneshot::channel();
+                (Some(asks), Some(asked))
+            }
+            _ => (None, None),
+        };
         self.bridge.submit(Job::Phase(PhaseJob {
             kind,
             session: session_ref,
@@ -174,8 +243,21 @@ impl PyProxy {
             upstream_response,
             error,
             reply,
+            body_reads,
         }));
-        let reply = replied.await;
+        let reply = match body_asks {
+            None => replied.await,
+            Some(mut asked) => tokio::select! {
+                biased;
+                reply = &mut replied => reply,
+                ask = &mut asked => match ask {
+                    // Boxed: rare, and inline it would grow every trip's future.
+                    Ok(ask) => Box::pin(self.serve_body_read(ask, &mut replied, session, ctx)).await,
+                    // No ask can come now: the reply decides.
+                    Err(_) => replied.await,
+                },
+            },
+        };
         if let Some(req) = slot.lock().take() {
             session.req = req;
         }
@@ -188,6 +270,53 @@ impl PyProxy {
                 ErrorKind::Internal,
                 "the Python dispatcher dropped the call",
             )),
+        }
+    }
+
+    /// Read the body a hook asked for while its trip runs, answer the hook, and wait for the
+    /// trip's reply. A reply that comes first (the hook stopped waiting) abandons the read:
+    /// what is left of the body cannot be sent then, so the connection closes after this
+    /// request, and a trip that went on to the upstream fails.
+    async fn serve_body_read(
+        &self,
+        ask: BodyReadRequest,
+        replied: &mut oneshot::Receiver<Reply>,
+        session: &mut Session,
+        ctx: &mut PyCtx,
+    ) -> Result<Reply, oneshot::error::RecvError> {
+        let pending = PendingRead::new(self.bridge.clone(), ask);
+        let read = {
+            let reading = session.read_request_body(pending.limit());
+            tokio::select! {
+                biased;
+                reply = &mut *replied => Err(reply),
+                read = reading => Ok(read),
+            }
+        };
+        match read {
+            Ok(read) => {
+                if let Err(error) = &read {
+                    ctx.body_error = Some(Box::new(error.clone()));
+                }
+                pending.finish(read);
+                replied.await
+            }
+            Err(reply) => {
+                session.keepalive = false;
+                if matches!(
+                    &reply,
+                    Ok(Reply {
+                        outcome: Outcome::Proceed { .. },
+                        ..
+                    })
+                ) {
+                    ctx.body_error = Some(Box::new(Error::new(
+                        ErrorKind::Internal,
+                        "a hook went on without the request body it was reading",
+                    )));
+                }
+                reply
+            }
         }
     }
 
@@ -213,6 +342,9 @@ impl PyProxy {
             .await
         {
             Outcome::Respond(response) => Ok(Some(response)),
+            Outcome::Fail(_) | Outcome::Proceed { .. } if ctx.body_error.is_some() => {
+                Err(*ctx.body_error.take().expect("checked"))
+            }
             Outcome::Proceed {
                 peer,
                 upstream_request,
@@ -239,7 +371,59 @@ impl ProxyHttp for PyProxy {
     type Ctx = PyCtx;
 
     fn new_ctx(&self) -> PyCtx {
-        PyCtx::default()
+        PyCtx {
+            // Made up front: a stream job and a phase may be the first to reach Python.
+            shared: self.hooks.has_streams().then(Default::default),
+            ..PyCtx::default()
+        }
+    }
+
+    // Inline, as the other per-request checks of a hook's presence: most apps have none.
+    #[inline]
+    fn request_body_filter(
+        &self,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        if !self.hooks.request_body_filter {
+            return None;
+        }
+        self.body_filter(StreamHook::RequestBody, session, ctx)
+    }
+
+    #[inline]
+    fn response_body_filter(
+        &self,
+        session: &Session,
+        _upstream_response: &http::response::Parts,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn BodyFilter>> {
+        if !self.hooks.response_body_filter {
+            return None;
+        }
+        // The engine keeps its request head to the end (the access log reads it), so the
+        // chunks' hooks read a copy: from here on only `logging` sees the head, and it would
+        // find the same.
+        let slot = ctx
+            .req
+            .get_or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone();
+        slot.lock().get_or_insert_with(|| head_copy(&session.req));
+        self.body_filter(StreamHook::ResponseBody, session, ctx)
+    }
+
+    fn websocket_filter(
+        &self,
+        session: &Session,
+        ctx: &mut PyCtx,
+    ) -> Option<Arc<dyn MessageFilter>> {
+        if !self.hooks.websocket_message {
+            return None;
+        }
+        Some(Arc::new(PyMessageFilter {
+            bridge: self.bridge.clone(),
+            session: self.stream_session(session, ctx),
+        }))
     }
 
     async fn request_filter(

@@ -26,6 +26,7 @@ use crate::connection_filter::{ip_access_from, ConnectionCall, PyConnectionFilte
 use crate::lb::PyLoadBalancer;
 use crate::logs::{self, log_python_error};
 use crate::proxy::{Hooks, PyProxy};
+use crate::stream::StreamCall;
 use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
 
 /// The dispatcher's methods, looked up once rather than on every job.
@@ -37,6 +38,8 @@ struct Dispatcher {
     logging_phase: Py<PyAny>,
     /// Only for an app with a `connection_filter` hook.
     connection_phase: Option<Py<PyAny>>,
+    /// Only for an app with a body filter or `websocket_message` hook.
+    stream_phase: Option<Py<PyAny>>,
     emit_logs: Py<PyAny>,
     stopped: Py<PyAny>,
 }
@@ -220,6 +223,10 @@ impl PyServer {
             connection_phase: hooks
                 .connection_filter
                 .then(|| method("connection_phase"))
+                .transpose()?,
+            stream_phase: hooks
+                .has_streams()
+                .then(|| method("stream_phase"))
                 .transpose()?,
             emit_logs: method("emit_logs")?,
             stopped: method("stopped")?,
@@ -606,6 +613,21 @@ impl PyServer {
                 if let Err(error) = method.call1(py, (&call,)) {
                     if call.get().is_pending() {
                         let _ = call.call_method1("answer", (false,));
+                    }
+                    return Err(error);
+                }
+                Ok(())
+            }
+            Job::BodyRead(job) => crate::body_read::resume(py, job),
+            Job::Stream(job) => {
+                let call = Bound::new(py, StreamCall::from_job(py, job)?)?;
+                // Without a stream_phase nobody answers: the dropped call fails the stream.
+                let Some(method) = &self.dispatcher.stream_phase else {
+                    return Ok(());
+                };
+                if let Err(error) = method.call1(py, (&call,)) {
+                    if call.get().is_pending() {
+                        let _ = call.call_method1("fail", ("dispatcher", error.to_string()));
                     }
                     return Err(error);
                 }

@@ -181,6 +181,11 @@ pub struct PySession {
     request_id: Option<http::HeaderValue>,
     #[pyo3(get, set)]
     ctx: Py<PyAny>,
+    /// Where `read_request_body` asks the engine for the body: the latest request trip's
+    /// channel (see [`crate::body_read`]); a send fails once that trip has ended.
+    pub reading: Option<tokio::sync::oneshot::Sender<crate::body_read::BodyReadRequest>>,
+    /// The body `read_request_body` read, given again to later reads.
+    pub read_body: Option<Py<pyo3::types::PyBytes>>,
 }
 
 impl PySession {
@@ -216,6 +221,15 @@ impl PySession {
     #[getter]
     fn req(&self, py: Python<'_>) -> Py<PyRequestHeader> {
         self.req.clone_ref(py)
+    }
+    /// Await the whole request body (at most `limit` bytes) in a request-side hook, before
+    /// the upstream is chosen; it is then what goes upstream. RequestBodyError above the
+    /// limit (413) or when the upload fails; RuntimeError outside a request-side hook.
+    // 1 MiB when not told: nginx's `client_max_body_size` (a literal, for the signature
+    // Python shows).
+    #[pyo3(signature = (limit = 1048576))]
+    fn read_request_body(slf: &Bound<'_, Self>, limit: u64) -> PyResult<Py<PyAny>> {
+        crate::body_read::ask(slf, limit)
     }
     #[getter]
     fn client_addr(&self) -> String {
@@ -384,10 +398,18 @@ pub struct RouteRef {
     pub routes: Arc<Py<pyo3::types::PyTuple>>,
 }
 
+/// A request's session object, for jobs that run beside its phases (body chunks, WebSocket
+/// messages): the first job the Python thread runs makes it or finds it here, so every job
+/// of the request sees one object and one `ctx`. Only requests of an app with such hooks
+/// have one.
+pub type SharedSession = Arc<Mutex<Option<Py<PySession>>>>;
+
 /// The engine side's handle on a request's Python session: the shared request slot, and the
 /// Python object once the Python thread has made it (it is made lazily, on that thread).
 pub struct SessionRef {
     pub py: Option<Py<PySession>>,
+    /// Where the request's jobs meet their one object (see [`SharedSession`]).
+    pub shared: Option<SharedSession>,
     pub req: RequestSlot,
     pub downstream: Arc<DownstreamDigest>,
     /// The upstream connection's facts as of this trip, for the session to show.
@@ -399,12 +421,31 @@ pub struct SessionRef {
 
 impl SessionRef {
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
+        let Some(shared) = self.shared.clone() else {
+            return self.own_object(py);
+        };
+        let mut cell = shared.lock();
+        if self.py.is_none() {
+            self.py = cell.as_ref().map(|session| session.clone_ref(py));
+        }
+        let session = self.own_object(py)?;
+        if cell.is_none() {
+            *cell = Some(session.clone_ref(py));
+        }
+        Ok(session)
+    }
+
+    fn own_object(&mut self, py: Python<'_>) -> PyResult<Py<PySession>> {
         if let Some(session) = &self.py {
-            if self.upstream.is_some() || self.request_id.is_some() {
+            if self.upstream.is_some() || self.request_id.is_some() || self.route.is_some() {
                 let mut session = session.borrow_mut(py);
                 session.set_upstream(self.upstream);
                 if let Some(id) = self.request_id.take() {
                     session.request_id = Some(id);
+                }
+                // The first trip's, when a stream job made the object before it.
+                if let Some(route) = self.route.take() {
+                    session.route.get_or_insert(route);
                 }
             }
             return Ok(session.clone_ref(py));
@@ -422,6 +463,8 @@ impl SessionRef {
                 route: self.route.take(),
                 request_id: self.request_id.take(),
                 ctx: py.None(),
+                reading: None,
+                read_body: None,
             },
         )?;
         self.py = Some(session.clone_ref(py));

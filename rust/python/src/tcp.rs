@@ -431,7 +431,7 @@ impl PyTcpServer {
                 self.dispatcher.stopped.call0(py).map(drop)
             }
             // An HTTP server's jobs never come here.
-            Job::Phase(_) | Job::Logging { .. } => Ok(()),
+            Job::Phase(_) | Job::BodyRead(_) | Job::Stream(_) | Job::Logging { .. } => Ok(()),
         }
     }
 }
