@@ -293,3 +293,88 @@ def test_cli_listens_on_every_listen_given(tmp_path: Path, ferroxy_upstream) -> 
             assert r.status_code == 200 and r.json()["path"] == f"/on-{port}"
         for port in (cli.port, second):
             assert f"ferroxy listening on http://{HOST}:{port}" in cli.stderr(), cli.describe()
+
+
+def _tcp_echo_round_trip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection((HOST, port), timeout=10) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+        return received
+
+
+def _http_and_tcp_apps(tmp_path: Path, http_upstream: str, tcp_upstream: str) -> str:
+    """app.py with an HTTP ``App`` and a TCP ``Tcp``; returns the file's path."""
+    write_app(
+        tmp_path,
+        f"""
+        from ferroxy import Proxy, TcpProxy
+
+        class App(Proxy):
+            upstream = {http_upstream!r}
+
+        class Tcp(TcpProxy):
+            upstream = {tcp_upstream!r}
+        """,
+    )
+    return str(tmp_path / "app.py")
+
+
+def test_cli_two_targets_serve_http_and_tcp_each_on_its_listen(
+    tmp_path: Path, ferroxy_upstream, ferroxy_tcp_upstream
+) -> None:
+    app = _http_and_tcp_apps(tmp_path, ferroxy_upstream.addr, ferroxy_tcp_upstream.addr)
+    tcp_port = free_port()
+    # run_cli puts `--listen HOST:PORT` after the first TARGET: App's; Tcp's follows.
+    with run_cli(f"{app}:App", f"{app}:Tcp", "--listen", f"{HOST}:{tcp_port}") as cli:
+        wait_for_port(tcp_port, proc=cli.proc, describe=cli.describe)
+        r = httpx.get(cli.url + "/from-cli", timeout=10)
+        assert r.status_code == 200 and r.json()["path"] == "/from-cli"
+        payload = bytes(range(256)) * 1000
+        assert _tcp_echo_round_trip(tcp_port, payload) == payload
+        for banner in (f"http://{HOST}:{cli.port}", f"tcp://{HOST}:{tcp_port}"):
+            assert wait_until(lambda b=banner: b in cli.stderr(), timeout=5), cli.describe()
+        # Graceful stop: both services end, exit status 0.
+        _stop(cli)
+        assert not port_accepts(cli.port) and not port_accepts(tcp_port)
+
+
+def test_cli_one_listen_per_target_or_a_usage_error(
+    tmp_path: Path, ferroxy_upstream, ferroxy_tcp_upstream
+) -> None:
+    app = _http_and_tcp_apps(tmp_path, ferroxy_upstream.addr, ferroxy_tcp_upstream.addr)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroxy", f"{app}:App", f"{app}:Tcp", "--listen", f"{HOST}:0"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc
+    err = proc.stderr.decode(errors="replace")
+    assert "2 TARGETs need one --listen each" in err and "got 1 --listen" in err, err
+
+
+def test_cli_one_tcp_target(tmp_path: Path, ferroxy_upstream, ferroxy_tcp_upstream) -> None:
+    app = _http_and_tcp_apps(tmp_path, ferroxy_upstream.addr, ferroxy_tcp_upstream.addr)
+    with run_cli(f"{app}:Tcp") as cli:
+        assert _tcp_echo_round_trip(cli.port, b"one tcp target") == b"one tcp target"
+        _stop(cli)
+
+
+def test_the_tcp_example_listens_for_http_and_proxies_tcp(
+    ferroxy_upstream, ferroxy_tcp_upstream
+) -> None:
+    """examples/tcp.py as its docstring runs it, with the TCP upstream from REDIS."""
+    example = REPO_ROOT / "examples" / "tcp.py"
+    tcp_port = free_port()
+    with run_cli(
+        f"{example}:App",
+        f"{example}:Redis",
+        "--listen",
+        f"{HOST}:{tcp_port}",
+        env={"REDIS": ferroxy_tcp_upstream.addr},
+    ) as cli:
+        wait_for_port(tcp_port, proc=cli.proc, describe=cli.describe)
+        # Echoed: the hook sent it to REDIS's address, the echo upstream.
+        assert _tcp_echo_round_trip(tcp_port, b"PING\r\n") == b"PING\r\n"

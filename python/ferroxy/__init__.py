@@ -2,6 +2,8 @@
 
 Subclass :class:`Proxy`, override the hooks you need (decorate a ``def`` hook that blocks with
 :func:`blocking`), and serve it with :func:`run` or ``python -m ferroxy path/to/app.py:App``.
+A :class:`TcpProxy` proxies TCP (L4); a :class:`Server` serves several services in one
+process.
 """
 
 from . import filters
@@ -26,7 +28,8 @@ from .compression import Compression
 from .listener import Listener
 from .proxy import DROP, Proxy, blocking
 from .routes import Route
-from .server import ProxyServer, ServerOptions, run
+from .server import ProxyServer, Server, ServerOptions, run
+from .tcp import TcpProxy
 from .tls import TlsConfig
 
 __all__ = [
@@ -47,9 +50,11 @@ __all__ = [
     "Response",
     "ResponseHeader",
     "Route",
+    "Server",
     "ServerConn",
     "ServerOptions",
     "Session",
+    "TcpProxy",
     "TlsConfig",
     "TlsInfo",
     "__version__",

@@ -1,7 +1,9 @@
-"""Command line: ``python -m ferroxy TARGET`` (also installed as the ``ferroxy`` command).
+"""Command line: ``python -m ferroxy TARGET...`` (also installed as the ``ferroxy`` command).
 
 TARGET names the app as ``path/to/file.py:Attr`` or ``package.module:Attr`` (``Attr`` may be
-dotted) and must be a Proxy subclass or instance.
+dotted) and must be a Proxy or TcpProxy subclass or instance. Several TARGETs are served in
+one process (``ferroxy.Server``), one ``--listen`` per TARGET in the order they are named:
+``python -m ferroxy app.py:App app.py:Tcp --listen :8080 --listen :5432``.
 
 Exit status: 0 after a graceful stop, 1 when the server cannot start, 2 for a bad TARGET or
 bad arguments.
@@ -29,9 +31,11 @@ from .server import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_SLOW_HOOK_THRESHOLD,
+    Server,
     ServerOptions,
     run,
 )
+from .tcp import TcpProxy
 from .tls import TlsConfig
 
 __all__ = ["main"]
@@ -50,26 +54,47 @@ _Number = TypeVar("_Number", int, float)
 
 
 class TargetError(Exception):
-    """TARGET does not name a Proxy subclass or instance."""
+    """TARGET does not name a Proxy or TcpProxy subclass or instance."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
-    args = _parser().parse_args(argv)
+    # Intermixed: `A --listen X B --listen Y` names two TARGETs and two --listen.
+    args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
 
-    try:
-        target = load_target(args.target)
-    except TargetError as error:
-        print(f"ferroxy: error: {error}", file=sys.stderr)
+    several = len(args.targets) > 1
+    if several and args.listen and len(args.listen) != len(args.targets):
+        print(
+            f"ferroxy: error: {len(args.targets)} TARGETs need one --listen each, in order "
+            f"(got {len(args.listen)} --listen)",
+            file=sys.stderr,
+        )
         return _EXIT_USAGE
-    try:
-        app = target() if isinstance(target, type) else target
-    except Exception:
-        # The app's own constructor failed: its traceback is the useful part.
-        traceback.print_exc()
-        print(f"ferroxy: error: could not create {args.target}", file=sys.stderr)
-        return _EXIT_START_FAILED
+    if several and (args.tls_listen or args.tls_cert):
+        print(
+            "ferroxy: error: --tls-listen and --tls-cert are for one TARGET; with several, "
+            "set `tls` on the apps",
+            file=sys.stderr,
+        )
+        return _EXIT_USAGE
+    apps: list[Any] = []
+    for spec in args.targets:
+        try:
+            target = load_target(spec)
+        except TargetError as error:
+            print(f"ferroxy: error: {error}", file=sys.stderr)
+            return _EXIT_USAGE
+        try:
+            apps.append(target() if isinstance(target, type) else target)
+        except Exception:
+            # The app's own constructor failed: its traceback is the useful part.
+            traceback.print_exc()
+            print(f"ferroxy: error: could not create {spec}", file=sys.stderr)
+            return _EXIT_START_FAILED
+    if several or isinstance(apps[0], TcpProxy):
+        return _serve_services(args, apps)
+    app = apps[0]
 
     demo_upstream = None
     try:
@@ -109,6 +134,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _EXIT_OK
 
 
+def _serve_services(args: argparse.Namespace, apps: list[Any]) -> int:
+    """Several TARGETs (or one TcpProxy): one ``ferroxy.Server``, each app with its own
+    ``--listen`` (or, without any, its own ``listen``)."""
+    shared: dict[str, Any] = {
+        "threads": args.threads,
+        "grace_period": args.grace_period,
+        "access_log": args.access_log,
+        "access_log_format": args.access_log_format,
+        "blocking_threads": args.blocking_threads,
+        "slow_hook_threshold": args.slow_hook_threshold,
+        "hook_timeout": args.hook_timeout,
+    }
+    if args.proxy_protocol:
+        shared["proxy_protocol"] = True
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("ferroxy: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return _EXIT_USAGE
+    server = Server(**shared)
+    for i, app in enumerate(apps):
+        own: dict[str, Any] = {}
+        if args.listen:
+            # One TARGET takes every --listen, as a single Proxy does.
+            own["listen"] = args.listen[i] if len(apps) > 1 else args.listen
+        if args.tls_cert is not None:
+            own["tls"] = _cli_certificate(app, args.tls_cert, args.tls_key)
+        server.add(app, **own)
+    try:
+        server.run()
+    except (OSError, TypeError, ValueError) as error:
+        print(f"ferroxy: error: {error}", file=sys.stderr)
+        return _EXIT_START_FAILED
+    return _EXIT_OK
+
+
 def _cli_certificate(app: Any, cert: str, key: str) -> TlsConfig:
     """--tls-cert/--tls-key: the app's first TlsConfig with these files, so that its client
     certificate policy stays (replacing it whole would quietly turn mutual TLS off)."""
@@ -122,13 +181,15 @@ def _cli_certificate(app: Any, cert: str, key: str) -> TlsConfig:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferroxy",
-        description="Serve a ferroxy Proxy app.",
+        description="Serve ferroxy Proxy and TcpProxy apps (several in one process).",
         epilog="example: python -m ferroxy examples/hello.py:App --demo-upstream 127.0.0.1:8081",
     )
     parser.add_argument(
-        "target",
+        "targets",
+        nargs="+",
         metavar="TARGET",
-        help="the app: path/to/file.py:Attr or package.module:Attr",
+        help="the app: path/to/file.py:Attr or package.module:Attr; several are served in "
+        "one process, each on its own --listen",
     )
     parser.add_argument(
         "--listen",
@@ -136,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=(
             "address to serve on, or fd:N for an inherited listening socket; repeat to listen"
-            f" on several (default: the app's `listen`, else {_core.DEFAULTS['listen']})"
+            " on several; with several TARGETs, one per TARGET in their order (default: the"
+            f" app's `listen`, else {_core.DEFAULTS['listen']})"
         ),
     )
     parser.add_argument(
@@ -246,7 +308,7 @@ def _non_negative(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
     return parse
 
 
-def load_target(target: str) -> type[Proxy[Any]] | Proxy[Any]:
+def load_target(target: str) -> type[Proxy[Any] | TcpProxy] | Proxy[Any] | TcpProxy:
     """Import the app TARGET names; raises TargetError saying what is wrong."""
     location, colon, attr_path = target.rpartition(":")
     if not colon or not location or not attr_path:
@@ -265,9 +327,13 @@ def load_target(target: str) -> type[Proxy[Any]] | Proxy[Any]:
         except AttributeError:
             raise TargetError(f"{location} has no attribute {attr_path!r}") from None
 
-    if isinstance(app, Proxy) or (isinstance(app, type) and issubclass(app, Proxy)):
+    if isinstance(app, (Proxy, TcpProxy)) or (
+        isinstance(app, type) and issubclass(app, (Proxy, TcpProxy))
+    ):
         return app
-    raise TargetError(f"{target} is {_describe(app)}, not a ferroxy.Proxy subclass or instance")
+    raise TargetError(
+        f"{target} is {_describe(app)}, not a ferroxy.Proxy or TcpProxy subclass or instance"
+    )
 
 
 def _import_file(path: Path) -> ModuleType:

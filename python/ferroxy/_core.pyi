@@ -56,6 +56,9 @@ class _Defaults(TypedDict):
     write_timeout: float
     idle_timeout: float
     compression: _CompressionDefaults
+    #: ``TcpServer``'s ``idle_timeout`` and ``connect_tries`` (``TcpProxyConfig``).
+    tcp_idle_timeout: float
+    tcp_connect_tries: int
 
 #: The engine's defaults (``ServerConfig``, ``PoolConfig`` and ``PeerTimeouts::default()``),
 #: by the keyword of ``Server(...)`` or ``Peer(...)`` that overrides each.
@@ -665,6 +668,91 @@ class Server:
         ``dispatcher.stopped()`` is called from run_pending."""
     @property
     def stopped(self) -> bool: ...
+
+@final
+class TcpPeerCall:
+    """One TCP ``upstream_peer`` call handed to Python; the dispatcher answers it once."""
+
+    @property
+    def client_addr(self) -> str:
+        """``host:port`` of the client whose connection needs an upstream."""
+    def answer(self, peer: Peer) -> None:
+        """Connect the client to ``peer`` (a ``pool.select()`` pick counts in flight on its
+        backend while the connection lasts)."""
+    def fail(self, message: str) -> None:
+        """The hook failed: close the client's connection."""
+
+class TcpDispatcher(Protocol):
+    """What TcpServer.run_pending calls, on the thread that runs it: ``peer_phase`` only with
+    ``upstream_peer=True``, ``connection_phase`` only with ``connection_filter_hook=True``."""
+
+    def peer_phase(self, call: TcpPeerCall, /) -> None: ...
+    def connection_phase(self, call: ConnectionCall, /) -> None: ...
+    def emit_logs(self, records: list[tuple[str, int, str]], /) -> None: ...
+    def stopped(self) -> None: ...
+
+@final
+class TcpServer:
+    """The engine's TCP (L4) proxy on its own runtime: bytes copied in Rust, the upstream
+    fixed (``upstream``) or asked of ``dispatcher.peer_phase`` per connection."""
+
+    def __new__(
+        cls,
+        dispatcher: TcpDispatcher,
+        *,
+        upstream: Peer | LoadBalancer | None = None,
+        upstream_peer: bool = False,
+        connection_filter_hook: bool = False,
+        listen: str | Listener | Sequence[str | Listener] | None = None,
+        tls: TlsConfig | Sequence[TlsConfig] | None = None,
+        proxy_protocol: bool | None = None,
+        connection_filter: IPAccess | None = None,
+        idle_timeout: float | None = None,
+        connect_tries: int | None = None,
+        threads: int | None = None,
+        grace_period: float | None = None,
+        balancers: Sequence[LoadBalancer] | None = None,
+    ) -> TcpServer:
+        """An option left out (or None) is the engine's default (``DEFAULTS``); ValueError
+        names a bad one."""
+    def start(self) -> None:
+        """Bind and start serving; raises OSError naming the address."""
+    @property
+    def addr(self) -> str: ...
+    @property
+    def addrs(self) -> list[str]: ...
+    @property
+    def schemes(self) -> list[str]:
+        """Each listener's ``"tcp"`` or ``"tls"``, in the order of ``addrs``."""
+    @property
+    def port(self) -> int: ...
+    @property
+    def python_calls(self) -> int:
+        """Hook calls handed to Python so far."""
+    def fileno(self) -> int: ...
+    @property
+    def stopped(self) -> bool: ...
+    def reload_tls(self) -> bool:
+        """Read the TLS listeners' files again (True if there are any)."""
+    def shutdown(self, grace_period: float | None = None) -> None:
+        """Stop accepting; open connections get the grace period; then
+        ``dispatcher.stopped()`` is called from run_pending."""
+    def run_pending(self) -> int:
+        """Run queued work on this thread; returns how many items ran."""
+
+@final
+class TcpEchoUpstream:
+    """A TCP byte echo on its own runtime, for tests. Starts at construction."""
+
+    def __new__(cls, listen: str = "127.0.0.1:0") -> TcpEchoUpstream: ...
+    @property
+    def addr(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far."""
+    def stop(self) -> None: ...
 
 @final
 class EchoUpstream:

@@ -1,7 +1,8 @@
 """pytest fixtures, registered through the ``pytest11`` entry point when ferroxy is installed.
 
-``ferroxy_upstream`` is a running echo upstream; ``ferroxy_proxy(App, **options)`` serves an
-app in-process on an ephemeral port. Both are stopped at the end of the test.
+``ferroxy_upstream`` is a running echo upstream (``ferroxy_tcp_upstream`` a TCP byte echo);
+``ferroxy_proxy(App, **options)`` serves an app in-process on an ephemeral port. All are
+stopped at the end of the test.
 
     def test_blocked(ferroxy_upstream, ferroxy_proxy):
         proxy = ferroxy_proxy(App, upstream=ferroxy_upstream.addr)
@@ -16,12 +17,12 @@ import pytest
 
 from .proxy import Proxy
 from .server import ProxyServer, ServerOptions
-from .testing import EchoServer, start_proxy, start_upstream
+from .testing import EchoServer, TcpEchoServer, start_proxy, start_tcp_upstream, start_upstream
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ProxyFactory", "ferroxy_proxy", "ferroxy_upstream"]
+__all__ = ["ProxyFactory", "ferroxy_proxy", "ferroxy_tcp_upstream", "ferroxy_upstream"]
 
 
 class ProxyFactory(Protocol):
@@ -36,6 +37,13 @@ class ProxyFactory(Protocol):
 def ferroxy_upstream() -> Iterator[EchoServer]:
     """A running echo upstream on an ephemeral port."""
     with start_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def ferroxy_tcp_upstream() -> Iterator[TcpEchoServer]:
+    """A running TCP echo upstream on an ephemeral port."""
+    with start_tcp_upstream() as upstream:
         yield upstream
 
 

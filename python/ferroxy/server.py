@@ -1,9 +1,11 @@
 """Serving an app: :func:`run` blocks the calling (main) thread, for the CLI;
-:class:`ProxyServer` serves from a background thread, for tests and embedding.
+:class:`ProxyServer` serves from a background thread, for tests and embedding; :class:`Server`
+serves several services (HTTP ``Proxy`` and TCP ``TcpProxy`` apps) in one process, either way.
 
-Both wire one asyncio event loop to one ``_core.Server`` through ``_LoopServer``: the engine
-serves on its own Rust runtime and queues the work that needs Python; the loop runs that work
-whenever the server's descriptor becomes readable.
+Each service is one engine server (``_core.Server`` through ``_LoopServer``, or
+``_core.TcpServer`` through ``_TcpLoopServer``): the engine serves on its own Rust runtime
+and queues the work that needs Python; one asyncio loop runs that work for every service,
+whenever a server's descriptor becomes readable.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .proxy import (
     serve_instance,
 )
 from .routes import Route
+from .tcp import TcpDispatcher, TcpOptions, TcpProxy, overridden_tcp_hooks
 from .tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ __all__ = [
     "DEFAULT_HOOK_TIMEOUT",
     "DEFAULT_SLOW_HOOK_THRESHOLD",
     "ProxyServer",
+    "Server",
     "ServerOptions",
     "run",
 ]
@@ -151,6 +155,8 @@ def _instantiate(app: type[Proxy[Any]] | Proxy[Any]) -> Proxy[Any]:
         return app
     if isinstance(app, type) and issubclass(app, Proxy):
         return app()
+    if isinstance(app, TcpProxy) or (isinstance(app, type) and issubclass(app, TcpProxy)):
+        raise TypeError(f"{app!r} is a TcpProxy: serve it with ferroxy.Server")
     raise TypeError(f"expected a Proxy subclass or instance, not {app!r}")
 
 
@@ -276,7 +282,7 @@ class _LoopServer:
 CONNECTION_HOOK: Final = "connection_filter"
 
 
-def _connection_filter(app: Proxy[Any]) -> IPAccess | object | None:
+def _connection_filter(app: Proxy[Any] | TcpProxy) -> IPAccess | object | None:
     """``app.connection_filter``: an IPAccess, a hook to call, or None; TypeError otherwise."""
     value = app.connection_filter
     if value is None or isinstance(value, IPAccess) or callable(value):
@@ -352,7 +358,7 @@ def run(app: type[Proxy[Any]] | Proxy[Any], **options: Unpack[ServerOptions]) ->
         _close_loop(loop)
 
 
-def _reload_tls(served: _LoopServer) -> None:
+def _reload_tls(served: _LoopServer | _TcpLoopServer) -> None:
     """SIGHUP: the certificates again from their files; a bad file keeps the old ones."""
     try:
         if served.server.reload_tls():
@@ -361,9 +367,14 @@ def _reload_tls(served: _LoopServer) -> None:
         _log.error("TLS certificates not reloaded, the old ones stay: %s", error)
 
 
-def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[int]:
-    """SIGINT/SIGTERM start a graceful shutdown, SIGUSR1 reopens the access log (logrotate
-    renames the file, then signals, as for nginx); returns the signals handled."""
+def _install_signal_handlers(
+    served: _LoopServer | Sequence[_LoopServer | _TcpLoopServer], grace_period: float
+) -> list[int]:
+    """SIGINT/SIGTERM start a graceful shutdown (of every service), SIGUSR1 reopens the
+    access logs (logrotate renames the file, then signals, as for nginx), SIGHUP reloads the
+    TLS certificates; returns the signals handled."""
+    services = [served] if isinstance(served, _LoopServer) else list(served)
+    loop = services[0].loop
 
     shutting_down = False
 
@@ -375,17 +386,27 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
             return
         shutting_down = True
         _log.info("shutting down (grace %ss)", grace_period)
-        served.shutdown()
+        for service in services:
+            service.shutdown()
+
+    def reopen_access_logs() -> None:
+        for service in services:
+            if isinstance(service, _LoopServer):
+                service.server.reopen_access_log()
+
+    def reload_tls() -> None:
+        for service in services:
+            _reload_tls(service)
 
     handlers = [(signal.SIGINT, on_signal), (signal.SIGTERM, on_signal)]
     if hasattr(signal, "SIGUSR1"):  # not on Windows
-        handlers.append((signal.SIGUSR1, served.server.reopen_access_log))
+        handlers.append((signal.SIGUSR1, reopen_access_logs))
     if hasattr(signal, "SIGHUP"):
-        handlers.append((signal.SIGHUP, lambda: _reload_tls(served)))
+        handlers.append((signal.SIGHUP, reload_tls))
     installed: list[int] = []
     for signum, handler in handlers:
         try:
-            served.loop.add_signal_handler(signum, handler)
+            loop.add_signal_handler(signum, handler)
         except (NotImplementedError, RuntimeError, ValueError):
             # No loop signal support here (Windows, or not the main thread): the default
             # handlers stay in place.
@@ -395,7 +416,9 @@ def _install_signal_handlers(served: _LoopServer, grace_period: float) -> list[i
     return installed
 
 
-def balancers_of(app: Proxy[Any], upstream: object, given: Sequence[object]) -> list[LoadBalancer]:
+def balancers_of(
+    app: Proxy[Any] | TcpProxy, upstream: object, given: Sequence[object]
+) -> list[LoadBalancer]:
     """The load balancers ``app`` uses, whose background services (health checks, DNS
     refresh) its server runs: ``given``, ``upstream``, the balancers among the app's
     attributes (its class's, its bases', its own), the variables its hooks close over, and
@@ -555,3 +578,370 @@ class ProxyServer:
     def __repr__(self) -> str:
         where = self.url if self._served is not None else "not started"
         return f"<ProxyServer {where}>"
+
+
+def _instantiate_tcp(app: type[TcpProxy] | TcpProxy) -> TcpProxy:
+    if isinstance(app, TcpProxy):
+        return app
+    if isinstance(app, type) and issubclass(app, TcpProxy):
+        return app()
+    raise TypeError(f"expected a TcpProxy subclass or instance, not {app!r}")
+
+
+class _TcpLoopServer:
+    """A ``_core.TcpServer`` for the TcpProxy ``app`` whose hooks run on ``loop``; the same
+    protocol as ``_LoopServer``'s (all but the constructor and :meth:`start` on the loop's
+    thread)."""
+
+    def __init__(
+        self,
+        app: type[TcpProxy] | TcpProxy,
+        loop: asyncio.AbstractEventLoop,
+        options: TcpOptions,
+        *,
+        default_listen: str | None = None,
+    ) -> None:
+        tcp = _instantiate_tcp(app)
+        name = type(tcp).__name__
+        hooks = overridden_tcp_hooks(type(tcp))
+        engine_options: dict[str, Any] = dict(options)
+        if "listen" not in engine_options:
+            listen = tcp.listen if tcp.listen is not None else default_listen
+            if listen is not None:
+                engine_options["listen"] = listen
+        connection_hook = False
+        if engine_options.get("connection_filter") is None:
+            declared_filter = _connection_filter(tcp)
+            if isinstance(declared_filter, IPAccess):
+                engine_options["connection_filter"] = declared_filter
+            elif declared_filter is not None:
+                connection_hook = True
+        if "upstream" in engine_options:
+            upstream = as_upstream(engine_options.pop("upstream"), "upstream")
+        else:
+            upstream = as_upstream(tcp.upstream, f"{name}.upstream")
+        if upstream is None and "upstream_peer" not in hooks:
+            raise TypeError(f"{name} must set `upstream` or override upstream_peer()")
+        for field in ("tls", "idle_timeout", "connect_tries", "proxy_protocol"):
+            if field not in engine_options:
+                engine_options[field] = getattr(tcp, field)
+            where = field if field in options else f"{name}.{field}"
+            if field == "idle_timeout":
+                engine_options[field] = _seconds(where, engine_options[field])
+            elif field == "connect_tries":
+                tries = engine_options[field]
+                if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+                    raise ValueError(f"{where} must be an int >= 1, got {tries!r}")
+            elif field == "proxy_protocol" and not isinstance(engine_options[field], bool):
+                kind = type(engine_options[field]).__name__
+                raise TypeError(f"{where} must be a bool, not {kind}")
+        engine_options["balancers"] = balancers_of(
+            tcp, upstream, list(engine_options.pop("balancers", ()))
+        )
+        self.loop = loop
+        self.proxy = tcp
+        self._stopped: asyncio.Future[None] = loop.create_future()
+        self._log_level_timer: asyncio.TimerHandle | None = None
+        self._started = False
+        settings = _hook_settings(engine_options)
+        self.dispatcher = TcpDispatcher(
+            tcp,
+            upstream_peer="upstream_peer" in hooks,
+            connection_filter=connection_hook,
+            loop=loop,
+            on_stopped=self._on_stopped,
+            settings=settings,
+        )
+        try:
+            self.server = _core.TcpServer(
+                self.dispatcher,
+                upstream=upstream,
+                upstream_peer="upstream_peer" in hooks,
+                connection_filter_hook=connection_hook,
+                **engine_options,
+            )
+        except BaseException:
+            self.dispatcher.close()
+            raise
+
+    def start(self) -> None:
+        """Bind (OSError names the address) and let the loop run the engine's queued work."""
+        self._refresh_log_level()
+        self.server.start()
+        self._started = True
+        self.loop.add_reader(self.server.fileno(), self.server.run_pending)
+
+    def shutdown(self, grace_period: float | None = None) -> None:
+        """Stop accepting; open connections get ``grace_period`` (default: configured)."""
+        self.server.shutdown(grace_period)
+
+    async def serve(self) -> None:
+        """Wait until the engine has stopped, then cancel the hooks still waiting."""
+        await self._stopped
+        await self.dispatcher.cancel_pending()
+
+    def close(self) -> None:
+        """Detach from the loop; stops the engine at once if it is still running."""
+        if self._log_level_timer is not None:
+            self._log_level_timer.cancel()
+            self._log_level_timer = None
+        self.dispatcher.close()
+        if not self._started:
+            return
+        if not self.server.stopped:
+            self.server.shutdown(0.0)
+        self.loop.remove_reader(self.server.fileno())
+
+    def _on_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _refresh_log_level(self) -> None:
+        _core.set_log_level(_log.getEffectiveLevel())
+        self._log_level_timer = self.loop.call_later(
+            _LOG_LEVEL_REFRESH_SECONDS, self._refresh_log_level
+        )
+
+
+#: A service a :class:`Server` holds: an HTTP or a TCP app, a class or an instance.
+App = type[Proxy[Any]] | Proxy[Any] | type[TcpProxy] | TcpProxy
+
+
+def _is_tcp(app: App) -> bool:
+    return isinstance(app, TcpProxy) or (isinstance(app, type) and issubclass(app, TcpProxy))
+
+
+class ServiceInfo:
+    """One of a started :class:`Server`'s services: where it listens."""
+
+    def __init__(self, served: _LoopServer | _TcpLoopServer) -> None:
+        self._engine = served.server
+        addrs, schemes = served.server.addrs, served.server.schemes
+        #: The app instance serving.
+        self.app = served.proxy
+        #: Every listener's ``host:port``, in the order ``listen`` gave them.
+        self.addrs = addrs
+        #: Every listener's URL: ``http://``, ``https://``, ``tcp://`` or ``tls://``.
+        self.urls = [f"{scheme}://{addr}" for scheme, addr in zip(schemes, addrs, strict=True)]
+
+    @property
+    def addr(self) -> str:
+        """The first listener's ``host:port``."""
+        return self.addrs[0]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def python_calls(self) -> int:
+        """Hook calls the engine has handed to Python for this service so far."""
+        return self._engine.python_calls
+
+    def __repr__(self) -> str:
+        return f"<{type(self.app).__name__} on {', '.join(self.urls)}>"
+
+
+class Server:
+    """Several services in one process, as Pingora's Server holds them: HTTP ``Proxy`` apps
+    and TCP ``TcpProxy`` apps (classes, instantiated with no arguments, or instances), each
+    on its own listeners, their hooks all run by one Python thread's asyncio loop.
+
+        server = ferroxy.Server()
+        server.add(App, listen="0.0.0.0:8080")
+        server.add(Tcp, listen="0.0.0.0:5432")
+        server.run()
+
+    ``Server([App, Tcp])`` adds each with its own ``listen``. :meth:`add` takes the
+    service's options: :class:`ServerOptions` for a Proxy, ``ferroxy.tcp.TcpOptions`` for a
+    TcpProxy. ``options`` given here apply to every service that takes them and does not
+    set them in :meth:`add` (``grace_period``, ``threads``: each service runs an engine of
+    its own; ``access_log`` goes to the HTTP ones).
+
+    :meth:`run` serves until SIGINT or SIGTERM, then stops every service gracefully, as
+    :func:`run` does. :meth:`start` serves from a background thread instead (``listen``
+    defaulting to an ephemeral port on 127.0.0.1), for tests and embedding: then
+    :meth:`stop`, or use it as a context manager; :attr:`services` says where each listens.
+    """
+
+    def __init__(self, services: Sequence[App] = (), **options: Any) -> None:
+        unknown = set(options) - ServerOptions.__optional_keys__ - TcpOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"Server: unknown options {', '.join(sorted(unknown))}")
+        self._options = options
+        self._services: list[tuple[App, dict[str, Any]]] = []
+        self._served: list[_LoopServer | _TcpLoopServer] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        for app in services:
+            self.add(app)
+
+    def add(self, app: App, **options: Any) -> Self:
+        """Add a service; ``options`` are its own (see the class docstring). Returns self."""
+        if not _is_tcp(app) and not (
+            isinstance(app, Proxy) or (isinstance(app, type) and issubclass(app, Proxy))
+        ):
+            raise TypeError(
+                f"Server services are Proxy or TcpProxy subclasses or instances, not {app!r}"
+            )
+        if self._loop is not None:
+            raise RuntimeError("add services before the server starts")
+        self._services.append((app, options))
+        return self
+
+    @property
+    def services(self) -> list[ServiceInfo]:
+        """Each started service's listeners, in the order they were added."""
+        if not self._served:
+            raise RuntimeError("the Server has not been started")
+        return [ServiceInfo(served) for served in self._served]
+
+    @property
+    def addrs(self) -> list[list[str]]:
+        """Each service's listener addresses, in the order the services were added."""
+        return [service.addrs for service in self.services]
+
+    @property
+    def urls(self) -> list[list[str]]:
+        """Each service's listener URLs, in the order of :attr:`addrs`."""
+        return [service.urls for service in self.services]
+
+    def run(self) -> None:
+        """Serve every service until SIGINT or SIGTERM, then stop them gracefully and
+        return. Start-up errors raise as :func:`run`'s do (and no service is left running)."""
+        if self._loop is not None:
+            raise RuntimeError("this Server was already started")
+        loop = asyncio.new_event_loop()
+        try:
+            try:
+                served = self._bind(loop, default_listen=None)
+                for service in self.services:
+                    for url in service.urls:
+                        print(f"ferroxy listening on {url}", file=sys.stderr)
+                installed = _install_signal_handlers(served, self._grace_period())
+                try:
+                    loop.run_until_complete(self._serve_all())
+                finally:
+                    for signum in installed:
+                        loop.remove_signal_handler(signum)
+            finally:
+                self._close_all()
+        finally:
+            _close_loop(loop)
+
+    def start(self) -> Self:
+        """Bind every service and serve from a background thread; start-up errors raise
+        here (and no service is left running)."""
+        if self._loop is not None:
+            raise RuntimeError("this Server was already started")
+        loop = asyncio.new_event_loop()
+        try:
+            self._bind(loop, default_listen=_EPHEMERAL_LISTEN)
+        except BaseException:
+            self._close_all()
+            loop.close()
+            # Nothing is left running: it may be started again.
+            self._served, self._loop = [], None
+            raise
+        self._thread = threading.Thread(target=self._serve, name="ferroxy-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, grace_period: float | None = None) -> None:
+        """Shut every service down (open requests and connections get ``grace_period``,
+        default: each service's own) and wait for the thread. Raises TimeoutError if it does
+        not end in time, and re-raises an exception that ended the thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        if thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._shutdown_all, grace_period)
+        if grace_period is None:
+            grace_period = self._grace_period()
+        timeout = grace_period + _STOP_MARGIN_SECONDS
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"the server did not stop within {timeout:.1f}s")
+        self._thread = None
+        if self._thread_error is not None:
+            error, self._thread_error = self._thread_error, None
+            raise error
+
+    def _grace_period(self) -> float:
+        """The longest of the services' grace periods: the whole stop may take that long."""
+        periods = [
+            own.get("grace_period", self._options.get("grace_period", DEFAULT_GRACE_PERIOD))
+            for _, own in self._services
+        ]
+        return float(max(periods, default=DEFAULT_GRACE_PERIOD))
+
+    def _bind(
+        self, loop: asyncio.AbstractEventLoop, *, default_listen: str | None
+    ) -> list[_LoopServer | _TcpLoopServer]:
+        if not self._services:
+            raise ValueError("Server: no services (add a Proxy or a TcpProxy first)")
+        self._loop = loop
+        for app, own in self._services:
+            # The shared options each kind of service takes (access_log is HTTP's only).
+            kind = TcpOptions if _is_tcp(app) else ServerOptions
+            shared = {k: v for k, v in self._options.items() if k in kind.__optional_keys__}
+            options = {**shared, **own}
+            served: _LoopServer | _TcpLoopServer
+            if _is_tcp(app):
+                served = _TcpLoopServer(
+                    app,  # type: ignore[arg-type]
+                    loop,
+                    TcpOptions(**options),  # type: ignore[typeddict-item]
+                    default_listen=default_listen,
+                )
+            else:
+                served = _LoopServer(
+                    app,  # type: ignore[arg-type]
+                    loop,
+                    ServerOptions(**options),  # type: ignore[typeddict-item]
+                    default_listen=default_listen,
+                )
+            self._served.append(served)
+            served.start()
+        return self._served
+
+    def _shutdown_all(self, grace_period: float | None = None) -> None:
+        for served in self._served:
+            served.shutdown(grace_period)
+
+    async def _serve_all(self) -> None:
+        await asyncio.gather(*(served.serve() for served in self._served))
+
+    def _close_all(self) -> None:
+        for served in self._served:
+            served.close()
+
+    def _serve(self) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(self._serve_all())
+        except BaseException as error:
+            self._thread_error = error
+        finally:
+            self._close_all()
+            _close_loop(self._loop)
+
+    def __enter__(self) -> Self:
+        if self._loop is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        if not self._served:
+            return f"<Server of {len(self._services)} services, not started>"
+        return f"<Server {self.services}>"

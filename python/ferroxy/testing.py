@@ -30,9 +30,11 @@ __all__ = [
     "ProxyServer",
     "SimulatedRequest",
     "SimulationResult",
+    "TcpEchoServer",
     "request",
     "simulate",
     "start_proxy",
+    "start_tcp_upstream",
     "start_upstream",
 ]
 
@@ -99,6 +101,54 @@ class EchoServer:
 
     def __repr__(self) -> str:
         return f"<EchoServer {self.url}{' stopped' if self._stopped else ''}>"
+
+
+class TcpEchoServer:
+    """A TCP echo upstream on its own thread: every byte a client sends comes back, for a
+    ``TcpProxy`` to proxy to. Serving as soon as it is created."""
+
+    def __init__(self, listen: str = "127.0.0.1:0") -> None:
+        self._echo = _core.TcpEchoUpstream(listen)
+        self._stopped = False
+
+    @property
+    def addr(self) -> str:
+        """``host:port``, ready to use as a TcpProxy's ``upstream``."""
+        return self._echo.addr
+
+    @property
+    def port(self) -> int:
+        return self._echo.port
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far."""
+        return self._echo.connections
+
+    def stop(self) -> None:
+        """Stop serving and close its connections; later calls do nothing."""
+        if not self._stopped:
+            self._stopped = True
+            self._echo.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<TcpEchoServer {self.addr}{' stopped' if self._stopped else ''}>"
+
+
+def start_tcp_upstream(listen: str = "127.0.0.1:0") -> TcpEchoServer:
+    """Start a TCP echo upstream (on an ephemeral port by default)."""
+    return TcpEchoServer(listen)
 
 
 def start_upstream(

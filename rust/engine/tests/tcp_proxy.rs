@@ -1,14 +1,18 @@
 //! The TCP (L4) proxy over real sockets: many concurrent connections copied byte-exact to an
-//! echo server, a balancer that tries another backend when one refuses, and the idle timeout.
+//! echo server, a balancer that tries another backend when one refuses, the idle timeout, and
+//! a chooser that names the peer per connection.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ferroxy_engine::digest::DownstreamDigest;
+use ferroxy_engine::error::{Error, ErrorKind};
 use ferroxy_engine::lb::{LoadBalancer, Strategy, Upstream};
-use ferroxy_engine::tcp_proxy::{TcpProxy, TcpProxyConfig};
+use ferroxy_engine::tcp_proxy::{PeerChooser, PeerFuture, TcpProxy, TcpProxyConfig, TcpUpstream};
 use ferroxy_engine::{Listener, Peer, Server, ServerHandle};
 
 /// A TCP echo server on its own threads; its address.
@@ -115,5 +119,92 @@ fn an_idle_connection_is_closed() {
         "{:?}",
         started.elapsed()
     );
+    handle.shutdown(None);
+}
+
+/// Sends the upstream named `connection % peers.len()` (failing every `fail_every`th
+/// connection), and records the client addresses it was asked about.
+struct Rotating {
+    peers: Vec<Peer>,
+    fail_every: usize,
+    asked: AtomicUsize,
+    clients: Mutex<Vec<SocketAddr>>,
+}
+
+impl PeerChooser for Rotating {
+    fn upstream_peer(&self, client: &DownstreamDigest) -> PeerFuture {
+        let n = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        self.clients.lock().unwrap().push(client.client_addr);
+        let chosen = if n % self.fail_every == 0 {
+            Err(Error::new(ErrorKind::HookError, "no peer for this one"))
+        } else {
+            Ok(self.peers[n % self.peers.len()].clone().into())
+        };
+        Box::pin(async move {
+            // The answer comes later, as a hook's does.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            chosen
+        })
+    }
+}
+
+/// A server that greets each connection with `name`, then echoes.
+fn greeting_server(name: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                if conn.write_all(name).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_chooser_names_each_connections_peer_and_its_failure_closes_only_that_one() {
+    let peers = [greeting_server(b"A"), greeting_server(b"B")]
+        .iter()
+        .map(|addr| Peer::new(&addr.to_string()).unwrap())
+        .collect();
+    let chooser = Arc::new(Rotating {
+        peers,
+        fail_every: 3,
+        asked: AtomicUsize::new(0),
+        clients: Mutex::new(Vec::new()),
+    });
+    let handle = start(TcpProxyConfig::new(TcpUpstream::Chosen(chooser.clone())));
+    let proxy = handle.local_addrs()[0];
+    let mut greetings = Vec::new();
+    for i in 0..6u8 {
+        let mut conn = TcpStream::connect(proxy).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut greeting = [0u8; 1];
+        match conn.read(&mut greeting).unwrap() {
+            // Refused by the chooser: closed unanswered.
+            0 => greetings.push(b'-'),
+            _ => {
+                conn.write_all(&[i; 100]).unwrap();
+                let mut echoed = [0u8; 100];
+                conn.read_exact(&mut echoed).unwrap();
+                assert_eq!(echoed, [i; 100]);
+                greetings.push(greeting[0]);
+            }
+        }
+    }
+    assert_eq!(greetings, b"BA-AB-");
+    let clients = chooser.clients.lock().unwrap();
+    assert_eq!(clients.len(), 6);
+    assert!(clients.iter().all(|client| client.ip().is_loopback()));
     handle.shutdown(None);
 }

@@ -16,6 +16,7 @@ use crate::call::PhaseJob;
 use crate::connection_filter::ConnectionJob;
 use crate::session::SessionRef;
 use crate::stream::StreamJob;
+use crate::tcp::PeerJob;
 use crate::types::error_object;
 
 pub enum Job {
@@ -27,6 +28,8 @@ pub enum Job {
     BodyRead(crate::body_read::BodyReadJob),
     /// A body chunk or WebSocket message for its hook (see [`crate::stream`]).
     Stream(StreamJob),
+    /// A TCP proxy's `upstream_peer(client_addr)` hook, for a connection just accepted.
+    TcpPeer(PeerJob),
     /// The `logging` hook: fire and forget.
     Logging {
         session: SessionRef,
@@ -65,7 +68,11 @@ impl Bridge {
     pub fn submit(&self, job: Job) {
         if matches!(
             job,
-            Job::Phase(_) | Job::Connection(_) | Job::Stream(_) | Job::Logging { .. }
+            Job::Phase(_)
+                | Job::Connection(_)
+                | Job::TcpPeer(_)
+                | Job::Stream(_)
+                | Job::Logging { .. }
         ) {
             self.python_calls.fetch_add(1, Ordering::Relaxed);
         }

@@ -19,6 +19,7 @@ mod server;
 mod session;
 mod simulate;
 mod stream;
+mod tcp;
 mod tls;
 mod types;
 
@@ -69,6 +70,12 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     defaults.set_item("write_timeout", peer.write.as_secs_f64())?;
     defaults.set_item("idle_timeout", peer.idle.as_secs_f64())?;
     defaults.set_item("compression", compression::defaults(py)?)?;
+    let tcp = ferroxy_engine::tcp_proxy::TcpProxyConfig::DEFAULT_IDLE_TIMEOUT;
+    defaults.set_item("tcp_idle_timeout", tcp.as_secs_f64())?;
+    defaults.set_item(
+        "tcp_connect_tries",
+        ferroxy_engine::tcp_proxy::TcpProxyConfig::DEFAULT_CONNECT_TRIES,
+    )?;
     Ok(defaults)
 }
 
@@ -117,5 +124,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<simulate::Simulation>()?;
     m.add_class::<simulate::SimulationResult>()?;
     m.add_class::<echo::PyEchoUpstream>()?;
+    m.add_class::<tcp::PyTcpServer>()?;
+    m.add_class::<tcp::TcpPeerCall>()?;
+    m.add_class::<tcp::PyTcpEchoUpstream>()?;
     Ok(())
 }

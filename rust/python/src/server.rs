@@ -641,6 +641,8 @@ impl PyServer {
                     .call1(py, (session, error))
                     .map(drop)
             }
+            // A TCP server's job never comes here (dropped: that connection closes).
+            Job::TcpPeer(_) => Ok(()),
             Job::Stopped => {
                 self.bridge.set_serving(false);
                 // Dropping the runtime closes connections that outlived the grace period
@@ -658,7 +660,7 @@ impl PyServer {
 /// `tls_listen` is given, the PROXY protocol when `proxy_protocol` is set; a
 /// `ferroxy.Listener` says all about itself. `tls_listen`'s always speak TLS, with the app's
 /// `tls`. An address named twice raises ValueError naming both places.
-fn endpoints(
+pub(crate) fn endpoints(
     listen: Option<&Bound<'_, PyAny>>,
     tls_listen: Option<&Bound<'_, PyAny>>,
     tls: Option<&Arc<TlsAcceptor>>,
