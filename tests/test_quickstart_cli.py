@@ -325,10 +325,14 @@ def _http_and_tcp_apps(tmp_path: Path, http_upstream: str, tcp_upstream: str) ->
 def test_cli_two_targets_serve_http_and_tcp_each_on_its_listen(
     tmp_path: Path, ferroxy_upstream, ferroxy_tcp_upstream
 ) -> None:
-    app = _http_and_tcp_apps(tmp_path, ferroxy_upstream.addr, ferroxy_tcp_upstream.addr)
+    # App's upstream is the demo upstream the CLI starts (--demo-upstream).
+    demo = f"{HOST}:{free_port()}"
+    app = _http_and_tcp_apps(tmp_path, demo, ferroxy_tcp_upstream.addr)
     tcp_port = free_port()
     # run_cli puts `--listen HOST:PORT` after the first TARGET: App's; Tcp's follows.
-    with run_cli(f"{app}:App", f"{app}:Tcp", "--listen", f"{HOST}:{tcp_port}") as cli:
+    with run_cli(
+        f"{app}:App", f"{app}:Tcp", "--listen", f"{HOST}:{tcp_port}", "--demo-upstream", demo
+    ) as cli:
         wait_for_port(tcp_port, proc=cli.proc, describe=cli.describe)
         r = httpx.get(cli.url + "/from-cli", timeout=10)
         assert r.status_code == 200 and r.json()["path"] == "/from-cli"

@@ -142,6 +142,9 @@ def test_tls_is_terminated_and_plain_tcp_goes_behind(
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     tls = TlsConfig(cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem"))
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    # A client offering HTTP's protocols is agreed none: the proxy cannot speak for what is
+    # behind it.
+    context.set_alpn_protocols(["h2", "http/1.1"])
     with serve(tcp_app(echoes[0].addr, tls=tls)) as server:
         (service,) = server.services
         assert service.url.startswith("tls://")
@@ -151,6 +154,7 @@ def test_tls_is_terminated_and_plain_tcp_goes_behind(
             context.wrap_socket(raw, server_hostname="tcp.example.test") as conn,
         ):
             assert conn.version() is not None
+            assert conn.selected_alpn_protocol() is None
             # The echo upstream got the plaintext: what it sent back is the payload itself.
             received = bytearray()
             conn.sendall(payload[:100_000])
@@ -362,6 +366,23 @@ def test_the_idle_timeout_closes_a_silent_connection(echoes: list[TcpEchoServer]
         assert time.monotonic() - started < 5
 
 
+def test_an_upstream_peer_that_never_answers_is_bounded_by_the_idle_timeout(
+    echoes: list[TcpEchoServer],
+) -> None:
+    """Without hook_timeout, a hook that never returns closes its connection after the idle
+    timeout (nothing moves while it runs) rather than holding it for ever."""
+
+    async def upstream_peer(self: TcpProxy, client_addr: str) -> str:
+        await asyncio.sleep(3600)
+        return echoes[0].addr
+
+    server = serve(tcp_app(upstream_peer=upstream_peer, idle_timeout=0.5))
+    with server, socket.create_connection(split(server.addrs[0][0]), timeout=10) as conn:
+        started = time.monotonic()
+        assert conn.recv(10) == b""
+        assert 0.4 < time.monotonic() - started < 5
+
+
 def test_bad_configuration_names_the_field(echoes: list[TcpEchoServer]) -> None:
     with pytest.raises(TypeError, match=r"Tcp\.upstream"):
         serve(tcp_app(42))
@@ -371,6 +392,10 @@ def test_bad_configuration_names_the_field(echoes: list[TcpEchoServer]) -> None:
         serve(tcp_app(echoes[0].addr, idle_timeout=-1))
     with pytest.raises(ValueError, match=r"Tcp\.connect_tries"):
         serve(tcp_app(echoes[0].addr, connect_tries=0))
+    with pytest.raises(ValueError, match=r"Tcp\.connect_tries must be an int from 1 to 100"):
+        serve(tcp_app(echoes[0].addr, connect_tries=101))
+    with pytest.raises(TypeError, match="sets `upstream` and overrides upstream_peer"):
+        serve(tcp_app(echoes[0].addr, upstream_peer=lambda self, client_addr: "x:1"))
     with pytest.raises(TypeError, match=r"Tcp\.connection_filter"):
         serve(tcp_app(echoes[0].addr, connection_filter="127.0.0.1"))
     with pytest.raises(TypeError, match="Proxy or TcpProxy"):

@@ -50,6 +50,9 @@ _FALLBACK_MODULE_NAME = "__ferroxy_app__"
 
 _EXIT_OK, _EXIT_START_FAILED, _EXIT_USAGE = 0, 1, 2
 
+# The files TARGETs named, imported once each.
+_IMPORTED_FILES: dict[Path, ModuleType] = {}
+
 _Number = TypeVar("_Number", int, float)
 
 
@@ -151,6 +154,13 @@ def _serve_services(args: argparse.Namespace, apps: list[Any]) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("ferroxy: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return _EXIT_USAGE
+    if args.tls_listen:
+        print(
+            "ferroxy: error: --tls-listen is for one HTTP TARGET: give each app its `listen` "
+            "(a ferroxy.Listener with tls=...) instead",
+            file=sys.stderr,
+        )
+        return _EXIT_USAGE
     server = Server(**shared)
     for i, app in enumerate(apps):
         own: dict[str, Any] = {}
@@ -160,11 +170,18 @@ def _serve_services(args: argparse.Namespace, apps: list[Any]) -> int:
         if args.tls_cert is not None:
             own["tls"] = _cli_certificate(app, args.tls_cert, args.tls_key)
         server.add(app, **own)
+    demo_upstream = None
     try:
+        if args.demo_upstream is not None:
+            demo_upstream = _core.EchoUpstream(args.demo_upstream)
+            _log.info("demo upstream (echo) listening on %s", demo_upstream.url)
         server.run()
     except (OSError, TypeError, ValueError) as error:
         print(f"ferroxy: error: {error}", file=sys.stderr)
         return _EXIT_START_FAILED
+    finally:
+        if demo_upstream is not None:
+            demo_upstream.stop()
     return _EXIT_OK
 
 
@@ -340,6 +357,10 @@ def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise TargetError(f"no such file: {path}")
     path = path.resolve()
+    # Once per file: `app.py:App app.py:Tcp` share one module (and its balancers).
+    imported = _IMPORTED_FILES.get(path)
+    if imported is not None:
+        return imported
     # Like `python path/to/app.py`: the app's directory is importable, for its helpers.
     sys.path.insert(0, str(path.parent))
     name = path.stem if path.stem not in sys.modules else _FALLBACK_MODULE_NAME
@@ -354,6 +375,7 @@ def _import_file(path: Path) -> ModuleType:
     except BaseException:
         del sys.modules[name]
         raise
+    _IMPORTED_FILES[path] = module
     return module
 
 

@@ -622,6 +622,12 @@ class _TcpLoopServer:
             upstream = as_upstream(tcp.upstream, f"{name}.upstream")
         if upstream is None and "upstream_peer" not in hooks:
             raise TypeError(f"{name} must set `upstream` or override upstream_peer()")
+        if upstream is not None and "upstream_peer" in hooks:
+            # The hook would win, and the unused balancer's health checks would still run.
+            raise TypeError(
+                f"{name} sets `upstream` and overrides upstream_peer(): choose one (a hook "
+                "that picks from a pool returns pool.select())"
+            )
         for field in ("tls", "idle_timeout", "connect_tries", "proxy_protocol"):
             if field not in engine_options:
                 engine_options[field] = getattr(tcp, field)
@@ -630,8 +636,8 @@ class _TcpLoopServer:
                 engine_options[field] = _seconds(where, engine_options[field])
             elif field == "connect_tries":
                 tries = engine_options[field]
-                if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
-                    raise ValueError(f"{where} must be an int >= 1, got {tries!r}")
+                if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= 100:
+                    raise ValueError(f"{where} must be an int from 1 to 100, got {tries!r}")
             elif field == "proxy_protocol" and not isinstance(engine_options[field], bool):
                 kind = type(engine_options[field]).__name__
                 raise TypeError(f"{where} must be a bool, not {kind}")

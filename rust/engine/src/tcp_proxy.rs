@@ -118,7 +118,16 @@ impl TcpProxy {
         let upstream = match &self.config.upstream {
             TcpUpstream::Fixed(upstream) => upstream,
             TcpUpstream::Chosen(chooser) => {
-                let Choice { peer, selected } = chooser.upstream_peer(client).await?;
+                // Bounded by the idle timeout: nothing moves while the choice is made, and a
+                // chooser that never answers must not hold the connection for ever.
+                let idle = self.config.idle_timeout;
+                let chosen = tokio::time::timeout(idle, chooser.upstream_peer(client)).await;
+                let Choice { peer, selected } = chosen.map_err(|_| {
+                    Error::new(
+                        ErrorKind::HookTimeout,
+                        format!("no upstream was chosen within the idle timeout ({idle:?})"),
+                    )
+                })??;
                 let opened = open(&peer).await;
                 if let Some(selected) = &selected {
                     selected.observe(match opened {

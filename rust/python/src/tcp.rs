@@ -185,7 +185,8 @@ impl PyTcpServer {
             None => TcpProxyConfig::DEFAULT_CONNECT_TRIES,
         };
         let tls = match tls.filter(|t| !t.is_none()) {
-            Some(tls) => Some(crate::tls::acceptor_from(tls)?),
+            // No ALPN: a TCP proxy cannot agree to a protocol for what is behind it.
+            Some(tls) => Some(crate::tls::acceptor_offering(tls, Vec::new())?),
             None => None,
         };
         let connection_filter: Option<Arc<dyn ConnectionFilter>> =

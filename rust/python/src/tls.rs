@@ -18,6 +18,11 @@ use crate::types::positive_seconds;
 /// client-certificate settings and handshake timeout are the first one's). Files are read now:
 /// errors name the field and the file.
 pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
+    acceptor_offering(tls, TlsSettings::http_alpn())
+}
+
+/// [`acceptor_from`] offering `alpn` (none for a TCP proxy).
+pub fn acceptor_offering(tls: &Bound<'_, PyAny>, alpn: Vec<Vec<u8>>) -> PyResult<Arc<TlsAcceptor>> {
     let configs: Vec<Bound<'_, PyAny>> = if tls.hasattr("cert")? {
         vec![tls.clone()]
     } else {
@@ -76,6 +81,7 @@ pub fn acceptor_from(tls: &Bound<'_, PyAny>) -> PyResult<Arc<TlsAcceptor>> {
         client_ca,
         client_auth,
         handshake_timeout,
+        alpn,
     };
     TlsAcceptor::new(settings)
         .map(Arc::new)

@@ -44,6 +44,9 @@ pub struct TlsSettings {
     pub client_auth: ClientAuth,
     /// Longest a client may take to complete its handshake.
     pub handshake_timeout: Duration,
+    /// The application protocols offered in ALPN: HTTP's by default; none for a TCP proxy,
+    /// which must not agree to a protocol for whatever is behind it.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 impl TlsSettings {
@@ -56,7 +59,13 @@ impl TlsSettings {
             client_ca: None,
             client_auth: ClientAuth::None,
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            alpn: Self::http_alpn(),
         }
+    }
+
+    /// What an HTTP listener offers: HTTP/2, then HTTP/1.1.
+    pub fn http_alpn() -> Vec<Vec<u8>> {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     }
 }
 
@@ -209,7 +218,7 @@ fn build(settings: &TlsSettings) -> Result<rustls::ServerConfig, String> {
             }
         };
     let mut config = builder.with_cert_resolver(Arc::new(ByServerName { choices }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = settings.alpn.clone();
     Ok(config)
 }
 
