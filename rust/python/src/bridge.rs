@@ -117,6 +117,48 @@ impl Bridge {
     }
 }
 
+/// Run every job queued on `bridge` (one batch, its replies sent together), then hand the
+/// engine's log records to `emit_logs`. The `run_pending` of every server kind.
+pub fn run_batch(
+    py: pyo3::Python<'_>,
+    bridge: &Bridge,
+    emit_logs: &pyo3::Py<pyo3::PyAny>,
+    mut run_job: impl FnMut(pyo3::Python<'_>, Job) -> pyo3::PyResult<()>,
+) -> pyo3::PyResult<usize> {
+    use pyo3::exceptions::PyException;
+    use pyo3::types::PyList;
+    let jobs = bridge.take();
+    let count = jobs.len();
+    // KeyboardInterrupt and SystemExit are the user's, not ours to log: raised once the
+    // batch is done, so no other request is left waiting.
+    let mut interrupt = None;
+    let held = crate::call::HoldReplies::begin();
+    for job in jobs {
+        if let Err(error) = run_job(py, job) {
+            if error.is_instance_of::<PyException>(py) {
+                crate::logs::log_python_error(py, &error, "ferroxy dispatcher failed");
+            } else {
+                interrupt.get_or_insert(error);
+            }
+        }
+    }
+    drop(held);
+    let records = crate::logs::take_records();
+    if !records.is_empty() {
+        let batch = PyList::new(
+            py,
+            records.into_iter().map(|r| (r.logger, r.level, r.message)),
+        )?;
+        if let Err(error) = emit_logs.call1(py, (batch,)) {
+            crate::logs::log_python_error(py, &error, "emitting engine logs failed");
+        }
+    }
+    match interrupt {
+        Some(error) => Err(error),
+        None => Ok(count),
+    }
+}
+
 /// Turn an engine error into the Python object hooks receive.
 pub fn error_arg(
     py: pyo3::Python<'_>,

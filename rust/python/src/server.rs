@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::PyTuple;
 
 use ferroxy_engine::connection_filter::ConnectionFilter;
 use ferroxy_engine::lb::Upstream;
@@ -21,10 +21,10 @@ use ferroxy_engine::{
 };
 
 use crate::bridge::{error_arg, Bridge, Job};
-use crate::call::{Call, HoldReplies, PhaseKind};
+use crate::call::{Call, PhaseKind};
 use crate::connection_filter::{ip_access_from, ConnectionCall, PyConnectionFilter};
 use crate::lb::PyLoadBalancer;
-use crate::logs::{self, log_python_error};
+use crate::logs::{self};
 use crate::proxy::{Hooks, PyProxy};
 use crate::stream::StreamCall;
 use crate::types::{non_negative_seconds, positive_seconds, PyPeer};
@@ -497,36 +497,9 @@ impl PyServer {
     }
 
     fn run_pending(&self, py: Python<'_>) -> PyResult<usize> {
-        let jobs = self.bridge.take();
-        let count = jobs.len();
-        // KeyboardInterrupt and SystemExit are the user's, not ours to log: raised once the
-        // batch is done, so no other request is left waiting.
-        let mut interrupt = None;
-        let held = HoldReplies::begin();
-        for job in jobs {
-            if let Err(error) = self.run_job(py, job) {
-                if error.is_instance_of::<PyException>(py) {
-                    log_python_error(py, &error, "ferroxy dispatcher failed");
-                } else {
-                    interrupt.get_or_insert(error);
-                }
-            }
-        }
-        drop(held);
-        let records = logs::take_records();
-        if !records.is_empty() {
-            let batch = PyList::new(
-                py,
-                records.into_iter().map(|r| (r.logger, r.level, r.message)),
-            )?;
-            if let Err(error) = self.dispatcher.emit_logs.call1(py, (batch,)) {
-                log_python_error(py, &error, "emitting engine logs failed");
-            }
-        }
-        match interrupt {
-            Some(error) => Err(error),
-            None => Ok(count),
-        }
+        crate::bridge::run_batch(py, &self.bridge, &self.dispatcher.emit_logs, |py, job| {
+            self.run_job(py, job)
+        })
     }
 }
 
